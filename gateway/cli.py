@@ -1,0 +1,53 @@
+"""The `pdmesh` console script: serving, the ops CLI and benchmarks.
+
+Subcommands are imported on first use, so that the ops commands start fast and
+never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands live in other modules ("module:attr")."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._lazy:
+            module_name, attr = self._lazy[name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy={"generate": "mesh.engine.cli:generate"})
+@click.version_option(package_name="pdmesh")
+def main() -> None:
+    """pdmesh: a disaggregated prefill/decode serving mesh for LLMs."""
+
+
+@main.group(cls=LazyGroup, lazy={"init": "mesh.engine.random_checkpoint:init_command"})
+def model() -> None:
+    """Model checkpoints."""
+
+
+@main.group(
+    cls=LazyGroup,
+    lazy={
+        "engine": "mesh.engine.bench:command",
+        "transport": "transport.bench:command",
+    },
+)
+def bench() -> None:
+    """Benchmarks: each prints a table, or one JSON object with --output json."""
+
+
+if __name__ == "__main__":
+    main()

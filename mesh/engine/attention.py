@@ -1,0 +1,67 @@
+"""Attention over the paged KV cache for one step's mixed batch.
+
+A step's tokens are packed: first one token for each decoding sequence, then
+the prompt chunks being prefilled. Decodes share one batched attention call
+over KV gathered into [batch, max_context]; each prefill chunk attends over its
+own context, which is a zero-copy slice of the cache when its blocks are one run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # offset of the chunk's tokens in the step
+    q_len: int
+    ctx_len: int  # tokens before and in this chunk
+    ctx_slots: torch.Tensor | slice  # cache slots of the context, in token order
+    mask: torch.Tensor | None  # from causal_mask; None for plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
+    num_decodes: int = 0
+    decode_slots: torch.Tensor | None = None  # [B, L] context slots per decode (padded)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def causal_mask(q_len: int, ctx_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[q_len, ctx_len] mask for queries at the last q_len of ctx_len positions; None when plain causal."""
+    if q_len == ctx_len and window is None:
+        return None
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
+    k_pos = torch.arange(ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_slots: torch.Tensor, v_slots: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; *_slots: the layer's cache as [slots, kv_heads, dim]."""
+    k_slots.index_copy_(0, meta.slot_mapping, k)
+    v_slots.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        kk = k_slots[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, L, dim]
+        vv = v_slots[meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kk, vv, attn_mask=meta.decode_mask,
+                                           scale=scale, enable_gqa=True)
+        out[:nd] = o.squeeze(2)
+    for c in meta.prefills:
+        qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
+        kk = k_slots[c.ctx_slots].transpose(0, 1).unsqueeze(0)
+        vv = v_slots[c.ctx_slots].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=c.mask, is_causal=c.mask is None,
+                                           scale=scale, enable_gqa=True)
+        out[c.q_start:c.q_start + c.q_len] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,108 @@
+"""KV block bookkeeping: which block ids are free, preferring contiguous runs.
+
+Pure Python, no torch. Free space is a set of maximal runs of consecutive ids.
+A new request takes a run that can also hold its expected growth (best fit), so
+its blocks, and hence its KV for one layer, usually form one contiguous span:
+zero-copy for attention and one transfer op per layer. Freed blocks merge with
+free neighbours at once.
+"""
+from __future__ import annotations
+
+
+class OutOfBlocks(Exception):
+    """Fewer free blocks than asked for; the caller waits, preempts or rejects."""
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._runs: dict[int, int] = {0: num_blocks}  # start -> length of each free run
+        self._run_ends: dict[int, int] = {num_blocks: 0}  # end (exclusive) -> start
+        self._allocated = bytearray(num_blocks)
+        self.num_free = num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free
+
+    def allocate(self, n: int, expected_total: int | None = None) -> list[int]:
+        """n block ids, as few runs as possible.
+
+        expected_total: blocks this request will grow to; a run that fits it is
+        chosen so that later `append` calls extend the same span.
+        """
+        if n < 0:
+            raise ValueError("cannot allocate a negative number of blocks")
+        if n > self.num_free:
+            raise OutOfBlocks(f"{n} blocks asked for, {self.num_free} free")
+        ids: list[int] = []
+        want = max(n, expected_total or n)
+        while len(ids) < n:
+            need = n - len(ids)
+            start = self._best_run(max(need, want - len(ids)))
+            ids.extend(self._take(start, min(need, self._runs[start])))
+        return ids
+
+    def append(self, block_ids: list[int]) -> int:
+        """One more block for a growing request, right after its last block when free."""
+        if self.num_free == 0:
+            raise OutOfBlocks("no free block to grow into")
+        nxt = block_ids[-1] + 1 if block_ids else None
+        if nxt is not None and nxt in self._runs:
+            (new,) = self._take(nxt, 1)
+        else:
+            (new,) = self._take(self._best_run(1), 1)
+        block_ids.append(new)
+        return new
+
+    def free(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            if not 0 <= b < self.num_blocks or not self._allocated[b]:
+                raise ValueError(f"block {b} freed but not allocated")
+        for b in sorted(block_ids):
+            self._allocated[b] = 0
+            self._insert_run(b, 1)
+        self.num_free += len(block_ids)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The free runs as (start, length), in id order (for tests and stats)."""
+        return sorted(self._runs.items())
+
+    def _best_run(self, want: int) -> int:
+        """Start of the smallest run holding `want` blocks, else of the largest run."""
+        best, best_len, largest, largest_len = -1, 0, -1, 0
+        for start, length in self._runs.items():
+            if length >= want and (best < 0 or length < best_len):
+                best, best_len = start, length
+            if length > largest_len:
+                largest, largest_len = start, length
+        return best if best >= 0 else largest
+
+    def _take(self, start: int, n: int) -> range:
+        length = self._runs.pop(start)
+        del self._run_ends[start + length]
+        if length > n:
+            self._runs[start + n] = length - n
+            self._run_ends[start + length] = start + n
+        for b in range(start, start + n):
+            self._allocated[b] = 1
+        self.num_free -= n
+        return range(start, start + n)
+
+    def _insert_run(self, start: int, length: int) -> None:
+        end = start + length
+        if start in self._run_ends:  # merge with the run ending here
+            prev = self._run_ends.pop(start)
+            length += self._runs.pop(prev)
+            start = prev
+        if end in self._runs:  # merge with the run starting here
+            nxt_len = self._runs.pop(end)
+            del self._run_ends[end + nxt_len]
+            length += nxt_len
+        self._runs[start] = length
+        self._run_ends[start + length] = start

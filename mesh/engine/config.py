@@ -1,0 +1,19 @@
+"""Engine options, validated on construction."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Hugging Face checkpoint folder")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda|npu)$")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    block_size: int = Field(16, ge=1, le=1024)
+    kv_cache_gb: float = Field(1.0, gt=0, description="memory for the KV cache, when num_blocks is unset")
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks; overrides kv_cache_gb")
+    max_num_seqs: int = Field(256, ge=1, description="sequences in one step's batch at most")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one step at most; longer prompts are chunked")
+    max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's")

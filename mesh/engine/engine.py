@@ -1,0 +1,178 @@
+"""The engine loop: requests in, one scheduled step at a time, token and text deltas out."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from mesh.engine.block_manager import BlockManager
+from mesh.engine.checkpoint import load_model
+from mesh.engine.config import EngineConfig
+from mesh.engine.detokenizer import Detokenizer
+from mesh.engine.device import resolve_device, resolve_dtype
+from mesh.engine.errors import RequestError
+from mesh.engine.kv_cache import KVCache, KVShape
+from mesh.engine.model_config import ModelConfig
+from mesh.engine.model_runner import ModelRunner
+from mesh.engine.sampling_params import SamplingParams
+from mesh.engine.scheduler import Scheduler
+from mesh.engine.sequence import Sequence, Status
+from mesh.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one request."""
+    request_id: str
+    token_ids: list[int]  # new tokens
+    text: str  # new text
+    logprobs: list[float] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A whole request's result, as `generate` returns it."""
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = field(default=None)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model_config = ModelConfig.from_folder(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.model = load_model(config.model, mc, self.max_model_len, self.dtype, self.device)
+        shape = KVShape(mc.num_layers, 0, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // shape.bytes_per_block)
+        self.kv = KVCache(KVShape(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
+                                  mc.head_dim, self.dtype), self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
+        self.runner = ModelRunner(self.model, self.kv, self.eos_ids)
+        self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
+        log.info("engine: %s on %s in %s, %d KV blocks of %d tokens", mc.architecture, self.device,
+                 self.dtype, num_blocks, config.block_size)
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        seq = Sequence(ids, params, request_id=request_id or "")
+        if seq.request_id in self._requests:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
+        self._requests[seq.request_id] = (seq, Detokenizer(self.tokenizer, params.stop))
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty: send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens, the model's context is "
+                               f"{self.max_model_len}: shorten the prompt")
+        need = self.blocks.blocks_for(len(ids) + 1)
+        if need > self.blocks.num_blocks:
+            raise RequestError(f"the prompt needs {need} KV blocks, the cache has "
+                               f"{self.blocks.num_blocks}: shorten the prompt or give more KV memory")
+
+    def abort(self, request_id: str) -> None:
+        entry = self._requests.pop(request_id, None)
+        if entry is not None:
+            self.scheduler.finish(entry[0], "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        out = self.runner.execute(batch)
+        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+            seq.num_computed_tokens += n
+        outputs = []
+        for i, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.output_token_ids.append(token)
+            logprob = None
+            if out.logprobs is not None and seq.params.logprobs:
+                logprob = out.logprobs[i]
+                seq.output_logprobs.append(logprob)
+            outputs.append(self._advance(seq, token, logprob))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        """Checks the stop conditions after a new token, and makes the request's delta."""
+        _, detok = self._requests[seq.request_id]
+        p = seq.params
+        detok.add(token)
+        n_out = len(seq.output_token_ids)
+        reason = None
+        if n_out >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+                                      or detok.stopped):
+            reason = "stop"
+        elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
+                             None if logprob is None else [logprob], reason is not None, reason,
+                             seq.num_prompt_tokens, n_out)
+
+    # -- conveniences --------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[Completion]:
+        """Runs the prompts together to completion (offline batch)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        seqs = {rid: self._requests[rid][0] for rid in rids}
+        texts = {rid: [] for rid in rids}
+        while any(not s.is_finished for s in seqs.values()):
+            for o in self.step():
+                texts[o.request_id].append(o.text)
+        return [Completion(rid, s.prompt_token_ids, s.output_token_ids, "".join(texts[rid]),
+                           s.finish_reason or "", s.output_logprobs if s.params.logprobs else None)
+                for rid, s in seqs.items()]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """One request's deltas as they come (other requests in the engine run along)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for o in self.step():
+                    if o.request_id == rid:
+                        yield o
+                        if o.finished:
+                            return
+        finally:
+            self.abort(rid)  # a no-op once finished; frees the blocks if the caller stopped early

@@ -1,0 +1,95 @@
+"""Runs one scheduled step: packs the batch into tensors, runs the model, samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mesh.engine.attention import AttentionMetadata, PrefillChunk, causal_mask
+from mesh.engine.kv_cache import KVCache
+from mesh.engine.model import CausalLM
+from mesh.engine.sampler import sample
+from mesh.engine.scheduler import ScheduledBatch
+from mesh.engine.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    """Tokens sampled this step, for the sequences that reached their end of context."""
+    seqs: list[Sequence]
+    tokens: list[int]
+    logprobs: list[float] | None
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCache, eos_ids: tuple[int, ...]):
+        self.model = model
+        self.kv = kv
+        self.block_size = kv.shape.block_size
+        self.window = model.cfg.sliding_window
+        self.device = kv.pool.device
+        self.eos_ids = eos_ids
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        ids, positions, meta, sample_at, sample_seqs = self._prepare(batch)
+        hidden = self.model(ids, positions, meta, self.kv)
+        if not sample_seqs:
+            return StepOutput([], [], None)
+        logits = self.model.logits(hidden[sample_at])
+        tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
+        return StepOutput(sample_seqs, tokens, logprobs)
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos_parts: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        sample_at: list[int] = []
+        sample_seqs: list[Sequence] = []
+        meta = AttentionMetadata(slot_mapping=torch.empty(0))
+
+        if batch.decodes:
+            seqs = batch.decodes
+            ctx = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=dev)
+            width = max(len(s.block_ids) for s in seqs)
+            table = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], device=dev)
+            span = torch.arange(int(ctx.max()), device=dev)
+            dslots = table[:, span // bs] * bs + span % bs  # [B, L]
+            mask = span[None, :] < ctx[:, None]
+            if self.window is not None:
+                mask &= span[None, :] >= ctx[:, None] - self.window
+            meta.num_decodes = len(seqs)
+            meta.decode_slots, meta.decode_mask = dslots, mask[:, None, None, :]
+            pos = ctx - 1
+            pos_parts.append(pos)
+            slot_parts.append(dslots.gather(1, pos[:, None])[:, 0])
+            for i, s in enumerate(seqs):
+                ids.append(s.tokens_between(s.num_computed_tokens, s.num_computed_tokens + 1)[0])
+                if s.num_computed_tokens + 1 == s.num_tokens:
+                    sample_at.append(i)
+                    sample_seqs.append(s)
+
+        for seq, n in batch.prefills:
+            start, q_start = seq.num_computed_tokens, len(ids)
+            end = start + n
+            ids.extend(seq.tokens_between(start, end))
+            blocks = seq.block_ids[:-(-end // bs)]
+            if blocks[-1] - blocks[0] == len(blocks) - 1:  # one run: the context is a slice
+                base = blocks[0] * bs
+                ctx_slots: torch.Tensor | slice = slice(base, base + end)
+                slot_parts.append(torch.arange(base + start, base + end, device=dev))
+            else:
+                span = torch.arange(end, device=dev)
+                ctx_slots = torch.tensor(blocks, device=dev)[span // bs] * bs + span % bs
+                slot_parts.append(ctx_slots[start:])
+            pos_parts.append(torch.arange(start, end, device=dev))
+            meta.prefills.append(PrefillChunk(q_start, n, end, ctx_slots,
+                                              causal_mask(n, end, self.window, dev)))
+            if end == seq.num_tokens:
+                sample_at.append(len(ids) - 1)
+                sample_seqs.append(seq)
+
+        meta.slot_mapping = torch.cat(slot_parts)
+        input_ids = torch.tensor(ids, device=dev)
+        return input_ids, torch.cat(pos_parts), meta, sample_at, sample_seqs

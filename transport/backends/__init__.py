@@ -1,0 +1,57 @@
+"""Backend choice by config, with a clear error when one is not available."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..base import KVReceiver, KVSender, TransferError
+from ..config import BACKENDS, TransportConfig
+from ..layout import KVLayout
+from ..lease import BlockReserver
+
+__all__ = ["BACKENDS", "TransportConfig", "available", "make_receiver", "make_sender"]
+
+
+def _plane(config: TransportConfig):
+    if config.backend == "tcp":
+        from .tcp import TcpPlane
+        return TcpPlane()
+    from .ucx import UcxPlane  # imported only when chosen: ucxx starts UCX on import
+    return UcxPlane(config.timeout_s)
+
+
+def make_sender(config: TransportConfig) -> KVSender:
+    if config.backend == "local":
+        from .local import LocalSender
+        return LocalSender(config.gather_threshold)
+    from ..session import SocketSender
+    return SocketSender(_plane(config), config.secret_bytes, config.timeout_s,
+                        config.gather_threshold)
+
+
+def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
+                  reserver: BlockReserver, clock: Callable[[], float] = time.monotonic
+                  ) -> KVReceiver:
+    """A receiver for this actor's pool; ``await receiver.start()`` before use."""
+    if config.backend == "local":
+        from .local import LocalReceiver
+        return LocalReceiver(pool, layout, reserver, config.lease_ttl_s, clock)
+    from ..session import SocketReceiver
+    return SocketReceiver(_plane(config), pool, layout, reserver, config.secret_bytes,
+                          config.host, config.port, config.lease_ttl_s, config.timeout_s, clock)
+
+
+def available(backend: str) -> str | None:
+    """None when the backend can run here, else why not."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend == "ucx":
+        try:
+            from .ucx import load_ucxx
+            load_ucxx()
+        except TransferError as e:
+            return str(e)
+    return None

@@ -1,0 +1,107 @@
+"""Same-process backend: copies straight from the sender's pool into the
+receiver's, with the same plans and leases (tests, single-actor mode)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+
+import torch
+
+from ..base import KVSender, LeaseDescriptor, Transfer, TransferError, TransferState, TransferStats
+from ..copy import StagingPool, gather_layer, op_views, scatter_layer
+from ..layout import KVLayout
+from ..plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
+from ..receiver import LeasingReceiver
+
+# Receivers of this process, by the "port" their descriptors carry.
+_RECEIVERS: weakref.WeakValueDictionary[int, LocalReceiver] = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+
+
+class LocalReceiver(LeasingReceiver):
+    def __init__(self, pool, layout, reserver, lease_ttl_s: float = 30.0,
+                 clock=time.monotonic) -> None:
+        port = next(_IDS)
+        super().__init__("local", pool, layout, reserver, "local", port, lease_ttl_s, clock)
+        _RECEIVERS[port] = self
+
+
+class LocalTransfer(Transfer):
+    def __init__(self, receiver: LocalReceiver, lease_id: str, plan: TransferPlan,
+                 pool: torch.Tensor, staging: StagingPool) -> None:
+        self.state = TransferState.WAITING
+        self._receiver, self._lease_id, self._plan, self._pool = receiver, lease_id, plan, pool
+        self._staging = staging
+        self._done: set[int] = set()
+        self._started = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return self._plan.dst_layout.num_layers
+
+    def _stop(self) -> None:
+        self.state = TransferState.FAILED
+
+    def layer_ready(self, layer: int) -> None:
+        if self.state is TransferState.FAILED:
+            return  # the lease ended: its blocks are no longer ours to write
+        if not 0 <= layer < self.num_layers or layer in self._done:
+            raise ValueError(f"layer {layer} is out of range or already sent")
+        if not self._done:
+            self.state = TransferState.TRANSFERRING
+            self._started = time.perf_counter()
+        plan, dst = self._plan, self._receiver.pool
+        if plan.staged:
+            stage = self._staging.take(plan.layer_bytes)
+            gather_layer(plan, self._pool, layer, stage)
+            scatter_layer(plan, dst, layer, stage)
+            self._staging.give([stage])
+        else:
+            for s, d in zip(op_views(plan, self._pool, layer, "src"),
+                            op_views(plan, dst, layer, "dst")):
+                d.copy_(s)
+        self._done.add(layer)
+
+    async def finish(self, timeout_s: float | None = None) -> TransferStats:
+        if self.state is TransferState.FAILED:
+            raise TransferError("lease", "lease ended during the transfer", self._lease_id)
+        if len(self._done) != self.num_layers:
+            raise TransferError("plan", "finish before every layer was ready", self._lease_id)
+        plan = self._plan
+        stats = TransferStats("local", plan.strategy.value, plan.total_bytes,
+                              plan.ops_per_layer * self.num_layers, plan.runs, self.num_layers,
+                              time.perf_counter() - self._started)
+        self._receiver.complete(self._lease_id, stats)
+        self.state = TransferState.DONE
+        return stats
+
+    async def abort(self, reason: str = "aborted by sender") -> None:
+        if self.state is not TransferState.DONE:
+            self._receiver.fail(self._lease_id)
+            self.state = TransferState.FAILED
+
+
+class LocalSender(KVSender):
+    backend = "local"
+
+    def __init__(self, gather_threshold: int = DEFAULT_GATHER_THRESHOLD) -> None:
+        self._gather_threshold = gather_threshold
+        self._staging = StagingPool()
+
+    async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
+                    ) -> Transfer:
+        receiver = _RECEIVERS.get(lease.port) if lease.backend == "local" else None
+        if receiver is None:
+            raise TransferError("peer", "no local receiver for this lease", lease.lease_id)
+        layout.check_pool(pool)
+        try:
+            plan = build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
+                              lease.num_tokens, strategy, self._gather_threshold)
+        except ValueError as e:
+            raise TransferError("plan", str(e), lease.lease_id) from None
+        transfer = LocalTransfer(receiver, lease.lease_id, plan, pool, self._staging)
+        receiver.begin_writing(lease.lease_id, transfer._stop)
+        return transfer

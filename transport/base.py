@@ -1,0 +1,172 @@
+"""The small interface every backend implements, its value objects and its error.
+
+A failure aborts one request (one lease), never the actor: every backend
+raises ``TransferError`` and stays usable for the next transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+
+from .layout import KVLayout
+from .plan import Strategy
+
+
+class TransferState(str, Enum):
+    BOOTSTRAPPING = "bootstrapping"  # connecting, authenticating, agreeing the plan
+    WAITING = "waiting"              # ready, waiting for the engine to produce layers
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TransferError(Exception):
+    """One transfer failed; ``code`` says why (auth, wire, lease, peer, timeout,
+    aborted, plan, unavailable)."""
+
+    def __init__(self, code: str, message: str, lease_id: str | None = None) -> None:
+        super().__init__(f"[{code}] {message}" + (f" (lease {lease_id})" if lease_id else ""))
+        self.code = code
+        self.lease_id = lease_id
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one transfer did, for spans and metrics."""
+
+    backend: str
+    strategy: str
+    bytes: int
+    ops: int
+    runs: int
+    layers: int
+    duration_s: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.duration_s / 1e9 if self.duration_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gbps": self.gbps}
+
+
+@dataclass(frozen=True)
+class LeaseDescriptor:
+    """What a sender needs to write into a receiver's lease (msgpack-able)."""
+
+    lease_id: str
+    backend: str
+    host: str
+    port: int
+    layout: KVLayout
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    ttl_s: float
+
+    def to_wire(self) -> dict:
+        return {"lease_id": self.lease_id, "backend": self.backend, "host": self.host,
+                "port": self.port, "layout": self.layout.to_wire(),
+                "block_ids": list(self.block_ids), "num_tokens": self.num_tokens,
+                "ttl_s": self.ttl_s}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> LeaseDescriptor:
+        return cls(d["lease_id"], d["backend"], d["host"], int(d["port"]),
+                   KVLayout.from_wire(d["layout"]), tuple(d["block_ids"]),
+                   int(d["num_tokens"]), float(d["ttl_s"]))
+
+
+@dataclass(frozen=True)
+class ReceivedKV:
+    """A committed lease: its blocks now belong to the engine."""
+
+    lease_id: str
+    block_ids: list[int]
+    num_tokens: int
+    stats: TransferStats
+
+
+class Transfer(ABC):
+    """One request's KV on its way out; the engine drives it layer by layer."""
+
+    state: TransferState
+
+    @abstractmethod
+    def layer_ready(self, layer: int) -> None:
+        """The engine has written this layer's KV: it may go on the wire now.
+        Thread-safe and non-blocking, so the engine calls it between layers."""
+
+    def all_layers_ready(self) -> None:
+        for layer in range(self.num_layers):
+            self.layer_ready(layer)
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @abstractmethod
+    async def finish(self, timeout_s: float | None = None) -> TransferStats:
+        """Wait until every layer is written and the receiver has committed."""
+
+    @abstractmethod
+    async def abort(self, reason: str = "aborted by sender") -> None: ...
+
+
+class KVSender(ABC):
+    backend: str
+
+    @abstractmethod
+    async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
+                    ) -> Transfer:
+        """Connect to the lease's receiver and agree the plan; layers follow."""
+
+    async def send(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
+                   block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS,
+                   timeout_s: float | None = None) -> TransferStats:
+        """Move KV that is already computed: every layer at once."""
+        transfer = await self.start(lease, pool, layout, block_ids, strategy)
+        transfer.all_layers_ready()
+        return await transfer.finish(timeout_s)
+
+    async def close(self) -> None:
+        """Release connections and buffers."""
+
+
+class KVReceiver(ABC):
+    backend: str
+
+    @abstractmethod
+    def reserve(self, num_tokens: int, ttl_s: float | None = None) -> LeaseDescriptor:
+        """Reserve blocks for one request's KV; they are freed if not committed in time."""
+
+    @abstractmethod
+    async def wait(self, lease_id: str, timeout_s: float | None = None) -> ReceivedKV:
+        """Wait for the commit: the blocks then belong to the caller."""
+
+    @abstractmethod
+    def abort(self, lease_id: str) -> bool:
+        """Free a lease's blocks and fail its transfer."""
+
+    @abstractmethod
+    def expire(self) -> list[str]:
+        """Free every lease past its expiry (also done periodically while serving)."""
+
+    async def start(self) -> None:
+        """Begin accepting senders."""
+
+    async def close(self) -> None:
+        """Stop accepting senders, fail open transfers, free every lease."""
+
+
+async def wait_for(aw, timeout_s: float | None, what: str, lease_id: str | None = None):
+    """Every network wait is bounded; a timeout fails the one transfer."""
+    try:
+        return await asyncio.wait_for(aw, timeout_s)
+    except asyncio.TimeoutError:
+        raise TransferError("timeout", f"{what} took longer than {timeout_s}s", lease_id) from None

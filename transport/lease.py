@@ -1,0 +1,116 @@
+"""Leases: blocks a receiver reserves for one incoming request.
+
+The receiver reserves blocks through the engine's block manager (a
+``BlockReserver``) and hands out a descriptor; the sender writes and commits;
+the receiver then hands the blocks to the engine. Abort or expiry gives them
+back, so a sender that dies mid-transfer leaves nothing reserved once its
+lease expires. The clock is injected so that tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class BlockReserver(Protocol):
+    """What the engine's block manager offers the transport."""
+
+    def allocate(self, n: int) -> list[int]:
+        """n free block ids (preferring contiguous runs); raise when not enough are free."""
+
+    def free(self, block_ids: list[int]) -> None: ...
+
+
+class LeaseError(Exception):
+    """A lease is unknown, expired or in the wrong state."""
+
+
+class LeaseState(str, Enum):
+    RESERVED = "reserved"
+    WRITING = "writing"
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    block_ids: list[int]
+    num_tokens: int
+    expires_at: float
+    state: LeaseState = LeaseState.RESERVED
+    on_end: list[Callable[[str], None]] = field(default_factory=list)
+
+
+class LeaseTable:
+    def __init__(self, reserver: BlockReserver, block_size: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._reserver = reserver
+        self._block_size = block_size
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def reserve(self, num_tokens: int, ttl_s: float) -> Lease:
+        if num_tokens <= 0 or ttl_s <= 0:
+            raise LeaseError("a lease needs a positive token count and time to live")
+        blocks = self._reserver.allocate(-(-num_tokens // self._block_size))
+        lease = Lease(secrets.token_hex(8), list(blocks), num_tokens, self._clock() + ttl_s)
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    def get(self, lease_id: str) -> Lease:
+        self.expire()
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseError(f"lease {lease_id} is unknown, expired or already ended")
+        return lease
+
+    def start_writing(self, lease_id: str) -> Lease:
+        lease = self.get(lease_id)
+        if lease.state is not LeaseState.RESERVED:
+            raise LeaseError(f"lease {lease_id} is already being written")
+        lease.state = LeaseState.WRITING
+        return lease
+
+    def remaining_s(self, lease_id: str) -> float:
+        return max(0.0, self.get(lease_id).expires_at - self._clock())
+
+    def commit(self, lease_id: str) -> list[int]:
+        """The blocks now belong to the caller (the engine); the lease ends."""
+        lease = self.get(lease_id)
+        self._end(lease)
+        return lease.block_ids
+
+    def abort(self, lease_id: str) -> bool:
+        """Free a lease's blocks; False when it had already ended."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        # end first: a transfer still writing into these blocks is cancelled
+        # before the engine can hand them to another request
+        self._end(lease)
+        self._reserver.free(lease.block_ids)
+        return True
+
+    def expire(self) -> list[str]:
+        now = self._clock()
+        gone = [lid for lid, lease in self._leases.items() if lease.expires_at <= now]
+        for lid in gone:
+            self.abort(lid)
+        return gone
+
+    def abort_all(self) -> None:
+        for lid in list(self._leases):
+            self.abort(lid)
+
+    def _end(self, lease: Lease) -> None:
+        del self._leases[lease.lease_id]
+        for callback in lease.on_end:
+            callback(lease.lease_id)

@@ -1,0 +1,127 @@
+"""Transfer plans: which token ranges move, as maximal contiguous runs.
+
+Token t of a request lives in block ``ids[t // block_size]`` at slot
+``t % block_size`` on each side, so the sender and receiver may use different
+block sizes. A run is a range of tokens contiguous in both pools; it is one
+byte range per (layer, K/V) and one transport op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from .layout import KVLayout
+
+# Past this many runs per layer and K/V, one gather into a staging buffer and
+# one scatter on the receiver beat many small ops (P/D-Serve's RecvScatter).
+DEFAULT_GATHER_THRESHOLD = 32
+
+
+class Strategy(str, Enum):
+    CONTIGUOUS = "contiguous"  # one op per maximal run; gathers past the threshold
+    BLOCKS = "blocks"          # one op per block: the block-fixed baseline for benchmarks
+    GATHER = "gather"          # always gather into staging and scatter on the receiver
+
+
+def token_slots(block_ids: list[int] | np.ndarray, block_size: int, num_tokens: int) -> np.ndarray:
+    ids = np.asarray(block_ids, dtype=np.int64)
+    if len(ids) * block_size < num_tokens:
+        raise ValueError(f"{len(ids)} blocks of {block_size} cannot hold {num_tokens} tokens")
+    t = np.arange(num_tokens, dtype=np.int64)
+    return ids[t // block_size] * block_size + t % block_size
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """The same plan is computed on both sides from the same inputs."""
+
+    strategy: Strategy
+    num_tokens: int
+    src_layout: KVLayout
+    dst_layout: KVLayout
+    src_slots: np.ndarray   # per token, slot in the source layer cache
+    dst_slots: np.ndarray   # per token, slot in the destination layer cache
+    run_starts: np.ndarray  # first token of each run
+    run_lengths: np.ndarray
+
+    @property
+    def staged(self) -> bool:
+        """Whether data moves through staging buffers (gather, then scatter)."""
+        return self.strategy is Strategy.GATHER
+
+    @property
+    def runs(self) -> int:
+        return len(self.run_starts)
+
+    @property
+    def ops_per_layer(self) -> int:
+        return 1 if self.staged else 2 * self.runs
+
+    @property
+    def wire_token_bytes(self) -> int:
+        return self.dst_layout.token_bytes
+
+    @property
+    def layer_bytes(self) -> int:
+        return 2 * self.num_tokens * self.wire_token_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.dst_layout.num_layers * self.layer_bytes
+
+    def byte_ranges(self, layer: int, side: str) -> list[tuple[int, int]]:
+        """(offset, length) of every op of a layer in the flat byte view of one pool."""
+        layout = self.src_layout if side == "src" else self.dst_layout
+        slots = self.src_slots if side == "src" else self.dst_slots
+        tb = layout.token_bytes
+        ranges = []
+        for kv in (0, 1):
+            base = (layer * 2 + kv) * layout.slots
+            for start, length in zip(self.run_starts.tolist(), self.run_lengths.tolist()):
+                ranges.append(((base + int(slots[start])) * tb, length * tb))
+        return ranges
+
+
+def _run_breaks(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Boolean per token: True where a new run starts."""
+    brk = np.ones(len(src), dtype=bool)
+    brk[1:] = (np.diff(src) != 1) | (np.diff(dst) != 1)
+    return brk
+
+
+def build_plan(
+    src_layout: KVLayout,
+    src_block_ids: list[int],
+    dst_layout: KVLayout,
+    dst_block_ids: list[int],
+    num_tokens: int,
+    strategy: Strategy | str = Strategy.CONTIGUOUS,
+    gather_threshold: int = DEFAULT_GATHER_THRESHOLD,
+) -> TransferPlan:
+    strategy = Strategy(strategy)
+    if not src_layout.compatible(dst_layout):
+        raise ValueError("sender and receiver differ in layers, kv_heads or head_dim")
+    if num_tokens <= 0:
+        raise ValueError("num_tokens must be positive")
+    src = token_slots(src_block_ids, src_layout.block_size, num_tokens)
+    dst = token_slots(dst_block_ids, dst_layout.block_size, num_tokens)
+    for name, slots, layout in (("source", src, src_layout), ("destination", dst, dst_layout)):
+        if slots.min() < 0 or slots.max() >= layout.slots:
+            raise ValueError(f"{name} block id out of range")
+    brk = _run_breaks(src, dst)
+    if strategy is Strategy.BLOCKS:
+        t = np.arange(num_tokens)
+        brk |= (t % src_layout.block_size == 0) | (t % dst_layout.block_size == 0)
+    starts = np.flatnonzero(brk)
+    lengths = np.diff(np.append(starts, num_tokens))
+    # A byte copy cannot convert dtypes, and devices other than the CPU are read
+    # through host staging (device memory is not always registrable, e.g. NPU HBM).
+    converts = src_layout.dtype != dst_layout.dtype or {src_layout.device, dst_layout.device} != {"cpu"}
+    if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts):
+        strategy = Strategy.GATHER
+    if strategy is Strategy.BLOCKS and converts:
+        raise ValueError("the blocks strategy moves raw bytes: layouts must share dtype and device")
+    return TransferPlan(strategy, num_tokens, src_layout, dst_layout, src, dst, starts, lengths)

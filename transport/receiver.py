@@ -1,0 +1,91 @@
+"""The receiving half every backend shares: leases, waiters for commits, and
+stopping a transfer before its lease's blocks go back to the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import torch
+
+from .base import KVReceiver, LeaseDescriptor, ReceivedKV, TransferError, TransferStats, wait_for
+from .layout import KVLayout
+from .lease import BlockReserver, LeaseError, LeaseTable
+
+
+class LeasingReceiver(KVReceiver):
+    def __init__(self, backend: str, pool: torch.Tensor, layout: KVLayout,
+                 reserver: BlockReserver, host: str, port: int, lease_ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        layout.check_pool(pool)
+        self.backend = backend
+        self.pool = pool
+        self.layout = layout
+        self.host, self.port = host, port
+        self._ttl_s = lease_ttl_s
+        self.leases = LeaseTable(reserver, layout.block_size, clock)
+        self._waiters: dict[str, asyncio.Future] = {}
+        # lease id -> what stops its transfer (called before its blocks are freed)
+        self._stoppers: dict[str, Callable[[], None]] = {}
+
+    def reserve(self, num_tokens: int, ttl_s: float | None = None) -> LeaseDescriptor:
+        ttl_s = ttl_s or self._ttl_s
+        lease = self.leases.reserve(num_tokens, ttl_s)
+        self._waiters[lease.lease_id] = asyncio.get_running_loop().create_future()
+        lease.on_end.append(self._ended)
+        return LeaseDescriptor(lease.lease_id, self.backend, self.host, self.port, self.layout,
+                               tuple(lease.block_ids), num_tokens, ttl_s)
+
+    async def wait(self, lease_id: str, timeout_s: float | None = None) -> ReceivedKV:
+        fut = self._waiters.get(lease_id)
+        if fut is None:
+            raise TransferError("lease", "unknown lease", lease_id)
+        try:
+            return await wait_for(asyncio.shield(fut), timeout_s, "waiting for the commit",
+                                  lease_id)
+        finally:
+            if fut.done():
+                self._waiters.pop(lease_id, None)
+
+    def abort(self, lease_id: str) -> bool:
+        return self.leases.abort(lease_id)
+
+    def expire(self) -> list[str]:
+        return self.leases.expire()
+
+    async def close(self) -> None:
+        self.leases.abort_all()
+
+    def begin_writing(self, lease_id: str, stop: Callable[[], None]) -> list[int]:
+        """A sender starts writing: its blocks, and how to stop it if the lease ends."""
+        try:
+            lease = self.leases.start_writing(lease_id)
+        except LeaseError as e:
+            raise TransferError("lease", str(e), lease_id) from None
+        self._stoppers[lease_id] = stop
+        return lease.block_ids
+
+    def complete(self, lease_id: str, stats: TransferStats) -> None:
+        """Every byte landed: the blocks go to whoever waits for the lease."""
+        if self._stoppers.pop(lease_id, None) is None:
+            raise TransferError("lease", "lease ended during the transfer", lease_id)
+        lease = self.leases.get(lease_id)
+        self._waiters[lease_id].set_result(
+            ReceivedKV(lease_id, lease.block_ids, lease.num_tokens, stats))
+        self.leases.commit(lease_id)
+
+    def fail(self, lease_id: str | None) -> None:
+        """A transfer failed: stop it and free its lease."""
+        if lease_id is not None:
+            self._stoppers.pop(lease_id, None)
+            self.leases.abort(lease_id)
+
+    def _ended(self, lease_id: str) -> None:
+        stop = self._stoppers.pop(lease_id, None)
+        if stop is not None:
+            stop()
+        fut = self._waiters.get(lease_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(TransferError("lease", "lease ended without a commit", lease_id))
+            fut.exception()  # retrieved here: nobody may be waiting

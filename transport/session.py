@@ -1,0 +1,313 @@
+"""The control protocol shared by the networked backends (tcp, ucx).
+
+Per transfer, over one TCP control connection:
+  receiver: challenge(nonce)        sender: hello(nonce, hmac)
+  receiver: welcome(hmac)           sender: begin(lease, layout, block ids, plan)
+  receiver: ready(tag base, addr)   ... data: layer by layer, by the data plane ...
+  sender:   commit(bytes)           receiver: committed  (or error / abort)
+The control connection also tells the receiver that a sender died (UCX
+endpoints over shared memory do not), so its lease is freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from .base import (KVSender, LeaseDescriptor, Transfer, TransferError, TransferState,
+                   TransferStats, wait_for)
+from .channel import Channel
+from .copy import StagingPool, gather_layer, op_views, scatter_layer
+from .layout import KVLayout
+from .lease import BlockReserver
+from .receiver import LeasingReceiver
+from .plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
+from .wire import NONCE_BYTES, WireError, mac, verify
+
+
+class SendLink(ABC):
+    """The sending half of one transfer's data plane."""
+
+    @abstractmethod
+    async def send_layer(self, ch: Channel, layer: int, bufs: list[torch.Tensor]) -> None:
+        """Put one layer's ops on the wire; may return before they land."""
+
+    async def flush(self) -> None:
+        """Wait until every op put on the wire has landed."""
+
+    def close(self) -> None: ...
+
+
+class RecvLink(ABC):
+    """The receiving half of one transfer's data plane."""
+
+    @abstractmethod
+    async def run(self, ch: Channel, plan: TransferPlan, bufs: list[list[torch.Tensor]],
+                  on_layer: Callable[[int], None], timeout_s: float) -> dict:
+        """Receive every layer into ``bufs`` (calling on_layer as each lands) and
+        the sender's commit message, which is returned."""
+
+    def cancel(self) -> None:
+        """Stop receiving at once: no byte may land after this returns."""
+
+
+class DataPlane(ABC):
+    name: str
+
+    def address(self) -> bytes:
+        """What the peer needs to reach this side's data plane (empty when unused)."""
+        return b""
+
+    @abstractmethod
+    async def open_send(self, peer_address: bytes, tag_base: int) -> SendLink: ...
+
+    @abstractmethod
+    async def open_recv(self, peer_address: bytes, tag_base: int,
+                        bufs: list[list[torch.Tensor]]) -> RecvLink:
+        """Get ready to receive into ``bufs`` (one list of op buffers per layer)."""
+
+
+async def _handshake_receiver(ch: Channel, secret: bytes) -> None:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    await ch.send("challenge", nonce=nonce)
+    hello = await ch.recv("hello")
+    if not verify(secret, b"sender", nonce, hello["mac"]):
+        raise TransferError("auth", "sender does not hold the mesh's token")
+    await ch.send("welcome", mac=mac(secret, b"receiver", hello["nonce"]))
+
+
+async def _handshake_sender(ch: Channel, secret: bytes) -> None:
+    challenge = await ch.recv("challenge")
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    await ch.send("hello", nonce=nonce, mac=mac(secret, b"sender", challenge["nonce"]))
+    welcome = await ch.recv("welcome")
+    if not verify(secret, b"receiver", nonce, welcome["mac"]):
+        raise TransferError("auth", "receiver does not hold the mesh's token")
+
+
+class SocketReceiver(LeasingReceiver):
+    def __init__(self, plane: DataPlane, pool: torch.Tensor, layout: KVLayout,
+                 reserver: BlockReserver, secret: bytes, host: str = "127.0.0.1", port: int = 0,
+                 lease_ttl_s: float = 30.0, timeout_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic, max_connections: int = 64) -> None:
+        super().__init__(plane.name, pool, layout, reserver, host, port, lease_ttl_s, clock)
+        self._plane = plane
+        self._secret = secret
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._handlers: set[asyncio.Task] = set()
+        self._staging = StagingPool()
+        self._listener: socket.socket | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._listener = socket.create_server((self.host, self.port))
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._sweep())]
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._handlers]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        await super().close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._ttl_s / 4))
+            self.leases.expire()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            if len(self._handlers) >= self._max_connections:
+                conn.close()  # bounded: a flood of senders cannot exhaust the actor
+                continue
+            task = asyncio.create_task(self._serve(Channel(conn, self._timeout_s)))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, ch: Channel) -> None:
+        lease_id = None
+        link = None
+        stages: list[torch.Tensor] = []
+        try:
+            await _handshake_receiver(ch, self._secret)
+            begin = await ch.recv("begin")
+            lease_id = begin["lease_id"]
+            this_task = asyncio.current_task()
+            block_ids = self.begin_writing(lease_id, lambda: _stop(link, this_task))
+            try:
+                plan = build_plan(KVLayout.from_wire(begin["layout"]), begin["block_ids"],
+                                  self.layout, block_ids, begin["num_tokens"],
+                                  begin["strategy"], begin["gather_threshold"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise TransferError("plan", str(e), lease_id) from None
+            if begin["num_tokens"] != self.leases.get(lease_id).num_tokens:
+                raise TransferError("plan", "token count differs from the lease", lease_id)
+            started = time.perf_counter()
+            layers = self.layout.num_layers
+            if plan.staged:
+                stages = [self._staging.take(plan.layer_bytes) for _ in range(layers)]
+                bufs = [[s] for s in stages]
+            else:
+                bufs = [op_views(plan, self.pool, layer, "dst") for layer in range(layers)]
+            tag_base = secrets.randbits(31) << 32
+            link = await self._plane.open_recv(begin["address"], tag_base, bufs)
+            await ch.send("ready", tag_base=tag_base, address=self._plane.address())
+
+            def on_layer(layer: int) -> None:
+                if plan.staged:
+                    scatter_layer(plan, self.pool, layer, stages[layer])
+
+            commit = await link.run(ch, plan, bufs, on_layer, self.leases.remaining_s(lease_id))
+            if commit["nbytes"] != plan.total_bytes:
+                raise TransferError("wire", f"sender wrote {commit['nbytes']} bytes, "
+                                    f"plan has {plan.total_bytes}", lease_id)
+            self.complete(lease_id, TransferStats(
+                self.backend, plan.strategy.value, plan.total_bytes,
+                plan.ops_per_layer * layers, plan.runs, layers, time.perf_counter() - started))
+            await ch.send("committed")
+        except TransferError as e:
+            await ch.try_send_error(e)
+            _stop(link, None)
+            self.fail(lease_id)
+        except BaseException:
+            _stop(link, None)
+            self.fail(lease_id)
+            raise
+        finally:
+            self._staging.give(stages)
+            ch.close()
+
+
+def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:
+    """Stop a transfer at once: no byte lands after this (its lease is ending)."""
+    if link is not None:
+        link.cancel()
+    if task is not None and task is not asyncio.current_task():
+        task.cancel()
+
+
+class SocketTransfer(Transfer):
+    def __init__(self, backend: str, ch: Channel, link: SendLink, plan: TransferPlan,
+                 pool: torch.Tensor, staging: StagingPool, timeout_s: float) -> None:
+        self.state = TransferState.WAITING
+        self._backend = backend
+        self._ch, self._link, self._plan, self._pool = ch, link, plan, pool
+        self._staging = staging
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._ready: asyncio.Queue[int] = asyncio.Queue(maxsize=plan.dst_layout.num_layers)
+        self._seen: set[int] = set()
+        self._seen_lock = threading.Lock()
+        self._started = 0.0
+        self._task = asyncio.create_task(self._run())
+
+    @property
+    def num_layers(self) -> int:
+        return self._plan.dst_layout.num_layers
+
+    def layer_ready(self, layer: int) -> None:
+        with self._seen_lock:
+            if not 0 <= layer < self.num_layers or layer in self._seen:
+                raise ValueError(f"layer {layer} is out of range or already sent")
+            self._seen.add(layer)
+        self._loop.call_soon_threadsafe(self._ready.put_nowait, layer)
+
+    async def _run(self) -> TransferStats:
+        stages: list[torch.Tensor] = []
+        try:
+            plan = self._plan
+            for i in range(self.num_layers):
+                layer = await wait_for(self._ready.get(), self._timeout_s,
+                                       "waiting for the engine's next layer")
+                if i == 0:
+                    self.state = TransferState.TRANSFERRING
+                    self._started = time.perf_counter()
+                if plan.staged:
+                    stages.append(self._staging.take(plan.layer_bytes))
+                    gather_layer(plan, self._pool, layer, stages[-1])
+                    bufs = [stages[-1]]
+                else:
+                    bufs = op_views(plan, self._pool, layer, "src")
+                await self._link.send_layer(self._ch, layer, bufs)
+            await self._link.flush()
+            await self._ch.send("commit", nbytes=plan.total_bytes)
+            await self._ch.recv("committed")
+            self.state = TransferState.DONE
+            return TransferStats(self._backend, plan.strategy.value, plan.total_bytes,
+                                 plan.ops_per_layer * self.num_layers, plan.runs,
+                                 self.num_layers, time.perf_counter() - self._started)
+        except BaseException:
+            self.state = TransferState.FAILED
+            raise
+        finally:
+            self._staging.give(stages)
+            self._link.close()
+            self._ch.close()
+
+    async def finish(self, timeout_s: float | None = None) -> TransferStats:
+        try:
+            return await wait_for(asyncio.shield(self._task), timeout_s, "the transfer")
+        except TransferError:
+            await self.abort("the sender timed out")
+            raise
+
+    async def abort(self, reason: str = "aborted by sender") -> None:
+        if self._task.done():
+            return
+        try:
+            await asyncio.wait_for(self._ch.send("abort", reason=reason), 1.0)
+        except (TransferError, WireError, asyncio.TimeoutError):
+            pass  # the receiver also frees the lease when the connection drops
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.state = TransferState.FAILED
+
+
+class SocketSender(KVSender):
+    def __init__(self, plane: DataPlane, secret: bytes, timeout_s: float = 10.0,
+                 gather_threshold: int = DEFAULT_GATHER_THRESHOLD) -> None:
+        self.backend = plane.name
+        self._plane = plane
+        self._secret = secret
+        self._timeout_s = timeout_s
+        self._gather_threshold = gather_threshold
+        self._staging = StagingPool()
+
+    async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
+                    ) -> Transfer:
+        if lease.backend != self.backend:
+            raise TransferError("plan", f"lease is for {lease.backend}, sender is {self.backend}",
+                                lease.lease_id)
+        layout.check_pool(pool)
+        try:
+            plan = build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
+                              lease.num_tokens, strategy, self._gather_threshold)
+        except ValueError as e:
+            raise TransferError("plan", str(e), lease.lease_id) from None
+        ch = await Channel.connect(lease.host, lease.port, self._timeout_s)
+        try:
+            await _handshake_sender(ch, self._secret)
+            await ch.send("begin", lease_id=lease.lease_id, layout=layout.to_wire(),
+                          block_ids=[int(b) for b in block_ids], num_tokens=lease.num_tokens,
+                          strategy=Strategy(strategy).value,
+                          gather_threshold=self._gather_threshold, address=self._plane.address())
+            ready = await ch.recv("ready")
+            link = await self._plane.open_send(ready["address"], ready["tag_base"])
+        except BaseException:
+            ch.close()
+            raise
+        return SocketTransfer(self.backend, ch, link, plan, pool, self._staging, self._timeout_s)

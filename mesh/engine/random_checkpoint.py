@@ -8,6 +8,7 @@ standard library's sources).
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -144,3 +145,13 @@ def init_command(folder: str, family: str, size: str, dtype: str, seed: int) -> 
     """Write a random-weight checkpoint (Hugging Face format) into FOLDER."""
     path = init_checkpoint(folder, family, size, dtype, seed)
     click.echo(f"wrote a random {size} {family} checkpoint ({dtype}) to {path}")
+
+
+def default_model_dir() -> Path:
+    """The demo model pdmesh serves when none is given: made once, then reused."""
+    home = Path(os.environ.get("PDMESH_HOME", Path.home() / ".cache" / "pdmesh"))
+    folder = home / "models" / "small-llama"
+    if not (folder / "model.safetensors").is_file():
+        click.echo(f"no --model given: writing a random-weight small Llama checkpoint to {folder}", err=True)
+        init_checkpoint(folder, "llama", "small", "bfloat16")
+    return folder

@@ -1,0 +1,167 @@
+"""`pdmesh bench engine`: pdmesh's engine against Hugging Face transformers, side by side.
+
+Both run the same checkpoint in the same dtype in one process, one after the
+other; the figures are medians over repeats and the ratios are what to read
+(this machine is shared and noisy).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import click
+import torch
+
+from mesh.engine.cli import build_engine_config, engine_options
+from mesh.engine.sampling_params import SamplingParams
+
+PREFILL_SHAPE = (8, 512)  # prompts x tokens, as in BASELINES.md
+DECODE_BATCHES = (1, 16, 64)
+DECODE_PROMPT = 128
+DECODE_STEPS = 32
+OFFLINE = (64, 256, 64)  # requests, prompt tokens, output tokens: vLLM's reference workload
+VLLM_REFERENCE = {"batch1_ms_per_token": 7.8, "offline_64x256x64_tokens_per_s": 620}
+
+
+@dataclass
+class Row:
+    what: str
+    pdmesh: float
+    transformers: float | None
+    unit: str
+
+    @property
+    def ratio(self) -> float | None:
+        if self.transformers is None:
+            return None
+        better_high = self.unit.endswith("/s")
+        return self.pdmesh / self.transformers if better_high else self.transformers / self.pdmesh
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, threads, lazy init
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_read_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """GB/s of reading a tensor larger than the caches (a reduction streams it once)."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    t = median_time(lambda: x.sum(), 5)
+    del x
+    return num_bytes / t / 1e9
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, length), generator=g).tolist()
+
+
+class PdmeshRunner:
+    name = "pdmesh"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run(self, batch: list[list[int]], new_tokens: int) -> None:
+        self.engine.generate(batch, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+
+
+class HFRunner:
+    name = "transformers"
+
+    def __init__(self, folder: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+    @torch.inference_mode()
+    def run(self, batch: list[list[int]], new_tokens: int) -> None:
+        ids = torch.tensor(batch)  # equal lengths: no padding needed
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def measure(runner, vocab: int, repeats: int, batches: tuple[int, ...]) -> dict:
+    n, length = PREFILL_SHAPE
+    batch = prompts(n, length, vocab, 1)
+    out = {"prefill_tokens_per_s": n * length / median_time(lambda: runner.run(batch, 1), repeats)}
+    for b in batches:
+        batch = prompts(b, DECODE_PROMPT, vocab, 2)
+        t1 = median_time(lambda: runner.run(batch, 1), repeats)
+        tn = median_time(lambda: runner.run(batch, 1 + DECODE_STEPS), repeats)
+        out[f"decode_b{b}_ms_per_step"] = (tn - t1) / DECODE_STEPS * 1e3
+    return out
+
+
+@click.command("engine")
+@engine_options
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--batches", default=",".join(map(str, DECODE_BATCHES)), show_default=True,
+              help="decode batch sizes")
+@click.option("--skip-transformers", is_flag=True, help="measure pdmesh alone")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transformers, output):
+    """Prefill and decode speed of the engine vs transformers, and the decode floor."""
+    from mesh.engine.engine import Engine
+
+    batch_sizes = tuple(int(b) for b in batches.split(","))
+    engine = Engine(build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,))))
+    vocab = engine.model_config.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    bandwidth = memory_read_bandwidth()
+    ours = measure(PdmeshRunner(engine), vocab, repeats, batch_sizes)
+    requests, plen, olen = OFFLINE
+    offline = prompts(requests, plen, vocab, 3)
+    t = median_time(lambda: PdmeshRunner(engine).run(offline, olen), max(1, repeats - 1))
+    ours["offline_tokens_per_s"] = requests * olen / t
+    folder, compute_dtype = engine.config.model, engine.dtype
+    del engine
+    gc.collect()
+    # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
+    theirs = {} if skip_transformers else measure(HFRunner(folder, compute_dtype), vocab, repeats, batch_sizes)
+    floor_ms = weight_bytes / bandwidth / 1e6
+    rows = [Row(f"prefill {PREFILL_SHAPE[0]} x {PREFILL_SHAPE[1]}", ours["prefill_tokens_per_s"],
+                theirs.get("prefill_tokens_per_s"), "tokens/s")]
+    for b in batch_sizes:
+        key = f"decode_b{b}_ms_per_step"
+        rows.append(Row(f"decode batch {b}", b * 1e3 / ours[key],
+                        b * 1e3 / theirs[key] if key in theirs else None, "tokens/s"))
+    rows.append(Row(f"offline {requests} x {plen} in / {olen} out", ours["offline_tokens_per_s"], None, "tokens/s"))
+    result = {
+        "model": folder, "dtype": str(compute_dtype).removeprefix("torch."), "weight_bytes": weight_bytes,
+        "memory_read_gb_per_s": bandwidth, "decode_floor_ms": floor_ms,
+        "batch1_step_ms": ours.get("decode_b1_ms_per_step"),
+        "batch1_step_over_floor": (ours["decode_b1_ms_per_step"] / floor_ms) if 1 in batch_sizes else None,
+        "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
+        "vllm_cpu_reference_from_baselines": VLLM_REFERENCE,
+    }
+    if output == "json":
+        click.echo(json.dumps(result))
+        return
+    _print_table(result, rows)
+
+
+def _print_table(result: dict, rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pdmesh bench engine: {result['model']} ({result['dtype']})")
+    for col in ("what", "pdmesh", "transformers", "pdmesh / transformers"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    for r in rows:
+        table.add_row(r.what, f"{r.pdmesh:,.1f} {r.unit}",
+                      "-" if r.transformers is None else f"{r.transformers:,.1f} {r.unit}",
+                      "-" if r.ratio is None else f"{r.ratio:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"decode floor: {result['weight_bytes'] / 1e6:,.0f} MB of weights / "
+                  f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
+                  f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "
+                  f"({result['batch1_step_over_floor']:.2f}x the floor)")

@@ -69,8 +69,8 @@ def load_model(folder: str | Path, cfg: ModelConfig, max_positions: int, dtype: 
         if cfg.o_bias:
             weights[q + "o_proj.bias"] = take(a + "o_proj.bias")
         if cfg.qk_norm:
-            weights[q + "q_norm"] = take(a + "q_norm.weight")
-            weights[q + "k_norm"] = take(a + "k_norm.weight")
+            weights[q + "qk_norm"] = torch.cat([take(a + "q_norm.weight").expand(cfg.num_heads, -1),
+                                                take(a + "k_norm.weight").expand(cfg.num_kv_heads, -1)])
         m = p + "mlp."
         weights[q + "gate_up_proj.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
         weights[q + "down_proj.weight"] = take(m + "down_proj.weight")

@@ -16,8 +16,11 @@ from mesh.engine.rope import RotaryEmbedding, apply_rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's RMSNorm: normalise in fp32, cast back, then scale."""
-    if x.dtype == torch.float32:
+    """Hugging Face's RMSNorm over the last dim: normalise in fp32, cast back, then scale.
+
+    weight may have more dims than the last (one row per head), and broadcasts.
+    """
+    if x.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
@@ -35,21 +38,20 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
         self.input_norm = nn.Parameter(torch.ones(h))
         self.post_attention_norm = nn.Parameter(torch.ones(h))
-        self.q_norm = nn.Parameter(torch.ones(d)) if cfg.qk_norm else None
-        self.k_norm = nn.Parameter(torch.ones(d)) if cfg.qk_norm else None
+        # Qwen3's q and k norms as one [heads + kv_heads, head_dim] weight: q and k are normed
+        # and rotated together, as one tensor.
+        self.qk_norm = nn.Parameter(torch.ones(cfg.num_heads + cfg.num_kv_heads, d)) if cfg.qk_norm else None
         self.scale = d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_slots: torch.Tensor, v_slots: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[1]
         qkv = self.qkv_proj(rms_norm(x, self.input_norm, self.eps))[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = qkv.view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv[:, :self.num_heads + self.num_kv_heads], qkv[:, self.num_heads + self.num_kv_heads:]
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         attn = paged_attention(q, k, v, k_slots, v_slots, meta, self.scale)
         x = x + self.o_proj(attn.view(1, t, self.q_size))
         gate, up = self.gate_up_proj(rms_norm(x, self.post_attention_norm, self.eps)).chunk(2, dim=-1)

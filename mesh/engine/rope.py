@@ -73,18 +73,19 @@ class RotaryEmbedding:
         emb = torch.cat([freqs, freqs], dim=-1)
         # Hugging Face builds cos/sin in fp32 and casts them to the activations' dtype.
         self.cos = (emb.cos() * attention_factor).to(dtype=dtype, device=device)
-        self.sin = (emb.sin() * attention_factor).to(dtype=dtype, device=device)
+        sin = emb.sin() * attention_factor
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one op fewer per call.
+        half = self.rotary_dim // 2
+        self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype=dtype, device=device)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin shaped [T, 1, rotary_dim] for broadcasting over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and signed sin shaped [T, 1, rotary_dim] for broadcasting over heads."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; rotates the first rotary_dim features (rotate-half layout)."""
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
-        return torch.cat([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
-    half = rot // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat([apply_rotary(x[..., :rot], cos, signed_sin), x[..., rot:]], dim=-1)
+    return torch.addcmul(x * cos, x.roll(rot // 2, dims=-1), signed_sin)

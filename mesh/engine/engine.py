@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,7 +17,7 @@ from mesh.engine.kv_cache import KVCache, KVShape
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import ModelRunner
 from mesh.engine.sampling_params import SamplingParams
-from mesh.engine.scheduler import Scheduler
+from mesh.engine.scheduler import ScheduledBatch, Scheduler
 from mesh.engine.sequence import Sequence, Status
 from mesh.engine.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ class RequestOutput:
     text: str  # new text
     logprobs: list[float] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
 
@@ -71,21 +71,60 @@ class Engine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
         self.runner = ModelRunner(self.model, self.kv, self.eos_ids)
         self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
+        self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
+        # Called after each layer of each step with (layer, batch): layer-wise KV transfer.
+        self.layer_hook: Callable[[int, ScheduledBatch], None] | None = None
         log.info("engine: %s on %s in %s, %d KV blocks of %d tokens", mc.architecture, self.device,
                  self.dtype, num_blocks, config.block_size)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, prefill_only: bool = False) -> str:
+        """Queues a request. prefill_only: it ends after its first token with finish
+        reason "prefilled" and keeps its KV blocks until `release` (disaggregated prefill)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids, params)
-        seq = Sequence(ids, params, request_id=request_id or "")
-        if seq.request_id in self._requests:
-            raise RequestError(f"request id {seq.request_id!r} is already in use")
-        self._requests[seq.request_id] = (seq, Detokenizer(self.tokenizer, params.stop))
+        seq = self._register(Sequence(ids, params, request_id=request_id or "", prefill_only=prefill_only))
         self.scheduler.add(seq)
         return seq.request_id
+
+    def add_prefilled(self, prompt_ids: list[int], output_ids: list[int], params: SamplingParams,
+                      block_ids: list[int], request_id: str | None = None) -> str:
+        """Joins the decode batch with a request whose KV (all of prompt_ids and all but the
+        last of output_ids) is already in block_ids, which this engine's block manager handed out."""
+        if not output_ids:
+            raise RequestError("a prefilled request carries at least its first generated token")
+        self._check_prompt(prompt_ids, params)
+        seq = Sequence(list(prompt_ids), params, request_id=request_id or "", block_ids=list(block_ids),
+                       output_token_ids=list(output_ids))
+        seq.num_computed_tokens = seq.num_tokens - 1
+        if self.blocks.blocks_for(seq.num_tokens) > len(block_ids):
+            raise RequestError(f"{len(block_ids)} blocks cannot hold {seq.num_tokens} tokens")
+        self._register(seq)
+        _, detok = self._requests[seq.request_id]
+        for t in output_ids:  # the text so far was sent by the prefill side
+            detok.add(t)
+        detok.delta(final=False)
+        self.scheduler.add_running(seq)
+        return seq.request_id
+
+    def _register(self, seq: Sequence) -> Sequence:
+        if seq.request_id in self._requests or seq.request_id in self._held:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
+        self._requests[seq.request_id] = (seq, Detokenizer(self.tokenizer, seq.params.stop))
+        return seq
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        """Blocks of a finished prefill_only request, holding its prompt's KV."""
+        return self._held[request_id].block_ids
+
+    def release(self, request_id: str) -> None:
+        """Frees a prefill_only request's blocks once its KV has been handed on."""
+        seq = self._held.pop(request_id, None)
+        if seq is not None:
+            self.blocks.free(seq.block_ids)
+            seq.block_ids = []
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -106,6 +145,7 @@ class Engine:
         entry = self._requests.pop(request_id, None)
         if entry is not None:
             self.scheduler.finish(entry[0], "abort")
+        self.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -115,7 +155,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        out = self.runner.execute(batch)
+        out = self.runner.execute(batch, self.layer_hook)
         for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed_tokens += n
         outputs = []
@@ -142,8 +182,11 @@ class Engine:
             reason = "stop"
         elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if reason is None and seq.prefill_only:
+            reason = "prefilled"
+            self._held[seq.request_id] = seq
         if reason:
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq, reason, keep_blocks=reason == "prefilled")
             del self._requests[seq.request_id]
         return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
                              None if logprob is None else [logprob], reason is not None, reason,

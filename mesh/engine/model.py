@@ -5,6 +5,8 @@ over a 3-D input reads weights several times faster than over a 2-D one.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,13 +71,19 @@ class CausalLM(nn.Module):
         self.rope = rope
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
-        """Hidden states [tokens, hidden] after the final norm, for the packed step."""
+                kv: KVCache, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Hidden states [tokens, hidden] after the final norm, for the packed step.
+
+        on_layer(i) runs once layer i's KV is in the cache, so that a transfer can
+        send layer i while layer i + 1 computes.
+        """
         x = self.embed_tokens(input_ids).unsqueeze(0)
         cos, sin = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
             k_slots, v_slots = kv.layer_slots(i)
             x = layer(x, cos, sin, k_slots, v_slots, meta)
+            if on_layer is not None:
+                on_layer(i)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

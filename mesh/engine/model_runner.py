@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,9 +32,11 @@ class ModelRunner:
         self.eos_ids = eos_ids
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: ScheduledBatch,
+                layer_hook: Callable[[int, ScheduledBatch], None] | None = None) -> StepOutput:
         ids, positions, meta, sample_at, sample_seqs = self._prepare(batch)
-        hidden = self.model(ids, positions, meta, self.kv)
+        on_layer = None if layer_hook is None else (lambda i: layer_hook(i, batch))
+        hidden = self.model(ids, positions, meta, self.kv, on_layer)
         if not sample_seqs:
             return StepOutput([], [], None)
         logits = self.model.logits(hidden[sample_at])

@@ -43,6 +43,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose blocks and KV are already in place (KV received from a prefill)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -93,14 +98,16 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence (stop, length, abort) and frees its blocks at once."""
+    def finish(self, seq: Sequence, reason: str, keep_blocks: bool = False) -> None:
+        """Ends a sequence (stop, length, abort, prefilled) and frees its blocks at once,
+        unless keep_blocks: then the caller owns them (a prefill handing its KV on)."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.blocks.free(seq.block_ids)
-            seq.block_ids = []
+            if not keep_blocks:
+                self.blocks.free(seq.block_ids)
+                seq.block_ids = []
         else:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED

@@ -33,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    prefill_only: bool = False  # stop after the first token and keep the KV for a decode actor
 
     def __post_init__(self):
         if not self.request_id:

@@ -8,12 +8,27 @@ free neighbours at once.
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 
 class OutOfBlocks(Exception):
     """Fewer free blocks than asked for; the caller waits, preempts or rejects."""
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class BlockManager:
+    """Thread-safe: the engine's step thread and the transport's lease table (on the
+    actor's event loop) both take and give back blocks. Hold `lock` to make several
+    calls atomic."""
+
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
@@ -23,6 +38,7 @@ class BlockManager:
         self._run_ends: dict[int, int] = {num_blocks: 0}  # end (exclusive) -> start
         self._allocated = bytearray(num_blocks)
         self.num_free = num_blocks
+        self.lock = threading.RLock()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -30,6 +46,7 @@ class BlockManager:
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
+    @_locked
     def allocate(self, n: int, expected_total: int | None = None) -> list[int]:
         """n block ids, as few runs as possible.
 
@@ -48,6 +65,7 @@ class BlockManager:
             ids.extend(self._take(start, min(need, self._runs[start])))
         return ids
 
+    @_locked
     def append(self, block_ids: list[int]) -> int:
         """One more block for a growing request, right after its last block when free."""
         if self.num_free == 0:
@@ -60,6 +78,7 @@ class BlockManager:
         block_ids.append(new)
         return new
 
+    @_locked
     def free(self, block_ids: list[int]) -> None:
         for b in block_ids:
             if not 0 <= b < self.num_blocks or not self._allocated[b]:
@@ -69,6 +88,7 @@ class BlockManager:
             self._insert_run(b, 1)
         self.num_free += len(block_ids)
 
+    @_locked
     def runs(self) -> list[tuple[int, int]]:
         """The free runs as (start, length), in id order (for tests and stats)."""
         return sorted(self._runs.items())

@@ -1,0 +1,319 @@
+"""One mesh actor: an engine that serves the prefill or the decode role, and flips in place.
+
+prefill: answers offers at once (admission), prefills with other requests in one
+         batch, streams the first token back, writes the KV into the decode
+         actor's lease and commits.
+decode:  reserves KV blocks for a request (a lease), waits for the commit, joins
+         the request to its decode batch and streams tokens, one message per step.
+both:    serves whole requests alone (aggregated mode; one-actor pools).
+A flip drains the current role's work, then switches; weights stay loaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+from mesh.async_engine import AsyncEngine
+from mesh.engine.config import EngineConfig
+from mesh.engine.errors import EngineError, RequestError
+from mesh.engine.sampling_params import SamplingParams
+from mesh.errors import MeshError
+from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
+from transport.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+@dataclass
+class ActorSpec:
+    actor_id: str
+    scenario: str
+    role: str
+    engine: dict  # EngineConfig fields
+    transport: dict = field(default_factory=dict)  # TransportConfig fields
+    ttft_budget_s: float = 2.0
+    drain_timeout_s: float = 60.0
+    warmup: bool = True
+
+
+def _params_from(d: dict) -> SamplingParams:
+    try:
+        return SamplingParams(**d)
+    except TypeError as e:
+        raise MeshError("invalid_argument", f"bad sampling options: {e}") from None
+    except RequestError as e:
+        raise MeshError("invalid_argument", str(e)) from None
+
+
+class MeshActor:
+    def __init__(self, spec: dict):
+        self.spec = ActorSpec(**spec)
+        self.role = Role(self.spec.role)
+        self.state = State.STARTING
+        self.admission = PrefillAdmission()
+        self.queued_tokens = 0
+        self.queued_requests = 0
+        self.active: set[str] = set()  # requests in flight on this actor
+        self.engine: AsyncEngine | None = None
+        self.receiver = None
+        self._senders: dict[str, object] = {}
+        self._idle = asyncio.Event()
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> dict:
+        from mesh.engine.engine import Engine  # torch loads inside the actor process only
+
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(None, Engine, EngineConfig(**self.spec.engine))
+        except EngineError as e:
+            raise MeshError("invalid_argument", str(e)) from None
+        self.engine = AsyncEngine(engine)
+        self.engine.start()
+        kv = engine.kv.shape
+        self.layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
+                               kv.dtype, engine.device.type)
+        self.transport = TransportConfig(**self.spec.transport)
+        if self.role is not Role.PREFILL:
+            await self._open_receiver()
+        if self.spec.warmup:
+            await self._warmup()
+        self.state = State.SERVING
+        return await self.info()
+
+    async def _open_receiver(self) -> None:
+        eng = self.engine.engine
+        self.receiver = make_receiver(self.transport, eng.kv.pool, self.layout, eng.blocks)
+        await self.receiver.start()
+
+    async def _close_receiver(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.close()
+            self.receiver = None
+
+    async def _warmup(self) -> None:
+        """One prefill and a few decode steps: first-call costs land here, and the
+        admission policy starts from a measured prefill speed."""
+        vocab = self.engine.engine.model_config.vocab_size
+        prompt = [i % vocab for i in range(1, min(256, self.engine.engine.max_model_len // 2))]
+        add = lambda: self.engine.engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True,
+                                                                            temperature=0))
+        async for _ in self.engine.stream(add):
+            pass
+
+    async def info(self) -> dict:
+        import ray
+
+        eng = self.engine.engine if self.engine else None
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "actor_id": self.spec.actor_id, "scenario": self.spec.scenario, "role": self.role.value,
+            "state": self.state.value, "pid": os.getpid(),
+            "node": ctx.get_node_id() if ctx else "", "device": str(eng.device) if eng else "",
+            "model": self.spec.engine.get("model"), "load": self.load(),
+        }
+
+    def load(self) -> dict:
+        eng = self.engine.engine if self.engine else None
+        return {
+            "queued_prompt_tokens": self.queued_tokens, "queued_requests": self.queued_requests,
+            "active_requests": len(self.active),
+            "free_blocks": eng.blocks.num_free if eng else 0, "num_blocks": eng.blocks.num_blocks if eng else 0,
+            "prefill_tokens_per_s": self.engine.stats.prefill_tokens_per_s if self.engine else 0.0,
+            "decode_step_s": self.engine.stats.decode_step_s if self.engine else 0.0,
+        }
+
+    async def ping(self) -> str:
+        return self.spec.actor_id
+
+    async def shutdown(self) -> None:
+        await self._close_receiver()
+        for sender in self._senders.values():
+            await sender.close()
+        if self.engine:
+            await self.engine.close()
+
+    # -- prefill role ----------------------------------------------------------------------
+    async def offer(self, prompt_tokens: int, ttft_budget_s: float | None = None,
+                    time_left_s: float = float("inf")) -> dict:
+        """Accept or reject at once, with a reason and a retry hint."""
+        if self.state is not State.SERVING or self.role is Role.DECODE:
+            return {"accept": False, "reason": f"actor is {self.state.value} as {self.role.value}",
+                    "retry_after_s": 0.0, "predicted_ttft_s": 0.0}
+        load = PrefillLoad(self.queued_tokens, self.queued_requests, self.engine.stats.prefill_tokens_per_s)
+        d = self.admission.decide(load, Offer(prompt_tokens, ttft_budget_s or self.spec.ttft_budget_s,
+                                              time_left_s))
+        return dataclasses.asdict(d)
+
+    async def prefill(self, request: dict, lease: dict | None) -> AsyncIterator[dict]:
+        """Yields {"type": "first", ...} as soon as the first token is sampled, then, when
+        the KV went into the lease, {"type": "committed", "transfer": stats}."""
+        self._require(Role.PREFILL, Role.BOTH)
+        rid, ids = request["request_id"], list(request["prompt_token_ids"])
+        params = _params_from(request["params"])
+        eng = self.engine.engine
+        self.queued_tokens += len(ids)
+        self.queued_requests += 1
+        self.active.add(rid)
+        queued = True
+        try:
+            last = None
+            async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True)):
+                last = outs[-1]
+            self.queued_tokens -= len(ids)
+            self.queued_requests -= 1
+            queued = False
+            yield {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
+                   "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
+            if last.finish_reason != "prefilled" or lease is None:
+                return
+            desc = LeaseDescriptor.from_wire(lease)
+            blocks = await self.engine.call(eng.held_blocks, rid)
+            start = time.perf_counter()
+            stats = await self._sender(desc.backend).send(desc, eng.kv.pool, self.layout, blocks,
+                                                          timeout_s=self.transport.timeout_s)
+            yield {"type": "committed", "transfer": stats.to_dict(), "seconds": time.perf_counter() - start}
+        except RequestError as e:
+            raise MeshError("invalid_argument", str(e)) from None
+        except TransferError as e:
+            raise MeshError("unavailable", f"KV transfer failed: {e}") from None
+        finally:
+            if queued:
+                self.queued_tokens -= len(ids)
+                self.queued_requests -= 1
+            await self.engine.call(eng.abort, rid)  # frees held blocks; a no-op once released
+            self._done(rid)
+
+    def _sender(self, backend: str):
+        if backend not in self._senders:
+            cfg = dataclasses.replace(self.transport, backend=backend)
+            self._senders[backend] = make_sender(cfg)
+        return self._senders[backend]
+
+    # -- decode role -----------------------------------------------------------------------
+    async def reserve(self, num_tokens: int) -> dict:
+        """A lease for a request's KV: admission by free blocks."""
+        if self.state is not State.SERVING or self.role is Role.PREFILL or self.receiver is None:
+            raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
+        try:
+            return self.receiver.reserve(num_tokens).to_wire()
+        except Exception as e:  # the block manager or lease table said no
+            raise MeshError("resource_exhausted", f"no room for {num_tokens} tokens of KV: {e}",
+                            retry_after_s=0.1) from None
+
+    async def release_lease(self, lease_id: str) -> bool:
+        return self.receiver.abort(lease_id) if self.receiver else False
+
+    async def decode(self, lease_id: str, request: dict) -> AsyncIterator[dict]:
+        """Waits for the lease's commit, then streams the request's tokens (first excluded)."""
+        self._require(Role.DECODE, Role.BOTH)
+        rid = request["request_id"]
+        params = _params_from(request["params"])
+        eng = self.engine.engine
+        self.active.add(rid)
+        try:
+            try:
+                received = await self.receiver.wait(lease_id, self.transport.lease_ttl_s)
+            except TransferError as e:
+                raise MeshError("unavailable", f"KV never arrived: {e}") from None
+
+            def add():
+                try:
+                    return eng.add_prefilled(request["prompt_token_ids"], request["output_token_ids"], params,
+                                             received.block_ids, rid)
+                except Exception:
+                    eng.blocks.free(received.block_ids)  # the blocks are ours since the commit
+                    raise
+
+            async for outs in self.engine.stream(add):
+                yield _merge(outs)
+        except RequestError as e:
+            raise MeshError("invalid_argument", str(e)) from None
+        finally:
+            self._done(rid)
+
+    # -- both phases on one actor ------------------------------------------------------------
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        self._require(Role.BOTH, Role.PREFILL, Role.DECODE)
+        rid, ids = request["request_id"], list(request["prompt_token_ids"])
+        params = _params_from(request["params"])
+        eng = self.engine.engine
+        self.active.add(rid)
+        try:
+            async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid)):
+                yield _merge(outs)
+        except RequestError as e:
+            raise MeshError("invalid_argument", str(e)) from None
+        finally:
+            self._done(rid)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.call(self.engine.engine.abort, request_id)
+
+    # -- role changes ------------------------------------------------------------------------
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Accept nothing new and wait for in-flight work; what is left after the timeout is
+        aborted (its gateway re-runs it elsewhere)."""
+        self.state = State.DRAINING
+        deadline = time.monotonic() + (timeout_s or self.spec.drain_timeout_s)
+        while self.active and time.monotonic() < deadline:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        left = list(self.active)
+        for rid in left:
+            await self.abort(rid)
+        return {"aborted": left}
+
+    async def set_role(self, role: str, drain_timeout_s: float | None = None) -> dict:
+        """Drain, switch role in place (same engine and weights), serve again."""
+        new = Role(role)
+        result = await self.drain(drain_timeout_s)
+        if new is Role.PREFILL:
+            await self._close_receiver()
+        elif self.receiver is None:
+            await self._open_receiver()
+        self.role = new
+        self.state = State.SERVING
+        return {**result, **(await self.info())}
+
+    def _require(self, *roles: Role) -> None:
+        if self.state is not State.SERVING and not (self.state is State.DRAINING and self.role in roles):
+            raise MeshError("unavailable", f"actor {self.spec.actor_id} is {self.state.value}")
+        if self.role not in roles:
+            raise MeshError("unavailable", f"actor {self.spec.actor_id} serves {self.role.value}")
+
+    def _done(self, rid: str) -> None:
+        self.active.discard(rid)
+        if not self.active:
+            self._idle.set()
+
+
+def _merge(outs) -> dict:
+    """One message per burst of engine steps."""
+    last = outs[-1]
+    logprobs = [lp for o in outs for lp in (o.logprobs or [])]
+    return {"token_ids": [t for o in outs for t in o.token_ids], "text": "".join(o.text for o in outs),
+            "logprobs": logprobs or None, "finished": last.finished, "finish_reason": last.finish_reason,
+            "num_prompt_tokens": last.num_prompt_tokens, "num_output_tokens": last.num_output_tokens}

@@ -1,0 +1,51 @@
+"""Prefill admission: answer an offer at once from the actor's own state.
+
+A prefill actor accepts a request only when its predicted first-token time
+(the prompt tokens already queued ahead of it plus its own, at the measured
+prefill speed) fits the scenario's TTFT budget and the request's deadline.
+An idle actor always accepts: no other actor could start the request sooner.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefillLoad:
+    queued_tokens: int  # prompt tokens accepted and not yet prefilled
+    queued_requests: int
+    tokens_per_s: float  # measured prefill speed
+
+
+@dataclass(frozen=True)
+class Offer:
+    prompt_tokens: int
+    ttft_budget_s: float
+    time_left_s: float = math.inf  # until the request's deadline
+
+
+@dataclass(frozen=True)
+class Decision:
+    accept: bool
+    reason: str = ""
+    retry_after_s: float = 0.0
+    predicted_ttft_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PrefillAdmission:
+    max_queued_requests: int = 256
+
+    def decide(self, load: PrefillLoad, offer: Offer) -> Decision:
+        rate = max(load.tokens_per_s, 1.0)
+        wait = load.queued_tokens / rate
+        ttft = wait + offer.prompt_tokens / rate
+        if load.queued_requests == 0:
+            return Decision(True, "idle", predicted_ttft_s=ttft)
+        if load.queued_requests >= self.max_queued_requests:
+            return Decision(False, "queue full", retry_after_s=wait, predicted_ttft_s=ttft)
+        if ttft > min(offer.ttft_budget_s, offer.time_left_s):
+            return Decision(False, f"predicted TTFT {ttft:.3f}s over the budget", retry_after_s=wait,
+                            predicted_ttft_s=ttft)
+        return Decision(True, "fits the TTFT budget", predicted_ttft_s=ttft)

@@ -1,0 +1,154 @@
+"""The engine on an asyncio loop: steps run in one worker thread, requests stream out.
+
+Every change to the engine (add, abort, release) is queued and applied by the
+worker thread between steps, so the engine is only ever touched by one thread
+and the event loop stays free to answer offers while a step computes.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from mesh.engine.engine import Engine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """Running figures the admission policy and the load reports read."""
+    prefill_tokens_per_s: float = 0.0  # smoothed, over steps that prefilled
+    decode_step_s: float = 0.0  # smoothed, over steps that only decoded
+    steps: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, smoothing: float = 0.2):
+        self.engine = engine
+        self.stats = StepStats()
+        self._alpha = smoothing
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def call(self, fn: Callable, *args):
+        """Runs fn(*args) on the engine's thread between steps and returns its result."""
+        fut = self._loop.create_future()
+
+        def run():
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to the awaiting caller
+                self._loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.append(run)
+        self._wake.set()
+        return await fut
+
+    async def stream(self, add: Callable[[], str]) -> AsyncIterator[list[RequestOutput]]:
+        """Adds a request with add() (on the engine thread) and yields its outputs, one list
+        per burst of steps; aborts the request if the consumer stops early."""
+        queue: asyncio.Queue = asyncio.Queue()  # holds at most max_tokens outputs of one request
+        request_id = await self.call(self._register_stream, add, queue)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                batch = [item]
+                while not queue.empty():  # coalesce: one message per burst, not per token
+                    batch.append(queue.get_nowait())
+                if isinstance(batch[-1], BaseException):
+                    raise batch[-1]
+                finished = batch[-1].finished
+                yield batch
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.append(lambda: self.engine.abort(request_id))
+                self._wake.set()
+
+    def _register_stream(self, add: Callable[[], str], queue: asyncio.Queue) -> str:
+        request_id = add()
+        self._streams[request_id] = queue
+        return request_id
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while not self._closed:
+            if not self._commands and not self.engine.has_unfinished():
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            outputs, error = await self._loop.run_in_executor(self._pool, self._step)
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if error is not None:
+                self._fail_all(error)
+
+    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
+        while self._commands:
+            self._commands.popleft()()
+        if not self.engine.has_unfinished():
+            return [], None
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a bad step fails its requests, never the actor
+            log.exception("engine step failed")
+            return [], e
+        self._record(time.perf_counter() - start)
+        return outputs, None
+
+    def _record(self, seconds: float) -> None:
+        s = self.stats
+        s.steps += 1
+        last = self.engine.last_batch
+        if last is None or seconds <= 0:
+            return
+        a = self._alpha
+        if last.prefills:
+            rate = last.num_tokens / seconds
+            s.prefill_tokens_per_s = rate if s.prefill_tokens_per_s == 0 else (1 - a) * s.prefill_tokens_per_s + a * rate
+        elif last.decodes:
+            s.decode_step_s = seconds if s.decode_step_s == 0 else (1 - a) * s.decode_step_s + a * seconds
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, queue in list(self._streams.items()):
+            queue.put_nowait(error)
+            self._commands.append(lambda rid=rid: self.engine.abort(rid))
+        self._wake.set()
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,209 @@
+"""Runs one request across a pool's actors, and carries it through actor failures.
+
+reserve KV on a decode actor -> offer to prefill actors, forwarding on rejection
+-> prefill streams the first token and writes the KV into the lease -> the
+decode actor streams the rest. When an actor dies, the request goes on: a lost
+prefill is retried on another prefill actor; a lost decode is re-prefilled
+from the prompt plus every token already sent, so the stream just continues.
+Which actors to try, in which order, is the router's choice (a policy object).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+import ray
+
+from mesh.actor import Role
+from mesh.errors import MeshError
+from mesh.pool import Member, Pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict  # SamplingParams fields
+    deadline: float = float("inf")  # on the dispatcher's clock
+    ttft_budget_s: float | None = None
+
+
+@dataclass
+class Event:
+    """Something worth a span event: an offer, a rejection, a retry, a transfer."""
+    name: str
+    attributes: dict = field(default_factory=dict)
+
+
+class Router(Protocol):
+    def decode_order(self, members: list[Member]) -> list[Member]: ...
+    def prefill_order(self, members: list[Member]) -> list[Member]: ...
+
+
+class IdleFirst:
+    """Prefill offers go to the least loaded actors first (by their last report, for order
+    only: the offer itself decides); KV goes to the decode actor with the most free blocks."""
+
+    def prefill_order(self, members: list[Member]) -> list[Member]:
+        return sorted(members, key=lambda m: (m.info.get("load", {}).get("queued_requests", 0),
+                                              m.info.get("load", {}).get("queued_prompt_tokens", 0)))
+
+    def decode_order(self, members: list[Member]) -> list[Member]:
+        return sorted(members, key=lambda m: -m.info.get("load", {}).get("free_blocks", 0))
+
+
+_ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class Dispatcher:
+    def __init__(self, pool: Pool, router: Router | None = None, max_forwards: int = 8,
+                 max_attempts: int = 4, clock: Callable[[], float] = time.monotonic):
+        self.pool = pool
+        self.router = router or IdleFirst()
+        self.max_forwards = max_forwards
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[dict]:
+        """Yields chunks {"token_ids", "text", "finished", "finish_reason", ...} until finished."""
+        events = events if events is not None else []
+        sent: list[int] = []
+        lost: set[str] = set()
+        for attempt in range(self.max_attempts):
+            if attempt:
+                events.append(Event("retry", {"attempt": attempt, "tokens_sent": len(sent)}))
+            step = self._continuation(req, sent)
+            try:
+                if self.pool.by_role(Role.BOTH) and not self.pool.by_role(Role.PREFILL):
+                    stream = self._aggregated(step, lost, events)
+                else:
+                    stream = self._disaggregated(step, lost, events)
+                async for chunk in stream:
+                    sent.extend(chunk["token_ids"])
+                    yield chunk
+                    if chunk["finished"]:
+                        return
+            except _Lost as e:
+                lost.add(e.actor_id)
+                events.append(Event("actor_lost", {"actor": e.actor_id, "phase": e.phase}))
+                continue
+        raise MeshError("unavailable", f"request {req.request_id} failed on {self.max_attempts} attempts; "
+                        f"lost actors: {sorted(lost)}")
+
+    def _continuation(self, req: Request, sent: list[int]) -> dict:
+        """The request as it stands: prompt plus the tokens already sent, and what is left to make."""
+        params = dict(req.params)
+        params["max_tokens"] = params.get("max_tokens", 16) - len(sent)
+        params["min_tokens"] = max(0, params.get("min_tokens", 0) - len(sent))
+        return {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids + sent,
+                "params": params, "deadline": req.deadline, "ttft_budget_s": req.ttft_budget_s}
+
+    def _live(self, role: Role, lost: set[str]) -> list[Member]:
+        return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
+
+    async def _aggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
+        members = self.router.prefill_order(self._live(Role.BOTH, lost))
+        if not members:
+            raise MeshError("unavailable", "no live actor in the pool")
+        member = members[0]
+        try:
+            async for ref in member.handle.generate.options(num_returns="streaming").remote(step):
+                yield await ref
+        except _ACTOR_LOST:
+            raise _Lost(member.actor_id, "generate") from None
+
+    async def _disaggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
+        n = len(step["prompt_token_ids"])
+        decode, lease = await self._reserve(step, lost, events)
+        committed = False
+        try:
+            prefill = await self._offer(step, lost, events)
+            pstream = prefill.handle.prefill.options(num_returns="streaming").remote(step, lease)
+            try:
+                first = await (await pstream.__anext__())
+            except _ACTOR_LOST:
+                raise _Lost(prefill.actor_id, "prefill") from None
+            yield {**first, "finished": first["finish_reason"] is not None,
+                   "num_prompt_tokens": n, "num_output_tokens": len(first["token_ids"])}
+            if first["finish_reason"] is not None:
+                return
+            dreq = {"request_id": step["request_id"], "prompt_token_ids": step["prompt_token_ids"],
+                    "output_token_ids": first["token_ids"], "params": step["params"]}
+            dstream = decode.handle.decode.options(num_returns="streaming").remote(lease["lease_id"], dreq)
+            try:
+                commit = await (await pstream.__anext__())
+            except _ACTOR_LOST:
+                raise _Lost(prefill.actor_id, "transfer") from None
+            except MeshError as e:  # the prefill side is fine; the lease's side failed or went away
+                log.warning("request %s: %s", step["request_id"], e)
+                raise _Lost(decode.actor_id, "transfer") from None
+            committed = True
+            events.append(Event("kv_transfer", commit["transfer"]))
+            try:
+                async for ref in dstream:
+                    yield await ref
+            except _ACTOR_LOST:
+                raise _Lost(decode.actor_id, "decode") from None
+        finally:
+            if not committed:
+                await _quietly(decode.handle.release_lease.remote(lease["lease_id"]))
+
+    async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:
+        last_error = None
+        for member in self.router.decode_order(self._live(Role.DECODE, lost)):
+            try:
+                return member, await member.handle.reserve.remote(len(step["prompt_token_ids"]) + 1)
+            except MeshError as e:
+                last_error = e
+                events.append(Event("decode_rejected", {"actor": member.actor_id, "reason": e.message}))
+            except _ACTOR_LOST:
+                lost.add(member.actor_id)
+        if last_error is not None:
+            raise MeshError("resource_exhausted", "no decode actor has room for the request's KV",
+                            retry_after_s=last_error.retry_after_s)
+        raise MeshError("unavailable", "no live decode actor in the pool")
+
+    async def _offer(self, step: dict, lost: set[str], events: list[Event]) -> Member:
+        """Offers to prefill actors idle-first, forwarding on each rejection, until one accepts,
+        the forward cap is reached, or the deadline passes."""
+        retry_after = None
+        forwards = 0
+        candidates = self.router.prefill_order(self._live(Role.PREFILL, lost))
+        if not candidates:
+            raise MeshError("unavailable", "no live prefill actor in the pool")
+        for member in candidates[:self.max_forwards]:
+            time_left = step["deadline"] - self.clock()
+            if time_left <= 0:
+                raise MeshError("deadline_exceeded", "the deadline passed while offering to prefill actors")
+            try:
+                d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
+                                                     time_left)
+            except _ACTOR_LOST:
+                lost.add(member.actor_id)
+                continue
+            forwards += 1
+            if d["accept"]:
+                events.append(Event("prefill_accepted", {"actor": member.actor_id, "forwards": forwards - 1,
+                                                         "predicted_ttft_s": d["predicted_ttft_s"]}))
+                return member
+            events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d["reason"]}))
+            retry_after = d["retry_after_s"] if retry_after is None else min(retry_after, d["retry_after_s"])
+        raise MeshError("resource_exhausted", f"every prefill actor rejected the request ({forwards} offers)",
+                            retry_after_s=retry_after)
+
+
+class _Lost(Exception):
+    def __init__(self, actor_id: str, phase: str):
+        super().__init__(f"actor {actor_id} lost during {phase}")
+        self.actor_id, self.phase = actor_id, phase
+
+
+async def _quietly(ref) -> None:
+    try:
+        await ref
+    except Exception:  # the actor may be gone; its lease then expires on its own
+        pass

@@ -106,7 +106,7 @@ def test_preemption_under_memory_pressure_gives_the_same_outputs(params, checkpo
         assert outputs[rid] == alone(make_engine, folder, prompt(8, start), params)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a sequence that outgrows the whole KV cache is "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="engine bug: a sequence that outgrows the whole KV cache is "
                    "preempted and then never fits again, so it and every request behind it wait forever")
 def test_sequence_outgrowing_the_whole_cache_finishes_instead_of_hanging(checkpoint, make_engine):
     engine = make_engine(checkpoint(), num_blocks=4, block_size=4)  # 16 tokens in all

@@ -1,0 +1,70 @@
+"""The `pdmesh` console script: `model init` and `generate`, in-process and as a real process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gateway.cli import main
+from mesh.engine.sampling_params import SamplingParams
+
+SMALL_KV = ["--kv-cache-gb", "0.01"]  # the default 1 GB would take longer to zero than the model runs
+
+
+def pdmesh(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_model_init_writes_a_checkpoint_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "qwen3"
+    result = pdmesh("model", "init", str(folder), "--family", "qwen3", "--size", "tiny")
+    assert result.exit_code == 0, result.output
+    assert f"wrote a random tiny qwen3 checkpoint (bfloat16) to {folder}" in result.output
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("def hello():")["input_ids"]
+    assert tokenizer.decode(ids) == "def hello():"
+    with torch.inference_mode():
+        assert model(torch.tensor([ids])).logits.shape == (1, len(ids), model.config.vocab_size)
+
+
+def test_model_init_rejects_an_unknown_family(tmp_path):
+    result = CliRunner().invoke(main, ["model", "init", str(tmp_path / "x"), "--family", "gpt2"])
+    assert result.exit_code == 2 and "Invalid value for '--family'" in result.output
+
+
+def test_generate_prints_the_greedy_completion(checkpoint, make_engine):
+    folder = checkpoint()
+    result = pdmesh("generate", "--model", str(folder), "hello", "--max-tokens", "5", *SMALL_KV)
+    assert result.exit_code == 0, result.output
+    expected = make_engine(folder).generate(["hello"], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert result.stdout.rstrip("\n") == expected.text
+    assert f"[{len(expected.token_ids)} tokens, finish: {expected.finish_reason}" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "Error: /nonexistent/model/config.json not found: point --model at"),
+    (["--max-tokens", "0"], "Error: max_tokens must be a positive integer, got 0"),
+    (["--top-p", "2"], r"Error: top_p must be in (0, 1], got 2.0"),
+])
+def test_generate_with_bad_input_exits_nonzero_with_a_clear_message(args, message, checkpoint):
+    result = pdmesh("generate", "hello", "--model", str(checkpoint()), *SMALL_KV, *args)
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_generate_as_a_real_process(checkpoint):
+    # The console script's module in its own process: text on stdout, the summary on stderr, status 0.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "generate", "--model", str(checkpoint()),
+                           "hello", "--max-tokens", "5", "--ignore-eos", *SMALL_KV],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "[5 tokens, finish: length" in done.stderr

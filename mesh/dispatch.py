@@ -127,6 +127,7 @@ class Dispatcher:
                 first = await (await pstream.__anext__())
             except _ACTOR_LOST:
                 raise _Lost(prefill.actor_id, "prefill") from None
+            events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
             yield {**first, "finished": first["finish_reason"] is not None,
                    "num_prompt_tokens": n, "num_output_tokens": len(first["token_ids"])}
             if first["finish_reason"] is not None:
@@ -142,7 +143,8 @@ class Dispatcher:
                 log.warning("request %s: %s", step["request_id"], e)
                 raise _Lost(decode.actor_id, "transfer") from None
             committed = True
-            events.append(Event("kv_transfer", commit["transfer"]))
+            events.append(Event("kv_transfer", {**commit["transfer"], "prefill": prefill.actor_id,
+                                                "decode": decode.actor_id}))
             try:
                 async for ref in dstream:
                     yield await ref
@@ -156,7 +158,8 @@ class Dispatcher:
         last_error = None
         for member in self.router.decode_order(self._live(Role.DECODE, lost)):
             try:
-                return member, await member.handle.reserve.remote(len(step["prompt_token_ids"]) + 1)
+                # The lease holds the prompt's KV; the decode actor grows it from there.
+                return member, await member.handle.reserve.remote(len(step["prompt_token_ids"]))
             except MeshError as e:
                 last_error = e
                 events.append(Event("decode_rejected", {"actor": member.actor_id, "reason": e.message}))

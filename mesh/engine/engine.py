@@ -74,6 +74,7 @@ class Engine:
         self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
         # Called after each layer of each step with (layer, batch): layer-wise KV transfer.
         self.layer_hook: Callable[[int, ScheduledBatch], None] | None = None
+        self.last_batch: ScheduledBatch | None = None  # what the last step ran, for load figures
         log.info("engine: %s on %s in %s, %d KV blocks of %d tokens", mc.architecture, self.device,
                  self.dtype, num_blocks, config.block_size)
 
@@ -99,8 +100,8 @@ class Engine:
         seq = Sequence(list(prompt_ids), params, request_id=request_id or "", block_ids=list(block_ids),
                        output_token_ids=list(output_ids))
         seq.num_computed_tokens = seq.num_tokens - 1
-        if self.blocks.blocks_for(seq.num_tokens) > len(block_ids):
-            raise RequestError(f"{len(block_ids)} blocks cannot hold {seq.num_tokens} tokens")
+        if self.blocks.blocks_for(seq.num_computed_tokens) > len(block_ids):
+            raise RequestError(f"{len(block_ids)} blocks cannot hold the KV of {seq.num_computed_tokens} tokens")
         self._register(seq)
         _, detok = self._requests[seq.request_id]
         for t in output_ids:  # the text so far was sent by the prefill side
@@ -153,6 +154,7 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.last_batch = batch
         if not batch:
             return []
         out = self.runner.execute(batch, self.layer_hook)

@@ -1,0 +1,51 @@
+"""A real local Ray cluster and pools of tiny-model actors for the mesh tests."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+SECRET = "mesh-test-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from mesh.cluster import connect, disconnect
+
+    connect(num_cpus=8)  # logical CPUs: tiny actors ask for one each and mostly wait
+    yield
+    disconnect()
+
+
+@pytest.fixture(scope="module")
+def make_pool(ray_cluster, checkpoint):
+    """make_pool(prefill=1, decode=1, both=0, **engine_changes) -> a started Pool; closed after the module."""
+    from mesh.pool import Pool, PoolSpec
+
+    pools = []
+
+    def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, **engine):
+        engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
+                  "block_size": 4, "threads": 1, **engine}
+        transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
+        pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0))
+        asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        asyncio.run(pool.close())
+
+
+async def assert_no_blocks_held(pool, wait_s: float = 5.0):
+    """Every live actor has every KV block free (leases of dead senders expire in lease_ttl_s)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        infos = await pool.refresh()
+        held = {i["actor_id"]: i["load"]["num_blocks"] - i["load"]["free_blocks"] for i in infos}
+        if not any(held.values()):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"KV blocks still held: {held}")
+        await asyncio.sleep(0.2)

@@ -6,7 +6,11 @@ KV pool); transformers runs each prompt alone, unpadded, as the reference.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from mesh.engine.sampling_params import SamplingParams
 from tests.conftest import FAMILIES
@@ -111,3 +115,33 @@ def test_mistral_sliding_window_matches_hf(edited_checkpoint, hf_model, make_eng
     folder = edited_checkpoint("mistral", sliding_window=6)
     engine = make_engine(folder, max_num_batched_tokens=16)
     run_and_compare(engine, hf_model(folder), n_tokens=6, atol=FP32_ATOL)
+
+
+def add_biases(folder, projections: dict[str, str]) -> None:
+    """Writes random biases for the given projections ({"q": "self_attn", ...}) into every layer."""
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    g = torch.Generator().manual_seed(1)
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    for i in range(layers):
+        for name, module in projections.items():
+            rows = weights[f"model.layers.{i}.{module}.{name}_proj.weight"].shape[0]
+            weights[f"model.layers.{i}.{module}.{name}_proj.bias"] = torch.randn(rows, generator=g) * 0.5
+    save_file(weights, path)
+
+
+ATTENTION = {n: "self_attn" for n in "qkvo"}
+
+
+@pytest.mark.parametrize("family, config, projections", [
+    ("llama", {"attention_bias": True, "mlp_bias": True}, {**ATTENTION, "gate": "mlp", "up": "mlp", "down": "mlp"}),
+    pytest.param("qwen3", {"attention_bias": True}, ATTENTION, marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="engine bug: model_config.py sets o_bias only for Llama, but Qwen3's attention_bias also "
+               "puts a bias on o_proj; checkpoint.py then ignores the unused o_proj.bias tensors")),
+], ids=["llama-attention-and-mlp-bias", "qwen3-attention-bias"])
+def test_optional_biases_match_hf(family, config, projections, edited_checkpoint, hf_model, make_engine):
+    folder = edited_checkpoint(family, **config)
+    add_biases(folder, projections)
+    engine = make_engine(folder, max_num_batched_tokens=16)
+    run_and_compare(engine, hf_model(folder), n_tokens=4, atol=FP32_ATOL, prompts=PROMPTS[:2])

@@ -42,6 +42,7 @@ def model() -> None:
     cls=LazyGroup,
     lazy={
         "engine": "mesh.engine.bench:command",
+        "mesh": "mesh.bench:command",
         "transport": "transport.bench:command",
     },
 )

@@ -1,0 +1,128 @@
+"""`pdmesh bench mesh`: one request set served by one actor doing both phases, then
+disaggregated 1P:1D, on an embedded local Ray, in one run."""
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+
+import click
+
+from mesh.engine.cli import build_engine_config
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurrency: int) -> dict:
+    from mesh.dispatch import Dispatcher, Request
+
+    dispatcher = Dispatcher(pool)
+    ttft, tpot, transfer_s, transfer_gbps = [], [], [], []
+    queue = list(enumerate(requests))
+    produced = 0
+
+    async def worker():
+        nonlocal produced
+        while queue:
+            i, prompt = queue.pop(0)
+            events, n = [], 0
+            start = time.perf_counter()
+            first = last = None
+            async for chunk in dispatcher.generate(
+                    Request(f"bench{i}", prompt, {"max_tokens": output_tokens, "temperature": 0, "ignore_eos": True}),
+                    events):
+                last = time.perf_counter()
+                first = first or last
+                n += len(chunk["token_ids"])
+            produced += n
+            ttft.append(first - start)
+            if n > 1:
+                tpot.append((last - first) / (n - 1))
+            for e in events:
+                if e.name == "kv_transfer":
+                    transfer_s.append(e.attributes["duration_s"])
+                    transfer_gbps.append(e.attributes["gbps"])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
+        "output_tokens_per_s": produced / wall,
+        "transfer_p50_ms": percentile(transfer_s, 50) * 1e3 if transfer_s else None,
+        "transfer_gbps_p50": statistics.median(transfer_gbps) if transfer_gbps else None,
+        "transfer_share_of_ttft": (statistics.median(transfer_s) / statistics.median(ttft)) if transfer_s else None,
+    }
+
+
+async def run(engine: dict, transport: dict, requests, output_tokens, concurrency) -> dict:
+    from mesh.pool import Pool, PoolSpec
+
+    results = {}
+    for label, counts, threads in (("aggregated 1 actor", {"both": 1}, 2),
+                                   ("disaggregated 1P:1D", {"prefill": 1, "decode": 1}, 1)):
+        # the same cores in both set-ups: one actor with two threads, or two with one each
+        pool = Pool(PoolSpec("bench", {**engine, "threads": threads}, transport, ttft_budget_s=60.0))
+        try:
+            await pool.scale(**counts)
+            results[label] = await serve_set(pool, requests, output_tokens, concurrency)
+        finally:
+            await pool.close()
+    return results
+
+
+@click.command("mesh")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="checkpoint folder; default: the small random Llama")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--requests", "num_requests", type=int, default=16, show_default=True)
+@click.option("--prompt-tokens", type=int, default=256, show_default=True)
+@click.option("--output-tokens", type=int, default=32, show_default=True)
+@click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--backend", type=click.Choice(["ucx", "tcp"]), default="ucx", show_default=True)
+@click.option("--address", default=None, help="Ray cluster to join; default: an embedded local Ray")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def command(model, dtype, num_requests, prompt_tokens, output_tokens, concurrency, backend, address, output):
+    """TTFT, TPOT and throughput: one actor doing both phases vs disaggregated 1P:1D."""
+    import secrets
+
+    import torch
+
+    from mesh.cluster import connect, disconnect
+
+    cfg = build_engine_config(model, "auto", dtype, 1.0)
+    engine = {"model": cfg.model, "dtype": dtype, "kv_cache_gb": 0.5, "max_num_seqs": 64}
+    transport = {"backend": backend, "secret": secrets.token_hex(16)}
+    g = torch.Generator().manual_seed(0)
+    # lengths vary around prompt_tokens, so batches mix long and short prompts
+    lengths = torch.randint(prompt_tokens // 2, prompt_tokens * 3 // 2 + 1, (num_requests,), generator=g).tolist()
+    requests = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in lengths]
+    connect(address)
+    try:
+        results = asyncio.run(run(engine, transport, requests, output_tokens, concurrency))
+    finally:
+        disconnect()
+    summary = {"model": cfg.model, "requests": num_requests, "prompt_tokens_mean": sum(lengths) / len(lengths),
+               "output_tokens": output_tokens, "concurrency": concurrency, "backend": backend, "results": results}
+    if output == "json":
+        click.echo(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pdmesh bench mesh: {num_requests} requests, ~{prompt_tokens} in / {output_tokens} out, "
+                        f"concurrency {concurrency}, KV over {backend}")
+    table.add_column("figure")
+    for label in results:
+        table.add_column(label, justify="right")
+    for c in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tokens_per_s",
+              "transfer_p50_ms", "transfer_gbps_p50", "transfer_share_of_ttft"):
+        table.add_row(c.replace("_", " "), *("-" if r[c] is None else f"{r[c]:.3g}" for r in results.values()))
+    Console().print(table)

@@ -71,8 +71,11 @@ class UcxSendLink(SendLink):
 
 
 class UcxRecvLink(RecvLink):
-    def __init__(self, ep, tag_base: int, bufs: list[list[torch.Tensor]]) -> None:
+    def __init__(self, ep, tag_base: int, bufs: list[list[torch.Tensor]],
+                 on_cancel: Callable[[], None]) -> None:
         self._ep = ep
+        self._on_cancel = on_cancel
+        self._done = False
         self._recvs = [
             [asyncio.ensure_future(ep.recv(_array(b), tag=tag_base + i * len(layer) + k,
                                            force_tag=True)) for k, b in enumerate(layer)]
@@ -86,18 +89,20 @@ class UcxRecvLink(RecvLink):
         for layer, recvs in enumerate(self._recvs):
             await wait_for(asyncio.gather(*recvs), timeout_s, "UCX receives")
             on_layer(layer)
-        self.cancel()
+        self._done = True
         return commit
 
     def cancel(self) -> None:
-        if self._ep is None:
+        if self._done:
             return
+        self._done = True
         for recvs in self._recvs:
             for fut in recvs:
                 fut.cancel()
-        # Closing the endpoint cancels its posted receives inside UCX.
+        # Closing the endpoint cancels its posted receives inside UCX (and those
+        # of other transfers from the same sender, which then fail cleanly).
+        self._on_cancel()
         self._ep.abort(period=_ABORT_PERIOD_NS)
-        self._ep = None
 
 
 class UcxPlane(DataPlane):
@@ -106,26 +111,30 @@ class UcxPlane(DataPlane):
     def __init__(self, timeout_s: float = 10.0) -> None:
         self._ucxx = load_ucxx()
         self._timeout_s = timeout_s
+        # Endpoints by peer address, reused across transfers: made once per peer.
         self._eps: dict[bytes, object] = {}
+        self._recv_eps: dict[bytes, object] = {}
 
     def address(self) -> bytes:
         return bytes(self._ucxx.get_worker_address())
 
-    async def _endpoint(self, address: bytes):
-        return await self._ucxx.create_endpoint_from_worker_address(
-            self._ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=False)
+    async def _endpoint(self, cache: dict[bytes, object], address: bytes):
+        ep = cache.get(address)
+        if ep is None:
+            ep = cache[address] = await self._ucxx.create_endpoint_from_worker_address(
+                self._ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=False)
+        return ep
 
     async def open_send(self, peer_address: bytes, tag_base: int) -> SendLink:
-        ep = self._eps.get(peer_address)
-        if ep is None:
-            ep = self._eps[peer_address] = await self._endpoint(peer_address)
+        ep = await self._endpoint(self._eps, peer_address)
         # A failed flush may mean a dead peer: make the next transfer reconnect.
         return UcxSendLink(ep, tag_base, self._timeout_s,
                            lambda: self._eps.pop(peer_address, None))
 
     async def open_recv(self, peer_address: bytes, tag_base: int,
                         bufs: list[list[torch.Tensor]]) -> RecvLink:
-        # One endpoint per transfer, so that aborting it cancels exactly its receives.
-        link = UcxRecvLink(await self._endpoint(peer_address), tag_base, bufs)
+        # Receives are posted on an endpoint to the sender so that they can be cancelled.
+        ep = await self._endpoint(self._recv_eps, peer_address)
+        link = UcxRecvLink(ep, tag_base, bufs, lambda: self._recv_eps.pop(peer_address, None))
         await asyncio.sleep(0)  # let the receives be posted before the sender is told
         return link

@@ -298,6 +298,12 @@ class MeshActor:
         self.state = State.SERVING
         return {**result, **(await self.info())}
 
+    async def join(self, scenario: str, role: str, ttft_budget_s: float,
+                   drain_timeout_s: float | None = None) -> dict:
+        """Serves another scenario of the same model from now on (lent between pools)."""
+        self.spec = dataclasses.replace(self.spec, scenario=scenario, ttft_budget_s=ttft_budget_s)
+        return await self.set_role(role, drain_timeout_s)
+
     def _require(self, *roles: Role) -> None:
         if self.state is not State.SERVING and not (self.state is State.DRAINING and self.role in roles):
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is {self.state.value}")

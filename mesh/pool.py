@@ -92,6 +92,21 @@ class Pool:
         member.info = result
         return result
 
+    async def lend(self, actor_id: str, other: "Pool", role: Role | str | None = None,
+                   drain_timeout_s: float | None = None) -> dict:
+        """Moves an actor to another scenario's pool that serves the same model: drain, relabel,
+        optionally flip, and serve there; the weights stay loaded."""
+        if other.spec.engine.get("model") != self.spec.engine.get("model"):
+            raise ValueError(f"pools {self.spec.scenario!r} and {other.spec.scenario!r} serve different models")
+        member = self.members[actor_id]
+        role = Role(role) if role else member.role
+        info = await member.handle.join.remote(other.spec.scenario, role.value, other.spec.ttft_budget_s,
+                                               drain_timeout_s)
+        del self.members[actor_id]
+        member.role, member.info = role, info
+        other.members[actor_id] = member
+        return info
+
     async def remove(self, actor_id: str, drain_timeout_s: float | None = None) -> None:
         member = self.members.pop(actor_id)
         try:

@@ -42,3 +42,22 @@ async def test_flip_under_load_loses_no_request(pool):
     info = await pool.flip(decode.actor_id, Role.DECODE)
     assert info["role"] == "decode"
     await assert_no_blocks_held(pool)
+
+
+@pytest.fixture(scope="module")
+def two_pools(make_pool):
+    return make_pool(prefill=1, decode=1), make_pool(prefill=0, decode=1)
+
+
+async def test_idle_actor_moves_to_another_scenario_of_the_same_model(two_pools):
+    lender, borrower = two_pools
+    assert not borrower.by_role(Role.PREFILL)
+    prefill = lender.by_role(Role.PREFILL)[0]
+    info = await lender.lend(prefill.actor_id, borrower)
+    assert info["scenario"] == borrower.spec.scenario and info["role"] == "prefill"
+    tokens = []
+    async for chunk in Dispatcher(borrower).generate(Request("lent", [4] * 12, {"max_tokens": 8, **GREEDY})):
+        tokens += chunk["token_ids"]
+    assert len(tokens) == 8
+    await borrower.lend(prefill.actor_id, lender)  # and back
+    assert len(lender.by_role(Role.PREFILL)) == 1

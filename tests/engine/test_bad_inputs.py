@@ -159,6 +159,16 @@ def test_request_id_in_use_is_rejected(engine):
     engine.abort("r1")
 
 
+def test_prefilled_request_without_room_or_first_token_is_rejected(engine):
+    blocks = engine.blocks.allocate(2)
+    with pytest.raises(RequestError, match="carries at least its first generated token"):
+        engine.add_prefilled([1, 2, 3], [], SamplingParams(), blocks)
+    with pytest.raises(RequestError, match="2 blocks cannot hold"):  # 9 + 1 tokens, KV of 9 in 8 slots
+        engine.add_prefilled(list(range(9)), [5], SamplingParams(), blocks)
+    engine.blocks.free(blocks)
+    assert not engine.has_unfinished()
+
+
 @pytest.mark.parametrize("options, message", [
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),

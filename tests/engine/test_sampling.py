@@ -131,6 +131,12 @@ def test_max_tokens_ends_with_length(reference):
     assert len(reference.token_ids) == 24 and reference.finish_reason == "length"
 
 
+def test_reaching_the_context_length_ends_with_length(checkpoint, make_engine):
+    engine = make_engine(checkpoint(), max_model_len=16)
+    c = run(engine, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), list(range(10, 22)))
+    assert len(c.token_ids) == 4 and c.finish_reason == "length"  # 12 + 4 = 16 tokens
+
+
 def test_stop_token_id_ends_the_request_on_that_token(llama, reference):
     k = first_repeat_free_index(reference.token_ids, 3)
     stop = reference.token_ids[k]

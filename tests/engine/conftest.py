@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)  # restored after each module: other suites keep theirs
 def one_torch_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)

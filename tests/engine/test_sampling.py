@@ -108,10 +108,10 @@ def frequencies(counts: Counter, n: int) -> list[float]:
     ({"top_p": 0.45}, [1.0]),
 ])
 def test_sampler_frequencies_follow_temperature_top_k_top_p(options, expected):
-    n = 3000
+    n = 1500  # seeded, so deterministic; 0.04 is over 3 standard deviations of a frequency here
     got = frequencies(draw([0.5, 0.3, 0.2], n, **options), n)
     assert len(got) == len(expected)  # no token outside the allowed set, ever
-    assert got == pytest.approx(expected, abs=0.03)
+    assert got == pytest.approx(expected, abs=0.04)
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -169,9 +169,9 @@ def stream_texts(engine, params) -> tuple[list[str], str | None]:
 
 def test_stop_string_cuts_the_text_before_it_and_never_leaks(llama, reference):
     text = reference.text
-    boundary = len(llama.tokenizer.decode(reference.token_ids[:8]))
-    stop = text[boundary - 2:boundary + 2]  # straddles two tokens
-    assert len(stop) == 4 and stop.strip(), "pick a visible stop string"
+    # Four visible characters straddling a token boundary, about a third of the way in.
+    boundaries = (len(llama.tokenizer.decode(reference.token_ids[:k])) for k in range(8, 20))
+    stop = next(s for b in boundaries if len(s := text[b - 2:b + 2]) == 4 and s.strip())
     deltas, reason = stream_texts(llama, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
                                                         stop=[stop]))
     assert reason == "stop"
@@ -185,7 +185,8 @@ def test_the_earliest_of_several_stop_strings_wins(llama, reference):
     text = reference.text
     early, late = text[6:9], text[-4:]
     c = run(llama, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[late, early]))
-    assert c.text == text[:text.find(early)] and c.finish_reason == "stop"
+    assert c.text == text[:min(text.find(early), text.find(late))] and c.finish_reason == "stop"
+    assert len(c.text) <= 6
 
 
 def test_held_back_text_is_released_when_no_stop_string_appears(llama, reference):

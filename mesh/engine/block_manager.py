@@ -3,8 +3,9 @@
 Pure Python, no torch. Free space is a set of maximal runs of consecutive ids.
 A new request takes a run that can also hold its expected growth (best fit), so
 its blocks, and hence its KV for one layer, usually form one contiguous span:
-zero-copy for attention and one transfer op per layer. Freed blocks merge with
-free neighbours at once.
+zero-copy for attention and one transfer op per layer. The growth is kept as
+headroom after the request's last block, which later requests skip while any
+other room is left. Freed blocks merge with free neighbours at once.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class BlockManager:
         self._runs: dict[int, int] = {0: num_blocks}  # start -> length of each free run
         self._run_ends: dict[int, int] = {num_blocks: 0}  # end (exclusive) -> start
         self._allocated = bytearray(num_blocks)
+        # First free block after a growing request -> blocks it still expects to append.
+        self._headroom: dict[int, int] = {}
         self.num_free = num_blocks
         self.lock = threading.RLock()
 
@@ -61,8 +64,10 @@ class BlockManager:
         want = max(n, expected_total or n)
         while len(ids) < n:
             need = n - len(ids)
-            start = self._best_run(max(need, want - len(ids)))
-            ids.extend(self._take(start, min(need, self._runs[start])))
+            start, at = self._best_place(max(need, want - len(ids)))
+            ids.extend(self._take(start, at, min(need, start + self._runs[start] - at)))
+        if want > n and ids:
+            self._keep_headroom(ids[-1] + 1, want - n)
         return ids
 
     @_locked
@@ -72,19 +77,26 @@ class BlockManager:
             raise OutOfBlocks("no free block to grow into")
         nxt = block_ids[-1] + 1 if block_ids else None
         if nxt is not None and nxt in self._runs:
-            (new,) = self._take(nxt, 1)
+            left = self._headroom.pop(nxt, 0)
+            (new,) = self._take(nxt, nxt, 1)
+            self._keep_headroom(nxt + 1, left - 1)
         else:
-            (new,) = self._take(self._best_run(1), 1)
+            (new,) = self._take(*self._best_place(1), 1)
         block_ids.append(new)
         return new
 
     @_locked
     def free(self, block_ids: list[int]) -> None:
+        seen: set[int] = set()
         for b in block_ids:
             if not 0 <= b < self.num_blocks or not self._allocated[b]:
                 raise ValueError(f"block {b} freed but not allocated")
+            if b in seen:
+                raise ValueError(f"block {b} freed twice in one call")
+            seen.add(b)
         for b in sorted(block_ids):
             self._allocated[b] = 0
+            self._headroom.pop(b + 1, None)
             self._insert_run(b, 1)
         self.num_free += len(block_ids)
 
@@ -93,26 +105,41 @@ class BlockManager:
         """The free runs as (start, length), in id order (for tests and stats)."""
         return sorted(self._runs.items())
 
-    def _best_run(self, want: int) -> int:
-        """Start of the smallest run holding `want` blocks, else of the largest run."""
-        best, best_len, largest, largest_len = -1, 0, -1, 0
+    def _best_place(self, want: int) -> tuple[int, int]:
+        """(run start, first id to take) for `want` blocks: the smallest run that
+        holds them past other requests' headroom, else the smallest that holds them
+        at all (placed at its end, to keep what headroom it can), else the largest."""
+        best = fallback = largest = None
         for start, length in self._runs.items():
-            if length >= want and (best < 0 or length < best_len):
-                best, best_len = start, length
-            if length > largest_len:
-                largest, largest_len = start, length
-        return best if best >= 0 else largest
+            usable = length - self._headroom.get(start, 0)
+            if usable >= want and (best is None or usable < best[0]):
+                best = (usable, start, start + length - usable)
+            if length >= want and (fallback is None or length < fallback[0]):
+                fallback = (length, start, start + length - want)
+            if largest is None or length > largest[0]:
+                largest = (length, start, start)
+        _, start, at = best or fallback or largest
+        return start, at
 
-    def _take(self, start: int, n: int) -> range:
+    def _keep_headroom(self, start: int, n: int) -> None:
+        if n > 0 and start in self._runs:
+            self._headroom[start] = n
+
+    def _take(self, start: int, at: int, n: int) -> range:
+        """Take ids at..at+n from the free run beginning at `start`."""
         length = self._runs.pop(start)
         del self._run_ends[start + length]
-        if length > n:
-            self._runs[start + n] = length - n
-            self._run_ends[start + length] = start + n
-        for b in range(start, start + n):
+        if at > start:
+            self._runs[start] = at - start
+            self._run_ends[at] = start
+        if start + length > at + n:
+            self._runs[at + n] = start + length - at - n
+            self._run_ends[start + length] = at + n
+        for b in range(at, at + n):
             self._allocated[b] = 1
+            self._headroom.pop(b, None)
         self.num_free -= n
-        return range(start, start + n)
+        return range(at, at + n)
 
     def _insert_run(self, start: int, length: int) -> None:
         end = start + length

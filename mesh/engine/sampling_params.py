@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from mesh.engine.errors import RequestError
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -21,20 +29,27 @@ class SamplingParams:
 
     def __post_init__(self):
         # Lists are accepted for convenience and frozen into tuples.
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                value = (value,)
+            if not isinstance(value, (list, tuple)):
+                raise RequestError(f"{name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens > 0,
+            (_is_int(self.max_tokens) and self.max_tokens > 0,
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0,
+            (_is_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be a number >= 0, got {self.temperature!r}"),
+            (_is_int(self.top_k) and self.top_k >= 0,
              f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            (_is_number(self.top_p) and 0 < self.top_p <= 1,
+             f"top_p must be a number in (0, 1], got {self.top_p!r}"),
+            (self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}"),
+            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (0 <= self.min_tokens <= self.max_tokens,
+            (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be between 0 and max_tokens, got {self.min_tokens}"),
         ]
         for ok, message in checks:

@@ -173,10 +173,10 @@ def test_prefilled_request_without_room_or_first_token_is_rejected(engine):
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
     ({"max_tokens": 2.5}, "max_tokens must be a positive integer, got 2.5"),
-    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
-    ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"temperature": -0.1}, "temperature must be a number >= 0, got -0.1"),
+    ({"temperature": float("nan")}, "temperature must be a number >= 0, got nan"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
     ({"top_k": -1}, r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
     ({"top_k": 1.5}, "top_k must be an integer"),
     ({"seed": "7"}, "seed must be an integer, got '7'"),
@@ -189,8 +189,6 @@ def test_bad_sampling_values_are_rejected_with_what_to_fix(options, message):
         SamplingParams(**options)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="engine bug: SamplingParams compares temperature/top_p without a "
-                   "type check, so a string or None raises a bare TypeError that names no field")
 @pytest.mark.parametrize("options, field", [({"temperature": "0.5"}, "temperature"), ({"top_p": None}, "top_p")])
 def test_sampling_values_of_the_wrong_type_name_the_field(options, field):
     with pytest.raises(RequestError, match=field):

@@ -81,8 +81,6 @@ def test_expected_growth_picks_a_run_with_room_to_grow():
     bm.free(ids + gap + rest)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: allocate() takes blocks from the start of the "
-                   "chosen run, so the next request sits right after this one and its growth fragments")
 def test_two_growing_requests_each_stay_one_run():
     bm = BlockManager(64, 4)
     a = bm.allocate(2, expected_total=8)
@@ -136,8 +134,6 @@ def test_free_of_unknown_blocks_frees_none_of_the_list():
     bm.free(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: free() checks each id but not duplicates within "
-                   "one call, so free([b, b]) counts b as freed twice")
 def test_freeing_the_same_block_twice_in_one_call_is_an_error():
     bm = BlockManager(8, 4)
     ids = bm.allocate(3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -72,6 +73,9 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv, self.eos_ids)
         self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
+        # Outputs waiting for the `stream`/`generate` caller of each request, so that several
+        # of them can share the engine's steps without taking each other's outputs.
+        self._inboxes: dict[str, deque[RequestOutput]] = {}
         # Called after each layer of each step with (layer, batch): layer-wise KV transfer.
         self.layer_hook: Callable[[int, ScheduledBatch], None] | None = None
         self.last_batch: ScheduledBatch | None = None  # what the last step ran, for load figures
@@ -143,6 +147,7 @@ class Engine:
                                f"{self.blocks.num_blocks}: shorten the prompt or give more KV memory")
 
     def abort(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
         entry = self._requests.pop(request_id, None)
         if entry is not None:
             self.scheduler.finish(entry[0], "abort")
@@ -157,10 +162,12 @@ class Engine:
         self.last_batch = batch
         if not batch:
             return []
+        outputs = [self._ended(seq) for seq in batch.out_of_cache]
+        if not (batch.decodes or batch.prefills):
+            return outputs
         out = self.runner.execute(batch, self.layer_hook)
         for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed_tokens += n
-        outputs = []
         for i, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
             if seq.status is not Status.RUNNING:
                 continue
@@ -194,18 +201,29 @@ class Engine:
                              None if logprob is None else [logprob], reason is not None, reason,
                              seq.num_prompt_tokens, n_out)
 
+    def _ended(self, seq: Sequence) -> RequestOutput:
+        """The last delta of a request the scheduler ended (it already freed the blocks)."""
+        _, detok = self._requests.pop(seq.request_id)
+        return RequestOutput(seq.request_id, [], detok.delta(final=True), None, True, seq.finish_reason,
+                             seq.num_prompt_tokens, len(seq.output_token_ids))
+
     # -- conveniences --------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[Completion]:
-        """Runs the prompts together to completion (offline batch)."""
+        """Runs the prompts together to completion (offline batch); other requests run along."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        seqs = {rid: self._requests[rid][0] for rid in rids}
-        texts = {rid: [] for rid in rids}
-        while any(not s.is_finished for s in seqs.values()):
-            for o in self.step():
-                texts[o.request_id].append(o.text)
-        return [Completion(rid, s.prompt_token_ids, s.output_token_ids, "".join(texts[rid]),
+        rids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                rids.append(self.add_request(p, sp))
+                self._inboxes[rids[-1]] = deque()
+            seqs = {rid: self._requests[rid][0] for rid in rids}
+            # Draining one request's outputs steps the whole batch; the others' wait in their inboxes.
+            texts = {rid: "".join(o.text for o in self._outputs_of(rid)) for rid in rids}
+        finally:
+            for rid in rids:
+                self.abort(rid)  # a no-op once finished
+        return [Completion(rid, s.prompt_token_ids, s.output_token_ids, texts[rid],
                            s.finish_reason or "", s.output_logprobs if s.params.logprobs else None)
                 for rid, s in seqs.items()]
 
@@ -213,11 +231,26 @@ class Engine:
         """One request's deltas as they come (other requests in the engine run along)."""
         rid = self.add_request(prompt, params)
         try:
-            while True:
-                for o in self.step():
-                    if o.request_id == rid:
-                        yield o
-                        if o.finished:
-                            return
+            yield from self._outputs_of(rid)
         finally:
             self.abort(rid)  # a no-op once finished; frees the blocks if the caller stopped early
+
+    def _outputs_of(self, rid: str) -> Iterator[RequestOutput]:
+        """rid's outputs, stepping the engine when none is waiting; outputs of other
+        `stream`/`generate` requests go to their inboxes, those of plain `step` callers are dropped."""
+        inbox = self._inboxes.setdefault(rid, deque())
+        try:
+            while True:
+                while inbox:
+                    o = inbox.popleft()
+                    yield o
+                    if o.finished:
+                        return
+                if rid not in self._requests:
+                    return  # aborted by someone else
+                for o in self.step():
+                    box = self._inboxes.get(o.request_id)
+                    if box is not None:
+                        box.append(o)
+        finally:
+            self._inboxes.pop(rid, None)

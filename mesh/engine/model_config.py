@@ -9,12 +9,22 @@ import torch
 
 from mesh.engine.errors import CheckpointError
 
-# architecture -> (qkv bias by default, q/k norm)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Which optional parts an architecture has, as its transformers modelling code builds them."""
+    qkv_bias: bool = False  # always there
+    attention_bias_option: bool = False  # config.attention_bias adds q/k/v/o biases
+    mlp_bias_option: bool = False  # config.mlp_bias adds gate/up/down biases
+    qk_norm: bool = False
+
+
 ARCHITECTURES = {
-    "LlamaForCausalLM": (False, False),
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
+    "LlamaForCausalLM": _Family(attention_bias_option=True, mlp_bias_option=True),
+    "MistralForCausalLM": _Family(),
+    "Qwen2ForCausalLM": _Family(qkv_bias=True),
+    "Qwen3ForCausalLM": _Family(attention_bias_option=True, qk_norm=True),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,8 +63,8 @@ class ModelConfig:
                 f"{', '.join(ARCHITECTURES)}")
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            default_bias, qk_norm = ARCHITECTURES[arch]
-            bias = bool(cfg.get("attention_bias", default_bias))
+            family = ARCHITECTURES[arch]
+            attention_bias = family.attention_bias_option and bool(cfg.get("attention_bias", False))
             window = cfg.get("sliding_window")
             if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
                 window = None
@@ -75,10 +85,10 @@ class ModelConfig:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=bias,
-                o_bias=bias and arch.startswith("Llama"),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
-                qk_norm=qk_norm,
+                qkv_bias=family.qkv_bias or attention_bias,
+                o_bias=attention_bias,
+                mlp_bias=family.mlp_bias_option and bool(cfg.get("mlp_bias", False)),
+                qk_norm=family.qk_norm,
                 sliding_window=int(window) if window else None,
                 rope=_rope_parameters(cfg),
                 dtype=_DTYPE_NAMES[dtype_name],

@@ -21,13 +21,15 @@ class ScheduledBatch:
     """What one step runs: decodes first (one token each), then prefill chunks."""
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    # Ended by the scheduler itself: each held the whole KV cache and needed one more block.
+    out_of_cache: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills)
+        return bool(self.decodes or self.prefills or self.out_of_cache)
 
 
 class Scheduler:
@@ -62,8 +64,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 1 and not self._make_room(seq):
-                continue  # seq itself was preempted; running[i] is now the next one
+            if n == 1 and not self._make_room(seq, batch):
+                continue  # seq itself was preempted or ended; running[i] is now the next one
             (batch.decodes.append(seq) if n == 1 else batch.prefills.append((seq, n)))
             budget -= n
             i += 1
@@ -82,12 +84,17 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _make_room(self, seq: Sequence) -> bool:
+    def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Ensures a block for seq's next token, preempting the newest sequences; False if seq went."""
         while seq.num_computed_tokens >= len(seq.block_ids) * self.blocks.block_size:
             if self.blocks.num_free:
                 self.blocks.append(seq.block_ids)
                 return True
+            if len(seq.block_ids) >= self.blocks.num_blocks:
+                # Recomputing it later could never fit either: end it at the cache's length.
+                self.finish(seq, "length")
+                batch.out_of_cache.append(seq)
+                return False
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:

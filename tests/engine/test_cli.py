@@ -52,7 +52,7 @@ def test_generate_prints_the_greedy_completion(checkpoint, make_engine):
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "Error: /nonexistent/model/config.json not found: point --model at"),
     (["--max-tokens", "0"], "Error: max_tokens must be a positive integer, got 0"),
-    (["--top-p", "2"], r"Error: top_p must be in (0, 1], got 2.0"),
+    (["--top-p", "2"], r"Error: top_p must be a number in (0, 1], got 2.0"),
 ])
 def test_generate_with_bad_input_exits_nonzero_with_a_clear_message(args, message, checkpoint):
     result = pdmesh("generate", "hello", "--model", str(checkpoint()), *SMALL_KV, *args)

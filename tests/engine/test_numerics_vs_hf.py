@@ -143,10 +143,7 @@ ATTENTION = {n: "self_attn" for n in "qkvo"}
 
 @pytest.mark.parametrize("family, config, projections", [
     ("llama", {"attention_bias": True, "mlp_bias": True}, {**ATTENTION, "gate": "mlp", "up": "mlp", "down": "mlp"}),
-    pytest.param("qwen3", {"attention_bias": True}, ATTENTION, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="engine bug: model_config.py sets o_bias only for Llama, but Qwen3's attention_bias also "
-               "puts a bias on o_proj; checkpoint.py then ignores the unused o_proj.bias tensors")),
+    ("qwen3", {"attention_bias": True}, ATTENTION),
 ], ids=["llama-attention-and-mlp-bias", "qwen3-attention-bias"])
 def test_optional_biases_match_hf(family, config, projections, edited_checkpoint, hf_model, make_engine):
     folder = edited_checkpoint(family, **config)

@@ -106,8 +106,6 @@ def test_preemption_under_memory_pressure_gives_the_same_outputs(params, checkpo
         assert outputs[rid] == alone(make_engine, folder, prompt(8, start), params)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="engine bug: a sequence that outgrows the whole KV cache is "
-                   "preempted and then never fits again, so it and every request behind it wait forever")
 def test_sequence_outgrowing_the_whole_cache_finishes_instead_of_hanging(checkpoint, make_engine):
     engine = make_engine(checkpoint(), num_blocks=4, block_size=4)  # 16 tokens in all
     big = engine.add_request(prompt(5), SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
@@ -208,8 +206,6 @@ def test_kv_export_import_round_trips_across_block_layouts(checkpoint, make_engi
     engine.release(rid)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="engine bug: Engine.generate indexes its texts dict "
-                   "by every step output's request id, so another request in the engine raises KeyError")
 def test_generate_alongside_a_queued_request(checkpoint, make_engine):
     folder = checkpoint()
     engine = make_engine(folder)
@@ -222,9 +218,6 @@ def test_generate_alongside_a_queued_request(checkpoint, make_engine):
             pass
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="engine bug: Engine.stream drops the outputs of "
-                   "other requests, so two interleaved streams lose each other's tokens, and one whose last "
-                   "output went to the other stream would loop forever on empty steps")
 def test_interleaved_streams_each_get_all_their_tokens(checkpoint, make_engine):
     folder = checkpoint()
     engine = make_engine(folder)
@@ -233,12 +226,12 @@ def test_interleaved_streams_each_get_all_their_tokens(checkpoint, make_engine):
     got: dict[str, list[int]] = {name: [] for name in prompts}
     rids: dict[str, str] = {}
     pending = set(prompts)
+    calls = 0
     try:
         while pending:
             for name in sorted(pending):
-                # Guard instead of hanging: once a stream's request has finished unseen, next() spins forever.
-                assert name not in rids or rids[name] in running_ids(engine) | waiting_ids(engine), \
-                    f"stream {name}'s request finished in another stream's step: its end was lost"
+                calls += 1
+                assert calls < 200, "the streams never finished"
                 delta = next(streams[name])
                 rids[name] = delta.request_id
                 got[name] += delta.token_ids

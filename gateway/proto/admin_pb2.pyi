@@ -1,0 +1,185 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ActorLoad(_message.Message):
+    __slots__ = ("queued_prompt_tokens", "queued_requests", "active_requests", "free_blocks", "num_blocks", "prefill_tokens_per_s", "decode_step_s")
+    QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    queued_prompt_tokens: int
+    queued_requests: int
+    active_requests: int
+    free_blocks: int
+    num_blocks: int
+    prefill_tokens_per_s: float
+    decode_step_s: float
+    def __init__(self, queued_prompt_tokens: _Optional[int] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ...) -> None: ...
+
+class ActorInfo(_message.Message):
+    __slots__ = ("actor_id", "scenario", "role", "state", "pid", "node", "device", "model", "load")
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    actor_id: str
+    scenario: str
+    role: str
+    state: str
+    pid: int
+    node: str
+    device: str
+    model: str
+    load: ActorLoad
+    def __init__(self, actor_id: _Optional[str] = ..., scenario: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[ActorLoad, _Mapping]] = ...) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("scenario", "model", "actors")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTORS_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    model: str
+    actors: _containers.RepeatedCompositeFieldContainer[ActorInfo]
+    def __init__(self, scenario: _Optional[str] = ..., model: _Optional[str] = ..., actors: _Optional[_Iterable[_Union[ActorInfo, _Mapping]]] = ...) -> None: ...
+
+class ListPoolsRequest(_message.Message):
+    __slots__ = ("scenario",)
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    def __init__(self, scenario: _Optional[str] = ...) -> None: ...
+
+class ListPoolsResponse(_message.Message):
+    __slots__ = ("pools",)
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    def __init__(self, pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
+
+class SetRatioRequest(_message.Message):
+    __slots__ = ("scenario", "prefill", "decode")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    prefill: int
+    decode: int
+    def __init__(self, scenario: _Optional[str] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ...) -> None: ...
+
+class FlipActorRequest(_message.Message):
+    __slots__ = ("actor_id", "role", "drain_timeout_s")
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    actor_id: str
+    role: str
+    drain_timeout_s: float
+    def __init__(self, actor_id: _Optional[str] = ..., role: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainActorRequest(_message.Message):
+    __slots__ = ("actor_id", "timeout_s")
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    actor_id: str
+    timeout_s: float
+    def __init__(self, actor_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainActorResponse(_message.Message):
+    __slots__ = ("aborted_request_ids", "actor")
+    ABORTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    aborted_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    actor: ActorInfo
+    def __init__(self, aborted_request_ids: _Optional[_Iterable[str]] = ..., actor: _Optional[_Union[ActorInfo, _Mapping]] = ...) -> None: ...
+
+class AddActorRequest(_message.Message):
+    __slots__ = ("scenario", "role")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    role: str
+    def __init__(self, scenario: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class RemoveActorRequest(_message.Message):
+    __slots__ = ("actor_id", "drain_timeout_s")
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    actor_id: str
+    drain_timeout_s: float
+    def __init__(self, actor_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class RemoveActorResponse(_message.Message):
+    __slots__ = ("actor_id",)
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    actor_id: str
+    def __init__(self, actor_id: _Optional[str] = ...) -> None: ...
+
+class SetControllerRequest(_message.Message):
+    __slots__ = ("scenario", "enabled")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    enabled: bool
+    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ...) -> None: ...
+
+class GetControllerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ScenarioControl(_message.Message):
+    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DECODE_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    enabled: bool
+    target_prefill: int
+    target_decode: int
+    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ...) -> None: ...
+
+class ControllerStatus(_message.Message):
+    __slots__ = ("scenarios",)
+    SCENARIOS_FIELD_NUMBER: _ClassVar[int]
+    scenarios: _containers.RepeatedCompositeFieldContainer[ScenarioControl]
+    def __init__(self, scenarios: _Optional[_Iterable[_Union[ScenarioControl, _Mapping]]] = ...) -> None: ...
+
+class GetDecisionsRequest(_message.Message):
+    __slots__ = ("scenario", "limit")
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    scenario: str
+    limit: int
+    def __init__(self, scenario: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("time_unix", "scenario", "action", "reason", "inputs_json")
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    time_unix: float
+    scenario: str
+    action: str
+    reason: str
+    inputs_json: str
+    def __init__(self, time_unix: _Optional[float] = ..., scenario: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., inputs_json: _Optional[str] = ...) -> None: ...
+
+class GetDecisionsResponse(_message.Message):
+    __slots__ = ("decisions",)
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,286 @@
+"""The per-scenario prefill:decode ratio controller.
+
+Every interval, for each scenario, from the observed load (arrival rate, prompt and
+output lengths, TTFT/TPOT attainment), the performance model and the SLOs, it
+computes how many prefill and decode actors the load needs, and the split of the
+scenario's actors that balances producer (prefill) and consumer (decode). It acts
+by flipping actors in place, and by lending actors between scenarios that serve the
+same model when one is short and another has room. Hysteresis (a dead band, a
+confirmation streak and a minimum dwell time) keeps it from flapping on noise.
+
+It is a policy: it takes observations and the clock and returns decisions, each
+with its inputs, prediction and reason. What applies them (live pools, a simulated
+cluster) is a connector (`scenarios.connector`).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from scenarios.perf_model import PerfModel
+from scenarios.spec import ScenarioSpec
+
+
+@dataclass(frozen=True)
+class ActorView:
+    actor_id: str
+    role: Literal["prefill", "decode"]  # the role it serves, or is draining towards
+    load: float = 0.0  # queued + running requests: the least loaded are moved first
+    movable: bool = True  # False while draining for an earlier move
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One scenario over the last interval."""
+    scenario: str
+    arrival_rps: float
+    mean_prompt: float
+    mean_output: float
+    ttft_attainment: float | None  # share of finished requests within the TTFT target; None: none finished
+    tpot_attainment: float | None
+    actors: tuple[ActorView, ...]
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Literal["flip", "lend"]
+    actor_id: str
+    scenario: str  # where the actor is
+    role: Literal["prefill", "decode"]  # the role it serves afterwards
+    to_scenario: str | None = None  # for lend
+
+
+@dataclass(frozen=True)
+class Decision:
+    time: float
+    scenario: str
+    actions: tuple[Action, ...]
+    current: tuple[int, int]  # prefill, decode before
+    target: tuple[int, int]  # after the actions
+    inputs: dict
+    prediction: dict
+    reason: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    interval_s: float = 10.0
+    min_dwell_s: float = 30.0  # since a scenario's last change
+    confirm: int = 2  # consecutive intervals that must ask for the same direction
+    band: float = 0.05  # dead band: ignore ideal splits within this share of the actors (at least one)
+    max_step: float = 0.25  # move at most this share of the actors per decision
+    utilisation: float = 0.85  # plan each role to this utilisation: headroom for queueing
+    smoothing: float = 0.5  # weight of the newest observation in the moving averages
+    attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
+    lend: bool = True
+
+
+@dataclass
+class _Memory:
+    smoothed: Observation | None = None
+    last_change: float = -math.inf
+    streak_direction: int = 0
+    streak: int = 0
+
+
+@dataclass(frozen=True)
+class Need:
+    prefill: float
+    decode: float
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.decode
+
+
+class RatioController:
+    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel],
+                 settings: Settings = Settings(), log_size: int = 10_000):
+        """models: the performance model per scenario name."""
+        missing = [s.name for s in specs if s.name not in models]
+        if missing:
+            raise ValueError(f"no performance model for scenarios {missing}")
+        self.specs = {s.name: s for s in specs}
+        self.models = models
+        self.settings = settings
+        self.paused = False
+        self.pins: dict[str, tuple[int, int]] = {}
+        self.log: deque[Decision] = deque(maxlen=log_size)
+        self._memory = {s.name: _Memory() for s in specs}
+
+    # -- operator controls -----------------------------------------------------------------
+    def pin(self, scenario: str, prefill: int, decode: int) -> None:
+        """Holds a scenario at the ratio prefill:decode (scaled to its actors); no lending."""
+        self._spec(scenario)
+        if prefill < 0 or decode < 0 or prefill + decode == 0:
+            raise ValueError(f"bad ratio {prefill}:{decode}: both counts >= 0, not both zero")
+        self.pins[scenario] = (prefill, decode)
+
+    def unpin(self, scenario: str) -> None:
+        self._spec(scenario)
+        self.pins.pop(scenario, None)
+
+    def _spec(self, scenario: str) -> ScenarioSpec:
+        if scenario not in self.specs:
+            raise KeyError(f"unknown scenario {scenario!r}; known: {', '.join(sorted(self.specs))}")
+        return self.specs[scenario]
+
+    # -- the policy ------------------------------------------------------------------------
+    def need(self, obs: Observation) -> tuple[Need, dict]:
+        """Actors of each role the load needs, with the capacity prediction behind it."""
+        spec, s = self.specs[obs.scenario], self.settings
+        cap = self.models[obs.scenario].capacity(obs.mean_prompt, obs.mean_output, spec.slo.tpot_s)
+        p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
+        d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
+        goal = spec.slo.percentile / 100
+        ttft_short = obs.ttft_attainment is not None and obs.ttft_attainment < goal
+        tpot_short = obs.tpot_attainment is not None and obs.tpot_attainment < goal
+        if ttft_short and not tpot_short:
+            p *= s.attainment_boost
+        elif tpot_short and not ttft_short:
+            d *= s.attainment_boost
+        prediction = {"prefill_rps_per_actor": cap.prefill_rps, "decode_rps_per_actor": cap.decode_rps,
+                      "decode_batch": cap.decode_batch, "prefill_needed": p, "decode_needed": d}
+        return Need(p, d), prediction
+
+    def step(self, observations: list[Observation], now: float) -> list[Decision]:
+        """One control interval: returns the decisions (also appended to the log)."""
+        smoothed = {o.scenario: self._smooth(o) for o in observations}
+        if self.paused:
+            return []
+        needs = {name: self.need(o) for name, o in smoothed.items()}
+        decisions = self._lend(smoothed, needs, now) if self.settings.lend else []
+        moved = {d.scenario for d in decisions} | {a.to_scenario for d in decisions for a in d.actions}
+        for name, obs in smoothed.items():
+            if name not in moved:
+                d = self._flip(obs, *needs[name], now)
+                if d:
+                    decisions.append(d)
+        self.log.extend(decisions)
+        return decisions
+
+    def _smooth(self, o: Observation) -> Observation:
+        mem = self._memory[o.scenario]
+        a, prev = self.settings.smoothing, mem.smoothed
+        if prev is None:
+            mem.smoothed = o
+        else:
+            mix = lambda new, old: a * new + (1 - a) * old  # noqa: E731
+            mem.smoothed = replace(o, arrival_rps=mix(o.arrival_rps, prev.arrival_rps),
+                                   mean_prompt=mix(o.mean_prompt, prev.mean_prompt),
+                                   mean_output=mix(o.mean_output, prev.mean_output))
+        return mem.smoothed
+
+    def _flip(self, obs: Observation, need: Need, prediction: dict, now: float) -> Decision | None:
+        spec, s, mem = self.specs[obs.scenario], self.settings, self._memory[obs.scenario]
+        roles = [a.role for a in obs.actors]
+        p, d = roles.count("prefill"), roles.count("decode")
+        n = p + d
+        if n == 0:
+            return None
+        lo = max(spec.limits["prefill"].min, n - spec.limits["decode"].max)
+        hi = min(spec.limits["prefill"].max, n - spec.limits["decode"].min)
+        if lo > hi:
+            return None  # the limits cannot both hold at this size; nothing a flip fixes
+        pin = self.pins.get(obs.scenario)
+        if pin:
+            want = n * pin[0] / (pin[0] + pin[1])
+            why = f"pinned at {pin[0]}:{pin[1]}"
+        else:
+            want = n * need.prefill / need.total if need.total > 0 else p
+            why = (f"load needs {need.prefill:.1f}P:{need.decode:.1f}D "
+                   f"(arrivals {obs.arrival_rps:.2f}/s, prompt {obs.mean_prompt:.0f}, output {obs.mean_output:.0f})")
+        target = min(max(round(want), lo), hi)
+        outside = not lo <= p <= hi  # limits changed under us: fix at once, no hysteresis
+        delta = target - p
+        # dead band: the ideal split must lie more than one actor (or band x actors) away
+        within = abs(want - p) <= 0.5 + max(0.5, s.band * n)
+        if not outside and (delta == 0 or (within and not pin)):
+            mem.streak, mem.streak_direction = 0, 0
+            return None
+        direction = 1 if delta > 0 else -1
+        mem.streak = mem.streak + 1 if direction == mem.streak_direction else 1
+        mem.streak_direction = direction
+        if not outside and not pin and (mem.streak < s.confirm or now - mem.last_change < s.min_dwell_s):
+            return None
+        step = min(abs(delta), max(1, math.ceil(s.max_step * n)))
+        give = "decode" if direction > 0 else "prefill"
+        take = "prefill" if direction > 0 else "decode"
+        chosen = _least_loaded(obs.actors, give, step)
+        if not chosen:
+            return None
+        mem.last_change, mem.streak = now, 0
+        new_p = p + direction * len(chosen)
+        return Decision(now, obs.scenario,
+                        tuple(Action("flip", a.actor_id, obs.scenario, take) for a in chosen),
+                        (p, d), (new_p, n - new_p), _inputs(obs), prediction,
+                        f"{why}: flip {len(chosen)} {give} -> {take}, target {target}P:{n - target}D")
+
+    def _lend(self, obs: dict[str, Observation], needs: dict[str, tuple[Need, dict]],
+              now: float) -> list[Decision]:
+        """Moves one actor per interval from the scenario with the most room to the most
+        short one of the same model (higher priority first), when the donor stays within
+        its needs and limits."""
+        s = self.settings
+        ready = [name for name in obs if name not in self.pins
+                 and now - self._memory[name].last_change >= s.min_dwell_s]
+
+        def room(name: str) -> float:  # actors beyond what the load needs
+            return len(obs[name].actors) - needs[name][0].total
+
+        decisions = []
+        short = sorted((n for n in ready if room(n) < -0.5),
+                       key=lambda n: (-self.specs[n].priority, room(n)))
+        for taker in short:
+            model = self.specs[taker].model
+            donors = sorted((n for n in ready if n != taker and self.specs[n].model == model
+                             and room(n) >= 1.5 and n not in {d.scenario for d in decisions}),
+                            key=room, reverse=True)
+            for donor in donors:
+                d = self._lend_one(obs[donor], needs[donor][0], taker, obs[taker], needs[taker], now)
+                if d:
+                    decisions.append(d)
+                    break
+        return decisions
+
+    def _lend_one(self, donor: Observation, donor_need: Need, taker: str, taker_obs: Observation,
+                  taker_need: tuple[Need, dict], now: float) -> Decision | None:
+        dspec, tspec = self.specs[donor.scenario], self.specs[taker]
+        counts = {r: sum(a.role == r for a in donor.actors) for r in ("prefill", "decode")}
+        surplus = {"prefill": counts["prefill"] - donor_need.prefill, "decode": counts["decode"] - donor_need.decode}
+        tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in ("prefill", "decode")}
+        need = taker_need[0]
+        deficit = {"prefill": need.prefill - tcounts["prefill"], "decode": need.decode - tcounts["decode"]}
+        for give in sorted(surplus, key=surplus.get, reverse=True):
+            if counts[give] - 1 < dspec.limits[give].min:
+                continue
+            role = max(deficit, key=deficit.get)
+            if tcounts[role] + 1 > tspec.limits[role].max:
+                continue
+            chosen = _least_loaded(donor.actors, give, 1)
+            if not chosen:
+                continue
+            for name in (donor.scenario, taker):
+                self._memory[name].last_change = now
+            a = chosen[0]
+            return Decision(now, donor.scenario, (Action("lend", a.actor_id, donor.scenario, role, taker),),
+                            (counts["prefill"], counts["decode"]),
+                            (counts["prefill"] - (give == "prefill"), counts["decode"] - (give == "decode")),
+                            {"donor": _inputs(donor), "taker": _inputs(taker_obs)},
+                            {"donor_needs": donor_need.total, "taker_needs": need.total, **taker_need[1]},
+                            f"{taker} needs {need.total:.1f} actors and has {len(taker_obs.actors)}; "
+                            f"{donor.scenario} needs {donor_need.total:.1f} of {len(donor.actors)}: "
+                            f"lend {a.actor_id} ({give}) to {taker} as {role}")
+        return None
+
+
+def _least_loaded(actors: tuple[ActorView, ...], role: str, k: int) -> list[ActorView]:
+    return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)[:k]
+
+
+def _inputs(o: Observation) -> dict:
+    return {"arrival_rps": o.arrival_rps, "mean_prompt": o.mean_prompt, "mean_output": o.mean_output,
+            "ttft_attainment": o.ttft_attainment, "tpot_attainment": o.tpot_attainment,
+            "actors": len(o.actors)}

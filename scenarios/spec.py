@@ -1,0 +1,122 @@
+"""Scenario specs: what a scenario serves, which requests are its own, its SLOs and its limits.
+
+A YAML file holds a list under `scenarios:`; every field is validated on load and
+a bad file fails with the scenario, the field and what to fix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Role = Literal["prefill", "decode"]
+
+
+class SpecError(ValueError):
+    """A scenario file or spec that cannot be used, with what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Strict):
+    """A request belongs to the scenario when every rule given holds."""
+    tags: tuple[str, ...] = ()  # any of these tags
+    prefix: str | None = None  # the prompt text starts with it
+    min_prompt_tokens: int = Field(0, ge=0)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "Match":
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= self.min_prompt_tokens:
+            raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be above "
+                             f"min_prompt_tokens ({self.min_prompt_tokens})")
+        return self
+
+
+class SLO(_Strict):
+    ttft_s: float = Field(gt=0, description="time to first token target")
+    tpot_s: float = Field(gt=0, description="time per output token target")
+    percentile: float = Field(90.0, gt=0, le=100, description="share of requests that must meet both")
+
+
+class Hardware(_Strict):
+    """What one actor of a role runs on; `accelerator` names the perf-model profile's device."""
+    accelerator: str = "cpu"
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    npus: float = Field(0, ge=0)
+
+
+class RoleLimits(_Strict):
+    min: int = Field(1, ge=0)
+    max: int = Field(1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "RoleLimits":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class ScenarioSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(min_length=1)
+    match: Match = Match()
+    slo: SLO
+    hardware: dict[Role, Hardware] = Field(default_factory=lambda: {"prefill": Hardware(), "decode": Hardware()})
+    prefill: int = Field(1, ge=0, description="initial prefill actors")
+    decode: int = Field(1, ge=0, description="initial decode actors")
+    limits: dict[Role, RoleLimits] = Field(default_factory=lambda: {"prefill": RoleLimits(),
+                                                                     "decode": RoleLimits()})
+    priority: int = Field(0, description="higher wins when scenarios compete for lent actors")
+
+    @field_validator("limits")
+    @classmethod
+    def _both_roles(cls, v: dict) -> dict:
+        return {"prefill": v.get("prefill", RoleLimits()), "decode": v.get("decode", RoleLimits())}
+
+    @model_validator(mode="after")
+    def _initial_within_limits(self) -> "ScenarioSpec":
+        for role in ("prefill", "decode"):
+            n, lim = getattr(self, role), self.limits[role]
+            if not lim.min <= n <= lim.max:
+                raise ValueError(f"initial {role} count {n} is outside its limits [{lim.min}, {lim.max}]")
+        return self
+
+
+def parse_specs(data: object, source: str = "scenarios") -> list[ScenarioSpec]:
+    """Specs from parsed YAML/JSON: {"scenarios": [ {...}, ... ]}."""
+    if not isinstance(data, dict) or not isinstance(data.get("scenarios"), list) or not data["scenarios"]:
+        raise SpecError(f"{source}: expected a mapping with a non-empty list under 'scenarios:'")
+    specs = []
+    for i, item in enumerate(data["scenarios"]):
+        label = item.get("name", f"#{i + 1}") if isinstance(item, dict) else f"#{i + 1}"
+        try:
+            specs.append(ScenarioSpec.model_validate(item))
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(spec)'}: {err['msg']}"
+                                 for err in e.errors())
+            raise SpecError(f"{source}: scenario {label}: {problems}") from None
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(f"{source}: scenario names must be unique; repeated: {', '.join(dupes)}")
+    return specs
+
+
+def load_specs(path: str | Path) -> list[ScenarioSpec]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read scenario file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_specs(data, str(path))

@@ -1,0 +1,166 @@
+"""The ratio controller on scripted load, against a cluster that applies actions at once."""
+import random
+
+import pytest
+
+from scenarios.controller import ActorView, Observation, RatioController, Settings
+from scenarios.perf_model import from_profile
+from scenarios.spec import parse_specs
+
+PROFILE = {"name": "p", "source": "test figures", "kv_bytes_per_token": 1024, "kv_capacity_tokens": 100_000,
+           "layers": 4, "prefill": {"intercept_s": 0.01, "per_token_s": 1e-4},
+           "decode": {"intercept_s": 0.02, "per_seq_s": 1e-3, "per_context_token_s": 1e-7},
+           "transfer": {"per_op_s": 1e-5, "bytes_per_s": 1e9}}
+PROMPT_HEAVY = (5.0, 4000, 20)  # arrivals/s, prompt tokens, output tokens: needs ~9P:1D of 10
+OUTPUT_HEAVY = (5.0, 200, 800)  # needs ~1P:9D
+SETTINGS = Settings(interval_s=10, min_dwell_s=30, confirm=2)
+
+
+def scenario(name="chat", model="m", p=5, d=5, limits=None, priority=0):
+    return {"name": name, "model": model, "slo": {"ttft_s": 2.0, "tpot_s": 0.05}, "prefill": p, "decode": d,
+            "limits": limits or {"prefill": {"min": 1, "max": 20}, "decode": {"min": 1, "max": 20}},
+            "priority": priority}
+
+
+class Cluster:
+    """Actors by scenario; actions take effect at once."""
+
+    def __init__(self, specs):
+        self.roles = {s.name: {f"{s.name}-{i}": ("prefill" if i < s.prefill else "decode")
+                               for i in range(s.prefill + s.decode)} for s in specs}
+
+    def counts(self, name):
+        roles = list(self.roles[name].values())
+        return roles.count("prefill"), roles.count("decode")
+
+    def observe(self, name, load, attainment=(None, None)):
+        rate, prompt, output = load
+        actors = tuple(ActorView(a, r) for a, r in sorted(self.roles[name].items()))
+        return Observation(name, rate, prompt, output, *attainment, actors)
+
+    def apply(self, decisions):
+        for d in decisions:
+            for a in d.actions:
+                if a.kind == "flip":
+                    self.roles[a.scenario][a.actor_id] = a.role
+                else:
+                    del self.roles[a.scenario][a.actor_id]
+                    self.roles[a.to_scenario][a.actor_id] = a.role
+
+
+def make(*scenario_dicts, settings=SETTINGS):
+    specs = parse_specs({"scenarios": list(scenario_dicts)})
+    model = from_profile(PROFILE)
+    return RatioController(specs, {s.name: model for s in specs}, settings), Cluster(specs)
+
+
+def run(ctrl, cluster, loads, start_interval=0):
+    """Steps once per interval with loads[i] for every scenario; returns the counts after each."""
+    history = []
+    for i, load in enumerate(loads, start_interval):
+        now = i * ctrl.settings.interval_s
+        obs = [cluster.observe(name, load[name] if isinstance(load, dict) else load) for name in cluster.roles]
+        cluster.apply(ctrl.step(obs, now))
+        history.append({name: cluster.counts(name) for name in cluster.roles})
+    return history
+
+
+def first_reaching(history, name, pred):
+    return next(i for i, h in enumerate(history) if pred(h[name]))
+
+
+def test_shift_to_output_heavy_flips_toward_decode_and_back():
+    ctrl, cluster = make(scenario())
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20)
+    assert first_reaching(h, "chat", lambda c: c[0] >= 8) <= 8
+    assert h[-1]["chat"][0] >= 8  # the ideal is 8.9: one actor off is within the dead band
+    h = run(ctrl, cluster, [OUTPUT_HEAVY] * 20, start_interval=20)
+    assert first_reaching(h, "chat", lambda c: c[1] >= 8) <= 10
+    assert h[-1]["chat"][1] >= 8
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20, start_interval=40)
+    assert first_reaching(h, "chat", lambda c: c[0] >= 8) <= 10
+    # every decision is logged with its inputs, prediction and reason
+    d = ctrl.log[-1]
+    assert d.inputs["arrival_rps"] > 0 and d.prediction["prefill_needed"] > d.prediction["decode_needed"]
+    assert "flip" in d.reason and d.actions and d.target[0] > d.current[0]
+
+
+def test_moves_respect_dwell_time():
+    ctrl, cluster = make(scenario(), settings=Settings(interval_s=10, min_dwell_s=30, max_step=0.1))
+    run(ctrl, cluster, [PROMPT_HEAVY] * 20)
+    times = [d.time for d in ctrl.log]
+    assert len(times) >= 2 and all(b - a >= SETTINGS.min_dwell_s for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_steady_noisy_load_does_not_flap(seed):
+    rng = random.Random(seed)
+    ctrl, cluster = make(scenario())
+    balanced = (5.0, 1500, 150)
+    run(ctrl, cluster, [balanced] * 30)  # settle
+    settled = len(ctrl.log)
+    noisy = [(balanced[0] * rng.uniform(0.8, 1.2), balanced[1] * rng.uniform(0.85, 1.15),
+              balanced[2] * rng.uniform(0.85, 1.15)) for _ in range(200)]
+    run(ctrl, cluster, noisy, start_interval=30)
+    assert len(ctrl.log) - settled <= 1
+
+
+def test_min_max_hold():
+    limits = {"prefill": {"min": 2, "max": 6}, "decode": {"min": 3, "max": 8}}
+    ctrl, cluster = make(scenario(limits=limits))
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20 + [OUTPUT_HEAVY] * 20 + [PROMPT_HEAVY] * 20)
+    assert all(2 <= p <= 6 and 3 <= d <= 8 for p, d in (x["chat"] for x in h))
+    assert (6, 4) in [x["chat"] for x in h] and (2, 8) in [x["chat"] for x in h]
+
+
+def test_pins_hold_and_unpin_resumes():
+    ctrl, cluster = make(scenario())
+    ctrl.pin("chat", 3, 7)
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20)
+    assert h[0]["chat"] == (3, 7) and all(x["chat"] == (3, 7) for x in h)
+    assert "pinned at 3:7" in ctrl.log[0].reason
+    ctrl.unpin("chat")
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20, start_interval=20)
+    assert h[-1]["chat"][0] >= 8
+    with pytest.raises(KeyError, match="unknown scenario 'nope'; known: chat"):
+        ctrl.pin("nope", 1, 1)
+    with pytest.raises(ValueError, match="bad ratio 0:0"):
+        ctrl.pin("chat", 0, 0)
+
+
+def test_pause_stops_decisions():
+    ctrl, cluster = make(scenario())
+    ctrl.paused = True
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 20)
+    assert not ctrl.log and h[-1]["chat"] == (5, 5)
+
+
+def test_missed_ttft_pushes_toward_prefill():
+    ctrl, _ = make(scenario())
+    balanced = Observation("chat", 5.0, 1500, 150, None, None, ())
+    missed = Observation("chat", 5.0, 1500, 150, 0.5, 1.0, ())
+    base, _ = ctrl.need(balanced)
+    boosted, _ = ctrl.need(missed)
+    assert boosted.prefill > base.prefill and boosted.decode == base.decode
+
+
+def test_lends_idle_actors_to_a_short_scenario_of_the_same_model():
+    busy = scenario("busy", p=2, d=2)
+    idle = scenario("idle", p=4, d=4)
+    other = scenario("other", model="different", p=6, d=6)
+    ctrl, cluster = make(busy, idle, other)
+    load = {"busy": (12.0, 1500, 150), "idle": (0.1, 1500, 150), "other": (0.1, 1500, 150)}
+    h = run(ctrl, cluster, [load] * 40)
+    assert sum(h[-1]["busy"]) > 4 and sum(h[-1]["idle"]) < 8
+    assert sum(h[-1]["other"]) == 12  # a different model never lends
+    lends = [d for d in ctrl.log if d.actions[0].kind == "lend"]
+    assert lends and all(d.actions[0].to_scenario == "busy" for d in lends)
+    assert all(p >= 1 and d >= 1 for x in h for p, d in x.values())
+
+
+def test_lending_never_takes_a_donor_below_its_minimum():
+    busy = scenario("busy", p=2, d=2)
+    idle = scenario("idle", p=2, d=2, limits={"prefill": {"min": 2, "max": 4}, "decode": {"min": 2, "max": 4}})
+    ctrl, cluster = make(busy, idle)
+    run(ctrl, cluster, [{"busy": (12.0, 1500, 150), "idle": (0.0, 1500, 150)}] * 20)
+    assert cluster.counts("idle") == (2, 2)

@@ -1,0 +1,76 @@
+import re
+
+import pytest
+
+from scenarios.classify import Classifier, NoScenario, RequestInfo
+from scenarios.spec import SpecError, load_specs, parse_specs
+
+GOOD = """
+scenarios:
+  - name: chat
+    model: llama3-8b
+    match: {tags: [chat], max_prompt_tokens: 8192}
+    slo: {ttft_s: 2.0, tpot_s: 0.05, percentile: 90}
+    hardware: {prefill: {accelerator: h100, num_gpus: 1}, decode: {accelerator: h100, num_gpus: 1}}
+    prefill: 2
+    decode: 2
+    limits: {prefill: {min: 1, max: 6}, decode: {min: 1, max: 6}}
+    priority: 1
+  - name: long
+    model: llama3-8b
+    match: {min_prompt_tokens: 8192}
+    slo: {ttft_s: 8.0, tpot_s: 0.1}
+  - name: code
+    model: llama3-8b
+    match: {prefix: "def "}
+    slo: {ttft_s: 1.0, tpot_s: 0.05}
+"""
+
+
+def test_good_file_loads_and_classifies(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD)
+    specs = load_specs(path)
+    assert [s.name for s in specs] == ["chat", "long", "code"]
+    assert specs[0].limits["decode"].max == 6 and specs[1].limits["prefill"].min == 1
+    c = Classifier(specs)
+    assert c.classify(RequestInfo(100, tags=("chat",))) == "chat"
+    assert c.classify(RequestInfo(9000, tags=("chat",))) == "long"
+    assert c.classify(RequestInfo(100, prompt_text="def f():")) == "code"
+    with pytest.raises(NoScenario, match="no scenario matches"):
+        c.classify(RequestInfo(100))
+    with pytest.raises(NoScenario):
+        c.classify(RequestInfo(9000, model="other"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("scenarios: [", "not valid YAML"),
+    ("foo: 1", "non-empty list under 'scenarios:'"),
+    ("scenarios:\n  - {name: a, model: m}", "scenario a: slo: Field required"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: -1, tpot_s: 0.1}}", "slo.ttft_s"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, colour: red}", "colour: Extra inputs"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, prefill: 9,"
+     " limits: {prefill: {max: 4}}}", "initial prefill count 9 is outside its limits [1, 4]"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1},"
+     " limits: {decode: {min: 5, max: 2}}}", "min (5) is above max (2)"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1},"
+     " match: {min_prompt_tokens: 10, max_prompt_tokens: 5}}", "must be above min_prompt_tokens"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}}\n"
+     "  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}}", "repeated: a"),
+    ("scenarios:\n  - {name: 'a b', model: m, slo: {ttft_s: 1, tpot_s: 0.1}}", "scenario a b: name"),
+])
+def test_bad_files_name_what_to_fix(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_specs(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(SpecError, match="cannot read scenario file .*nope.yaml"):
+        load_specs(tmp_path / "nope.yaml")
+
+
+def test_parse_specs_from_data():
+    specs = parse_specs({"scenarios": [{"name": "x", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}}]})
+    assert specs[0].slo.percentile == 90

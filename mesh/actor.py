@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from mesh import tracing
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.async_engine import AsyncEngine
 from mesh.engine.config import EngineConfig
@@ -53,6 +54,7 @@ class ActorSpec:
     ttft_budget_s: float = 2.0
     drain_timeout_s: float = 60.0
     warmup: bool = True
+    otel_env: dict = field(default_factory=dict)  # the driver's OTEL_* settings: where spans go
 
 
 def _params_from(d: dict) -> SamplingParams:
@@ -82,6 +84,7 @@ class MeshActor:
     async def start(self) -> dict:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
+        tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:
             engine = await loop.run_in_executor(None, Engine, EngineConfig(**self.spec.engine))
@@ -146,6 +149,7 @@ class MeshActor:
         return self.spec.actor_id
 
     async def shutdown(self) -> None:
+        tracing.flush()
         await self._close_receiver()
         for sender in self._senders.values():
             await sender.close()
@@ -166,11 +170,15 @@ class MeshActor:
 
     async def prefill(self, request: dict, lease: dict | None) -> AsyncIterator[dict]:
         """Yields {"type": "first", ...} as soon as the first token is sampled, then, when
-        the KV went into the lease, {"type": "committed", "transfer": stats}."""
+        the KV went into the lease, {"type": "committed", "transfer": stats}. The first
+        message carries the trace context of the KV transfer, the decode span's parent."""
         self._require(Role.PREFILL, Role.BOTH)
         rid, ids = request["request_id"], list(request["prompt_token_ids"])
         params = _params_from(request["params"])
         eng = self.engine.engine
+        span = tracing.start_span("prefill", request.get("trace_context"), {
+            "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid, "pdmesh.prompt_tokens": len(ids)})
+        transfer = error = None
         self.queued_tokens += len(ids)
         self.queued_requests += 1
         self.active.add(rid)
@@ -182,21 +190,39 @@ class MeshActor:
             self.queued_tokens -= len(ids)
             self.queued_requests -= 1
             queued = False
-            yield {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
-                   "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
-            if last.finish_reason != "prefilled" or lease is None:
+            first = {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
+                     "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
+            if last.finish_reason == "prefilled" and lease is not None:
+                transfer = tracing.start_span("kv_transfer", tracing.carrier_of(span),
+                                              {"pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid})
+                first["trace_context"] = tracing.carrier_of(transfer)
+            tracing.end(span)
+            span = None
+            yield first
+            if transfer is None:
                 return
             desc = LeaseDescriptor.from_wire(lease)
             blocks = await self.engine.call(eng.held_blocks, rid)
             start = time.perf_counter()
             stats = await self._sender(desc.backend).send(desc, eng.kv.pool, self.layout, blocks,
                                                           timeout_s=self.transport.timeout_s)
+            transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
+                                     "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
+                                     "kv.strategy": stats.strategy, "kv.blocks": len(blocks)})
             yield {"type": "committed", "transfer": stats.to_dict(), "seconds": time.perf_counter() - start}
         except RequestError as e:
+            error = e
             raise MeshError("invalid_argument", str(e)) from None
         except TransferError as e:
+            error = e
             raise MeshError("unavailable", f"KV transfer failed: {e}") from None
+        except BaseException as e:  # cancelled by the gateway, or a failure: the span says so
+            error = e
+            raise
         finally:
+            for open_span in (span, transfer):
+                if open_span is not None:
+                    tracing.end(open_span, error)
             if queued:
                 self.queued_tokens -= len(ids)
                 self.queued_requests -= 1
@@ -229,8 +255,8 @@ class MeshActor:
         rid = request["request_id"]
         params = _params_from(request["params"])
         eng = self.engine.engine
-        self.active.add(rid)
-        try:
+
+        async def wait_and_add():
             try:
                 received = await self.receiver.wait(lease_id, self.transport.lease_ttl_s)
             except TransferError as e:
@@ -243,13 +269,10 @@ class MeshActor:
                 except Exception:
                     eng.blocks.free(received.block_ids)  # the blocks are ours since the commit
                     raise
+            return add
 
-            async for outs in self.engine.stream(add):
-                yield _merge(outs)
-        except RequestError as e:
-            raise MeshError("invalid_argument", str(e)) from None
-        finally:
-            self._done(rid)
+        async for chunk in self._traced("decode", request, wait_and_add):
+            yield chunk
 
     # -- both phases on one actor ------------------------------------------------------------
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -257,13 +280,35 @@ class MeshActor:
         rid, ids = request["request_id"], list(request["prompt_token_ids"])
         params = _params_from(request["params"])
         eng = self.engine.engine
+
+        async def add():
+            return lambda: eng.add_request(ids, params, rid)
+
+        async for chunk in self._traced("generate", request, add):
+            yield chunk
+
+    async def _traced(self, name: str, request: dict, prepare) -> AsyncIterator[dict]:
+        """Streams one request's engine outputs, one message per burst of steps, in a span.
+        `prepare` is awaited for the engine call that adds the request."""
+        rid = request["request_id"]
+        span = tracing.start_span(name, request.get("trace_context"), {
+            "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid})
+        error = None
         self.active.add(rid)
         try:
-            async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid)):
-                yield _merge(outs)
+            add = await prepare()
+            async for outs in self.engine.stream(add):
+                chunk = _merge(outs)
+                yield chunk
+            span.set_attribute("pdmesh.output_tokens", chunk["num_output_tokens"])
         except RequestError as e:
+            error = e
             raise MeshError("invalid_argument", str(e)) from None
+        except BaseException as e:  # a failure, or cancelled by the gateway
+            error = e
+            raise
         finally:
+            tracing.end(span, error)
             self._done(rid)
 
     async def abort(self, request_id: str) -> None:

@@ -5,20 +5,24 @@ reserve KV on a decode actor -> offer to prefill actors, forwarding on rejection
 decode actor streams the rest. When an actor dies, the request goes on: a lost
 prefill is retried on another prefill actor; a lost decode is re-prefilled
 from the prompt plus every token already sent, so the stream just continues.
-Which actors to try, in which order, is the router's choice (a policy object).
+Which actors to try, in which order, and when to give up is the router's choice
+(mesh.routing, a policy object without Ray).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable
 
 import ray
 
 from mesh.actor import Role
 from mesh.errors import MeshError
 from mesh.pool import Member, Pool
+from mesh.routing import ForwardOnRejection
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class Request:
     params: dict  # SamplingParams fields
     deadline: float = float("inf")  # on the dispatcher's clock
     ttft_budget_s: float | None = None
+    trace_context: dict | None = None  # W3C headers of the caller's span: the actors' spans hang under it
 
 
 @dataclass
@@ -39,33 +44,15 @@ class Event:
     attributes: dict = field(default_factory=dict)
 
 
-class Router(Protocol):
-    def decode_order(self, members: list[Member]) -> list[Member]: ...
-    def prefill_order(self, members: list[Member]) -> list[Member]: ...
-
-
-class IdleFirst:
-    """Prefill offers go to the least loaded actors first (by their last report, for order
-    only: the offer itself decides); KV goes to the decode actor with the most free blocks."""
-
-    def prefill_order(self, members: list[Member]) -> list[Member]:
-        return sorted(members, key=lambda m: (m.info.get("load", {}).get("queued_requests", 0),
-                                              m.info.get("load", {}).get("queued_prompt_tokens", 0)))
-
-    def decode_order(self, members: list[Member]) -> list[Member]:
-        return sorted(members, key=lambda m: -m.info.get("load", {}).get("free_blocks", 0))
-
-
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class Dispatcher:
-    def __init__(self, pool: Pool, router: Router | None = None, max_forwards: int = 8,
-                 max_attempts: int = 4, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, pool: Pool, router: ForwardOnRejection | None = None, max_attempts: int = 4,
+                 clock: Callable[[], float] = time.monotonic):
         self.pool = pool
-        self.router = router or IdleFirst()
-        self.max_forwards = max_forwards
-        self.max_attempts = max_attempts
+        self.router = router or ForwardOnRejection()
+        self.max_attempts = max_attempts  # tries of one request, each after losing an actor
         self.clock = clock
 
     async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[dict]:
@@ -82,11 +69,12 @@ class Dispatcher:
                     stream = self._aggregated(step, lost, events)
                 else:
                     stream = self._disaggregated(step, lost, events)
-                async for chunk in stream:
-                    sent.extend(chunk["token_ids"])
-                    yield chunk
-                    if chunk["finished"]:
-                        return
+                async with contextlib.aclosing(stream):  # a consumer that stops early frees the actors' work
+                    async for chunk in stream:
+                        sent.extend(chunk["token_ids"])
+                        yield chunk
+                        if chunk["finished"]:
+                            return
             except _Lost as e:
                 lost.add(e.actor_id)
                 events.append(Event("actor_lost", {"actor": e.actor_id, "phase": e.phase}))
@@ -100,7 +88,8 @@ class Dispatcher:
         params["max_tokens"] = params.get("max_tokens", 16) - len(sent)
         params["min_tokens"] = max(0, params.get("min_tokens", 0) - len(sent))
         return {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids + sent,
-                "params": params, "deadline": req.deadline, "ttft_budget_s": req.ttft_budget_s}
+                "params": params, "deadline": req.deadline, "ttft_budget_s": req.ttft_budget_s,
+                "trace_context": req.trace_context}
 
     def _live(self, role: Role, lost: set[str]) -> list[Member]:
         return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
@@ -110,16 +99,23 @@ class Dispatcher:
         if not members:
             raise MeshError("unavailable", "no live actor in the pool")
         member = members[0]
+        gen = member.handle.generate.options(num_returns="streaming").remote(step)
         try:
-            async for ref in member.handle.generate.options(num_returns="streaming").remote(step):
-                yield await ref
+            async for ref in gen:
+                chunk = await ref
+                if chunk["finished"]:
+                    gen = None
+                yield chunk
         except _ACTOR_LOST:
             raise _Lost(member.actor_id, "generate") from None
+        finally:
+            _cancel(gen)
 
     async def _disaggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
         n = len(step["prompt_token_ids"])
         decode, lease = await self._reserve(step, lost, events)
         committed = False
+        pstream = dstream = None  # Ray calls still running: cancelled if the request ends early
         try:
             prefill = await self._offer(step, lost, events)
             pstream = prefill.handle.prefill.options(num_returns="streaming").remote(step, lease)
@@ -128,12 +124,16 @@ class Dispatcher:
             except _ACTOR_LOST:
                 raise _Lost(prefill.actor_id, "prefill") from None
             events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
+            if first["finish_reason"] is not None:
+                pstream = None  # the prefill call ends with its first message
             yield {**first, "finished": first["finish_reason"] is not None,
                    "num_prompt_tokens": n, "num_output_tokens": len(first["token_ids"])}
             if first["finish_reason"] is not None:
                 return
+            # the decode span hangs under the transfer span the prefill actor opened
             dreq = {"request_id": step["request_id"], "prompt_token_ids": step["prompt_token_ids"],
-                    "output_token_ids": first["token_ids"], "params": step["params"]}
+                    "output_token_ids": first["token_ids"], "params": step["params"],
+                    "trace_context": first.get("trace_context", step["trace_context"])}
             dstream = decode.handle.decode.options(num_returns="streaming").remote(lease["lease_id"], dreq)
             try:
                 commit = await (await pstream.__anext__())
@@ -142,15 +142,21 @@ class Dispatcher:
             except MeshError as e:  # the prefill side is fine; the lease's side failed or went away
                 log.warning("request %s: %s", step["request_id"], e)
                 raise _Lost(decode.actor_id, "transfer") from None
+            pstream = None
             committed = True
             events.append(Event("kv_transfer", {**commit["transfer"], "prefill": prefill.actor_id,
                                                 "decode": decode.actor_id}))
             try:
                 async for ref in dstream:
-                    yield await ref
+                    chunk = await ref
+                    if chunk["finished"]:
+                        dstream = None
+                    yield chunk
             except _ACTOR_LOST:
                 raise _Lost(decode.actor_id, "decode") from None
         finally:
+            _cancel(pstream)
+            _cancel(dstream)
             if not committed:
                 await _quietly(decode.handle.release_lease.remote(lease["lease_id"]))
 
@@ -171,38 +177,49 @@ class Dispatcher:
         raise MeshError("unavailable", "no live decode actor in the pool")
 
     async def _offer(self, step: dict, lost: set[str], events: list[Event]) -> Member:
-        """Offers to prefill actors idle-first, forwarding on each rejection, until one accepts,
-        the forward cap is reached, or the deadline passes."""
+        """Offers to prefill actors idle-first, forwarding on each rejection; when every actor
+        rejected, waits for the shortest retry hint and offers again, until one accepts, the
+        forward cap is reached or the deadline passes."""
         retry_after = None
-        forwards = 0
-        candidates = self.router.prefill_order(self._live(Role.PREFILL, lost))
-        if not candidates:
-            raise MeshError("unavailable", "no live prefill actor in the pool")
-        for member in candidates[:self.max_forwards]:
-            time_left = step["deadline"] - self.clock()
-            if time_left <= 0:
-                raise MeshError("deadline_exceeded", "the deadline passed while offering to prefill actors")
-            try:
-                d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
-                                                     time_left)
-            except _ACTOR_LOST:
-                lost.add(member.actor_id)
-                continue
-            forwards += 1
-            if d["accept"]:
-                events.append(Event("prefill_accepted", {"actor": member.actor_id, "forwards": forwards - 1,
-                                                         "predicted_ttft_s": d["predicted_ttft_s"]}))
-                return member
-            events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d["reason"]}))
-            retry_after = d["retry_after_s"] if retry_after is None else min(retry_after, d["retry_after_s"])
-        raise MeshError("resource_exhausted", f"every prefill actor rejected the request ({forwards} offers)",
-                            retry_after_s=retry_after)
+        offers = 0
+        while True:
+            candidates = self.router.prefill_order(self._live(Role.PREFILL, lost))
+            if not candidates:
+                raise MeshError("unavailable", "no live prefill actor in the pool")
+            for member in candidates:
+                time_left = step["deadline"] - self.clock()
+                if not self.router.may_offer(offers, time_left):
+                    raise self.router.give_up(offers, retry_after)
+                try:
+                    d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
+                                                         time_left)
+                except _ACTOR_LOST:
+                    lost.add(member.actor_id)
+                    continue
+                offers += 1
+                if d["accept"]:
+                    events.append(Event("prefill_accepted", {"actor": member.actor_id, "forwards": offers - 1,
+                                                             "predicted_ttft_s": d["predicted_ttft_s"]}))
+                    return member
+                events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d["reason"],
+                                                         "retry_after_s": d["retry_after_s"]}))
+                retry_after = d["retry_after_s"] if retry_after is None else min(retry_after, d["retry_after_s"])
+            await asyncio.sleep(self.router.pause_s(retry_after, step["deadline"] - self.clock()))
 
 
 class _Lost(Exception):
     def __init__(self, actor_id: str, phase: str):
         super().__init__(f"actor {actor_id} lost during {phase}")
         self.actor_id, self.phase = actor_id, phase
+
+
+def _cancel(stream) -> None:
+    """Stops a Ray streaming call the request no longer reads: the actor aborts its work."""
+    if stream is not None:
+        try:
+            ray.cancel(stream)
+        except Exception:  # the actor is gone: nothing left to stop
+            pass
 
 
 async def _quietly(ref) -> None:

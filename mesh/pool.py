@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from mesh import tracing
 from mesh.actor import MeshActor, Role
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class PoolSpec:
         "prefill": Hardware(), "decode": Hardware(), "both": Hardware()})
     ttft_budget_s: float = 2.0
     warmup: bool = True
+    otel_env: dict = field(default_factory=tracing.otel_env)  # actors export spans where the driver does
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Pool:
         engine = {**self.spec.engine, "device": hw.device}
         actor_spec = dict(actor_id=actor_id, scenario=self.spec.scenario, role=role.value, engine=engine,
                           transport=self.spec.transport, ttft_budget_s=self.spec.ttft_budget_s,
-                          warmup=self.spec.warmup)
+                          warmup=self.spec.warmup, otel_env=self.spec.otel_env)
         cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
                                             **hw.options())
         handle = cls.remote(actor_spec)
@@ -91,6 +93,13 @@ class Pool:
         member.role = Role(role)
         member.info = result
         return result
+
+    async def drain(self, actor_id: str, timeout_s: float | None = None) -> dict:
+        """The actor takes no new work and finishes what it has; a flip makes it serve again."""
+        member = self.members[actor_id]
+        result = await member.handle.drain.remote(timeout_s)
+        member.info = await member.handle.info.remote()
+        return {**result, **member.info}
 
     async def lend(self, actor_id: str, other: "Pool", role: Role | str | None = None,
                    drain_timeout_s: float | None = None) -> dict:

@@ -1,0 +1,58 @@
+"""Placement inside a scenario's pool: which decode actor reserves a request's KV, which
+prefill actors are offered the request and in which order, and when to stop forwarding.
+
+A plain policy: no Ray, no network. It reads the actors' last load reports for the
+order of offers only (the offer itself decides, from the actor's live state), and the
+time left to the request's deadline, so the simulator in simtests/ drives the same
+code as mesh.dispatch does live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, TypeVar
+
+from mesh.errors import MeshError
+
+
+class Candidate(Protocol):
+    actor_id: str
+    info: dict  # the actor's last report: {"load": {"queued_requests", "queued_prompt_tokens", "free_blocks"}}
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def _load(c: Candidate) -> dict:
+    return c.info.get("load", {})
+
+
+@dataclass(frozen=True)
+class ForwardOnRejection:
+    """Offers go idle-first; a rejection forwards the request to the next actor. When a whole
+    pass was rejected, pause for the shortest retry hint and offer again, until an actor
+    accepts, `max_forwards` offers were made, or the deadline comes."""
+    max_forwards: int = 8  # offers per request, all passes together
+    min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
+
+    def prefill_order(self, members: Sequence[C]) -> list[C]:
+        return sorted(members, key=lambda m: (_load(m).get("queued_requests", 0),
+                                              _load(m).get("queued_prompt_tokens", 0)))
+
+    def decode_order(self, members: Sequence[C]) -> list[C]:
+        """The most free KV blocks first: reservation is by blocks, and room spreads the load."""
+        return sorted(members, key=lambda m: -_load(m).get("free_blocks", 0))
+
+    def may_offer(self, offers: int, time_left_s: float) -> bool:
+        return offers < self.max_forwards and time_left_s > 0
+
+    def pause_s(self, retry_after_s: float | None, time_left_s: float) -> float:
+        """How long to wait after a pass in which every actor rejected."""
+        return max(0.0, min(max(retry_after_s or 0.0, self.min_retry_pause_s), time_left_s))
+
+    def give_up(self, offers: int, retry_after_s: float | None) -> MeshError:
+        if not offers:
+            return MeshError("deadline_exceeded",
+                             "the deadline passed before any prefill actor was offered the request")
+        return MeshError("resource_exhausted", f"every prefill actor rejected the request ({offers} offers); "
+                         "retry later or send fewer prompt tokens",
+                         retry_after_s=max(retry_after_s or 0.0, self.min_retry_pause_s))

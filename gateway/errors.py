@@ -1,0 +1,42 @@
+"""What the gateway answers when a request fails: one error type, and per code the gRPC
+status and the HTTP status. Status names are strings so that the policies importing this
+(gateway.router, reused by simtests/) load without grpc."""
+from __future__ import annotations
+
+from mesh.errors import MeshError
+
+# code -> (gRPC status name, HTTP status)
+STATUSES = {
+    "invalid_argument": ("INVALID_ARGUMENT", 400),
+    "not_found": ("NOT_FOUND", 404),
+    "failed_precondition": ("FAILED_PRECONDITION", 409),
+    "unauthenticated": ("UNAUTHENTICATED", 401),
+    "permission_denied": ("PERMISSION_DENIED", 403),
+    "payload_too_large": ("RESOURCE_EXHAUSTED", 413),
+    "resource_exhausted": ("RESOURCE_EXHAUSTED", 429),
+    "unavailable": ("UNAVAILABLE", 503),
+    "deadline_exceeded": ("DEADLINE_EXCEEDED", 504),
+    "cancelled": ("CANCELLED", 499),
+    "internal": ("INTERNAL", 500),
+}
+
+
+class GatewayError(Exception):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
+        assert code in STATUSES, code
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def from_mesh(cls, e: MeshError) -> "GatewayError":
+        return cls(e.code, e.message, e.retry_after_s)
+
+    @property
+    def grpc_status_name(self) -> str:
+        return STATUSES[self.code][0]
+
+    @property
+    def http_status(self) -> int:
+        return STATUSES[self.code][1]

@@ -27,7 +27,8 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=LazyGroup, lazy={"generate": "mesh.engine.cli:generate", "sim": "simtests.cli:command"})
+@click.group(cls=LazyGroup, lazy={"generate": "mesh.engine.cli:generate", "sim": "simtests.cli:command",
+                                      "serve": "gateway.serve:serve"})
 @click.version_option(package_name="pdmesh")
 def main() -> None:
     """pdmesh: a disaggregated prefill/decode serving mesh for LLMs."""

@@ -1,0 +1,109 @@
+"""One gateway process: the scenarios' pools on Ray, the gRPC and HTTP front ends over one
+InferenceService, the actors' load refreshed in the background, and an orderly shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from gateway import telemetry
+from gateway.admin import AdminServicer
+from gateway.auth import Keys
+from gateway.config import ServeConfig
+from gateway.fleet import Fleet
+from gateway.grpc_api import make_server, set_health
+from gateway.metrics import Metrics
+from gateway.openai_api import OpenAIApi
+from gateway.service import InferenceService
+from mesh import tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051  # 0: any free port
+    http_port: int = 8000
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+
+
+class Gateway:
+    def __init__(self, config: ServeConfig, keys: Keys, listen: Listen = Listen(), refresh_s: float = 1.0):
+        self.config, self.keys, self.listen, self.refresh_s = config, keys, listen, refresh_s
+        self.fleet = Fleet(config, transport_secret=secrets.token_hex(16))  # actors' KV channels, this run only
+        self.metrics = Metrics(self.fleet.actor_infos)
+        self.service = InferenceService(self.fleet, config.gateway, self.metrics)
+        self.grpc_port = self.http_port = 0
+        self._refresher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Listens at once (health says NOT_SERVING / 503 until every pool has serving actors),
+        then starts the actors."""
+        telemetry.configure()
+        limits = self.config.gateway
+        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet), self.keys,
+                                             limits.max_message_bytes)
+        address = f"{self.listen.host}:{self.listen.grpc_port}"
+        tls = self._tls()
+        self.grpc_port = (self.grpc.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+                          if tls else self.grpc.add_insecure_port(address))
+        await set_health(self.health, False)
+        await self.grpc.start()
+        api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits.max_message_bytes)
+        self.http = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
+        await self.http.setup()
+        site = web.TCPSite(self.http, self.listen.host, self.listen.http_port, ssl_context=self._ssl_context(tls))
+        await site.start()
+        self.http_port = self.http.addresses[0][1]
+        await self.fleet.start()
+        await self.fleet.refresh()
+        await set_health(self.health, not self.fleet.not_ready())
+        self._refresher = asyncio.create_task(self._refresh())
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        scheme = "https" if self.listen.tls_cert else "http"
+        return {"grpc": f"{self.listen.host}:{self.grpc_port}",
+                "http": f"{scheme}://{self.listen.host}:{self.http_port}"}
+
+    async def _refresh(self) -> None:
+        """The actors' load for the router's offer order, readiness and the gauges."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.fleet.refresh()
+                await set_health(self.health, not self.fleet.not_ready())
+            except Exception:  # one failed round; the next one tries again
+                log.exception("refreshing the actors' load failed")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """New requests get UNAVAILABLE; those in flight get `grace_s` to finish; then the actors stop."""
+        self.service.closing = True
+        if self._refresher:
+            self._refresher.cancel()
+        await set_health(self.health, False)
+        await asyncio.gather(self.grpc.stop(grace_s), self.http.shutdown())
+        await self.http.cleanup()
+        await self.fleet.close()
+        tracing.shutdown()
+
+    def _tls(self) -> tuple[bytes, bytes] | None:
+        cert, key = self.listen.tls_cert, self.listen.tls_key
+        if bool(cert) != bool(key):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
+        return (Path(key).read_bytes(), Path(cert).read_bytes()) if cert else None
+
+    def _ssl_context(self, tls: tuple[bytes, bytes] | None) -> ssl.SSLContext | None:
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.listen.tls_cert, self.listen.tls_key)
+        return context

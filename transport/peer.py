@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -40,14 +41,12 @@ def _read(stream):
 
 
 class ListReserver:
-    """A free list in a fixed order: sorted gives contiguous runs, shuffled
+    """A free list handed out in order: sorted gives contiguous runs, shuffled
     gives a fragmented pool (the engine's block manager stands in here)."""
 
-    def __init__(self, num_blocks: int, fragmented: bool, seed: int = 0) -> None:
-        ids = np.arange(num_blocks)
-        if fragmented:
-            ids = np.random.default_rng(seed).permutation(num_blocks)
-        self.free_ids = ids.tolist()
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.free_ids = list(range(num_blocks))
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_ids):
@@ -56,7 +55,15 @@ class ListReserver:
         return out
 
     def free(self, block_ids: list[int]) -> None:
+        if len(set(block_ids)) != len(block_ids) or set(block_ids) & set(self.free_ids):
+            raise RuntimeError(f"freeing blocks that are already free: {block_ids}")
         self.free_ids.extend(block_ids)
+
+    def order(self, seed: int | None) -> None:
+        """Sort the free list (None) or shuffle it with this seed."""
+        self.free_ids.sort()
+        if seed is not None:
+            self.free_ids = np.random.default_rng(seed).permutation(self.free_ids).tolist()
 
 
 def read_tokens(pool: torch.Tensor, layout: KVLayout, block_ids: list[int],
@@ -71,23 +78,29 @@ def read_tokens(pool: torch.Tensor, layout: KVLayout, block_ids: list[int],
 class _Peer:
     def __init__(self) -> None:
         self.now = 0.0
+        self.transfer = None
+        self.sending: list[int] = []
+        self.layers_ready = 0
 
-    async def init(self, role: str, config: dict, layout: dict, fragmented: bool = False,
-                   seed: int = 0, fake_clock: bool = False) -> dict:
+    async def init(self, role: str, config: dict, layout: dict, seed: int = 0,
+                   fake_clock: bool = False) -> dict:
         self.config = TransportConfig(**config)
         self.layout = KVLayout.from_wire(layout)
-        self.reserver = ListReserver(self.layout.num_blocks, fragmented, seed)
+        self.reserver = ListReserver(self.layout.num_blocks)
         self.pool = self.layout.allocate()
         if role == "sender":
             gen = torch.Generator().manual_seed(seed)
             self.pool.copy_(torch.randn(self.layout.shape, generator=gen))
             self.sender = make_sender(self.config)
             return {}
-        clock = (lambda: self.now) if fake_clock else None
-        self.receiver = make_receiver(self.config, self.pool, self.layout, self.reserver,
-                                      **({"clock": clock} if clock else {}))
+        clock = (lambda: self.now) if fake_clock else time.monotonic
+        self.receiver = make_receiver(self.config, self.pool, self.layout, self.reserver, clock)
         await self.receiver.start()
         return {"port": self.receiver.port}
+
+    async def order(self, seed: int | None = None) -> dict:
+        self.reserver.order(seed)
+        return {}
 
     async def reserve(self, num_tokens: int, ttl_s: float | None = None) -> dict:
         return self.receiver.reserve(num_tokens, ttl_s).to_wire()
@@ -96,22 +109,41 @@ class _Peer:
         got = await self.receiver.wait(lease_id, timeout_s)
         return {"block_ids": got.block_ids, "stats": got.stats.to_dict()}
 
-    async def send(self, lease: dict, strategy: str = "contiguous", die_after_layers: int = -1,
-                   timeout_s: float = 10.0) -> dict:
+    async def abort(self, lease_id: str) -> dict:
+        return {"aborted": self.receiver.abort(lease_id)}
+
+    async def start(self, lease: dict, strategy: str = "contiguous", layers: int = 0) -> dict:
+        """Start a transfer with its first ``layers`` ready; ``finish`` sends the rest."""
         desc = LeaseDescriptor.from_wire(lease)
-        ids = self.reserver.allocate(self.layout.blocks_for(desc.num_tokens))
+        self.sending = self.reserver.allocate(self.layout.blocks_for(desc.num_tokens))
         try:
-            transfer = await self.sender.start(desc, self.pool, self.layout, ids, strategy)
-            if die_after_layers >= 0:
-                for layer in range(die_after_layers):
-                    transfer.layer_ready(layer)
-                await asyncio.sleep(0.2)
-                os._exit(17)  # a sender that dies mid-transfer
-            transfer.all_layers_ready()
-            stats = await transfer.finish(timeout_s)
+            self.transfer = await self.sender.start(desc, self.pool, self.layout, self.sending,
+                                                    strategy)
+        except BaseException:
+            self._release()
+            raise
+        for layer in range(layers):
+            self.transfer.layer_ready(layer)
+        self.layers_ready = layers
+        return {"block_ids": self.sending}
+
+    async def finish(self, timeout_s: float = 10.0) -> dict:
+        try:
+            for layer in range(self.layers_ready, self.transfer.num_layers):
+                self.transfer.layer_ready(layer)
+            stats = await self.transfer.finish(timeout_s)
         finally:
-            self.reserver.free(ids)
+            ids = self._release()
         return {"block_ids": ids, "stats": stats.to_dict()}
+
+    async def send(self, lease: dict, strategy: str = "contiguous", timeout_s: float = 10.0) -> dict:
+        await self.start(lease, strategy)
+        return await self.finish(timeout_s)
+
+    def _release(self) -> list[int]:
+        ids, self.sending, self.transfer = self.sending, [], None
+        self.reserver.free(ids)
+        return ids
 
     async def read(self, block_ids: list[int], num_tokens: int) -> dict:
         kv = read_tokens(self.pool, self.layout, block_ids, num_tokens).float()
@@ -122,11 +154,15 @@ class _Peer:
         return {}
 
     async def status(self) -> dict:
-        return {"free_blocks": len(self.reserver.free_ids), "leases": len(self.receiver.leases)}
+        leases = len(self.receiver.leases) if hasattr(self, "receiver") else 0
+        return {"free_blocks": len(self.reserver.free_ids), "leases": leases}
 
     async def advance(self, seconds: float) -> dict:
         self.now += seconds
         return {"expired": self.receiver.expire()}
+
+    async def die(self) -> None:
+        os._exit(17)  # a peer that dies mid-transfer, without closing anything
 
 
 async def _serve(stdin, stdout) -> None:

@@ -1,10 +1,14 @@
 """The control protocol shared by the networked backends (tcp, ucx).
 
-Per transfer, over one TCP control connection:
+Once per TCP control connection (kept open and reused by later transfers):
   receiver: challenge(nonce)        sender: hello(nonce, hmac)
-  receiver: welcome(hmac)           sender: begin(lease, layout, block ids, plan)
-  receiver: ready(tag base, addr)   ... data: layer by layer, by the data plane ...
+  receiver: welcome(hmac)
+Per transfer, on an idle connection (one round trip before data, one after):
+  sender:   begin(lease, layout, block ids, plan)
+  receiver: ready(tag base, data-plane address, lease time left)
+  ... data: layer by layer, by the data plane ...
   sender:   commit(bytes)           receiver: committed  (or error / abort)
+Any failure closes the connection; the sender reconnects for the next transfer.
 The control connection also tells the receiver that a sender died (UCX
 endpoints over shared memory do not), so its lease is freed at once.
 """
@@ -30,6 +34,11 @@ from .lease import BlockReserver
 from .receiver import LeasingReceiver
 from .plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
 from .wire import NONCE_BYTES, WireError, mac, verify
+
+# The sender stops writing this long before the receiver frees the lease (one-way latency).
+_LEASE_MARGIN_S = 0.1
+# Authenticated idle connections a sender keeps per receiver for its next transfers.
+_IDLE_PER_PEER = 4
 
 
 class SendLink(ABC):
@@ -96,11 +105,13 @@ class SocketReceiver(LeasingReceiver):
     def __init__(self, plane: DataPlane, pool: torch.Tensor, layout: KVLayout,
                  reserver: BlockReserver, secret: bytes, host: str = "127.0.0.1", port: int = 0,
                  lease_ttl_s: float = 30.0, timeout_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, max_connections: int = 64) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_connections: int = 64,
+                 idle_s: float = 60.0) -> None:
         super().__init__(plane.name, pool, layout, reserver, host, port, lease_ttl_s, clock)
         self._plane = plane
         self._secret = secret
         self._timeout_s = timeout_s
+        self._idle_s = idle_s
         self._max_connections = max_connections
         self._handlers: set[asyncio.Task] = set()
         self._staging = StagingPool()
@@ -138,15 +149,29 @@ class SocketReceiver(LeasingReceiver):
             task.add_done_callback(self._handlers.discard)
 
     async def _serve(self, ch: Channel) -> None:
-        lease_id = None
-        link = None
-        stages: list[torch.Tensor] = []
         try:
             await _handshake_receiver(ch, self._secret)
-            begin = await ch.recv("begin")
-            lease_id = begin["lease_id"]
-            this_task = asyncio.current_task()
-            block_ids = self.begin_writing(lease_id, lambda: _stop(link, this_task))
+            while True:
+                try:
+                    begin = await ch.recv("begin", self._idle_s)
+                except TransferError as e:
+                    if e.code in ("timeout", "peer"):
+                        return  # idle too long, or the sender left: nothing to tell
+                    raise
+                await self._transfer(ch, begin)
+        except TransferError as e:
+            await ch.try_send_error(e)
+        finally:
+            ch.close()
+
+    async def _transfer(self, ch: Channel, begin: dict) -> None:
+        lease_id = begin["lease_id"]
+        link = None
+        stages: list[torch.Tensor] = []
+        this_task = asyncio.current_task()
+        # Raises for a lease that is unknown or already being written (left alone).
+        block_ids = self.begin_writing(lease_id, lambda: _stop(link, this_task))
+        try:
             try:
                 plan = build_plan(KVLayout.from_wire(begin["layout"]), begin["block_ids"],
                                   self.layout, block_ids, begin["num_tokens"],
@@ -164,7 +189,8 @@ class SocketReceiver(LeasingReceiver):
                 bufs = [op_views(plan, self.pool, layer, "dst") for layer in range(layers)]
             tag_base = secrets.randbits(31) << 32
             link = await self._plane.open_recv(begin["address"], tag_base, bufs)
-            await ch.send("ready", tag_base=tag_base, address=self._plane.address())
+            await ch.send("ready", tag_base=tag_base, address=self._plane.address(),
+                          remaining_s=float(self.leases.remaining_s(lease_id)))
 
             def on_layer(layer: int) -> None:
                 if plan.staged:
@@ -178,17 +204,12 @@ class SocketReceiver(LeasingReceiver):
                 self.backend, plan.strategy.value, plan.total_bytes,
                 plan.ops_per_layer * layers, plan.runs, layers, time.perf_counter() - started))
             await ch.send("committed")
-        except TransferError as e:
-            await ch.try_send_error(e)
-            _stop(link, None)
-            self.fail(lease_id)
         except BaseException:
             _stop(link, None)
             self.fail(lease_id)
             raise
         finally:
             self._staging.give(stages)
-            ch.close()
 
 
 def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:
@@ -201,8 +222,11 @@ def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:
 
 class SocketTransfer(Transfer):
     def __init__(self, backend: str, ch: Channel, link: SendLink, plan: TransferPlan,
-                 pool: torch.Tensor, staging: StagingPool, timeout_s: float) -> None:
+                 pool: torch.Tensor, staging: StagingPool, timeout_s: float,
+                 deadline: float, reuse: Callable[[Channel], None]) -> None:
         self.state = TransferState.WAITING
+        self._deadline = deadline
+        self._reuse = reuse
         self._backend = backend
         self._ch, self._link, self._plan, self._pool = ch, link, plan, pool
         self._staging = staging
@@ -230,11 +254,14 @@ class SocketTransfer(Transfer):
         try:
             plan = self._plan
             for i in range(self.num_layers):
-                layer = await wait_for(self._ready.get(), self._timeout_s,
-                                       "waiting for the engine's next layer")
+                layer = (self._ready.get_nowait() if not self._ready.empty() else
+                         await wait_for(self._ready.get(), self._timeout_s,
+                                        "waiting for the engine's next layer"))
                 if i == 0:
                     self.state = TransferState.TRANSFERRING
                     self._started = time.perf_counter()
+                if time.monotonic() > self._deadline:
+                    raise TransferError("lease", "the lease expires before the KV is written")
                 if plan.staged:
                     stages.append(self._staging.take(plan.layer_bytes))
                     gather_layer(plan, self._pool, layer, stages[-1])
@@ -246,6 +273,7 @@ class SocketTransfer(Transfer):
             await self._ch.send("commit", nbytes=plan.total_bytes)
             await self._ch.recv("committed")
             self.state = TransferState.DONE
+            self._reuse(self._ch)
             return TransferStats(self._backend, plan.strategy.value, plan.total_bytes,
                                  plan.ops_per_layer * self.num_layers, plan.runs,
                                  self.num_layers, time.perf_counter() - self._started)
@@ -255,7 +283,8 @@ class SocketTransfer(Transfer):
         finally:
             self._staging.give(stages)
             self._link.close()
-            self._ch.close()
+            if self.state is not TransferState.DONE:
+                self._ch.close()
 
     async def finish(self, timeout_s: float | None = None) -> TransferStats:
         try:
@@ -285,6 +314,28 @@ class SocketSender(KVSender):
         self._timeout_s = timeout_s
         self._gather_threshold = gather_threshold
         self._staging = StagingPool()
+        # Authenticated control connections between transfers, by receiver (host, port).
+        self._idle: dict[tuple[str, int], list[Channel]] = {}
+
+    async def _channel(self, host: str, port: int) -> tuple[Channel, bool]:
+        """An idle connection to the receiver (True) or a new authenticated one."""
+        idle = self._idle.get((host, port))
+        if idle:
+            return idle.pop(), True
+        ch = await Channel.connect(host, port, self._timeout_s)
+        try:
+            await _handshake_sender(ch, self._secret)
+        except BaseException:
+            ch.close()
+            raise
+        return ch, False
+
+    def _keep(self, host: str, port: int, ch: Channel) -> None:
+        idle = self._idle.setdefault((host, port), [])
+        if len(idle) < _IDLE_PER_PEER:
+            idle.append(ch)
+        else:
+            ch.close()
 
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
                     block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
@@ -298,16 +349,32 @@ class SocketSender(KVSender):
                               lease.num_tokens, strategy, self._gather_threshold)
         except ValueError as e:
             raise TransferError("plan", str(e), lease.lease_id) from None
-        ch = await Channel.connect(lease.host, lease.port, self._timeout_s)
-        try:
-            await _handshake_sender(ch, self._secret)
-            await ch.send("begin", lease_id=lease.lease_id, layout=layout.to_wire(),
-                          block_ids=[int(b) for b in block_ids], num_tokens=lease.num_tokens,
-                          strategy=Strategy(strategy).value,
-                          gather_threshold=self._gather_threshold, address=self._plane.address())
-            ready = await ch.recv("ready")
-            link = await self._plane.open_send(ready["address"], ready["tag_base"])
-        except BaseException:
-            ch.close()
-            raise
-        return SocketTransfer(self.backend, ch, link, plan, pool, self._staging, self._timeout_s)
+        while True:
+            ch, reused = await self._channel(lease.host, lease.port)
+            try:
+                await ch.send("begin", lease_id=lease.lease_id, layout=layout.to_wire(),
+                              block_ids=[int(b) for b in block_ids], num_tokens=lease.num_tokens,
+                              strategy=Strategy(strategy).value,
+                              gather_threshold=self._gather_threshold,
+                              address=self._plane.address())
+                ready = await ch.recv("ready")
+                link = await self._plane.open_send(ready["address"], ready["tag_base"])
+                break
+            except TransferError as e:
+                ch.close()
+                if reused and e.code == "peer":
+                    continue  # the receiver closed this idle connection: use a new one
+                raise
+            except BaseException:
+                ch.close()
+                raise
+        # Stop writing before the receiver frees the lease (margin: one-way latency).
+        deadline = time.monotonic() + ready["remaining_s"] - _LEASE_MARGIN_S
+        return SocketTransfer(self.backend, ch, link, plan, pool, self._staging, self._timeout_s,
+                              deadline, lambda done: self._keep(lease.host, lease.port, done))
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for ch in idle:
+                ch.close()
+        self._idle.clear()

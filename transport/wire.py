@@ -25,7 +25,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "welcome": {"mac": bytes},
     "begin": {"lease_id": str, "layout": dict, "block_ids": list, "num_tokens": int,
               "strategy": str, "gather_threshold": int, "address": bytes},
-    "ready": {"tag_base": int},
+    "ready": {"tag_base": int, "address": bytes, "remaining_s": float},
     "layer": {"layer": int, "nbytes": int},
     "commit": {"nbytes": int},
     "committed": {},

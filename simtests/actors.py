@@ -1,0 +1,141 @@
+"""Modelled actors: what one prefill, decode or aggregated actor is doing, and how long it
+takes, from the performance model.
+
+Decode is modelled by epochs, not steps: between two changes of its batch (a sequence
+joins or finishes) a decode actor's step time grows linearly with the batch's context
+(a + b*B + c*C, C rising by B per step), so the time of k steps has a closed form and
+its inverse too. The simulator then needs one event per join and finish instead of
+one per step (millions of steps an hour per actor at cluster scale). Sequences join
+at fractional step positions: at most one step early, which the TPOT figures absorb.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from scenarios.perf_model import PerfModel
+
+PREFILL, DECODE, BOTH = 0, 1, 2
+ROLE_NAMES = ("prefill", "decode", "both")
+ROLES = {name: i for i, name in enumerate(ROLE_NAMES)}
+
+
+class Actor:
+    __slots__ = (
+        "id", "role", "pool", "draining", "next_role", "next_pool", "model",
+        # prefill
+        "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s",
+        # decode
+        "t0", "steps", "size", "ctx", "members", "reserved", "capacity", "kv_version", "version", "paused",
+        "decode_busy_s", "da", "db", "dc",
+        # time spent in each role, for utilisation
+        "role_since", "role_s",
+    )
+
+    def __init__(self, aid: int, role: int, pool: int, model: PerfModel, now: float = 0.0):
+        self.id, self.role, self.pool = aid, role, pool
+        self.draining, self.next_role, self.next_pool = False, role, pool
+        self.model = model
+        self.queue: deque[int] = deque()
+        self.queued_tokens = self.queued_requests = 0
+        self.batch: list[int] = []
+        self.busy = False
+        self.rate = 0.0  # measured prefill tokens/s, smoothed like the live actor's; 0 until measured
+        self.link_free = 0.0  # when this actor's NIC finishes the transfers queued on it
+        self.prefill_busy_s = self.decode_busy_s = 0.0
+        self.t0, self.steps, self.size, self.ctx = now, 0.0, 0, 0.0
+        self.members: list[tuple[float, int]] = []  # (step at which it finishes, request)
+        self.reserved = 0  # KV tokens reserved by leases
+        self.capacity = model.kv_capacity_tokens
+        self.kv_version = self.version = 0  # bumped when free KV / the batch changes: stale events skip
+        self.paused = False  # aggregated: decode stalls while a prefill batch runs
+        self.da, self.db, self.dc = model.decode.coef
+        self.role_since, self.role_s = now, [0.0, 0.0, 0.0]
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.reserved
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+    @property
+    def empty(self) -> bool:
+        """Nothing queued, running or reserved: a drain is complete."""
+        return self.idle and not self.members and not self.reserved
+
+    def load(self) -> int:
+        return self.queued_requests + self.size
+
+    def switch(self, now: float) -> None:
+        """End a drain: take the new role and pool (same weights, no reload)."""
+        self.role_s[self.role] += now - self.role_since
+        self.role, self.pool, self.role_since, self.draining = self.next_role, self.next_pool, now, False
+
+    # -- prefill -------------------------------------------------------------------------
+    def take_batch(self, prompt: list[int]) -> float:
+        """Moves queued requests into a batch up to the token budget (at least one) and
+        returns its duration."""
+        budget, tokens, sumsq = self.model.max_batch_tokens, 0, 0
+        q, batch = self.queue, self.batch
+        while q and (not batch or tokens + prompt[q[0]] <= budget):
+            rid = q.popleft()
+            batch.append(rid)
+            p = prompt[rid]
+            tokens += p
+            sumsq += p * p
+        seconds = self.model.prefill_s(tokens, sumsq)
+        measured = tokens / seconds
+        self.rate = measured if self.rate == 0 else 0.8 * self.rate + 0.2 * measured
+        self.busy = True
+        self.prefill_busy_s += seconds
+        return seconds
+
+    # -- decode, by epochs -----------------------------------------------------------------
+    def advance(self, now: float) -> None:
+        """Moves the batch's step count and context to `now`."""
+        dt = now - self.t0
+        if dt > 0 and self.size and not self.paused:
+            alpha = self.da + self.db * self.size + self.dc * self.ctx
+            q = self.dc * self.size
+            # k with alpha*k + q*k^2/2 = dt, in the form that does not cancel when q*dt is small
+            k = 2 * dt / (alpha + math.sqrt(alpha * alpha + 2 * q * dt))
+            self.steps += k
+            self.ctx += self.size * k
+            self.decode_busy_s += dt
+        self.t0 = now
+
+    def next_finish_s(self) -> float:
+        """When the first member finishes, at the current batch; inf when none or paused."""
+        if not self.members or self.paused:
+            return math.inf
+        k = self.members[0][0] - self.steps
+        if k <= 0:
+            return self.t0
+        alpha = self.da + self.db * self.size + self.dc * self.ctx
+        return self.t0 + k * (alpha + 0.5 * self.dc * self.size * k)
+
+    def join(self, rid: int, prompt: int, output: int) -> None:
+        """A sequence enters the batch after its first token (sampled by prefill): output-1 steps."""
+        heapq.heappush(self.members, (self.steps + output - 1, rid))
+        self.size += 1
+        self.ctx += prompt + 1
+        self.version += 1
+
+    def finished(self, prompt: list[int], output: list[int]) -> list[int]:
+        """Pops the members whose last step is done (called at the first one's finish time,
+        so that one is done whatever the rounding); their context leaves the batch."""
+        members = self.members
+        self.steps = max(self.steps, members[0][0])
+        done = []
+        while members and members[0][0] <= self.steps + 1e-6:
+            rid = heapq.heappop(members)[1]
+            done.append(rid)
+            self.ctx -= prompt[rid] + output[rid]
+        self.size -= len(done)
+        self.version += 1
+        if not self.size:
+            self.ctx = 0.0  # drop accumulated rounding with the last sequence
+        return done

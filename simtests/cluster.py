@@ -1,0 +1,70 @@
+"""The simulated cluster: scenario specs (their initial prefill/decode counts, scaled to a
+total actor count), one performance model per scenario, the controller's settings, and
+the variant of serving being simulated (what the comparisons change)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from scenarios.controller import Settings
+from scenarios.perf_model import PerfModel, builtin, load_profile
+from scenarios.spec import ScenarioSpec, SpecError, load_specs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the cluster serves; every comparison flips one of these."""
+    pools: Literal["scenario", "mixed"] = "scenario"  # a pool per scenario, or one pool for all
+    placement: Literal["forward", "central"] = "forward"  # offers with forward on rejection, or stale reports
+    transfer: Literal["contiguous", "block"] = "contiguous"  # one op per layer per K/V, or one per block
+    serving: Literal["disaggregated", "aggregated"] = "disaggregated"
+    controller: bool = True  # the live ratio controller (per-scenario pools only)
+    report_interval_s: float = 1.0  # central: how often actors report their queues
+    admission_timeout_s: float = 5.0  # gateway: how long a request may wait for a prefill actor
+
+
+@dataclass(frozen=True)
+class Cluster:
+    specs: list[ScenarioSpec]
+    models: dict[str, PerfModel]  # by scenario name
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def actors(self) -> int:
+        return sum(s.prefill + s.decode for s in self.specs)
+
+
+def load_cluster(specs_path: str | Path, profile: str, actors: int | None = None,
+                 settings: Settings = Settings()) -> Cluster:
+    """profile: a built-in profile name or a profile file; the same model serves every scenario."""
+    specs = load_specs(specs_path)
+    if actors is not None:
+        specs = scaled(specs, actors)
+    model = load_profile(profile) if Path(profile).suffix in (".yaml", ".yml", ".json") else builtin(profile)
+    # one PerfModel per scenario: the live controller refines each from its own pool's measurements
+    return Cluster(specs, {s.name: model for s in specs}, settings)
+
+
+def scaled(specs: list[ScenarioSpec], actors: int) -> list[ScenarioSpec]:
+    """The specs with their initial counts scaled to `actors` in all (largest remainders), each
+    role at least 1 and within its limits: the same split on a cluster of another size."""
+    counts = [c for s in specs for c in (s.prefill, s.decode)]
+    total = sum(counts)
+    if actors < len(counts) or not total:
+        raise SpecError(f"--actors {actors}: need at least one actor per role of each scenario ({len(counts)})")
+    exact = [c * actors / total for c in counts]
+    out = [max(1, int(x)) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: int(exact[i]) - exact[i]):
+        if sum(out) >= actors:
+            break
+        out[i] += 1
+    while sum(out) > actors:  # the at-least-one floor overshot: take from the largest
+        out[out.index(max(out))] -= 1
+    scaled_specs = []
+    for k, s in enumerate(specs):
+        p, d = out[2 * k], out[2 * k + 1]
+        limits = {r: lim.model_copy(update={"min": min(lim.min, n), "max": max(lim.max, n)})
+                  for (r, lim), n in zip(s.limits.items(), (p, d))}
+        scaled_specs.append(s.model_copy(update={"prefill": p, "decode": d, "limits": limits}))
+    return scaled_specs

@@ -1,0 +1,384 @@
+"""The discrete-event simulator: a request's path through a modelled pdmesh cluster.
+
+The policies are the live ones: prefill admission is `mesh.admission.PrefillAdmission`,
+the forwarding limits (offers per request, pause between passes) are
+`mesh.routing.ForwardOnRejection`, the ratio controller is `scenarios.controller`
+(see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
+the performance model.
+
+Speed: arrivals are read in order from the workload rather than pushed on the heap;
+the heap holds only what actors and timers schedule; per-request state lives in flat
+lists indexed by request id; decode costs one event per join and finish (epochs).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+
+from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+from mesh.routing import ForwardOnRejection
+from simtests.actors import BOTH, DECODE, PREFILL, Actor
+from simtests.cluster import Cluster, Variant
+from simtests.control import ControlLoop
+from simtests.pools import Pool
+from simtests.results import Run
+from simtests.workload import Workload
+
+# event kinds
+PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, CONTROL, REPORT = range(6)
+# request states
+ACTIVE, DONE, REJECTED = 0, 1, 2
+
+
+class Simulator:
+    def __init__(self, cluster: Cluster, variant: Variant = Variant(),
+                 admission: PrefillAdmission = PrefillAdmission(),
+                 forwarding: ForwardOnRejection = ForwardOnRejection()):
+        self.cluster, self.variant = cluster, variant
+        self.admission, self.forwarding = admission, forwarding
+        specs = cluster.specs
+        self.names = [s.name for s in specs]
+        self.aggregated = variant.serving == "aggregated"
+        self.contiguous = variant.transfer == "contiguous"
+        self.central = variant.placement == "central"
+        if variant.pools == "mixed":
+            models = {s.model for s in specs}
+            if len(models) > 1:
+                raise ValueError(f"one mixed pool needs one model; the scenarios serve {sorted(models)}")
+            self.pools = [Pool(0, "mixed")]
+            self.pool_of = [0] * len(specs)
+        else:
+            self.pools = [Pool(i, s.name) for i, s in enumerate(specs)]
+            self.pool_of = list(range(len(specs)))
+        self.ttft_target = [s.slo.ttft_s for s in specs]
+        self.tpot_target = [s.slo.tpot_s for s in specs]
+        self.now = 0.0
+        self.actors: list[Actor] = []
+        for k, s in enumerate(specs):
+            pool = self.pools[self.pool_of[k]]
+            model = cluster.models[s.name]
+            roles = [BOTH] * (s.prefill + s.decode) if self.aggregated else [PREFILL] * s.prefill + [DECODE] * s.decode
+            for role in roles:
+                a = Actor(len(self.actors), role, pool.index, model)
+                self.actors.append(a)
+                pool.members.add(a.id)
+                self._enter(a)
+        self.heap: list[tuple] = []
+        self.seq = 0
+        self.events = 0
+        self.control: ControlLoop | None = None  # set by run() when the controller is on
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, w: Workload) -> "Run":
+        """Replays the workload to the last request's end; returns the raw run."""
+        n = len(w)
+        self.arrival = w.arrival_s.tolist()
+        self.prompt = w.prompt.tolist()
+        self.output = w.output.tolist()
+        self.scen = w.scenario.tolist()
+        self.deadline = [0.0] * n
+        self.t_first = [math.nan] * n
+        self.t_done = [math.nan] * n
+        self.xfer = [0.0] * n
+        self.decode_of = [-1] * n
+        self.offers = [0] * n
+        self.state = [ACTIVE] * n
+        self.active = 0
+        self.next_arrival = 0
+        if self.variant.controller and self.variant.pools == "scenario" and not self.aggregated:
+            self.control = ControlLoop(self)
+            self._push(self.cluster.settings.interval_s, CONTROL, 0, 0)
+        if self.central:
+            for pool in self.pools:
+                pool.report(self.actors)
+            self._push(self.variant.report_interval_s, REPORT, 0, 0)
+        handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._control,
+                    self._report)
+        arrival, heap, pop = self.arrival, self.heap, heapq.heappop
+        start = time.perf_counter()
+        events = 0
+        i = 0
+        while True:
+            if i < n and (not heap or arrival[i] <= heap[0][0]):
+                self.now = arrival[i]
+                self.next_arrival = i = i + 1
+                self._arrive(i - 1)
+            elif heap:
+                t, _, kind, x, y = pop(heap)
+                self.now = t
+                handlers[kind](x, y)
+            else:
+                break
+            events += 1
+        self.events = events
+        for rid in (r for p in self.pools for r in p.waiting):  # never got a decode reservation
+            self._reject(rid, account=False)
+        return Run(self, w, time.perf_counter() - start)
+
+    def _push(self, t: float, kind: int, x: int, y: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, x, y))
+
+    def _more_to_come(self) -> bool:
+        return self.next_arrival < len(self.arrival) or self.active > 0
+
+    # -- a request's path -----------------------------------------------------------------
+    def _arrive(self, rid: int) -> None:
+        self.active += 1
+        self.deadline[rid] = self.now + self.variant.admission_timeout_s
+        if self.control:
+            self.control.arrived(self.scen[rid], self.prompt[rid], self.output[rid])
+        self._place(self.pools[self.pool_of[self.scen[rid]]], rid)
+
+    def _place(self, pool: Pool, rid: int) -> None:
+        """Reserve decode KV (step 2 of the design), then find a prefill actor (step 3)."""
+        if not self.aggregated and self.decode_of[rid] < 0 and not self._reserve(pool, rid):
+            pool.waiting.append(rid)
+            return
+        if self.central:
+            self._central(pool, rid)
+        else:
+            self._offer(pool, rid)
+
+    def _reserve(self, pool: Pool, rid: int) -> bool:
+        need = self.prompt[rid] + self.output[rid]
+        a = pool.most_free(self.actors)
+        if a is None or a.free < need:
+            return False
+        a.reserved += need
+        pool.note_kv(a, self.actors)
+        self.decode_of[rid] = a.id
+        return True
+
+    def _offer(self, pool: Pool, rid: int) -> None:
+        """Forward on rejection: idle actors first (they always accept), then the busy ones in
+        turn, each answering from its own state; a whole pass rejected: pause and try again."""
+        fw, decide, actors = self.forwarding, self.admission.decide, self.actors
+        now, p = self.now, self.prompt[rid]
+        offers, time_left = self.offers[rid], self.deadline[rid] - now
+        offer = Offer(p, self.ttft_target[self.scen[rid]] - (now - self.arrival[rid]), time_left)
+        need = p + self.output[rid] if self.aggregated else 0  # aggregated: KV on the prefill actor itself
+        retry = math.inf
+        no_room = []
+        while pool.idle and fw.may_offer(offers, time_left):
+            a = actors[pool.idle.pop()]
+            offers += 1
+            if a.free < need:
+                no_room.append(a.id)
+                continue
+            if decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), offer).accept:
+                pool.idle.update(no_room)
+                self._accept(pool, a, rid)
+                return
+        pool.idle.update(no_room)
+        members = pool.prefill
+        m, j = len(members), 0
+        while j < m and fw.may_offer(offers, time_left):
+            a = actors[members[(pool.cursor + j) % m]]
+            j += 1
+            if a.idle:  # offered above
+                continue
+            offers += 1
+            if a.free < need:
+                continue
+            d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), offer)
+            if d.accept:
+                pool.cursor = (pool.cursor + j) % m
+                self._accept(pool, a, rid)
+                return
+            retry = min(retry, d.retry_after_s)
+        if m:
+            pool.cursor = (pool.cursor + j) % m
+        self.offers[rid] = offers
+        if fw.may_offer(offers, time_left):
+            self._push(now + fw.pause_s(None if retry == math.inf else retry, time_left), RETRY, rid, 0)
+        else:
+            self._reject(rid)
+
+    def _central(self, pool: Pool, rid: int) -> None:
+        """The baseline: the actor with the least queue by the last report (plus what was
+        placed since); it always takes the request."""
+        a = pool.least_reported(self.actors, self.prompt[rid])
+        if a is None:  # no prefill actor at the last report: wait for the next
+            self._push(self.now + self.variant.report_interval_s, RETRY, rid, 0)
+        else:
+            self._accept(pool, a, rid)
+
+    def _accept(self, pool: Pool, a: Actor, rid: int) -> None:
+        if self.aggregated:
+            need = self.prompt[rid] + self.output[rid]
+            a.reserved += need
+            self.decode_of[rid] = a.id
+        a.queue.append(rid)
+        a.queued_tokens += self.prompt[rid]
+        a.queued_requests += 1
+        pool.idle.discard(a.id)
+        if not a.busy:
+            self._start_prefill(a)
+
+    def _start_prefill(self, a: Actor) -> None:
+        seconds = a.take_batch(self.prompt)
+        if a.role == BOTH:  # prefill first: the decode batch stalls while the prompt runs
+            a.advance(self.now)
+            a.paused = True
+            a.version += 1
+        self._push(self.now + seconds, PREFILL_DONE, a.id, 0)
+
+    def _prefill_done(self, aid: int, _: int) -> None:
+        a, now = self.actors[aid], self.now
+        batch, a.batch, a.busy = a.batch, [], False
+        prompt, t_first = self.prompt, self.t_first
+        for rid in batch:
+            t_first[rid] = now  # the first token is sampled by prefill and streamed at once
+            a.queued_tokens -= prompt[rid]
+        a.queued_requests -= len(batch)
+        if a.role == BOTH:
+            a.advance(now)
+            a.paused = False
+            for rid in batch:
+                self._join(a, rid)
+            self._schedule_decode(a)
+        else:
+            self._send(a, batch)
+        if a.queue:
+            self._start_prefill(a)
+        elif a.draining:
+            self._maybe_drained(a)
+        else:
+            self.pools[a.pool].idle.add(aid)
+
+    def _send(self, a: Actor, batch: list[int]) -> None:
+        """KV to each request's decode actor, one after another on this actor's link."""
+        model, now, kvb = a.model, self.now, a.model.kv_bytes_per_token
+        for rid in batch:
+            p = self.prompt[rid]
+            seconds = model.transfer_s(model.transfer_ops(p, self.contiguous), p * kvb)
+            a.link_free = max(now, a.link_free) + seconds
+            self.xfer[rid] = seconds
+            self._push(a.link_free, TRANSFER_DONE, rid, 0)
+
+    def _transfer_done(self, rid: int, _: int) -> None:
+        a = self.actors[self.decode_of[rid]]
+        a.advance(self.now)
+        self._join(a, rid)
+        self._schedule_decode(a)
+
+    def _join(self, a: Actor, rid: int) -> None:
+        if self.output[rid] <= 1:  # the prefill's token was the only one
+            self._finish(a, rid)
+            self._released(a)
+        else:
+            a.join(rid, self.prompt[rid], self.output[rid])
+
+    def _schedule_decode(self, a: Actor) -> None:
+        t = a.next_finish_s()
+        if t < math.inf:
+            self._push(t, DECODE_NEXT, a.id, a.version)
+
+    def _decode_next(self, aid: int, version: int) -> None:
+        a = self.actors[aid]
+        if version != a.version:  # the batch changed since: a later event stands for it
+            return
+        a.advance(self.now)
+        for rid in a.finished(self.prompt, self.output):
+            self._finish(a, rid)
+        self._schedule_decode(a)
+        self._released(a)
+
+    def _finish(self, a: Actor, rid: int) -> None:
+        self.t_done[rid] = self.now
+        self.state[rid] = DONE
+        a.reserved -= self.prompt[rid] + self.output[rid]
+        self.active -= 1
+        if self.control:
+            s, out = self.scen[rid], self.output[rid]
+            tpot = (self.now - self.t_first[rid]) / (out - 1) if out > 1 else 0.0
+            self.control.finished(s, self.t_first[rid] - self.arrival[rid] <= self.ttft_target[s],
+                                  tpot <= self.tpot_target[s])
+
+    def _released(self, a: Actor) -> None:
+        """a's KV was freed: index it again, admit waiting requests, end its drain if empty."""
+        if a.draining:
+            self._maybe_drained(a)
+        elif a.role == DECODE:
+            pool = self.pools[a.pool]
+            pool.note_kv(a, self.actors)
+            if pool.waiting:
+                self._admit_waiting(pool)
+
+    def _admit_waiting(self, pool: Pool) -> None:
+        waiting = pool.waiting
+        while waiting:
+            rid = waiting[0]
+            if self.now > self.deadline[rid]:
+                waiting.popleft()
+                self._reject(rid)
+            elif self._reserve(pool, rid):
+                waiting.popleft()
+                self._central(pool, rid) if self.central else self._offer(pool, rid)
+            else:
+                return
+
+    def _retry(self, rid: int, _: int) -> None:
+        self._place(self.pools[self.pool_of[self.scen[rid]]], rid)
+
+    def _reject(self, rid: int, account: bool = True) -> None:
+        """RESOURCE_EXHAUSTED to the client; its decode reservation is freed."""
+        self.state[rid] = REJECTED
+        self.t_done[rid] = self.now
+        self.active -= 1
+        d = self.decode_of[rid]
+        if d >= 0:
+            a = self.actors[d]
+            a.reserved -= self.prompt[rid] + self.output[rid]
+            self._released(a)
+        if self.control and account:
+            self.control.finished(self.scen[rid], False, True)
+
+    # -- timers ---------------------------------------------------------------------------
+    def _control(self, _: int, __: int) -> None:
+        self.control.tick(self.now)
+        if self._more_to_come():
+            self._push(self.now + self.cluster.settings.interval_s, CONTROL, 0, 0)
+
+    def _report(self, _: int, __: int) -> None:
+        for pool in self.pools:
+            pool.report(self.actors)
+        if self._more_to_come():
+            self._push(self.now + self.variant.report_interval_s, REPORT, 0, 0)
+
+    # -- moving actors (the controller's connector calls these) ------------------------------
+    def move(self, a: Actor, role: int, pool: int) -> None:
+        """Drain a, then switch it to `role` in `pool`: it takes no new work from now."""
+        self._leave(a)
+        self.pools[a.pool].members.discard(a.id)
+        self.pools[pool].members.add(a.id)
+        a.next_role, a.next_pool, a.draining = role, pool, True
+        self._maybe_drained(a)
+
+    def _leave(self, a: Actor) -> None:
+        pool = self.pools[a.pool]
+        if a.role == DECODE:
+            pool.decode.remove(a.id)
+            a.kv_version += 1  # its entries in the free-KV heap are stale from now
+        else:
+            pool.prefill.remove(a.id)
+            pool.idle.discard(a.id)
+
+    def _maybe_drained(self, a: Actor) -> None:
+        if a.draining and a.empty:
+            a.switch(self.now)
+            self._enter(a)
+
+    def _enter(self, a: Actor) -> None:
+        pool = self.pools[a.pool]
+        if a.role == DECODE:
+            pool.decode.append(a.id)
+            pool.note_kv(a, self.actors)
+            if pool.waiting:
+                self._admit_waiting(pool)
+        else:
+            pool.prefill.append(a.id)
+            if a.idle:
+                pool.idle.add(a.id)

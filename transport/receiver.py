@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -12,6 +13,10 @@ import torch
 from .base import KVReceiver, LeaseDescriptor, ReceivedKV, TransferError, TransferStats, wait_for
 from .layout import KVLayout
 from .lease import BlockReserver, LeaseError, LeaseTable
+
+# Outcomes of ended leases kept for a late ``wait`` (the commit may land before the
+# engine asks); past this many, the oldest go, so unclaimed leases cannot pile up.
+_KEEP_ENDED = 1024
 
 
 class LeasingReceiver(KVReceiver):
@@ -26,6 +31,7 @@ class LeasingReceiver(KVReceiver):
         self._ttl_s = lease_ttl_s
         self.leases = LeaseTable(reserver, layout.block_size, clock)
         self._waiters: dict[str, asyncio.Future] = {}
+        self._ended_ids: deque[str] = deque()
         # lease id -> what stops its transfer (called before its blocks are freed)
         self._stoppers: dict[str, Callable[[], None]] = {}
 
@@ -89,3 +95,6 @@ class LeasingReceiver(KVReceiver):
         if fut is not None and not fut.done():
             fut.set_exception(TransferError("lease", "lease ended without a commit", lease_id))
             fut.exception()  # retrieved here: nobody may be waiting
+        self._ended_ids.append(lease_id)
+        while len(self._ended_ids) > _KEEP_ENDED:
+            self._waiters.pop(self._ended_ids.popleft(), None)

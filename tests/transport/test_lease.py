@@ -1,0 +1,79 @@
+"""Leases on a fake clock: reserve, write, commit; abort and expiry give blocks back."""
+from __future__ import annotations
+
+import pytest
+
+from transport.lease import LeaseError, LeaseState, LeaseTable
+from transport.peer import ListReserver
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def table():
+    reserver = ListReserver(16)
+    clock = Clock()
+    yield LeaseTable(reserver, block_size=4, clock=clock), reserver, clock
+    assert sorted(reserver.free_ids) == list(range(16))
+
+
+def test_commit_hands_the_blocks_over(table):
+    leases, reserver, _ = table
+    lease = leases.reserve(9, ttl_s=5)
+    assert len(lease.block_ids) == 3 and len(reserver.free_ids) == 13
+    leases.start_writing(lease.lease_id)
+    ended = []
+    lease.on_end.append(ended.append)
+    assert leases.commit(lease.lease_id) == lease.block_ids
+    assert ended == [lease.lease_id] and len(leases) == 0
+    assert len(reserver.free_ids) == 13  # the blocks are the engine's now
+    reserver.free(lease.block_ids)
+
+
+def test_expiry_frees_and_ends(table):
+    leases, reserver, clock = table
+    a, b = leases.reserve(4, ttl_s=5), leases.reserve(4, ttl_s=50)
+    ended = []
+    a.on_end.append(ended.append)
+    clock.now += 5
+    assert leases.expire() == [a.lease_id] and ended == [a.lease_id]
+    with pytest.raises(LeaseError, match="unknown, expired"):
+        leases.start_writing(a.lease_id)
+    assert leases.remaining_s(b.lease_id) == 45
+    leases.abort_all()
+    assert len(leases) == 0 and len(reserver.free_ids) == 16
+
+
+def test_abort_is_idempotent(table):
+    leases, _, _ = table
+    lease = leases.reserve(1, ttl_s=5)
+    assert leases.abort(lease.lease_id) is True
+    assert leases.abort(lease.lease_id) is False
+
+
+def test_one_writer_per_lease(table):
+    leases, _, _ = table
+    lease = leases.reserve(1, ttl_s=5)
+    assert leases.start_writing(lease.lease_id).state is LeaseState.WRITING
+    with pytest.raises(LeaseError, match="already being written"):
+        leases.start_writing(lease.lease_id)
+    leases.abort(lease.lease_id)
+
+
+@pytest.mark.parametrize("tokens, ttl", [(0, 5), (4, 0)])
+def test_bad_reservations(table, tokens, ttl):
+    with pytest.raises(LeaseError, match="positive"):
+        table[0].reserve(tokens, ttl)
+
+
+def test_no_room_leaves_nothing_reserved(table):
+    leases, reserver, _ = table
+    with pytest.raises(RuntimeError, match="17 blocks asked"):
+        leases.reserve(68, ttl_s=5)
+    assert len(leases) == 0 and len(reserver.free_ids) == 16

@@ -18,5 +18,18 @@ else
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "torch==${torch_version}" -e "$spec"
+# The deploy tests run a real Prometheus (and its promtool): Debian's package, on
+# hosts that have apt; elsewhere they say what is missing.
+if [[ ",${1:-}," == *,test,* || ",${1:-}," == *,dev,* ]] && ! command -v prometheus >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+        echo "install: Debian's prometheus package (for tests/deploy)" >&2
+        $sudo apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "install: no apt-get: install Prometheus (prometheus, promtool) for tests/deploy yourself" >&2
+    fi
+fi
 # pyenv's shims only see a new console script after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi

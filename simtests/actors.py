@@ -86,7 +86,7 @@ class Actor:
             p = prompt[rid]
             tokens += p
             sumsq += p * p
-        seconds = self.model.prefill_s(tokens, sumsq)
+        seconds = max(self.model.prefill_s(tokens, sumsq), 1e-9)
         measured = tokens / seconds
         self.rate = measured if self.rate == 0 else 0.8 * self.rate + 0.2 * measured
         self.busy = True

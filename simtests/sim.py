@@ -112,8 +112,9 @@ class Simulator:
                 break
             events += 1
         self.events = events
-        for rid in (r for p in self.pools for r in p.waiting):  # never got a decode reservation
-            self._reject(rid, account=False)
+        for pool in self.pools:  # what never got a decode reservation
+            while pool.waiting:
+                self._reject(pool.waiting.popleft(), account=False)
         return Run(self, w, time.perf_counter() - start)
 
     def _push(self, t: float, kind: int, x: int, y: int) -> None:

@@ -40,13 +40,13 @@ class Keys:
 
     def check_inference(self, presented: str | None) -> None:
         if self.inference:
-            _check(presented, self.inference, "an API key")
+            _check(presented, self.inference, "API key")
 
     def check_admin(self, presented: str | None) -> None:
         if not self.admin:
             raise GatewayError("permission_denied", "the admin service is off: start the gateway with an admin "
                                                     "key (--admin-key-file or PDMESH_ADMIN_KEY)")
-        _check(presented, self.admin, "the admin key")
+        _check(presented, self.admin, "admin key")
 
 
 def _check(presented: str | None, keys: tuple[str, ...], what: str) -> None:

@@ -70,9 +70,9 @@ def test_health_and_reflection(channel):
 
 
 BAD = [
-    ("missing key", pb.GenerateRequest(text="hi"), (), grpc.StatusCode.UNAUTHENTICATED, "missing an API key"),
+    ("missing key", pb.GenerateRequest(text="hi"), (), grpc.StatusCode.UNAUTHENTICATED, "missing API key"),
     ("wrong key", pb.GenerateRequest(text="hi"), (("authorization", "Bearer nope"),),
-     grpc.StatusCode.UNAUTHENTICATED, "wrong an API key"),
+     grpc.StatusCode.UNAUTHENTICATED, "wrong API key"),
     ("empty prompt", pb.GenerateRequest(text=""), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty"),
     ("no prompt", pb.GenerateRequest(), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty"),
     ("over-long prompt", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 300)), AUTH,

@@ -1,21 +1,127 @@
-"""`pdmesh sim`: replay a trace on a simulated cluster."""
+"""`pdmesh sim`: replay a trace (or a synthetic mix) on a simulated cluster, once or as the
+four comparisons, and print tables (or JSON / Markdown) and, on request, PNG plots."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
 
+CONFIGS = Path(__file__).with_name("configs")
+
+
+def _mix(value: str) -> tuple[str, float, int, int]:
+    try:
+        name, rate, prompt, output = value.split(":")
+        return name, float(rate), int(prompt), int(output)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected SCENARIO:RATE:PROMPT:OUTPUT, e.g. chat:20:1000:300") from None
+
 
 @click.command("sim")
-@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), required=True,
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
               help="Mooncake JSONL, Azure CSV or BurstGPT CSV (detected from the file)")
 @click.option("--time-scale", default=1.0, show_default=True, help="multiply arrival times (< 1: more load)")
-@click.option("--repeat", default=1, show_default=True, help="overlay N copies of the trace, shifted in time")
-def command(trace_path: str, time_scale: float, repeat: int) -> None:
-    """Discrete-event simulation of a pdmesh cluster on a request trace."""
-    from simtests.traces import TraceError, read_trace, repeat as repeated
+@click.option("--repeat", default=1, show_default=True,
+              help="overlay N copies of the trace, each shifted in time, with its own prefix ids")
+@click.option("--limit", type=int, help="read only the first N rows of the trace")
+@click.option("--mix", "mixes", multiple=True, help="synthetic load instead of a trace: "
+              "SCENARIO:RATE:PROMPT:OUTPUT (requests/s, mean tokens); repeat for several scenarios")
+@click.option("--shape", type=click.Choice(["poisson", "tidal", "bursty"]), default="poisson", show_default=True,
+              help="synthetic arrivals: flat, day/night swings (scenarios out of phase), or bursts")
+@click.option("--duration", default=3600.0, show_default=True, help="synthetic load: seconds")
+@click.option("--period", default=600.0, show_default=True, help="synthetic load: seconds per tide or burst cycle")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--scenarios", "scenarios_path", type=click.Path(exists=True, dir_okay=False),
+              default=str(CONFIGS / "mooncake-4.yaml"), show_default=True, help="scenario specs (YAML)")
+@click.option("--profile", default="llama3-8b-h100", show_default=True,
+              help="performance model: a built-in profile name or a profile file")
+@click.option("--actors", type=int, help="scale the specs' initial counts to N actors in all")
+@click.option("--compare", "comparisons", type=click.Choice(["pools", "placement", "transfer", "serving", "all"]),
+              multiple=True, help="run pdmesh against a baseline on the same load (repeatable; all: the four)")
+@click.option("--pools", type=click.Choice(["scenario", "mixed"]), default="scenario", show_default=True)
+@click.option("--placement", type=click.Choice(["forward", "central"]), default="forward", show_default=True)
+@click.option("--transfer", type=click.Choice(["contiguous", "block"]), default="contiguous", show_default=True)
+@click.option("--serving", type=click.Choice(["disaggregated", "aggregated"]), default="disaggregated",
+              show_default=True)
+@click.option("--controller/--no-controller", default=True, show_default=True, help="the live ratio controller")
+@click.option("--control-interval", default=10.0, show_default=True, help="seconds between controller steps")
+@click.option("--report-interval", default=1.0, show_default=True, help="central scheduler: seconds between reports")
+@click.option("--admission-timeout", default=5.0, show_default=True,
+              help="seconds a request may wait for a prefill actor before RESOURCE_EXHAUSTED")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="write PNG plots to this folder")
+@click.option("--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
+def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed, scenarios_path, profile,
+            actors, comparisons, pools, placement, transfer, serving, controller, control_interval,
+            report_interval, admission_timeout, plot_dir, output) -> None:
+    """Discrete-event simulation of a pdmesh cluster: the live admission, forwarding and
+    ratio-controller code against modelled actors."""
+    from rich.console import Console
 
+    from scenarios.controller import Settings
+    from scenarios.perf_model import ProfileError
+    from scenarios.spec import SpecError
+    from simtests import report
+    from simtests.cluster import Variant, load_cluster
+    from simtests.compare import COMPARISONS, compare
+    from simtests.sim import Simulator
+    from simtests.traces import TraceError
+
+    if bool(trace_path) == bool(mixes):
+        raise click.UsageError("give either --trace FILE or --mix (synthetic load)")
     try:
-        trace = repeated(read_trace(trace_path, time_scale), repeat)
-    except TraceError as e:
+        cluster = load_cluster(scenarios_path, profile, actors, Settings(interval_s=control_interval))
+        workload = _workload(cluster.specs, trace_path, time_scale, repeat, limit, mixes, shape, duration, period,
+                             seed)
+    except (SpecError, ProfileError, TraceError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{trace.kind} trace: {len(trace)} requests over {trace.duration_s:.0f} s, "
-               f"mean prompt {trace.prompt.mean():.0f}, mean output {trace.output.mean():.0f} tokens")
+    variant = Variant(pools, placement, transfer, serving, controller, report_interval, admission_timeout)
+    console = Console(stderr=output != "table")
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # piped to a file: keep table rows on one line
+    model = next(iter(cluster.models.values()))
+    title = (f"{workload.source} on {cluster.actors:,} actors in {len(cluster.specs)} scenarios, "
+             f"model {model.name}")
+    console.print(f"{title}\n(profile: {model.source})")
+    names = list(COMPARISONS) if "all" in comparisons else list(dict.fromkeys(comparisons))
+    if names:
+        outcomes = compare(names, cluster, workload, variant, lambda what: console.print(f"running {what} ..."))
+        runs = {"pdmesh": outcomes[0].pdmesh, **{o.comparison.baseline: o.baseline for o in outcomes}}
+    else:
+        outcomes, runs = [], {"pdmesh": Simulator(cluster, variant).run(workload)}
+    if output == "json":
+        click.echo(json.dumps({"title": title, "runs": {k: r.to_dict() for k, r in runs.items()},
+                               "comparisons": [dict(zip(report.COMPARISON_HEAD, row))
+                                               for row in report.comparison_rows(outcomes)]}, indent=2))
+    elif output == "markdown":
+        click.echo(report.comparison_markdown(outcomes) if outcomes else report.run_line(runs["pdmesh"]))
+    else:
+        for label, run in runs.items():
+            console.print(report.run_table(run, label))
+            console.print(report.run_line(run))
+        if outcomes:
+            console.print(report.comparison_table(outcomes, title))
+    if plot_dir:
+        try:
+            for path in report.plot(runs, plot_dir):
+                console.print(f"wrote {path}")
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _workload(specs, trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed):
+    from simtests.traces import TraceError, read_trace
+    from simtests.traces import repeat as repeated
+    from simtests.workload import Mix, classify, from_trace, synthetic
+
+    if trace_path:
+        trace = read_trace(trace_path, time_scale, limit)
+        trace.scenario = classify(trace, specs)  # before repeating: each distinct row once
+        return from_trace(repeated(trace, repeat), f"{trace.kind} trace {Path(trace_path).name}"
+                          + (f" x{repeat}" if repeat > 1 else "") + (f", time x{time_scale:g}" if time_scale != 1 else ""))
+    index = {s.name: i for i, s in enumerate(specs)}
+    parsed = [_mix(m) for m in mixes]
+    unknown = [name for name, *_ in parsed if name not in index]
+    if unknown:
+        raise TraceError(f"--mix names unknown scenarios {unknown}; known: {', '.join(index)}")
+    return synthetic([Mix(index[name], rate, p, o) for name, rate, p, o in parsed], duration, shape, seed, period)

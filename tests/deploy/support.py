@@ -86,10 +86,10 @@ def all_prometheus_queries() -> list[Query]:
             for q in panel_queries(name, board) + annotation_queries(name, board)]
 
 
-def fill_variables(expr: str, board: dict, rate_interval: str = "5m") -> str:
+def fill_variables(expr: str, board: dict, rate_interval: str = "1m", interval: str = "15s") -> str:
     """The expression as Grafana sends it: its built-in intervals, each custom variable at its
     current value, each multi-value query variable at "All" (its allValue regex)."""
-    values = {"__rate_interval": rate_interval, "__interval": "15s", "__range": "1h"}
+    values = {"__rate_interval": rate_interval, "__interval": interval, "__range": "1h"}
     for var in board.get("templating", {}).get("list", []):
         if var["type"] == "custom":
             values[var["name"]] = var["current"]["value"]

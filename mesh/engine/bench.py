@@ -64,6 +64,20 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, vocab, (batch, length), generator=g).tolist()
 
 
+def fresh_prompts(batch: int, length: int, vocab: int, shared: list[int] = ()):
+    """A new batch on every call (so no run is served from an earlier run's prefix cache),
+    each prompt starting with `shared`."""
+    seeds = iter(range(1000, 10**9))
+    return lambda: [list(shared) + p for p in prompts(batch, length - len(shared), vocab, next(seeds))]
+
+
+def prefill_rate(runner, make_batch, repeats: int) -> float:
+    """Prompt tokens per second of whole runs with one new token, a new batch each run."""
+    batches = [make_batch() for _ in range(repeats + 1)]
+    it = iter(batches)
+    return sum(map(len, batches[0])) / median_time(lambda: runner.run(next(it), 1), repeats)
+
+
 class PdmeshRunner:
     name = "pdmesh"
 
@@ -117,9 +131,7 @@ class _Stamps:
 def measure(runner, vocab: int, repeats: int, batches: tuple[int, ...]) -> dict:
     """Prefill: median time of whole runs with one new token. Decode: median time between
     consecutive steps of one run per batch size (its prefill excluded)."""
-    n, length = PREFILL_SHAPE
-    batch = prompts(n, length, vocab, 1)
-    out = {"prefill_tokens_per_s": n * length / median_time(lambda: runner.run(batch, 1), repeats)}
+    out = {"prefill_tokens_per_s": prefill_rate(runner, fresh_prompts(*PREFILL_SHAPE, vocab), repeats)}
     for b in batches:
         stamps = runner.run(prompts(b, DECODE_PROMPT, vocab, 2), 1 + DECODE_STEPS)
         out[f"decode_b{b}_ms_per_step"] = statistics.median(
@@ -133,13 +145,17 @@ def measure(runner, vocab: int, repeats: int, batches: tuple[int, ...]) -> dict:
 @click.option("--batches", default=",".join(map(str, DECODE_BATCHES)), show_default=True,
               help="decode batch sizes")
 @click.option("--skip-transformers", is_flag=True, help="measure pdmesh alone")
+@click.option("--prefix-share", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="also measure prefill with the prefix cache on and off, on prompts sharing this "
+                   "fraction of their tokens")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transformers, output):
+def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transformers, prefix_share, output):
     """Prefill and decode speed of the engine vs transformers, and the decode floor."""
     from mesh.engine.engine import Engine
 
     batch_sizes = tuple(int(b) for b in batches.split(","))
-    engine = Engine(build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,))))
+    config = build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,)))
+    engine = Engine(config)
     vocab = engine.model_config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bandwidth = memory_read_bandwidth()
@@ -149,6 +165,17 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transforme
     t = median_time(lambda: PdmeshRunner(engine).run(offline, olen), 1)
     ours["offline_tokens_per_s"] = requests * olen / t
     folder, compute_dtype = engine.config.model, engine.dtype
+    prefix = None
+    if prefix_share is not None:
+        n, length = PREFILL_SHAPE
+        shared = prompts(1, int(length * prefix_share), vocab, 7)[0]
+        on = prefill_rate(PdmeshRunner(engine), fresh_prompts(n, length, vocab, shared), repeats)
+        del engine
+        gc.collect()
+        engine = Engine(config.model_copy(update={"enable_prefix_caching": False}))
+        off = prefill_rate(PdmeshRunner(engine), fresh_prompts(n, length, vocab, shared), repeats)
+        prefix = {"share": prefix_share, "cache_on_tokens_per_s": on, "cache_off_tokens_per_s": off,
+                  "speedup": on / off}
     del engine
     gc.collect()
     # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
@@ -168,6 +195,7 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transforme
         "batch1_step_over_floor": (ours["decode_b1_ms_per_step"] / floor_ms) if 1 in batch_sizes else None,
         "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
         "vllm_cpu_reference_from_baselines": VLLM_REFERENCE,
+        "prefix_cache": prefix,
     }
     if output == "json":
         click.echo(json.dumps(result))
@@ -192,3 +220,9 @@ def _print_table(result: dict, rows: list[Row]) -> None:
                   f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
                   f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "
                   f"({result['batch1_step_over_floor']:.2f}x the floor)")
+    p = result["prefix_cache"]
+    if p:
+        n, length = PREFILL_SHAPE
+        console.print(f"prefix cache, prefill {n} x {length} sharing {p['share']:.0%} of their tokens: "
+                      f"{p['cache_on_tokens_per_s']:,.0f} tokens/s on, {p['cache_off_tokens_per_s']:,.0f} off "
+                      f"({p['speedup']:.2f}x)")

@@ -16,4 +16,5 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1, description="sequences in one step's batch at most")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one step at most; longer prompts are chunked")
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of full blocks of earlier prompts")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's")

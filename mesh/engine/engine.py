@@ -17,6 +17,7 @@ from mesh.engine.errors import RequestError
 from mesh.engine.kv_cache import KVCache, KVShape
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import ModelRunner
+from mesh.engine.prefix_cache import PrefixCache
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.scheduler import ScheduledBatch, Scheduler
 from mesh.engine.sequence import Sequence, Status
@@ -65,7 +66,8 @@ class Engine:
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // shape.bytes_per_block)
         self.kv = KVCache(KVShape(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
                                   mc.head_dim, self.dtype), self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        manager = BlockManager(num_blocks, config.block_size)
+        self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
@@ -166,8 +168,7 @@ class Engine:
         if not (batch.decodes or batch.prefills):
             return outputs
         out = self.runner.execute(batch, self.layer_hook)
-        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
-            seq.num_computed_tokens += n
+        self.scheduler.commit(batch)
         for i, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
             if seq.status is not Status.RUNNING:
                 continue

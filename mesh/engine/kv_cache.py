@@ -57,6 +57,11 @@ class KVCache:
             raise ValueError(f"KV data shaped {tuple(data.shape)}, expected {want}")
         self.pool[:, :, self._index(block_ids)] = data.to(self.pool.dtype)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies each (source, destination) block's KV in every layer."""
+        src, dst = zip(*pairs)
+        self.pool[:, :, list(dst)] = self.pool[:, :, list(src)]
+
     def _index(self, block_ids: list[int]) -> torch.Tensor | slice:
         first = block_ids[0]
         if block_ids == list(range(first, first + len(block_ids))):

@@ -34,6 +34,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch,
                 layer_hook: Callable[[int, ScheduledBatch], None] | None = None) -> StepOutput:
+        if batch.copies:
+            self.kv.copy_blocks(batch.copies)
         ids, positions, meta, sample_at, sample_seqs = self._prepare(batch)
         on_layer = None if layer_hook is None else (lambda i: layer_hook(i, batch))
         hidden = self.model(ids, positions, meta, self.kv, on_layer)
@@ -78,7 +80,7 @@ class ModelRunner:
             end = start + n
             ids.extend(seq.tokens_between(start, end))
             blocks = seq.block_ids[:-(-end // bs)]
-            if blocks[-1] - blocks[0] == len(blocks) - 1:  # one run: the context is a slice
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):  # one run: the context is a slice
                 base = blocks[0] * bs
                 ctx_slots: torch.Tensor | slice = slice(base, base + end)
                 slot_parts.append(torch.arange(base + start, base + end, device=dev))

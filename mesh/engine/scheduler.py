@@ -6,6 +6,10 @@ order while their whole context fits in free KV blocks. When a decode needs a
 block and none is free, the newest running sequence is preempted: its blocks
 are freed and it is recomputed later from its prompt and the tokens it already
 produced.
+
+With a prefix cache, a newly admitted sequence starts after the longest run of
+its full prompt blocks already in the cache, and every block that fills up is
+added to the cache when the step that computed it is committed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mesh.engine.block_manager import BlockManager
+from mesh.engine.prefix_cache import ROOT_HASH, PrefixCache, block_hashes
 from mesh.engine.sequence import Sequence, Status
 
 
@@ -23,6 +28,8 @@ class ScheduledBatch:
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     # Ended by the scheduler itself: each held the whole KV cache and needed one more block.
     out_of_cache: list[Sequence] = field(default_factory=list)
+    # (source, destination) blocks to copy before the step runs: copy-on-write of a shared block.
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -33,9 +40,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, blocks: BlockManager | PrefixCache, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int):
         self.blocks = blocks
+        self.cache = blocks if isinstance(blocks, PrefixCache) else None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -71,18 +79,63 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = self.blocks.blocks_for(seq.num_tokens)
-            if not self.blocks.can_allocate(need):
+            if not self._allocate(seq, batch):
                 break
-            expected = self.blocks.blocks_for(
-                min(self.max_model_len, seq.num_prompt_tokens + seq.params.max_tokens))
-            seq.block_ids = self.blocks.allocate(need, expected_total=expected)
             seq.status = Status.RUNNING
             self.running.append(self.waiting.popleft())
             n = min(seq.num_uncomputed_tokens, budget)
             (batch.decodes.append(seq) if n == 1 else batch.prefills.append((seq, n)))
             budget -= n
         return batch
+
+    def _allocate(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Gives a waiting sequence blocks for its whole context, reusing cached prefix blocks;
+        False (holding nothing) when they do not fit."""
+        hits: list[int] = []
+        if self.cache is not None:
+            if len(seq.block_hashes) != seq.num_tokens // self.blocks.block_size:
+                seq.block_hashes = block_hashes(seq.token_ids, self.blocks.block_size)
+            hits = self.cache.match(seq.block_hashes)
+            self.cache.acquire(hits)
+        bs = self.blocks.block_size
+        # A prompt that hits whole still computes its last token, into a copy of its last block.
+        cow = hits[-1] if hits and len(hits) * bs == seq.num_tokens else None
+        shared = hits[:-1] if cow is not None else hits
+        need = self.blocks.blocks_for(seq.num_tokens) - len(shared)
+        if not self.blocks.can_allocate(need):
+            self.blocks.free(hits)
+            return False
+        expected = self.blocks.blocks_for(min(self.max_model_len, seq.num_prompt_tokens + seq.params.max_tokens))
+        seq.block_ids = shared + self.blocks.allocate(need, expected_total=expected - len(shared))
+        seq.num_cached_blocks = len(shared)  # a copy-on-write block is cached again once computed
+        seq.num_computed_tokens = len(hits) * bs
+        if cow is not None:
+            batch.copies.append((cow, seq.block_ids[len(shared)]))  # cow is freed in commit()
+            seq.num_computed_tokens -= 1
+        return True
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """After a step ran: counts its tokens as computed, caches the blocks it filled and
+        lets go of copy-on-write sources."""
+        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+            seq.num_computed_tokens += n
+            if self.cache is not None:
+                self._cache_full_blocks(seq)
+        if batch.copies:
+            self.blocks.free([src for src, _ in batch.copies])
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Registers the blocks whose KV is now complete, hashing the tokens they hold."""
+        bs, known = self.blocks.block_size, len(seq.block_hashes)
+        full = seq.num_computed_tokens // bs
+        if full <= seq.num_cached_blocks:
+            return
+        if full > known:
+            parent = seq.block_hashes[-1] if known else ROOT_HASH
+            seq.block_hashes += block_hashes(seq.tokens_between(known * bs, full * bs), bs, parent)
+        for i in range(seq.num_cached_blocks, full):
+            self.cache.register(seq.block_ids[i], seq.block_hashes[i])
+        seq.num_cached_blocks = full
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Ensures a block for seq's next token, preempting the newest sequences; False if seq went."""
@@ -105,6 +158,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
+        seq.num_cached_blocks = 0
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

@@ -30,6 +30,10 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Prefix cache: hashes of full blocks of token_ids (some may still be uncomputed), and how
+    # many leading blocks are in the cache.
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None

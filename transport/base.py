@@ -27,7 +27,7 @@ class TransferState(str, Enum):
 
 class TransferError(Exception):
     """One transfer failed; ``code`` says why (auth, wire, lease, peer, timeout,
-    aborted, plan, unavailable)."""
+    plan, unavailable)."""
 
     def __init__(self, code: str, message: str, lease_id: str | None = None) -> None:
         super().__init__(f"[{code}] {message}" + (f" (lease {lease_id})" if lease_id else ""))
@@ -114,7 +114,9 @@ class Transfer(ABC):
         """Wait until every layer is written and the receiver has committed."""
 
     @abstractmethod
-    async def abort(self, reason: str = "aborted by sender") -> None: ...
+    async def abort(self, reason: str = "aborted by sender") -> None:
+        """Stop sending; the receiver frees the lease's blocks. ``reason`` stays on
+        this side (kept in the signature for callers that log it)."""
 
 
 class KVSender(ABC):

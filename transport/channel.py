@@ -60,8 +60,6 @@ class Channel:
             raise TransferError("wire", str(e)) from None
         if msg["t"] == "error":
             raise TransferError(msg["code"], f"peer: {msg['message']}")
-        if msg["t"] == "abort":
-            raise TransferError("aborted", f"peer aborted: {msg['reason']}")
         if msg["t"] != expect:
             raise TransferError("wire", f"expected {expect}, got {msg['t']}")
         return msg

@@ -7,8 +7,10 @@ Per transfer, on an idle connection (one round trip before data, one after):
   sender:   begin(lease, layout, block ids, plan)
   receiver: ready(tag base, data-plane address, lease time left)
   ... data: layer by layer, by the data plane ...
-  sender:   commit(bytes)           receiver: committed  (or error / abort)
+  sender:   commit(bytes)           receiver: committed  (or error)
 Any failure closes the connection; the sender reconnects for the next transfer.
+A sender aborts by closing it too: over TCP a message could land in the middle
+of a layer's bytes, so the closed connection is the only signal.
 The control connection also tells the receiver that a sender died (UCX
 endpoints over shared memory do not), so its lease is freed at once.
 """
@@ -33,7 +35,7 @@ from .layout import KVLayout
 from .lease import BlockReserver
 from .receiver import LeasingReceiver
 from .plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
-from .wire import NONCE_BYTES, WireError, mac, verify
+from .wire import NONCE_BYTES, mac, verify
 
 # The sender stops writing this long before the receiver frees the lease (one-way latency).
 _LEASE_MARGIN_S = 0.1
@@ -296,12 +298,12 @@ class SocketTransfer(Transfer):
     async def abort(self, reason: str = "aborted by sender") -> None:
         if self._task.done():
             return
-        try:
-            await asyncio.wait_for(self._ch.send("abort", reason=reason), 1.0)
-        except (TransferError, WireError, asyncio.TimeoutError):
-            pass  # the receiver also frees the lease when the connection drops
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        # Also here: a task cancelled before it first ran never reached its clean-up.
+        # The closed connection tells the receiver to free the lease.
+        self._link.close()
+        self._ch.close()
         self.state = TransferState.FAILED
 
 

@@ -29,7 +29,6 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "layer": {"layer": int, "nbytes": int},
     "commit": {"nbytes": int},
     "committed": {},
-    "abort": {"reason": str},
     "error": {"code": str, "message": str},
 }
 

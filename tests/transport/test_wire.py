@@ -48,7 +48,7 @@ def test_size_limits_both_ways():
     with pytest.raises(WireError, match="over the"):
         wire.frame_length(wire.HEADER.pack(wire.MAX_MESSAGE_BYTES + 1))
     with pytest.raises(WireError, match="over the"):
-        wire.encode("abort", reason="x" * wire.MAX_MESSAGE_BYTES)
+        wire.encode("error", code="wire", message="x" * wire.MAX_MESSAGE_BYTES)
 
 
 def test_macs_bind_secret_role_and_nonce():

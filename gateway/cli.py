@@ -43,6 +43,7 @@ def model() -> None:
     cls=LazyGroup,
     lazy={
         "engine": "mesh.engine.bench:command",
+        "gateway": "gateway.bench:command",
         "mesh": "mesh.bench:command",
         "transport": "transport.bench:command",
     },

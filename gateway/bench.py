@@ -1,0 +1,237 @@
+"""`pdmesh bench gateway`: what one gateway process costs, with actors that answer at once
+(in-process stand-ins with the actors' call shapes, so that only the gateway is measured).
+
+- added latency: one request at a time, through gRPC and through HTTP, against the same
+  request run by the dispatcher directly inside the gateway's process (p50/p99);
+- routing capacity: requests/s from a load process with many concurrent gRPC calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import multiprocessing
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from mesh.bench import percentile
+
+OUTPUT_TOKENS = 2  # the first token from prefill, one more from decode: every phase is crossed
+
+
+class _Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+    def options(self, **_):
+        return self
+
+
+async def _value(v):
+    return v
+
+
+async def _refs(items):
+    for item in items:
+        yield _value(item)
+
+
+class InstantActor:
+    """A Ray actor handle's shape (method.remote, streaming via .options) answering at once."""
+
+    def __init__(self, actor_id: str, role: str):
+        self.role = role
+        self.info_dict = {"actor_id": actor_id, "scenario": "bench", "role": role, "state": "serving", "pid": 0,
+                          "node": "", "device": "none", "model": "", "load": {"free_blocks": 1, "num_blocks": 1}}
+        self.info = _Call(lambda: _value(self.info_dict))
+        self.ping = _Call(lambda: _value(actor_id))
+        self.offer = _Call(lambda *a: _value({"accept": True, "reason": "idle", "retry_after_s": 0.0,
+                                              "predicted_ttft_s": 0.0}))
+        self.reserve = _Call(lambda n: _value({"lease_id": "lease"}))
+        self.release_lease = _Call(lambda lease_id: _value(True))
+        self.shutdown = _Call(lambda: _value(None))
+        self.prefill = _Call(lambda step, lease: _refs([
+            {"type": "first", "token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},
+            {"type": "committed", "transfer": {"bytes": 0, "backend": "none", "duration_s": 0.0}, "seconds": 0.0}]))
+        self.decode = _Call(lambda lease_id, req: _refs([
+            {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length",
+             "num_prompt_tokens": len(req["prompt_token_ids"]), "num_output_tokens": OUTPUT_TOKENS}]))
+
+
+def _instant_gateway(model: Path):
+    from gateway.auth import Keys
+    from gateway.config import Limits, default
+    from gateway.server import Gateway, Listen
+    from mesh.actor import Role
+    from mesh.pool import Member
+
+    config = default(model, gateway=Limits(max_concurrent_requests=100_000))
+    gw = Gateway(config, Keys(), Listen(grpc_port=0, http_port=0))
+    for scenario in gw.fleet.scenarios.values():
+        for role in (Role.PREFILL, Role.DECODE):
+            actor = InstantActor(f"instant-{role.value}", role.value)
+            scenario.pool.members[actor.info_dict["actor_id"]] = Member(actor.info_dict["actor_id"], role, actor,
+                                                                        actor.info_dict)
+    return gw
+
+
+async def _direct(gw, n: int) -> list[float]:
+    from mesh.dispatch import Request
+
+    dispatcher = next(iter(gw.fleet.scenarios.values())).dispatcher
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        async for _ in dispatcher.generate(Request(f"d{i}", [1, 2, 3], {"max_tokens": OUTPUT_TOKENS})):
+            pass
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _grpc_latency(address: str, n: int) -> list[float]:
+    import grpc
+
+    from gateway.proto import inference_pb2 as pb
+    from gateway.proto import inference_pb2_grpc
+
+    times = []
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                     sampling=pb.SamplingOptions(max_tokens=OUTPUT_TOKENS))
+        for _ in range(n):
+            start = time.perf_counter()
+            list(stub.Generate(request, timeout=10))
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _http_latency(url: str, n: int) -> list[float]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)  # kept alive, as clients do
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": OUTPUT_TOKENS})
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        reply.read()
+        assert reply.status == 200, reply.status
+        times.append(time.perf_counter() - start)
+    connection.close()
+    return times
+
+
+def _clients(address: str, url: str, n: int, out) -> None:
+    """In its own process: one request at a time over each API, after a warm-up."""
+    _grpc_latency(address, 50)
+    _http_latency(url, 50)
+    out.put({"grpc": _grpc_latency(address, n), "http": _http_latency(url, n)})
+
+
+def _in_process(target, *args):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, out))
+    process.start()
+    try:
+        return out.get(timeout=600)
+    finally:
+        process.join()
+
+
+def _load(address: str, concurrency: int, seconds: float, out) -> None:
+    """In its own process: as many gRPC requests as `concurrency` callers finish in `seconds`."""
+    import grpc
+    import uvloop
+
+    from gateway.proto import inference_pb2 as pb
+    from gateway.proto import inference_pb2_grpc
+
+    async def main():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                         sampling=pb.SamplingOptions(max_tokens=OUTPUT_TOKENS))
+            done = 0
+            end = time.perf_counter() + seconds
+
+            async def caller():
+                nonlocal done
+                while time.perf_counter() < end:
+                    async for _ in stub.Generate(request, timeout=10):
+                        pass
+                    done += 1
+
+            start = time.perf_counter()
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
+            out.put(done / (time.perf_counter() - start))
+
+    uvloop.run(main())
+
+
+def run(requests: int, concurrency: int, seconds: float) -> dict:
+    import uvloop
+
+    from mesh.engine.random_checkpoint import init_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gw = _instant_gateway(init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32"))
+        loop = uvloop.new_event_loop()  # as pdmesh serve runs
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        def on_loop(coro):
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        on_loop(gw.start())
+        try:
+            address, url = gw.addresses["grpc"], gw.addresses["http"]
+            on_loop(_direct(gw, 50))  # warm-up
+            direct = on_loop(_direct(gw, requests))
+            # clients run in their own process: they do not share the gateway's interpreter lock
+            via = _in_process(_clients, address, url, requests)
+            rps = _in_process(_load, address, concurrency, seconds)
+        finally:
+            for scenario in gw.fleet.scenarios.values():
+                scenario.pool.members.clear()  # stand-ins: nothing for Ray to stop
+            on_loop(gw.stop(grace_s=1.0))
+            loop.call_soon_threadsafe(loop.stop)
+    result = {"requests": requests, "direct_p50_ms": percentile(direct, 50) * 1e3,
+              "direct_p99_ms": percentile(direct, 99) * 1e3, "grpc_requests_per_s": rps,
+              "concurrency": concurrency}
+    for api, times in via.items():
+        result[f"{api}_p50_ms"] = percentile(times, 50) * 1e3
+        result[f"{api}_p99_ms"] = percentile(times, 99) * 1e3
+        result[f"{api}_added_p50_ms"] = result[f"{api}_p50_ms"] - result["direct_p50_ms"]
+        result[f"{api}_added_p99_ms"] = result[f"{api}_p99_ms"] - result["direct_p99_ms"]
+    return result
+
+
+@click.command("gateway")
+@click.option("--requests", type=int, default=500, show_default=True, help="sequential requests per latency series")
+@click.option("--concurrency", type=int, default=64, show_default=True, help="concurrent gRPC calls for requests/s")
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="length of the requests/s run")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def command(requests, concurrency, seconds, output):
+    """Latency the gateway adds (gRPC, HTTP) and the requests/s it routes, actors answering at once."""
+    result = run(requests, concurrency, seconds)
+    if output == "json":
+        click.echo(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pdmesh bench gateway: {requests} sequential requests per API, then {concurrency} "
+                        f"concurrent gRPC callers for {seconds:g} s; actors answer at once")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key.replace("_", " "), f"{value:.3g}" if isinstance(value, float) else str(value))
+    Console().print(table)

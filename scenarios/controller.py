@@ -41,6 +41,9 @@ class Observation:
     ttft_attainment: float | None  # share of finished requests within the TTFT target; None: none finished
     tpot_attainment: float | None
     actors: tuple[ActorView, ...]
+    # share of requests that found no decode KV free on arrival (waited for a lease, or were
+    # rejected for want of one): their TTFT misses are decode's shortage, not prefill's
+    kv_short: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,16 +134,23 @@ class RatioController:
     def need(self, obs: Observation) -> tuple[Need, dict]:
         """Actors of each role the load needs, with the capacity prediction behind it."""
         spec, s = self.specs[obs.scenario], self.settings
-        cap = self.models[obs.scenario].capacity(obs.mean_prompt, obs.mean_output, spec.slo.tpot_s)
+        model = self.models[obs.scenario]
+        # a request's decode KV is leased before its prefill: held through the prefill and
+        # the transfer (queueing before prefill shows up as attainment, and is boosted for)
+        prompt = obs.mean_prompt
+        hold = model.prefill_s(prompt, prompt * prompt) + model.transfer_s(
+            model.transfer_ops(int(prompt), True), prompt * model.kv_bytes_per_token)
+        cap = model.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
         p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
         d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
         goal = spec.slo.percentile / 100
         ttft_short = obs.ttft_attainment is not None and obs.ttft_attainment < goal
         tpot_short = obs.tpot_attainment is not None and obs.tpot_attainment < goal
-        if ttft_short and not tpot_short:
-            p *= s.attainment_boost
-        elif tpot_short and not ttft_short:
+        kv_short = obs.kv_short is not None and obs.kv_short > 1 - goal
+        if kv_short or (tpot_short and not ttft_short):
             d *= s.attainment_boost
+        elif ttft_short and not tpot_short:
+            p *= s.attainment_boost
         prediction = {"prefill_rps_per_actor": cap.prefill_rps, "decode_rps_per_actor": cap.decode_rps,
                       "decode_batch": cap.decode_batch, "prefill_needed": p, "decode_needed": d}
         return Need(p, d), prediction
@@ -283,4 +293,4 @@ def _least_loaded(actors: tuple[ActorView, ...], role: str, k: int) -> list[Acto
 def _inputs(o: Observation) -> dict:
     return {"arrival_rps": o.arrival_rps, "mean_prompt": o.mean_prompt, "mean_output": o.mean_output,
             "ttft_attainment": o.ttft_attainment, "tpot_attainment": o.tpot_attainment,
-            "actors": len(o.actors)}
+            "kv_short": o.kv_short, "actors": len(o.actors)}

@@ -86,9 +86,11 @@ class PerfModel:
         return 2 * self.layers * per_layer
 
     def capacity(self, mean_prompt: float, mean_output: float, tpot_s: float,
-                 prompt_sq_mean: float | None = None) -> Capacity:
+                 prompt_sq_mean: float | None = None, hold_s: float = 0.0) -> Capacity:
         """Per-actor rates for a workload: prefill batches fill the token budget; decode
-        batches grow until a step would miss the TPOT target or the KV would not fit."""
+        batches grow until a step would miss the TPOT target or the KV would not fit.
+        hold_s: how long a request's KV is reserved on the decode actor before it decodes
+        (the lease is taken before prefill): memory then carries fewer requests per second."""
         mean_prompt = max(mean_prompt, 1.0)
         sq = prompt_sq_mean if prompt_sq_mean is not None else mean_prompt ** 2
         k = max(1, int(self.max_batch_tokens // mean_prompt))
@@ -98,7 +100,8 @@ class PerfModel:
         by_tpot = (tpot_s - a) / max(b + c * ctx, 1e-12)
         by_memory = self.kv_capacity_tokens / (mean_prompt + mean_output)
         batch = max(1, int(min(by_tpot, by_memory)))
-        decode_rps = batch / max(self.decode_step_s(batch, batch * ctx), 1e-9) / max(mean_output, 1.0)
+        decoding_s = max(self.decode_step_s(batch, batch * ctx), 1e-9) * max(mean_output, 1.0)
+        decode_rps = min(batch / decoding_s, by_memory / (hold_s + decoding_s))
         return Capacity(prefill_rps, decode_rps, batch)
 
     # -- live measurements -----------------------------------------------------------------

@@ -35,7 +35,9 @@ class ControlLoop:
         self.controller = RatioController(c.specs, c.models, c.settings)
         self.connector = SimConnector(sim)
         n = len(c.specs)
-        self._counts = [[0] * n for _ in range(6)]  # arrivals, prompt, output, ended, ttft ok, tpot ok
+        # per scenario: arrivals, prompt and output tokens, ended, TTFT ok, TPOT ok, found no decode KV
+        self._counts = [[0] * n for _ in range(7)]
+        self._means = [(0.0, 0.0)] * n  # the last interval's with arrivals: a quiet one keeps them
         self.timeline: list[tuple[float, int, int, int]] = []  # (time, scenario, prefill, decode)
         self.actions = {"flip": 0, "lend": 0}
         self._record(0.0)
@@ -46,6 +48,9 @@ class ControlLoop:
         c[1][scenario] += prompt
         c[2][scenario] += output
 
+    def kv_waited(self, scenario: int) -> None:
+        self._counts[6][scenario] += 1
+
     def finished(self, scenario: int, ttft_ok: bool, tpot_ok: bool) -> None:
         """A request ended; a rejected one counts as a TTFT miss (prefill could not take it)."""
         c = self._counts
@@ -55,13 +60,15 @@ class ControlLoop:
 
     def tick(self, now: float) -> None:
         interval = self.sim.cluster.settings.interval_s
-        arrivals, prompt, output, ended, ttft_ok, tpot_ok = self._counts
+        arrivals, prompt, output, ended, ttft_ok, tpot_ok, kv_waits = self._counts
         observations = []
         for k, name in enumerate(self.sim.names):
             n, e = arrivals[k], ended[k]
+            if n:
+                self._means[k] = (prompt[k] / n, output[k] / n)
             observations.append(Observation(
-                name, n / interval, prompt[k] / n if n else 0.0, output[k] / n if n else 0.0,
-                ttft_ok[k] / e if e else None, tpot_ok[k] / e if e else None, self._views(k)))
+                name, n / interval, *self._means[k], ttft_ok[k] / e if e else None,
+                tpot_ok[k] / e if e else None, self._views(k), kv_waits[k] / n if n else None))
         self._counts = [[0] * len(row) for row in self._counts]
         decisions = self.controller.step(observations, now)
         if decisions:

@@ -28,6 +28,8 @@ def run_table(run: Run, title: str) -> Table:
 
 def _cell(stats: object, col: tuple) -> str:
     value = getattr(stats, col[1])
+    if value != value:  # nan: no request of this scenario was served
+        return "-"
     return col[2].format(value * col[3] if len(col) > 3 else value)
 
 

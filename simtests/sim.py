@@ -135,6 +135,8 @@ class Simulator:
     def _place(self, pool: Pool, rid: int) -> None:
         """Reserve decode KV (step 2 of the design), then find a prefill actor (step 3)."""
         if not self.aggregated and self.decode_of[rid] < 0 and not self._reserve(pool, rid):
+            if self.control:
+                self.control.kv_waited(self.scen[rid])
             pool.waiting.append(rid)
             return
         if self.central:

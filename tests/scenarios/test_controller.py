@@ -144,6 +144,15 @@ def test_missed_ttft_pushes_toward_prefill():
     assert boosted.prefill > base.prefill and boosted.decode == base.decode
 
 
+def test_ttft_missed_for_want_of_decode_kv_pushes_toward_decode():
+    """Requests that found no decode KV at arrival missed TTFT waiting for a lease: more
+    prefill would not help them."""
+    ctrl, _ = make(scenario())
+    base, _ = ctrl.need(Observation("chat", 5.0, 1500, 150, None, None, ()))
+    short, _ = ctrl.need(Observation("chat", 5.0, 1500, 150, 0.5, 1.0, (), kv_short=0.3))
+    assert short.decode > base.decode and short.prefill == base.prefill
+
+
 def test_lends_idle_actors_to_a_short_scenario_of_the_same_model():
     busy = scenario("busy", p=2, d=2)
     idle = scenario("idle", p=4, d=4)

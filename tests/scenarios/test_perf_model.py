@@ -31,6 +31,18 @@ def test_capacity_respects_tpot_and_memory():
     assert cap.prefill_rps == pytest.approx(16 / (0.01 + 16000 * 1e-4))
 
 
+def test_kv_held_before_decode_lowers_memory_bound_capacity():
+    """The lease is taken before prefill: KV held for as long as decoding takes halves the
+    requests/s that a memory-bound decode actor carries; a TPOT-bound one is held to its batch."""
+    small_memory = from_profile({**PROFILE, "kv_capacity_tokens": 5500})
+    free = small_memory.capacity(1000, 100, tpot_s=0.05)
+    decoding_s = small_memory.decode_step_s(5, 5 * 1050) * 100
+    held = small_memory.capacity(1000, 100, tpot_s=0.05, hold_s=decoding_s)
+    assert held.decode_rps == pytest.approx(free.decode_rps / 2)
+    roomy = from_profile(PROFILE)
+    assert roomy.capacity(1000, 100, 0.05, hold_s=1.0).decode_rps == roomy.capacity(1000, 100, 0.05).decode_rps
+
+
 def test_online_fit_converges_from_a_wrong_seed():
     m = from_profile({**PROFILE, "decode": {"intercept_s": 0.1, "per_seq_s": 0.0, "per_context_token_s": 0.0}})
     rng = np.random.default_rng(0)

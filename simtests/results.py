@@ -35,9 +35,9 @@ class Stats:
 
 
 class Run:
-    def __init__(self, sim: "Simulator", w: "Workload", wall_s: float):
+    def __init__(self, sim: "Simulator", w: "Workload", wall_s: float, cpu_s: float):
         self.names = list(sim.names)
-        self.wall_s, self.events, self.end_s = wall_s, sim.events, sim.now
+        self.wall_s, self.cpu_s, self.events, self.end_s = wall_s, cpu_s, sim.events, sim.now
         self.actors = len(sim.actors)
         self.span_s = w.duration_s or sim.now
         self.scenario = np.asarray(sim.scen)
@@ -79,7 +79,7 @@ class Run:
                      float(self.transfer_s[served].mean()) if served.any() else float("nan"))
 
     def to_dict(self) -> dict:
-        return {"wall_s": self.wall_s, "events": self.events, "events_per_s": self.events_per_s,
+        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "events_per_s": self.events_per_s,
                 "simulated_s": self.end_s, "actors": self.actors, "utilisation": self.utilisation,
                 "actions": self.actions, "scenarios": [asdict(s) for s in self.stats()]}
 

@@ -96,7 +96,7 @@ class Simulator:
         handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._control,
                     self._report)
         arrival, heap, pop = self.arrival, self.heap, heapq.heappop
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         events = 0
         i = 0
         while True:
@@ -115,7 +115,7 @@ class Simulator:
         for pool in self.pools:  # what never got a decode reservation
             while pool.waiting:
                 self._reject(pool.waiting.popleft(), account=False)
-        return Run(self, w, time.perf_counter() - start)
+        return Run(self, w, time.perf_counter() - start, time.process_time() - cpu)
 
     def _push(self, t: float, kind: int, x: int, y: int) -> None:
         self.seq += 1

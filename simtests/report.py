@@ -36,7 +36,7 @@ def _cell(stats: object, col: tuple) -> str:
 def run_line(run: Run) -> str:
     util = ", ".join(f"{k} {v:.0%}" for k, v in run.utilisation.items())
     return (f"{len(run.state):,} requests on {run.actors:,} actors: {run.events:,} events in {run.wall_s:.1f} s "
-            f"wall ({run.events_per_s:,.0f} events/s; {run.cpu_s:.1f} s CPU: the rest waited for a shared core), {run.end_s:,.0f} s simulated; busy: {util}; "
+            f"wall ({run.events_per_s:,.0f} events/s; {run.cpu_s:.1f} s of CPU), {run.end_s:,.0f} s simulated; busy: {util}; "
             f"controller: {run.actions['flip']} flips, {run.actions['lend']} lends")
 
 

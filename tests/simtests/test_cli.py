@@ -1,0 +1,61 @@
+"""`pdmesh sim` through the console script's group."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+
+TINY = ["--actors", "8", "--duration", "60", "--mix", "short:4:500:50", "--mix", "long:1:12000:100"]
+
+
+def sim(*args):
+    return CliRunner().invoke(main, ["sim", *args])
+
+
+def test_one_run_prints_the_tables_and_the_speed():
+    r = sim(*TINY, "--shape", "tidal", "--period", "30")
+    assert r.exit_code == 0, r.output
+    assert "synthetic tidal" in r.output and "llama3-8b-h100" in r.output
+    assert "events/s" in r.output and "TTFT p99 s" in r.output and "xlong" in r.output
+
+
+def test_comparisons_as_json_and_markdown():
+    r = sim(*TINY, "--compare", "transfer", "--compare", "placement", "--output", "json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert set(data["runs"]) == {"pdmesh", "block-fixed transfer", "central scheduler, queue reports 1 interval stale"}
+    assert [c["metric"] for c in data["comparisons"]] == ["mean KV transfer time (ms)", "TTFT attainment"]
+    r = sim(*TINY, "--compare", "transfer", "--output", "markdown")
+    assert r.exit_code == 0 and r.stdout.startswith("| comparison | metric |") and "-46% transfer time" in r.stdout
+
+
+def test_a_trace_file(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(f'{{"timestamp": {i * 200}, "input_length": {1000 + 3000 * (i % 4)}, "output_length": 20, '
+                         f'"hash_ids": [{i}]}}\n' for i in range(40)))
+    r = sim("--trace", str(f), "--actors", "8", "--repeat", "3", "--output", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["runs"]["pdmesh"]["scenarios"][-1]["requests"] == 120
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give either --trace FILE or --mix"),
+    (["--mix", "chat:1:2:3"], "--mix names unknown scenarios ['chat']"),
+    (["--mix", "short:x"], "expected SCENARIO:RATE:PROMPT:OUTPUT"),
+    (["--mix", "short:1:100:10", "--profile", "nope"], "no built-in profile 'nope'"),
+    (["--mix", "short:1:100:10", "--actors", "3"], "need at least one actor per role"),
+])
+def test_bad_input_says_what_to_fix(args, message):
+    r = sim(*args)
+    assert r.exit_code != 0 and message in r.output
+
+
+def test_plots_or_a_clear_message(tmp_path):
+    r = sim(*TINY, "--plot", str(tmp_path / "plots"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert r.exit_code != 0 and "plots need matplotlib: pip install matplotlib" in r.output
+    else:
+        assert r.exit_code == 0 and (tmp_path / "plots" / "ttft_cdf.png").exists()

@@ -26,7 +26,7 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, L] context slots per decode (padded)
+    decode_slots: torch.Tensor | None = None  # [B * L] context slots per decode (padded), flat
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -52,16 +52,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        kk = k_slots[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, L, dim]
-        vv = v_slots[meta.decode_slots].transpose(1, 2)
+        shape = (nd, -1, *k_slots.shape[1:])
+        kk = _rows(k_slots, meta.decode_slots).view(shape).transpose(1, 2)  # [B, kv_heads, L, dim]
+        vv = _rows(v_slots, meta.decode_slots).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kk, vv, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=True)
         out[:nd] = o.squeeze(2)
     for c in meta.prefills:
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
-        kk = k_slots[c.ctx_slots].transpose(0, 1).unsqueeze(0)
-        vv = v_slots[c.ctx_slots].transpose(0, 1).unsqueeze(0)
+        kk = _rows(k_slots, c.ctx_slots).transpose(0, 1).unsqueeze(0)
+        vv = _rows(v_slots, c.ctx_slots).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=c.mask, is_causal=c.mask is None,
                                            scale=scale, enable_gqa=True)
         out[c.q_start:c.q_start + c.q_len] = o[0].transpose(0, 1)
     return out
+
+
+def _rows(slots: torch.Tensor, which: torch.Tensor | slice) -> torch.Tensor:
+    """Cache slots by index (a copy: index_select copies whole rows, about twice as fast as
+    advanced indexing on CPU) or by slice (a view)."""
+    return slots[which] if isinstance(which, slice) else slots.index_select(0, which)

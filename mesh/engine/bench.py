@@ -144,20 +144,25 @@ def measure(runner, vocab: int, repeats: int, batches: tuple[int, ...]) -> dict:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--batches", default=",".join(map(str, DECODE_BATCHES)), show_default=True,
               help="decode batch sizes")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for both engines; default: torch's (one per core)")
 @click.option("--skip-transformers", is_flag=True, help="measure pdmesh alone")
 @click.option("--prefix-share", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="also measure prefill with the prefix cache on and off, on prompts sharing this "
                    "fraction of their tokens")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(model, device, dtype, kv_cache_gb, repeats, batches, skip_transformers, prefix_share, output):
+def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_transformers, prefix_share, output):
     """Prefill and decode speed of the engine vs transformers, and the decode floor."""
     from mesh.engine.engine import Engine
 
     batch_sizes = tuple(int(b) for b in batches.split(","))
-    config = build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,)))
+    config = build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,)),
+                                 threads=threads)
     engine = Engine(config)
     vocab = engine.model_config.vocab_size
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    tied_copy = "lm_head_t" if engine.model_config.tie_word_embeddings else None
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
+                       if name != tied_copy)  # the checkpoint's weights
     bandwidth = memory_read_bandwidth()
     ours = measure(PdmeshRunner(engine), vocab, repeats, batch_sizes)
     requests, plen, olen = OFFLINE

@@ -80,10 +80,11 @@ def load_model(folder: str | Path, cfg: ModelConfig, max_positions: int, dtype: 
         weights[q + "input_norm"] = take(p + "input_layernorm.weight")
         weights[q + "post_attention_norm"] = take(p + "post_attention_layernorm.weight")
     lm_head = take_optional("lm_head.weight")
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError(f"checkpoint in {folder} lacks 'lm_head.weight' and does not tie embeddings")
-        weights["lm_head.weight"] = lm_head
+    if cfg.tie_word_embeddings:
+        lm_head = weights["embed_tokens.weight"]
+    elif lm_head is None:
+        raise CheckpointError(f"checkpoint in {folder} lacks 'lm_head.weight' and does not tie embeddings")
+    weights["lm_head_t"] = lm_head.t().contiguous()
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
     except RuntimeError as e:

@@ -65,7 +65,7 @@ class ModelRunner:
             if self.window is not None:
                 mask &= span[None, :] >= ctx[:, None] - self.window
             meta.num_decodes = len(seqs)
-            meta.decode_slots, meta.decode_mask = dslots, mask[:, None, None, :]
+            meta.decode_slots, meta.decode_mask = dslots.view(-1), mask[:, None, None, :]
             pos = ctx - 1
             pos_parts.append(pos)
             slot_parts.append(dslots.gather(1, pos[:, None])[:, 0])

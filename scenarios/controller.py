@@ -6,7 +6,9 @@ computes how many prefill and decode actors the load needs, and the split of the
 scenario's actors that balances producer (prefill) and consumer (decode). It acts
 by flipping actors in place, and by lending actors between scenarios that serve the
 same model when one is short and another has room. Hysteresis (a dead band, a
-confirmation streak and a minimum dwell time) keeps it from flapping on noise.
+confirmation streak and a minimum dwell time) keeps it from flapping on noise; a move
+that soon reverses the last one goes half as far, so that an overloaded scenario, whose
+TTFT and TPOT misses take turns, settles instead of swinging between two splits.
 
 It is a policy: it takes observations and the clock and returns decisions, each
 with its inputs, prediction and reason. What applies them (live pools, a simulated
@@ -78,6 +80,7 @@ class Settings:
     smoothing: float = 0.5  # weight of the newest observation in the moving averages
     attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
     lend: bool = True
+    reversal_window_s: float = 120.0  # a move against the last one within this is damped
 
 
 @dataclass
@@ -86,6 +89,8 @@ class _Memory:
     last_change: float = -math.inf
     streak_direction: int = 0
     streak: int = 0
+    last_direction: int = 0  # of the last move
+    damping: int = 0  # moves are divided by 2**damping: quick reversals in a row
 
 
 @dataclass(frozen=True)
@@ -215,18 +220,21 @@ class RatioController:
         mem.streak_direction = direction
         if not outside and not pin and (mem.streak < s.confirm or now - mem.last_change < s.min_dwell_s):
             return None
-        step = min(abs(delta), max(1, math.ceil(s.max_step * n)))
+        reversal = direction == -mem.last_direction and now - mem.last_change < s.reversal_window_s
+        damping = mem.damping + 1 if reversal and not outside and not pin else 0
+        step = max(1, math.ceil(min(abs(delta), max(1, math.ceil(s.max_step * n))) / 2 ** damping))
         give = "decode" if direction > 0 else "prefill"
         take = "prefill" if direction > 0 else "decode"
         chosen = _least_loaded(obs.actors, give, step)
         if not chosen:
             return None
-        mem.last_change, mem.streak = now, 0
+        mem.last_change, mem.streak, mem.last_direction, mem.damping = now, 0, direction, damping
         new_p = p + direction * len(chosen)
+        damped = f" (reverses the last move: 1/{2 ** damping} of the way)" if damping else ""
         return Decision(now, obs.scenario,
                         tuple(Action("flip", a.actor_id, obs.scenario, take) for a in chosen),
                         (p, d), (new_p, n - new_p), _inputs(obs), prediction,
-                        f"{why}: flip {len(chosen)} {give} -> {take}, target {target}P:{n - target}D")
+                        f"{why}: flip {len(chosen)} {give} -> {take}, target {target}P:{n - target}D{damped}")
 
     def _lend(self, obs: dict[str, Observation], needs: dict[str, tuple[Need, dict]],
               now: float) -> list[Decision]:

@@ -173,3 +173,21 @@ def test_lending_never_takes_a_donor_below_its_minimum():
     ctrl, cluster = make(busy, idle)
     run(ctrl, cluster, [{"busy": (12.0, 1500, 150), "idle": (0.0, 1500, 150)}] * 20)
     assert cluster.counts("idle") == (2, 2)
+
+
+@pytest.mark.parametrize("window, settles", [(120.0, True), (0.0, False)])
+def test_misses_that_take_turns_settle_instead_of_swinging(window, settles):
+    """An overloaded scenario whose TTFT and TPOT misses alternate: each reversal of the last
+    move goes half as far, so the split settles (without the damping it swings for ever)."""
+    limits = {"prefill": {"min": 1, "max": 40}, "decode": {"min": 1, "max": 40}}
+    settings = Settings(interval_s=10, min_dwell_s=30, confirm=2, reversal_window_s=window)
+    ctrl, cluster = make(scenario(p=20, d=20, limits=limits), settings=settings)
+    h = []
+    for i in range(60):
+        attainment = (0.5, 1.0) if (i // 3) % 2 == 0 else (1.0, 0.5)
+        obs = cluster.observe("chat", (20.0, 1500, 150), attainment)
+        cluster.apply(ctrl.step([obs], i * settings.interval_s))
+        h.append(cluster.counts("chat"))
+    assert (len(set(h[30:])) == 1) == settles
+    if settles:
+        assert "reverses the last move" in ctrl.log[-1].reason

@@ -35,9 +35,18 @@ def _cell(stats: object, col: tuple) -> str:
 
 def run_line(run: Run) -> str:
     util = ", ".join(f"{k} {v:.0%}" for k, v in run.utilisation.items())
-    return (f"{len(run.state):,} requests on {run.actors:,} actors: {run.events:,} events in {run.wall_s:.1f} s "
-            f"wall ({run.events_per_s:,.0f} events/s; {run.cpu_s:.1f} s of CPU), {run.end_s:,.0f} s simulated; busy: {util}; "
-            f"controller: {run.actions['flip']} flips, {run.actions['lend']} lends")
+    line = (f"{len(run.state):,} requests on {run.actors:,} actors: {run.events:,} events in {run.wall_s:.1f} s "
+            f"wall ({run.events_per_s:,.0f} events/s; {run.cpu_s:.1f} s of CPU), {run.end_s:,.0f} s simulated; "
+            f"busy: {util}")
+    if not run.timeline:
+        return line
+    first, last = {}, {}
+    for _, pool, p, d in run.timeline:
+        first.setdefault(pool, (p, d))
+        last[pool] = (p, d)
+    ratios = ", ".join(f"{name} {first[k][0]}:{first[k][1]} -> {last[k][0]}:{last[k][1]}"
+                       for k, name in enumerate(run.names))
+    return f"{line}; controller: {run.actions['flip']} flips, {run.actions['lend']} lends (P:D {ratios})"
 
 
 def comparison_rows(outcomes: list[Outcome]) -> list[list[str]]:

@@ -27,7 +27,7 @@ class Actor:
         # prefill
         "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s",
         # decode
-        "t0", "steps", "size", "ctx", "members", "reserved", "capacity", "kv_version", "version", "paused",
+        "t0", "steps", "size", "ctx", "members", "reserved", "capacity", "kv_version", "version",
         "decode_busy_s", "da", "db", "dc",
         # time spent in each role, for utilisation
         "role_since", "role_s",
@@ -49,7 +49,6 @@ class Actor:
         self.reserved = 0  # KV tokens reserved by leases
         self.capacity = model.kv_capacity_tokens
         self.kv_version = self.version = 0  # bumped when free KV / the batch changes: stale events skip
-        self.paused = False  # aggregated: decode stalls while a prefill batch runs
         self.da, self.db, self.dc = model.decode.coef
         self.role_since, self.role_s = now, [0.0, 0.0, 0.0]
 
@@ -75,9 +74,9 @@ class Actor:
         self.role, self.pool, self.role_since, self.draining = self.next_role, self.next_pool, now, False
 
     # -- prefill -------------------------------------------------------------------------
-    def take_batch(self, prompt: list[int]) -> float:
-        """Moves queued requests into a batch up to the token budget (at least one) and
-        returns its duration."""
+    def take_batch(self, prompt: list[int]) -> tuple[int, float]:
+        """Moves queued requests into a batch up to the token budget (at least one); returns
+        its tokens and how long prefilling them alone takes."""
         budget, tokens, sumsq = self.model.max_batch_tokens, 0, 0
         q, batch = self.queue, self.batch
         while q and (not batch or tokens + prompt[q[0]] <= budget):
@@ -86,30 +85,47 @@ class Actor:
             p = prompt[rid]
             tokens += p
             sumsq += p * p
-        seconds = max(self.model.prefill_s(tokens, sumsq), 1e-9)
+        return tokens, max(self.model.prefill_s(tokens, sumsq), 1e-9)
+
+    def start_prefill(self, tokens: int, seconds: float) -> None:
         measured = tokens / seconds
         self.rate = measured if self.rate == 0 else 0.8 * self.rate + 0.2 * measured
         self.busy = True
         self.prefill_busy_s += seconds
-        return seconds
+
+    def chunk(self, tokens: int, alone_s: float, chunk_tokens: int) -> float:
+        """Aggregated actor, chunked prefill (vLLM, SGLang): every step carries up to
+        `chunk_tokens` prompt tokens beside the decode batch, so the prompt takes
+        ceil(tokens / chunk_tokens) steps and each decode step grows by its share of the
+        prefill until `unchunk`. Call after `advance(now)`; returns the prefill's duration."""
+        steps = math.ceil(tokens / chunk_tokens)
+        decode_step = self.da + self.db * self.size + self.dc * self.ctx if self.size else 0.0
+        self.da += alone_s / steps
+        self.version += 1
+        return alone_s + steps * decode_step
+
+    def unchunk(self) -> None:
+        self.da = self.model.decode.coef[0]
+        self.version += 1
 
     # -- decode, by epochs -----------------------------------------------------------------
     def advance(self, now: float) -> None:
         """Moves the batch's step count and context to `now`."""
         dt = now - self.t0
-        if dt > 0 and self.size and not self.paused:
+        if dt > 0 and self.size:
             alpha = self.da + self.db * self.size + self.dc * self.ctx
             q = self.dc * self.size
             # k with alpha*k + q*k^2/2 = dt, in the form that does not cancel when q*dt is small
             k = 2 * dt / (alpha + math.sqrt(alpha * alpha + 2 * q * dt))
             self.steps += k
             self.ctx += self.size * k
-            self.decode_busy_s += dt
+            if not self.busy:  # aggregated: time shared with a prefill counts as prefill's
+                self.decode_busy_s += dt
         self.t0 = now
 
     def next_finish_s(self) -> float:
-        """When the first member finishes, at the current batch; inf when none or paused."""
-        if not self.members or self.paused:
+        """When the first member finishes, at the current batch; inf when none."""
+        if not self.members:
             return math.inf
         k = self.members[0][0] - self.steps
         if k <= 0:

@@ -221,15 +221,18 @@ class Simulator:
             self._start_prefill(a)
 
     def _start_prefill(self, a: Actor) -> None:
-        seconds = a.take_batch(self.prompt)
-        if a.role == BOTH:  # prefill first: the decode batch stalls while the prompt runs
+        tokens, seconds = a.take_batch(self.prompt)
+        if a.role == BOTH:  # the prompt shares steps with the decode batch: both slow down
             a.advance(self.now)
-            a.paused = True
-            a.version += 1
+            seconds = a.chunk(tokens, seconds, self.variant.chunk_tokens)
+            self._schedule_decode(a)
+        a.start_prefill(tokens, seconds)
         self._push(self.now + seconds, PREFILL_DONE, a.id, 0)
 
     def _prefill_done(self, aid: int, _: int) -> None:
         a, now = self.actors[aid], self.now
+        if a.role == BOTH:
+            a.advance(now)  # while still busy: the shared time was the prefill's
         batch, a.batch, a.busy = a.batch, [], False
         prompt, t_first = self.prompt, self.t_first
         for rid in batch:
@@ -237,8 +240,7 @@ class Simulator:
             a.queued_tokens -= prompt[rid]
         a.queued_requests -= len(batch)
         if a.role == BOTH:
-            a.advance(now)
-            a.paused = False
+            a.unchunk()
             for rid in batch:
                 self._join(a, rid)
             self._schedule_decode(a)

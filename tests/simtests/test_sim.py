@@ -102,15 +102,19 @@ def test_block_fixed_transfer_costs_one_op_per_block(make_cluster):
     assert block.transfer_s[0] == pytest.approx(512 * 1e-5 + nbytes)
 
 
-def test_aggregated_decode_stalls_while_prefill_runs(make_cluster):
-    """One aggregated actor: a long prompt arriving mid-decode stops the running sequence."""
+def test_aggregated_prefill_shares_steps_with_decode(make_cluster):
+    """One aggregated actor, chunked prefill: a 2000-token prompt arriving mid-decode runs as
+    4 chunks of 500, each in a step with the decode batch: both slow down."""
     model = profile(prefill=(0.0, 1e-3, 0.0), decode=(0.01, 0.0, 0.0))
     cluster = make_cluster(scenario(p=1, d=0, limits={"decode": {"min": 0}}), model=model)
     w = Workload(np.array([0.0, 0.5]), np.array([100, 2000]), np.array([101, 2]),
                  np.zeros(2, dtype=np.int64), "two")
-    run = run_and_check(cluster, Variant(serving="aggregated"), w)
-    # first: 0.1 s prefill, 100 steps of 10 ms, plus the 2 s of the second prompt's prefill
+    run = run_and_check(cluster, Variant(serving="aggregated", chunk_tokens=500), w)
+    # the prompt: 2 s of prefill + 4 steps of decode; the first request: its 100 steps of 10 ms
+    # and the 2 s of prefill that its steps carried
+    assert run.ttft[1] == pytest.approx(2.0 + 4 * 0.01)
     assert run.tpot[0] * 100 == pytest.approx(1.0 + 2.0, rel=1e-6)
+    assert run.utilisation["aggregated"] == pytest.approx((0.1 + 3.0) / run.end_s)
 
 
 def test_controller_moves_actors_toward_the_short_role(make_cluster):

@@ -44,7 +44,7 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--transfer", type=click.Choice(["contiguous", "block"]), default="contiguous", show_default=True)
 @click.option("--serving", type=click.Choice(["disaggregated", "aggregated"]), default="disaggregated",
               show_default=True)
-@click.option("--chunk-tokens", default=2048, show_default=True,
+@click.option("--chunk-tokens", default=512, show_default=True,
               help="aggregated: prompt tokens per step beside the decode batch (chunked prefill)")
 @click.option("--controller/--no-controller", default=True, show_default=True, help="the live ratio controller")
 @click.option("--control-interval", default=10.0, show_default=True, help="seconds between controller steps")

@@ -44,8 +44,8 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--transfer", type=click.Choice(["contiguous", "block"]), default="contiguous", show_default=True)
 @click.option("--serving", type=click.Choice(["disaggregated", "aggregated"]), default="disaggregated",
               show_default=True)
-@click.option("--chunk-tokens", default=512, show_default=True,
-              help="aggregated: prompt tokens per step beside the decode batch (chunked prefill)")
+@click.option("--chunk-tokens", type=int,
+              help="aggregated: prompt tokens per step beside the decode batch (chunked prefill; default 512)")
 @click.option("--controller/--no-controller", default=True, show_default=True, help="the live ratio controller")
 @click.option("--control-interval", default=10.0, show_default=True, help="seconds between controller steps")
 @click.option("--report-interval", default=1.0, show_default=True, help="central scheduler: seconds between reports")
@@ -77,8 +77,9 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
                              seed)
     except (SpecError, ProfileError, TraceError) as e:
         raise click.ClickException(str(e)) from None
-    variant = Variant(pools=pools, placement=placement, transfer=transfer, serving=serving, chunk_tokens=chunk_tokens,
-                      controller=controller, report_interval_s=report_interval, admission_timeout_s=admission_timeout)
+    variant = Variant(pools=pools, placement=placement, transfer=transfer, serving=serving,
+                      controller=controller, report_interval_s=report_interval, admission_timeout_s=admission_timeout,
+                      **({"chunk_tokens": chunk_tokens} if chunk_tokens else {}))
     console = Console(stderr=output != "table")
     if not console.is_terminal:
         console.width = max(console.width, 160)  # piped to a file: keep table rows on one line

@@ -26,7 +26,7 @@ from simtests.results import Run
 from simtests.workload import Workload
 
 # event kinds
-PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, CONTROL, REPORT = range(6)
+PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
 # request states
 ACTIVE, DONE, REJECTED = 0, 1, 2
 
@@ -71,7 +71,8 @@ class Simulator:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, w: Workload) -> "Run":
-        """Replays the workload to the last request's end; returns the raw run."""
+        """Replays the workload to the last request's end; returns the raw run. Once per simulator:
+        the actors keep their state."""
         n = len(w)
         self.arrival = w.arrival_s.tolist()
         self.prompt = w.prompt.tolist()
@@ -93,8 +94,8 @@ class Simulator:
             for pool in self.pools:
                 pool.report(self.actors)
             self._push(self.variant.report_interval_s, REPORT, 0, 0)
-        handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._control,
-                    self._report)
+        handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._expire,
+                    self._control, self._report)
         arrival, heap, pop = self.arrival, self.heap, heapq.heappop
         start, cpu = time.perf_counter(), time.process_time()
         events = 0
@@ -112,9 +113,8 @@ class Simulator:
                 break
             events += 1
         self.events = events
-        for pool in self.pools:  # what never got a decode reservation
-            while pool.waiting:
-                self._reject(pool.waiting.popleft(), account=False)
+        for pool in self.pools:  # only expired requests are left there (each waiting one has an EXPIRE)
+            pool.waiting.clear()
         return Run(self, w, time.perf_counter() - start, time.process_time() - cpu)
 
     def _push(self, t: float, kind: int, x: int, y: int) -> None:
@@ -138,6 +138,7 @@ class Simulator:
             if self.control:
                 self.control.kv_waited(self.scen[rid])
             pool.waiting.append(rid)
+            self._push(self.deadline[rid], EXPIRE, rid, 0)
             return
         if self.central:
             self._central(pool, rid)
@@ -316,19 +317,23 @@ class Simulator:
         waiting = pool.waiting
         while waiting:
             rid = waiting[0]
-            if self.now > self.deadline[rid]:
+            if self.state[rid] != ACTIVE:  # expired while waiting
                 waiting.popleft()
-                self._reject(rid)
             elif self._reserve(pool, rid):
                 waiting.popleft()
                 self._central(pool, rid) if self.central else self._offer(pool, rid)
             else:
                 return
 
+    def _expire(self, rid: int, _: int) -> None:
+        """The admission window closed on a request still waiting for decode KV."""
+        if self.state[rid] == ACTIVE and self.decode_of[rid] < 0:
+            self._reject(rid)
+
     def _retry(self, rid: int, _: int) -> None:
         self._place(self.pools[self.pool_of[self.scen[rid]]], rid)
 
-    def _reject(self, rid: int, account: bool = True) -> None:
+    def _reject(self, rid: int) -> None:
         """RESOURCE_EXHAUSTED to the client; its decode reservation is freed."""
         self.state[rid] = REJECTED
         self.t_done[rid] = self.now
@@ -338,7 +343,7 @@ class Simulator:
             a = self.actors[d]
             a.reserved -= self.prompt[rid] + self.output[rid]
             self._released(a)
-        if self.control and account:
+        if self.control:
             self.control.finished(self.scen[rid], False, True)
 
     # -- timers ---------------------------------------------------------------------------

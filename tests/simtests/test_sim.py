@@ -57,11 +57,12 @@ def test_decode_memory_gates_admission(make_cluster):
     assert run.ttft[2] > 99 * 0.1  # started only when one of the first two ended
 
 
-def test_requests_that_never_get_decode_room_are_rejected(make_cluster):
+@pytest.mark.parametrize("controller", [False, True])
+def test_requests_that_never_get_decode_room_are_rejected_at_their_deadline(make_cluster, controller):
     cluster = make_cluster(scenario(p=1, d=1), model=profile(capacity=500))
     w = Workload(np.zeros(2), np.array([100, 1000]), np.array([10, 10]), np.zeros(2, dtype=np.int64), "two")
-    run = run_and_check(cluster, Variant(controller=False), w)
-    assert run.state.tolist() == [DONE, REJECTED]
+    run = run_and_check(cluster, Variant(controller=controller, admission_timeout_s=3.0), w)
+    assert run.state.tolist() == [DONE, REJECTED] and run.end_s == pytest.approx(3.0)
 
 
 def test_busy_actors_reject_past_the_ttft_budget_and_forwarding_gives_up(make_cluster):

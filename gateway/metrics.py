@@ -2,7 +2,7 @@
 measurements, and the actors' load (queues, KV blocks, roles) read from their last reports."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -14,8 +14,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, actor_infos: Callable[[], dict[str, list[dict]]]):
-        """actor_infos() -> {scenario: [actor info, ...]} as last refreshed."""
+    def __init__(self, actor_infos: Callable[[], dict[str, list[dict]]], scenarios: Iterable[str] = ()):
+        """actor_infos() -> {scenario: [actor info, ...]} as last refreshed; scenarios: the names
+        whose event counters start at 0, so that rate() and increase() answer before the first event."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("pdmesh_requests", "requests finished, by scenario and outcome",
                                 ["scenario", "outcome"], registry=r)
@@ -33,6 +34,12 @@ class Metrics:
                                 ["scenario", "backend"], registry=r)
         self.kv_seconds = Histogram("pdmesh_kv_transfer_seconds", "KV transfer time per request",
                                     ["scenario", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.decisions = Counter("pdmesh_controller_decisions", "ratio controller actions, by the scenario the "
+                                 "actor was in, the action (flip, lend) and the role it serves afterwards",
+                                 ["scenario", "action", "role"], registry=r)
+        for name in scenarios:
+            self.rejections.labels(name)
+            self.forwards.labels(name)
         r.register(_ActorCollector(actor_infos))
 
     def record_events(self, scenario: str, events: list[Event]) -> None:

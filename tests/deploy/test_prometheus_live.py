@@ -33,16 +33,6 @@ SCENARIO = "live"
 WAIT_S = 300  # a bound on each wait: Ray and three actors start on two busy cores
 REQUESTS_PER_ROUND = 3
 
-# Dashboard queries that cannot return data yet, each with what the gateway lacks. strict:
-# once the gateway provides it, the test passes unexpectedly and fails, so the mark goes.
-KNOWN_GAPS = {
-    "pdmesh_prefill_rejections_total": "gateway/metrics.py creates the per-scenario rejection counter only at the "
-                                       "first rejection, and an idle mesh never rejects: it should start each "
-                                       "scenario's counter at 0 (Prometheus' advice for labelled counters)",
-    "pdmesh_forwards_total": "gateway/metrics.py creates the per-scenario forward counter only at the first "
-                             "forward: it should start each scenario's counter at 0",
-}
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -228,11 +218,9 @@ def loaded(serve, prometheus):
 def _cases():
     boards = support.dashboards()
     for q in support.all_prometheus_queries():
-        gaps = [reason for metric, reason in KNOWN_GAPS.items() if metric in q.expr]
-        marks = [pytest.mark.xfail(strict=True, reason="; ".join(gaps))] if gaps else []
         # the windows span the whole test (loads a few minutes old at most), as a dashboard over it would
         expr = support.fill_variables(q.expr, boards[q.dashboard], rate_interval="5m", interval="5m")
-        yield pytest.param(q, expr, marks=marks, id=f"{q.dashboard.removesuffix('.json')}: {q.title}")
+        yield pytest.param(q, expr, id=f"{q.dashboard.removesuffix('.json')}: {q.title}")
 
 
 @pytest.mark.parametrize("query, expr", list(_cases()))

@@ -1,9 +1,13 @@
-"""The admin service (pdmesh.v1.Admin) for the ops CLI: the pools and their actors, and
-operations on actors (flip, drain, add, remove). Needs the admin key (gateway.grpc_api)."""
+"""The admin service (pdmesh.v1.Admin) for the ops CLI: the pools and their actors,
+operations on actors (flip, drain, add, remove), and the ratio controller (on/off, pins,
+its decisions). Needs the admin key (gateway.grpc_api)."""
 from __future__ import annotations
+
+import json
 
 import grpc
 
+from gateway.control import ControlLoop, Record, ScenarioState
 from gateway.errors import GatewayError
 from gateway.fleet import Fleet
 from gateway.grpc_api import abort
@@ -35,9 +39,41 @@ def _optional(seconds: float) -> float | None:
     return seconds or None
 
 
+def control_message(s: ScenarioState) -> admin_pb2.ScenarioControl:
+    o = s.observed
+    observed = admin_pb2.ObservedLoad(arrival_rps=o.arrival_rps, mean_prompt_tokens=o.mean_prompt,
+                                      mean_output_tokens=o.mean_output, requests_ended=o.requests_ended,
+                                      ttft_target_s=s.slo.ttft_s, tpot_target_s=s.slo.tpot_s,
+                                      slo_percentile=s.slo.percentile)
+    if o.ttft_attainment is not None:
+        observed.ttft_attainment = o.ttft_attainment
+    if o.tpot_attainment is not None:
+        observed.tpot_attainment = o.tpot_attainment
+    limits = {role: admin_pb2.RoleLimits(min=lim.min, max=lim.max) for role, lim in s.limits.items()}
+    return admin_pb2.ScenarioControl(
+        scenario=s.scenario, enabled=s.enabled, pinned=s.pin is not None, target_prefill=s.target[0],
+        target_decode=s.target[1], prefill=s.current[0], decode=s.current[1], prefill_limits=limits["prefill"],
+        decode_limits=limits["decode"], observed=observed)
+
+
+def decision_message(r: Record) -> admin_pb2.Decision:
+    d = r.decision
+    return admin_pb2.Decision(
+        time_unix=d.time, scenario=d.scenario, action=d.actions[0].kind if d.actions else "", reason=d.reason,
+        inputs_json=json.dumps(d.inputs), prediction_json=json.dumps(d.prediction), current_prefill=d.current[0],
+        current_decode=d.current[1], target_prefill=d.target[0], target_decode=d.target[1],
+        actions=[admin_pb2.DecisionAction(kind=a.kind, actor_id=a.actor_id, scenario=a.scenario, role=a.role,
+                                          to_scenario=a.to_scenario or "") for a in d.actions],
+        failures=r.failures)
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, fleet: Fleet):
-        self.fleet = fleet
+    def __init__(self, fleet: Fleet, control: ControlLoop):
+        self.fleet, self.control = fleet, control
+
+    def _status(self) -> admin_pb2.ControllerStatus:
+        return admin_pb2.ControllerStatus(scenarios=[control_message(s) for s in self.control.states()],
+                                          interval_s=self.control.interval_s)
 
     async def _run(self, context: grpc.aio.ServicerContext, op):
         """Runs `op`, answering its failures with their status and message."""
@@ -88,4 +124,30 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                                           f"of scenario {scenario.name!r}: add another first")
             await scenario.pool.remove(request.actor_id, _optional(request.drain_timeout_s))
             return admin_pb2.RemoveActorResponse(actor_id=request.actor_id)
+        return await self._run(context, op)
+
+    async def SetRatio(self, request, context):
+        async def op():
+            if request.auto:
+                self.control.auto(request.scenario)
+            else:
+                self.control.set_ratio(request.scenario, request.prefill, request.decode)
+            return self._status()
+        return await self._run(context, op)
+
+    async def SetController(self, request, context):
+        async def op():
+            self.control.set_enabled(request.scenario, request.enabled)
+            return self._status()
+        return await self._run(context, op)
+
+    async def GetController(self, request, context):
+        async def op():
+            return self._status()
+        return await self._run(context, op)
+
+    async def GetDecisions(self, request, context):
+        async def op():
+            records = self.control.decisions(request.scenario, request.limit or 100)
+            return admin_pb2.GetDecisionsResponse(decisions=[decision_message(r) for r in records])
         return await self._run(context, op)

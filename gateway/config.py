@@ -1,13 +1,15 @@
 """What `pdmesh serve --config scenarios.yaml` reads: the scenario specs (scenarios.spec, the
 same file the ratio controller reads), the engine and transport options every actor shares,
-and the gateway's limits. Validated on load; errors name the field and what to fix."""
+the gateway's limits and the ratio controller's settings. Validated on load; errors name the field and what to fix."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from scenarios.controller import Settings
+from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
 from scenarios.spec import SLO, Hardware, ScenarioSpec, SpecError, parse_specs
 
 
@@ -23,6 +25,40 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(256, ge=1, description="output tokens when the client gives no max_tokens")
 
 
+class Control(BaseModel):
+    """The ratio controller in the gateway (gateway.control)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="on at start; `pdmesh controller on|off` changes it live")
+    profile: str = Field("small-llama-cpu", description="performance model: a built-in profile or a profile file")
+    drain_timeout_s: float | None = Field(None, gt=0, description="per flip; none: the actor's default")
+    settings: Settings = Settings()
+
+    @field_validator("profile")
+    @classmethod
+    def _loads(cls, v: str) -> str:
+        try:
+            _profile(v)
+        except ProfileError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("settings")
+    @classmethod
+    def _positive(cls, v: Settings) -> Settings:
+        if v.interval_s <= 0 or v.min_dwell_s < 0 or v.confirm < 1:
+            raise ValueError("interval_s must be > 0, min_dwell_s >= 0 and confirm >= 1")
+        return v
+
+    def perf_model(self) -> PerfModel:
+        """A fresh model: each scenario's is refined from its own pool's measurements."""
+        return _profile(self.profile)
+
+
+def _profile(name: str) -> PerfModel:
+    return load_profile(name) if Path(name).suffix in (".yaml", ".yml", ".json") else builtin(name)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
 
@@ -30,6 +66,7 @@ class ServeConfig(BaseModel):
     engine: dict = Field(default_factory=dict, description="EngineConfig fields for every actor (not model)")
     transport: dict = Field(default_factory=dict, description="TransportConfig fields (backend, ...)")
     gateway: Limits = Limits()
+    controller: Control = Control()
 
     def served_name(self, spec: ScenarioSpec) -> str:
         """The model name clients ask for: the checkpoint folder's name."""

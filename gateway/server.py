@@ -1,5 +1,6 @@
 """One gateway process: the scenarios' pools on Ray, the gRPC and HTTP front ends over one
-InferenceService, the actors' load refreshed in the background, and an orderly shutdown."""
+InferenceService, the actors' load refreshed and the ratio controller run in the background,
+and an orderly shutdown."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ from gateway import telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import Keys
 from gateway.config import ServeConfig
+from gateway.control import ControlLoop
 from gateway.fleet import Fleet
 from gateway.grpc_api import make_server, set_health
 from gateway.metrics import Metrics
@@ -41,15 +43,16 @@ class Gateway:
         self.fleet = Fleet(config, transport_secret=secrets.token_hex(16))  # actors' KV channels, this run only
         self.metrics = Metrics(self.fleet.actor_infos, self.fleet.scenarios)
         self.service = InferenceService(self.fleet, config.gateway, self.metrics)
+        self.control = ControlLoop(self.fleet, self.service.load, self.metrics, config.controller)
         self.grpc_port = self.http_port = 0
-        self._refresher: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         """Listens at once (health says NOT_SERVING / 503 until every pool has serving actors),
         then starts the actors."""
         telemetry.configure()
         limits = self.config.gateway
-        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet), self.keys,
+        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys,
                                              limits.max_message_bytes)
         address = f"{self.listen.host}:{self.listen.grpc_port}"
         tls = self._tls()
@@ -66,7 +69,7 @@ class Gateway:
         await self.fleet.start()
         await self.fleet.refresh()
         await set_health(self.health, not self.fleet.not_ready())
-        self._refresher = asyncio.create_task(self._refresh())
+        self._tasks = [asyncio.create_task(self._refresh()), asyncio.create_task(self.control.run())]
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -87,8 +90,8 @@ class Gateway:
     async def stop(self, grace_s: float = 10.0) -> None:
         """New requests get UNAVAILABLE; those in flight get `grace_s` to finish; then the actors stop."""
         self.service.closing = True
-        if self._refresher:
-            self._refresher.cancel()
+        for task in self._tasks:  # the controller first of all: no flip starts while the actors stop
+            task.cancel()
         await set_health(self.health, False)
         await asyncio.gather(self.grpc.stop(grace_s), self.http.shutdown())
         await self.http.cleanup()

@@ -18,6 +18,7 @@ from gateway.config import Limits
 from gateway.errors import GatewayError
 from gateway.fleet import Fleet, Scenario
 from gateway.metrics import Metrics
+from gateway.observe import LoadWindow
 from gateway.router import Deadlines, InFlightLimit, RequestFacts, ScenarioRouter
 from mesh import tracing
 from mesh.dispatch import Request
@@ -64,6 +65,8 @@ class InferenceService:
         self.fleet = fleet
         self.limits = limits
         self.metrics = metrics
+        # every admitted request's figures, for the ratio controller (gateway.control)
+        self.load = LoadWindow({name: s.spec.slo for name, s in fleet.scenarios.items()}, clock)
         self.clock = clock
         self.router = ScenarioRouter([s.spec for s in fleet.scenarios.values()],
                                      {name: s.served_model for name, s in fleet.scenarios.items()})
@@ -98,7 +101,7 @@ class InferenceService:
         span = tracer.start_span("gateway.generate", context=call.trace_parent, kind=trace.SpanKind.SERVER,
                                  attributes={"pdmesh.api": call.api})
         label, outcome, first_at, n = "", "internal", None, 0
-        acquired = False
+        acquired, tpot_s, events = False, None, ()
         try:
             with trace.use_span(span, end_on_exit=False):
                 with tracer.start_as_current_span("classify") as classify_span:
@@ -112,6 +115,7 @@ class InferenceService:
             self.in_flight.acquire()
             acquired = True
             self.metrics.in_flight.labels(label).inc()
+            self.load.arrived(label, len(prep.prompt_token_ids))
             events = telemetry.SpanEvents(span)
             request = Request(prep.request_id, prep.prompt_token_ids, prep.params,
                               deadline=self.deadlines.admission(start, call.time_left_s),
@@ -130,7 +134,8 @@ class InferenceService:
             finally:
                 self.metrics.record_events(label, events)
             if n > 1:
-                self.metrics.tpot.labels(label).observe((self.clock() - first_at) / (n - 1))
+                tpot_s = (self.clock() - first_at) / (n - 1)
+                self.metrics.tpot.labels(label).observe(tpot_s)
             span.set_attribute("pdmesh.output_tokens", n)
         except MeshError as e:
             outcome = e.code
@@ -154,6 +159,9 @@ class InferenceService:
             if acquired:
                 self.in_flight.release()
                 self.metrics.in_flight.labels(label).dec()
+                if outcome != "cancelled":  # a client that left says nothing about the mesh's SLOs
+                    self.load.ended(label, None if first_at is None else first_at - start, tpot_s, n,
+                                    any(e.name == "decode_rejected" for e in events))
             if label:
                 self.metrics.requests.labels(label, outcome).inc()
                 self.metrics.e2e.labels(label).observe(self.clock() - start)

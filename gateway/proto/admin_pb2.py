@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/proto/admin.proto\x12\tpdmesh.v1\"\xb9\x01\n\tActorLoad\x12\x1c\n\x14queued_prompt_tokens\x18\x01 \x01(\x04\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x15\n\rdecode_step_s\x18\x07 \x01(\x01\"\xaa\x01\n\tActorInfo\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\"\n\x04load\x18\t \x01(\x0b\x32\x14.pdmesh.v1.ActorLoad\"M\n\x04Pool\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06\x61\x63tors\x18\x03 \x03(\x0b\x32\x14.pdmesh.v1.ActorInfo\"$\n\x10ListPoolsRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\"3\n\x11ListPoolsResponse\x12\x1e\n\x05pools\x18\x01 \x03(\x0b\x32\x0f.pdmesh.v1.Pool\"D\n\x0fSetRatioRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07prefill\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65\x63ode\x18\x03 \x01(\r\"K\n\x10\x46lipActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"8\n\x11\x44rainActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"V\n\x12\x44rainActorResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\x12#\n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x14.pdmesh.v1.ActorInfo\"1\n\x0f\x41\x64\x64\x41\x63torRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"?\n\x12RemoveActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"\'\n\x13RemoveActorResponse\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\"9\n\x14SetControllerRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\x16\n\x14GetControllerRequest\"c\n\x0fScenarioControl\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x16\n\x0etarget_prefill\x18\x03 \x01(\r\x12\x15\n\rtarget_decode\x18\x04 \x01(\r\"A\n\x10\x43ontrollerStatus\x12-\n\tscenarios\x18\x01 \x03(\x0b\x32\x1a.pdmesh.v1.ScenarioControl\"6\n\x13GetDecisionsRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"d\n\x08\x44\x65\x63ision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0binputs_json\x18\x05 \x01(\t\">\n\x14GetDecisionsResponse\x12&\n\tdecisions\x18\x01 \x03(\x0b\x32\x13.pdmesh.v1.Decision2\x9a\x05\n\x05\x41\x64min\x12\x46\n\tListPools\x12\x1b.pdmesh.v1.ListPoolsRequest\x1a\x1c.pdmesh.v1.ListPoolsResponse\x12\x43\n\x08SetRatio\x12\x1a.pdmesh.v1.SetRatioRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12>\n\tFlipActor\x12\x1b.pdmesh.v1.FlipActorRequest\x1a\x14.pdmesh.v1.ActorInfo\x12I\n\nDrainActor\x12\x1c.pdmesh.v1.DrainActorRequest\x1a\x1d.pdmesh.v1.DrainActorResponse\x12<\n\x08\x41\x64\x64\x41\x63tor\x12\x1a.pdmesh.v1.AddActorRequest\x1a\x14.pdmesh.v1.ActorInfo\x12L\n\x0bRemoveActor\x12\x1d.pdmesh.v1.RemoveActorRequest\x1a\x1e.pdmesh.v1.RemoveActorResponse\x12M\n\rSetController\x12\x1f.pdmesh.v1.SetControllerRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12M\n\rGetController\x12\x1f.pdmesh.v1.GetControllerRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12O\n\x0cGetDecisions\x12\x1e.pdmesh.v1.GetDecisionsRequest\x1a\x1f.pdmesh.v1.GetDecisionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/proto/admin.proto\x12\tpdmesh.v1\"\xb9\x01\n\tActorLoad\x12\x1c\n\x14queued_prompt_tokens\x18\x01 \x01(\x04\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x15\n\rdecode_step_s\x18\x07 \x01(\x01\"\xaa\x01\n\tActorInfo\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\"\n\x04load\x18\t \x01(\x0b\x32\x14.pdmesh.v1.ActorLoad\"M\n\x04Pool\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06\x61\x63tors\x18\x03 \x03(\x0b\x32\x14.pdmesh.v1.ActorInfo\"$\n\x10ListPoolsRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\"3\n\x11ListPoolsResponse\x12\x1e\n\x05pools\x18\x01 \x03(\x0b\x32\x0f.pdmesh.v1.Pool\"R\n\x0fSetRatioRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07prefill\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65\x63ode\x18\x03 \x01(\r\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\"K\n\x10\x46lipActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"8\n\x11\x44rainActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"V\n\x12\x44rainActorResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\x12#\n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x14.pdmesh.v1.ActorInfo\"1\n\x0f\x41\x64\x64\x41\x63torRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"?\n\x12RemoveActorRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"\'\n\x13RemoveActorResponse\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\"9\n\x14SetControllerRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\x16\n\x14GetControllerRequest\"&\n\nRoleLimits\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\r\"\x9d\x02\n\x0cObservedLoad\x12\x13\n\x0b\x61rrival_rps\x18\x01 \x01(\x01\x12\x1a\n\x12mean_prompt_tokens\x18\x02 \x01(\x01\x12\x1a\n\x12mean_output_tokens\x18\x03 \x01(\x01\x12\x1c\n\x0fttft_attainment\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0ftpot_attainment\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0erequests_ended\x18\x06 \x01(\r\x12\x15\n\rttft_target_s\x18\x07 \x01(\x01\x12\x15\n\rtpot_target_s\x18\x08 \x01(\x01\x12\x16\n\x0eslo_percentile\x18\t \x01(\x01\x42\x12\n\x10_ttft_attainmentB\x12\n\x10_tpot_attainment\"\x9c\x02\n\x0fScenarioControl\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x16\n\x0etarget_prefill\x18\x03 \x01(\r\x12\x15\n\rtarget_decode\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0f\n\x07prefill\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\r\x12-\n\x0eprefill_limits\x18\x08 \x01(\x0b\x32\x15.pdmesh.v1.RoleLimits\x12,\n\rdecode_limits\x18\t \x01(\x0b\x32\x15.pdmesh.v1.RoleLimits\x12)\n\x08observed\x18\n \x01(\x0b\x32\x17.pdmesh.v1.ObservedLoad\"U\n\x10\x43ontrollerStatus\x12-\n\tscenarios\x18\x01 \x03(\x0b\x32\x1a.pdmesh.v1.ScenarioControl\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\"6\n\x13GetDecisionsRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"e\n\x0e\x44\x65\x63isionAction\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x13\n\x0bto_scenario\x18\x05 \x01(\t\"\x9b\x02\n\x08\x44\x65\x63ision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0binputs_json\x18\x05 \x01(\t\x12\x17\n\x0fprediction_json\x18\x06 \x01(\t\x12\x17\n\x0f\x63urrent_prefill\x18\x07 \x01(\r\x12\x16\n\x0e\x63urrent_decode\x18\x08 \x01(\r\x12\x16\n\x0etarget_prefill\x18\t \x01(\r\x12\x15\n\rtarget_decode\x18\n \x01(\r\x12*\n\x07\x61\x63tions\x18\x0b \x03(\x0b\x32\x19.pdmesh.v1.DecisionAction\x12\x10\n\x08\x66\x61ilures\x18\x0c \x03(\t\">\n\x14GetDecisionsResponse\x12&\n\tdecisions\x18\x01 \x03(\x0b\x32\x13.pdmesh.v1.Decision2\x9a\x05\n\x05\x41\x64min\x12\x46\n\tListPools\x12\x1b.pdmesh.v1.ListPoolsRequest\x1a\x1c.pdmesh.v1.ListPoolsResponse\x12\x43\n\x08SetRatio\x12\x1a.pdmesh.v1.SetRatioRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12>\n\tFlipActor\x12\x1b.pdmesh.v1.FlipActorRequest\x1a\x14.pdmesh.v1.ActorInfo\x12I\n\nDrainActor\x12\x1c.pdmesh.v1.DrainActorRequest\x1a\x1d.pdmesh.v1.DrainActorResponse\x12<\n\x08\x41\x64\x64\x41\x63tor\x12\x1a.pdmesh.v1.AddActorRequest\x1a\x14.pdmesh.v1.ActorInfo\x12L\n\x0bRemoveActor\x12\x1d.pdmesh.v1.RemoveActorRequest\x1a\x1e.pdmesh.v1.RemoveActorResponse\x12M\n\rSetController\x12\x1f.pdmesh.v1.SetControllerRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12M\n\rGetController\x12\x1f.pdmesh.v1.GetControllerRequest\x1a\x1b.pdmesh.v1.ControllerStatus\x12O\n\x0cGetDecisions\x12\x1e.pdmesh.v1.GetDecisionsRequest\x1a\x1f.pdmesh.v1.GetDecisionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPOOLSRESPONSE']._serialized_start=518
   _globals['_LISTPOOLSRESPONSE']._serialized_end=569
   _globals['_SETRATIOREQUEST']._serialized_start=571
-  _globals['_SETRATIOREQUEST']._serialized_end=639
-  _globals['_FLIPACTORREQUEST']._serialized_start=641
-  _globals['_FLIPACTORREQUEST']._serialized_end=716
-  _globals['_DRAINACTORREQUEST']._serialized_start=718
-  _globals['_DRAINACTORREQUEST']._serialized_end=774
-  _globals['_DRAINACTORRESPONSE']._serialized_start=776
-  _globals['_DRAINACTORRESPONSE']._serialized_end=862
-  _globals['_ADDACTORREQUEST']._serialized_start=864
-  _globals['_ADDACTORREQUEST']._serialized_end=913
-  _globals['_REMOVEACTORREQUEST']._serialized_start=915
-  _globals['_REMOVEACTORREQUEST']._serialized_end=978
-  _globals['_REMOVEACTORRESPONSE']._serialized_start=980
-  _globals['_REMOVEACTORRESPONSE']._serialized_end=1019
-  _globals['_SETCONTROLLERREQUEST']._serialized_start=1021
-  _globals['_SETCONTROLLERREQUEST']._serialized_end=1078
-  _globals['_GETCONTROLLERREQUEST']._serialized_start=1080
-  _globals['_GETCONTROLLERREQUEST']._serialized_end=1102
-  _globals['_SCENARIOCONTROL']._serialized_start=1104
-  _globals['_SCENARIOCONTROL']._serialized_end=1203
-  _globals['_CONTROLLERSTATUS']._serialized_start=1205
-  _globals['_CONTROLLERSTATUS']._serialized_end=1270
-  _globals['_GETDECISIONSREQUEST']._serialized_start=1272
-  _globals['_GETDECISIONSREQUEST']._serialized_end=1326
-  _globals['_DECISION']._serialized_start=1328
-  _globals['_DECISION']._serialized_end=1428
-  _globals['_GETDECISIONSRESPONSE']._serialized_start=1430
-  _globals['_GETDECISIONSRESPONSE']._serialized_end=1492
-  _globals['_ADMIN']._serialized_start=1495
-  _globals['_ADMIN']._serialized_end=2161
+  _globals['_SETRATIOREQUEST']._serialized_end=653
+  _globals['_FLIPACTORREQUEST']._serialized_start=655
+  _globals['_FLIPACTORREQUEST']._serialized_end=730
+  _globals['_DRAINACTORREQUEST']._serialized_start=732
+  _globals['_DRAINACTORREQUEST']._serialized_end=788
+  _globals['_DRAINACTORRESPONSE']._serialized_start=790
+  _globals['_DRAINACTORRESPONSE']._serialized_end=876
+  _globals['_ADDACTORREQUEST']._serialized_start=878
+  _globals['_ADDACTORREQUEST']._serialized_end=927
+  _globals['_REMOVEACTORREQUEST']._serialized_start=929
+  _globals['_REMOVEACTORREQUEST']._serialized_end=992
+  _globals['_REMOVEACTORRESPONSE']._serialized_start=994
+  _globals['_REMOVEACTORRESPONSE']._serialized_end=1033
+  _globals['_SETCONTROLLERREQUEST']._serialized_start=1035
+  _globals['_SETCONTROLLERREQUEST']._serialized_end=1092
+  _globals['_GETCONTROLLERREQUEST']._serialized_start=1094
+  _globals['_GETCONTROLLERREQUEST']._serialized_end=1116
+  _globals['_ROLELIMITS']._serialized_start=1118
+  _globals['_ROLELIMITS']._serialized_end=1156
+  _globals['_OBSERVEDLOAD']._serialized_start=1159
+  _globals['_OBSERVEDLOAD']._serialized_end=1444
+  _globals['_SCENARIOCONTROL']._serialized_start=1447
+  _globals['_SCENARIOCONTROL']._serialized_end=1731
+  _globals['_CONTROLLERSTATUS']._serialized_start=1733
+  _globals['_CONTROLLERSTATUS']._serialized_end=1818
+  _globals['_GETDECISIONSREQUEST']._serialized_start=1820
+  _globals['_GETDECISIONSREQUEST']._serialized_end=1874
+  _globals['_DECISIONACTION']._serialized_start=1876
+  _globals['_DECISIONACTION']._serialized_end=1977
+  _globals['_DECISION']._serialized_start=1980
+  _globals['_DECISION']._serialized_end=2263
+  _globals['_GETDECISIONSRESPONSE']._serialized_start=2265
+  _globals['_GETDECISIONSRESPONSE']._serialized_end=2327
+  _globals['_ADMIN']._serialized_start=2330
+  _globals['_ADMIN']._serialized_end=2996
 # @@protoc_insertion_point(module_scope)

@@ -69,14 +69,16 @@ class ListPoolsResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
 
 class SetRatioRequest(_message.Message):
-    __slots__ = ("scenario", "prefill", "decode")
+    __slots__ = ("scenario", "prefill", "decode", "auto")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     prefill: int
     decode: int
-    def __init__(self, scenario: _Optional[str] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ...) -> None: ...
+    auto: bool
+    def __init__(self, scenario: _Optional[str] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., auto: _Optional[bool] = ...) -> None: ...
 
 class FlipActorRequest(_message.Message):
     __slots__ = ("actor_id", "role", "drain_timeout_s")
@@ -138,23 +140,67 @@ class GetControllerRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RoleLimits(_message.Message):
+    __slots__ = ("min", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: int
+    max: int
+    def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
+
+class ObservedLoad(_message.Message):
+    __slots__ = ("arrival_rps", "mean_prompt_tokens", "mean_output_tokens", "ttft_attainment", "tpot_attainment", "requests_ended", "ttft_target_s", "tpot_target_s", "slo_percentile")
+    ARRIVAL_RPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    TPOT_ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    TTFT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    SLO_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    arrival_rps: float
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    ttft_attainment: float
+    tpot_attainment: float
+    requests_ended: int
+    ttft_target_s: float
+    tpot_target_s: float
+    slo_percentile: float
+    def __init__(self, arrival_rps: _Optional[float] = ..., mean_prompt_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., ttft_attainment: _Optional[float] = ..., tpot_attainment: _Optional[float] = ..., requests_ended: _Optional[int] = ..., ttft_target_s: _Optional[float] = ..., tpot_target_s: _Optional[float] = ..., slo_percentile: _Optional[float] = ...) -> None: ...
+
 class ScenarioControl(_message.Message):
-    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode")
+    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode", "pinned", "prefill", "decode", "prefill_limits", "decode_limits", "observed")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
     TARGET_DECODE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     enabled: bool
     target_prefill: int
     target_decode: int
-    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ...) -> None: ...
+    pinned: bool
+    prefill: int
+    decode: int
+    prefill_limits: RoleLimits
+    decode_limits: RoleLimits
+    observed: ObservedLoad
+    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., pinned: _Optional[bool] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., prefill_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., decode_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., observed: _Optional[_Union[ObservedLoad, _Mapping]] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
-    __slots__ = ("scenarios",)
+    __slots__ = ("scenarios", "interval_s")
     SCENARIOS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     scenarios: _containers.RepeatedCompositeFieldContainer[ScenarioControl]
-    def __init__(self, scenarios: _Optional[_Iterable[_Union[ScenarioControl, _Mapping]]] = ...) -> None: ...
+    interval_s: float
+    def __init__(self, scenarios: _Optional[_Iterable[_Union[ScenarioControl, _Mapping]]] = ..., interval_s: _Optional[float] = ...) -> None: ...
 
 class GetDecisionsRequest(_message.Message):
     __slots__ = ("scenario", "limit")
@@ -164,19 +210,47 @@ class GetDecisionsRequest(_message.Message):
     limit: int
     def __init__(self, scenario: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
+class DecisionAction(_message.Message):
+    __slots__ = ("kind", "actor_id", "scenario", "role", "to_scenario")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    actor_id: str
+    scenario: str
+    role: str
+    to_scenario: str
+    def __init__(self, kind: _Optional[str] = ..., actor_id: _Optional[str] = ..., scenario: _Optional[str] = ..., role: _Optional[str] = ..., to_scenario: _Optional[str] = ...) -> None: ...
+
 class Decision(_message.Message):
-    __slots__ = ("time_unix", "scenario", "action", "reason", "inputs_json")
+    __slots__ = ("time_unix", "scenario", "action", "reason", "inputs_json", "prediction_json", "current_prefill", "current_decode", "target_prefill", "target_decode", "actions", "failures")
     TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INPUTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_DECODE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DECODE_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     time_unix: float
     scenario: str
     action: str
     reason: str
     inputs_json: str
-    def __init__(self, time_unix: _Optional[float] = ..., scenario: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., inputs_json: _Optional[str] = ...) -> None: ...
+    prediction_json: str
+    current_prefill: int
+    current_decode: int
+    target_prefill: int
+    target_decode: int
+    actions: _containers.RepeatedCompositeFieldContainer[DecisionAction]
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, time_unix: _Optional[float] = ..., scenario: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., inputs_json: _Optional[str] = ..., prediction_json: _Optional[str] = ..., current_prefill: _Optional[int] = ..., current_decode: _Optional[int] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[DecisionAction, _Mapping]]] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetDecisionsResponse(_message.Message):
     __slots__ = ("decisions",)

@@ -92,7 +92,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetRatio(self, request, context):
-        """Target prefill:decode counts for a scenario; the ratio controller applies them.
+        """Pin a scenario's prefill:decode ratio (the ratio controller moves actors to it, whether
+        or not it is on for the scenario), or hand the ratio back to the controller (auto).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

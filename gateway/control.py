@@ -1,0 +1,174 @@
+"""The ratio controller (scenarios.controller) running live in the gateway process.
+
+Every interval it closes the gateway's load window (gateway.observe) into one observation
+per controlled scenario, with each actor's role and load from the pools, steps the
+controller, and applies its decisions through the live connector (flip in place, lend
+between pools). Each decision goes to the decision log with what became of its actions,
+to a span, and to pdmesh_controller_decisions_total.
+
+Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
+controller is on for its scenario (an operator's explicit order); off only stops the moves
+the load would ask for. A disabled, unpinned scenario is not observed at all, so that it
+neither lends nor borrows actors.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from opentelemetry import trace
+
+from gateway.config import Control
+from gateway.errors import GatewayError
+from gateway.fleet import Fleet
+from gateway.metrics import Metrics
+from gateway.observe import Figures, LoadWindow
+from mesh import tracing
+from mesh.actor import Role
+from scenarios.connector import LiveConnector, apply_all
+from scenarios.controller import ActorView, Decision, RatioController
+from scenarios.spec import SLO, RoleLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decision and what became of it."""
+    decision: Decision
+    failures: tuple[str, ...]  # "flip a1 -> decode: why", for each action that could not be applied
+
+
+@dataclass(frozen=True)
+class ScenarioState:
+    scenario: str
+    enabled: bool
+    pin: tuple[int, int] | None
+    current: tuple[int, int]  # prefill, decode: by the role each actor serves or drains toward
+    target: tuple[int, int]  # the pin, or where the last decision took it (else current)
+    limits: dict[str, RoleLimits]
+    slo: SLO
+    observed: Figures
+
+
+class ControlLoop:
+    def __init__(self, fleet: Fleet, window: LoadWindow, metrics: Metrics, config: Control,
+                 clock: Callable[[], float] = time.time, log_size: int = 1000):
+        """clock: wall time, as decisions are shown to operators beside dashboards and logs."""
+        self.fleet, self.window, self.metrics, self.clock = fleet, window, metrics, clock
+        specs = [s.spec for s in fleet.scenarios.values()]
+        self.controller = RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings)
+        self.connector = LiveConnector({name: s.pool for name, s in fleet.scenarios.items()}, config.drain_timeout_s)
+        self.enabled = {name: config.enabled for name in fleet.scenarios}
+        self.records: deque[Record] = deque(maxlen=log_size)
+        self._wake = asyncio.Event()
+        self._tick_lock = asyncio.Lock()
+
+    @property
+    def interval_s(self) -> float:
+        return self.controller.settings.interval_s
+
+    async def run(self) -> None:
+        """Ticks every interval, or at once when an operator's change wakes it, until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # one failed round (an actor gone mid-refresh); the next one tries again
+                log.exception("ratio controller round failed")
+
+    async def tick(self) -> list[Decision]:
+        """One control interval: observe, decide, apply (one round at a time)."""
+        async with self._tick_lock:
+            controlled = [n for n in self.fleet.scenarios if self.enabled[n] or n in self.controller.pins]
+            observations = self.window.close({n: self._views(n) for n in controlled})
+            decisions = self.controller.step(observations, self.clock())
+            for decision in decisions:
+                await self._apply(decision)
+            return decisions
+
+    def _views(self, scenario: str) -> tuple[ActorView, ...]:
+        views = []
+        for m in self.fleet.scenarios[scenario].pool.members.values():
+            if m.role is Role.BOTH:  # aggregated actors have no side to move between
+                continue
+            load = m.info.get("load", {})
+            views.append(ActorView(m.actor_id, m.role.value,
+                                   load.get("queued_requests", 0) + load.get("active_requests", 0),
+                                   m.info.get("state") == "serving"))
+        return tuple(views)
+
+    async def _apply(self, decision: Decision) -> None:
+        tracer = trace.get_tracer("pdmesh")
+        with tracer.start_as_current_span("controller.decision", end_on_exit=False) as span:
+            span.set_attributes({
+                "pdmesh.scenario": decision.scenario, "pdmesh.reason": decision.reason,
+                "pdmesh.current": f"{decision.current[0]}P:{decision.current[1]}D",
+                "pdmesh.target": f"{decision.target[0]}P:{decision.target[1]}D",
+                "pdmesh.actions": [f"{a.kind} {a.actor_id} -> {a.role}" + (f" in {a.to_scenario}" if a.to_scenario
+                                                                           else "") for a in decision.actions],
+                "pdmesh.inputs": json.dumps(decision.inputs), "pdmesh.prediction": json.dumps(decision.prediction)})
+            for a in decision.actions:
+                self.metrics.decisions.labels(a.scenario, a.kind, a.role).inc()
+            failed = await apply_all(self.connector, [decision])
+            failures = tuple(f"{a.kind} {a.actor_id} -> {a.role}: {e}" for a, e in failed)
+            for failure in failures:
+                span.add_event("action_failed", {"pdmesh.failure": failure})
+                log.warning("ratio controller: %s", failure)
+            log.info("ratio controller: %s: %s", decision.scenario, decision.reason)
+            tracing.end(span, RuntimeError("; ".join(failures)) if failures else None)
+        self.records.append(Record(decision, failures))
+
+    # -- operator controls -----------------------------------------------------------------
+    def set_ratio(self, scenario: str, prefill: int, decode: int) -> None:
+        """Pins the ratio; each count must lie within the scenario's limits for its role."""
+        spec = self.fleet.get(scenario).spec
+        if prefill + decode == 0:
+            raise GatewayError("invalid_argument", "a ratio needs at least one actor: both counts are 0")
+        for role, n in (("prefill", prefill), ("decode", decode)):
+            lim = spec.limits[role]
+            if not lim.min <= n <= lim.max:
+                raise GatewayError("invalid_argument", f"{role} {n} is outside scenario {scenario!r}'s limits "
+                                                       f"[{lim.min}, {lim.max}] for {role}")
+        self.controller.pin(scenario, prefill, decode)
+        self._wake.set()
+
+    def auto(self, scenario: str) -> None:
+        """The controller sets the scenario's ratio from its load again."""
+        self.fleet.get(scenario)
+        self.controller.unpin(scenario)
+        self.enabled[scenario] = True
+        self._wake.set()
+
+    def set_enabled(self, scenario: str, enabled: bool) -> None:
+        """One scenario, or every one for ""."""
+        for name in [self.fleet.get(scenario).name] if scenario else list(self.enabled):
+            self.enabled[name] = enabled
+
+    def states(self) -> list[ScenarioState]:
+        out = []
+        for name, s in self.fleet.scenarios.items():
+            roles = [m.role for m in s.pool.members.values()]
+            current = roles.count(Role.PREFILL), roles.count(Role.DECODE)
+            pin = self.controller.pins.get(name)
+            last = next((r.decision.target for r in reversed(self.records) if r.decision.scenario == name), None)
+            out.append(ScenarioState(name, self.enabled[name], pin, current, pin or last or current,
+                                     dict(s.spec.limits), s.spec.slo, self.window.last[name]))
+        return out
+
+    def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:
+        """Newest last; for a scenario, its own decisions and the lends it received."""
+        if scenario:
+            self.fleet.get(scenario)
+        picked = [r for r in self.records if not scenario or r.decision.scenario == scenario
+                  or any(a.to_scenario == scenario for a in r.decision.actions)]
+        return picked[-limit:]

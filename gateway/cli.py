@@ -27,8 +27,12 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+OPS = ("status", "ratio", "controller", "flip", "drain", "add", "remove", "decisions")
+
+
 @click.group(cls=LazyGroup, lazy={"generate": "mesh.engine.cli:generate", "sim": "simtests.cli:command",
-                                      "serve": "gateway.serve:serve"})
+                                      "serve": "gateway.serve:serve",
+                                      **{name: f"gateway.ops:{name}" for name in OPS}})
 @click.version_option(package_name="pdmesh")
 def main() -> None:
     """pdmesh: a disaggregated prefill/decode serving mesh for LLMs."""

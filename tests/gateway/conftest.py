@@ -4,6 +4,7 @@ with API keys, a small message limit and spans exported to an in-test OTLP recei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from concurrent import futures
@@ -63,13 +64,33 @@ class Running:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
 
-@pytest.fixture(scope="session")
-def gateway(checkpoint, otlp):
+@contextlib.contextmanager
+def serving(config, refresh_s: float = 0.2):
+    """A Gateway on `config` with the test keys, on the session's Ray, served from its own thread
+    and event loop as `pdmesh serve` does; stopped on exit."""
     import uvloop
 
     from gateway.auth import Keys
-    from gateway.config import Limits, default
     from gateway.server import Gateway, Listen
+
+    gw = Gateway(config, Keys((API_KEY,), (ADMIN_KEY,)), Listen(grpc_port=0, http_port=0), refresh_s=refresh_s)
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = Running(gw, loop, "", "")
+    try:
+        running.run(gw.start())
+        running.grpc_address, running.http_url = gw.addresses["grpc"], gw.addresses["http"]
+        yield running
+    finally:
+        running.run(gw.stop(grace_s=1.0))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(otlp):
+    """The session's local Ray, its actors exporting spans to the in-test receiver."""
     from mesh.cluster import connect, disconnect
 
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
@@ -77,26 +98,26 @@ def gateway(checkpoint, otlp):
     saved = {k: os.environ.get(k) for k in otel}
     os.environ.update(otel)
     connect(num_cpus=8)
-    config = default(checkpoint("llama", "float32"), engine=ENGINE,
-                     transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
-                     gateway=Limits(max_message_bytes=MAX_MESSAGE_BYTES, admission_timeout_s=5.0))
-    gw = Gateway(config, Keys((API_KEY,), (ADMIN_KEY,)), Listen(grpc_port=0, http_port=0), refresh_s=0.2)
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = Running(gw, loop, "", "")
-    running.run(gw.start())
-    running.grpc_address, running.http_url = gw.addresses["grpc"], gw.addresses["http"]
-    yield running
-    running.run(gw.stop(grace_s=1.0))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    yield
     disconnect()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def gateway(checkpoint, ray_cluster):
+    """One scenario, 1 prefill + 1 decode actor; the ratio controller off (pins still apply)."""
+    from gateway.config import Control, Limits, default
+
+    config = default(checkpoint("llama", "float32"), engine=ENGINE,
+                     transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
+                     gateway=Limits(max_message_bytes=MAX_MESSAGE_BYTES, admission_timeout_s=5.0),
+                     controller=Control(enabled=False))
+    with serving(config) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

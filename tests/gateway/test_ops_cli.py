@@ -1,0 +1,132 @@
+"""The ops CLI through the real admin API of a real gateway (the session's: one scenario, 1
+prefill + 1 decode actor, the ratio controller off): tables, JSON, every command, and bad
+input answered with a clear message and its exit code."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from tests.gateway.conftest import ADMIN_KEY, API_KEY
+
+
+@pytest.fixture(scope="module")
+def pdmesh(gateway):
+    """pdmesh(*args, key=ADMIN_KEY) -> (exit code, stdout, stderr), run in-process."""
+    runner = CliRunner()
+
+    def run(*args: str, key: str | None = ADMIN_KEY):
+        env = {"PDMESH_ADDRESS": gateway.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": "200"}
+        result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
+
+
+def ok_json(pdmesh, *args: str) -> dict:
+    code, out, err = pdmesh(*args, "--output", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_status_tables_and_json(pdmesh):
+    code, out, err = pdmesh("status")
+    assert code == 0, err
+    assert "default" in out and "prefill" in out and "decode" in out and "TTFT met" in out
+    data = ok_json(pdmesh, "status")
+    [scenario] = data["scenarios"]
+    assert (scenario["scenario"], scenario["prefill"], scenario["decode"]) == ("default", 1, 1)
+    assert scenario["observed"]["ttft_target_s"] == 2.0
+    actors = data["pools"][0]["actors"]
+    assert sorted(a["role"] for a in actors) == ["decode", "prefill"]
+    assert all(a["pid"] > 0 and a["state"] == "serving" and a["device"] == "cpu" for a in actors)
+
+
+def test_ratio_pin_then_auto_then_controller_off(pdmesh):
+    pinned = ok_json(pdmesh, "ratio", "set", "default", "1:1")["scenarios"][0]
+    assert pinned["pinned"] and (pinned["target_prefill"], pinned["target_decode"]) == (1, 1)
+    auto = ok_json(pdmesh, "ratio", "auto", "default")["scenarios"][0]
+    assert not auto["pinned"] and auto["enabled"]
+    off = ok_json(pdmesh, "controller", "off")["scenarios"][0]
+    assert not off["enabled"]
+    code, out, _ = pdmesh("ratio", "show")
+    assert code == 0 and "auto, off" in out
+
+
+def test_actor_lifecycle_add_drain_flip_remove(pdmesh):
+    added = ok_json(pdmesh, "add", "default", "decode")
+    assert added["role"] == "decode" and added["state"] == "serving"
+    drained = ok_json(pdmesh, "drain", added["actor_id"])
+    assert drained["actor"]["state"] == "draining" and drained["aborted_request_ids"] == []
+    flipped = ok_json(pdmesh, "flip", added["actor_id"], "decode")
+    assert flipped["state"] == "serving"
+    assert ok_json(pdmesh, "remove", added["actor_id"]) == {"actor_id": added["actor_id"]}
+    roles = [a["role"] for a in ok_json(pdmesh, "status")["pools"][0]["actors"]]
+    assert sorted(roles) == ["decode", "prefill"]
+
+
+def test_decisions_table_and_json(pdmesh):
+    assert ok_json(pdmesh, "decisions", "--scenario", "default") == {"decisions": []}
+    code, out, _ = pdmesh("decisions")
+    assert code == 0 and "ratio controller decisions" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, key, exit_code, message", [
+    (("ratio", "show", "nope"), ADMIN_KEY, 2, "unknown scenario 'nope'; the gateway serves: default"),
+    (("ratio", "set", "nope", "1:1"), ADMIN_KEY, 2, "unknown scenario 'nope'"),
+    (("ratio", "set", "default", "0:2"), ADMIN_KEY, 2, "prefill 0 is outside scenario 'default''s limits [1, "),
+    (("ratio", "set", "default", "0:0"), ADMIN_KEY, 2, "a ratio needs at least one actor"),
+    (("ratio", "set", "default", "3-1"), ADMIN_KEY, 2, "expected PREFILL:DECODE counts, like 3:1"),
+    (("add", "nope", "decode"), ADMIN_KEY, 2, "unknown scenario 'nope'"),
+    (("flip", "ghost", "decode"), ADMIN_KEY, 2, "no actor 'ghost'"),
+    (("flip", "ghost", "both"), ADMIN_KEY, 2, "'both' is not one of 'prefill', 'decode'"),
+    (("decisions", "--scenario", "nope"), ADMIN_KEY, 2, "unknown scenario 'nope'"),
+    (("status",), "wrong-key", 3, "the gateway refused the admin key"),
+    (("status",), API_KEY, 3, "the gateway refused the admin key"),
+    (("status",), None, 3, "--admin-key, --admin-key-file or PDMESH_ADMIN_KEY"),
+])
+def test_bad_input_has_a_message_and_an_exit_code(pdmesh, args, key, exit_code, message):
+    code, out, err = pdmesh(*args, key=key)
+    assert code == exit_code, (out, err)
+    assert message in err
+
+
+def test_last_prefill_actor_cannot_be_removed(pdmesh):
+    prefill = next(a for a in ok_json(pdmesh, "status")["pools"][0]["actors"] if a["role"] == "prefill")
+    code, out, err = pdmesh("remove", prefill["actor_id"], "--output", "json")
+    assert code == 1 and "is the last prefill actor" in err
+    assert json.loads(out)["error"]["status"] == "FAILED_PRECONDITION"
+
+
+def test_unreachable_gateway(pdmesh):
+    code, out, err = pdmesh("status", "--address", f"127.0.0.1:{_free_port()}", "--timeout", "0.5", "--output",
+                            "json")
+    assert code == 4 and "cannot reach the gateway at 127.0.0.1:" in err
+    assert json.loads(out)["error"]["exit_code"] == 4
+
+
+def test_console_script_with_the_environment(gateway):
+    """As operators run it: its own process, the address and key from the environment."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "PDMESH_ADDRESS": gateway.grpc_address, "PDMESH_ADMIN_KEY": ADMIN_KEY}
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "ratio", "show", "--output", "json"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scenarios"][0]["scenario"] == "default"
+    env["PDMESH_ADMIN_KEY"] = "wrong"
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "status"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3 and "refused the admin key" in done.stderr

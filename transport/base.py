@@ -6,7 +6,6 @@ raises ``TransferError`` and stays usable for the next transfer.
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -165,10 +164,3 @@ class KVReceiver(ABC):
     async def close(self) -> None:
         """Stop accepting senders, fail open transfers, free every lease."""
 
-
-async def wait_for(aw, timeout_s: float | None, what: str, lease_id: str | None = None):
-    """Every network wait is bounded; a timeout fails the one transfer."""
-    try:
-        return await asyncio.wait_for(aw, timeout_s)
-    except asyncio.TimeoutError:
-        raise TransferError("timeout", f"{what} took longer than {timeout_s}s", lease_id) from None

@@ -9,7 +9,8 @@ import socket
 import torch
 
 from . import wire
-from .base import TransferError, wait_for
+from .aio import wait_for
+from .base import TransferError
 
 
 def _buffer(view: torch.Tensor) -> memoryview:
@@ -63,6 +64,13 @@ class Channel:
         if msg["t"] != expect:
             raise TransferError("wire", f"expected {expect}, got {msg['t']}")
         return msg
+
+    async def until_closed(self) -> None:
+        """Raise once the peer closes the connection (or, out of turn, speaks):
+        watched while the peer must stay silent and UCX moves its data."""
+        header = bytearray(wire.HEADER.size)
+        await self.recv_into(memoryview(header), None)
+        raise TransferError("wire", "the peer spoke out of turn")
 
     async def recv_tensors(self, views: list[torch.Tensor], timeout_s: float) -> None:
         for view in views:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from .base import KVReceiver, LeaseDescriptor, ReceivedKV, TransferError, TransferStats, wait_for
+from .aio import wait_for
+from .base import KVReceiver, LeaseDescriptor, ReceivedKV, TransferError, TransferStats
 from .layout import KVLayout
 from .lease import BlockReserver, LeaseError, LeaseTable
 

@@ -7,7 +7,7 @@ Per transfer, on an idle connection (one round trip before data, one after):
   sender:   begin(lease, layout, block ids, plan)
   receiver: ready(tag base, data-plane address, lease time left)
   ... data: layer by layer, by the data plane ...
-  sender:   commit(bytes)           receiver: committed  (or error)
+  sender:   commit(bytes)           receiver: committed, once every byte landed (or error)
 Any failure closes the connection; the sender reconnects for the next transfer.
 A sender aborts by closing it too: over TCP a message could land in the middle
 of a layer's bytes, so the closed connection is the only signal.
@@ -27,8 +27,9 @@ from collections.abc import Callable
 
 import torch
 
+from .aio import together, wait_for
 from .base import (KVSender, LeaseDescriptor, Transfer, TransferError, TransferState,
-                   TransferStats, wait_for)
+                   TransferStats)
 from .channel import Channel
 from .copy import StagingPool, gather_layer, op_views, scatter_layer
 from .layout import KVLayout
@@ -271,9 +272,11 @@ class SocketTransfer(Transfer):
                 else:
                     bufs = op_views(plan, self._pool, layer, "src")
                 await self._link.send_layer(self._ch, layer, bufs)
-            await self._link.flush()
+            # Commit while UCX may still be moving bytes: the receiver answers once
+            # they landed, and a receiver that died shows at once as a closed
+            # connection (UCX over shared memory never reports it).
             await self._ch.send("commit", nbytes=plan.total_bytes)
-            await self._ch.recv("committed")
+            await together(self._link.flush(), self._ch.recv("committed"))
             self.state = TransferState.DONE
             self._reuse(self._ch)
             return TransferStats(self._backend, plan.strategy.value, plan.total_bytes,

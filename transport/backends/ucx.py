@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..base import TransferError, wait_for
+from ..aio import guarded, wait_for
+from ..base import TransferError
 from ..channel import Channel
 from ..plan import TransferPlan
 from ..session import DataPlane, RecvLink, SendLink
@@ -27,6 +28,11 @@ _ABORT_PERIOD_NS = 100_000_000
 def load_ucxx():
     """Import and initialise ucxx; raise TransferError('unavailable') if it cannot."""
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # Rendezvous by put: the sender writes into the receiver's buffers. UCX aborts
+    # the process whose shared-memory copy (CMA) hits a peer that just died;
+    # with put that is the sender, so a dying prefill actor never takes a decode
+    # actor (and every stream it serves) down with it.
+    os.environ.setdefault("UCX_RNDV_SCHEME", "put_zcopy")
     try:
         import ucxx
         from ucxx import core
@@ -41,6 +47,13 @@ def load_ucxx():
 
 def _array(buf: torch.Tensor):
     return buf if buf.device.type == "cuda" else buf.numpy()
+
+
+def _as_transfer_error(e: BaseException, what: str) -> BaseException:
+    """ucxx's own errors (a peer reset, over UCX's TCP) as the one typed error."""
+    if isinstance(e, Exception) and not isinstance(e, TransferError):
+        return TransferError("peer", f"UCX {what} failed: {e}")
+    return e
 
 
 class UcxSendLink(SendLink):
@@ -61,9 +74,9 @@ class UcxSendLink(SendLink):
     async def flush(self) -> None:
         try:
             await wait_for(asyncio.gather(*self._pending), self._timeout_s, "UCX sends")
-        except Exception:
+        except BaseException as e:  # also cancelled: the receiver went away meanwhile
             self._on_fail()
-            raise
+            raise _as_transfer_error(e, "send")
 
     def close(self) -> None:
         for fut in self._pending:
@@ -83,12 +96,20 @@ class UcxRecvLink(RecvLink):
 
     async def run(self, ch: Channel, plan: TransferPlan, bufs: list[list[torch.Tensor]],
                   on_layer: Callable[[int], None], timeout_s: float) -> dict:
-        # The commit comes after the sender's sends completed, so the data is
-        # in (or right behind) it; a dead sender shows as a closed connection.
+        # The commit comes once the sender posted its last send: the data may still
+        # be on the wire. The sender is silent until told "committed", so a closed
+        # connection meanwhile means it died (UCX itself would wait forever).
         commit = await ch.recv("commit", timeout_s)
-        for layer, recvs in enumerate(self._recvs):
-            await wait_for(asyncio.gather(*recvs), timeout_s, "UCX receives")
-            on_layer(layer)
+
+        async def land() -> None:
+            for layer, recvs in enumerate(self._recvs):
+                try:
+                    await asyncio.gather(*recvs)
+                except BaseException as e:
+                    raise _as_transfer_error(e, "receive")
+                on_layer(layer)
+
+        await wait_for(guarded(land(), ch.until_closed()), timeout_s, "UCX receives")
         self._done = True
         return commit
 

@@ -40,6 +40,9 @@ class Metrics:
         for name in scenarios:
             self.rejections.labels(name)
             self.forwards.labels(name)
+            for action in ("flip", "lend"):
+                for role in ("prefill", "decode"):
+                    self.decisions.labels(name, action, role)
         r.register(_ActorCollector(actor_infos))
 
     def record_events(self, scenario: str, events: list[Event]) -> None:

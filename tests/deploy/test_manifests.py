@@ -90,7 +90,9 @@ def test_dashboards_cover_what_operators_watch():
                    "pdmesh_forwards_total", "pdmesh_kv_transfer_bytes_total", "pdmesh_actors"):
         assert metric in exprs, f"no panel shows {metric}"
     overview = support.dashboards()["pdmesh-overview.json"]
-    assert support.annotation_queries("pdmesh-overview.json", overview), "no annotation marks actor changes"
+    annotations = "\n".join(q.expr for q in support.annotation_queries("pdmesh-overview.json", overview))
+    assert "pdmesh_actors" in annotations, "no annotation marks actor changes"
+    assert "pdmesh_controller_decisions_total" in annotations, "no annotation marks the controller's decisions"
 
 
 def test_datasources_the_dashboards_use_are_provisioned():

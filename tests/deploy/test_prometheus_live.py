@@ -103,6 +103,7 @@ def serve(checkpoint, tmp_path_factory):
                        "slo": {"ttft_s": 2.0, "tpot_s": 0.2}, "prefill": 2, "decode": 1,
                        "limits": {"prefill": {"min": 1, "max": 2}, "decode": {"min": 1, "max": 2}},
                        "hardware": {"prefill": small, "decode": small}}],
+        "controller": {"enabled": False},  # it moves only the pinned ratio: the test's flip, nothing more
     }
     (folder / "scenarios.yaml").write_text(yaml.safe_dump(config))
     (folder / "admin-keys").write_text(ADMIN_KEY + "\n")
@@ -182,8 +183,9 @@ def _send_round(serve) -> None:
                 assert done.choices[0].finish_reason == "length"
 
 
-def _flip_a_prefill_actor(serve) -> None:
-    """An operator's role flip (what the ratio controller does): an actor change for the annotations."""
+def _pin_one_prefill_to_decode(serve) -> None:
+    """An operator's pin (`pdmesh ratio set live 1:2`), which the ratio controller carries out:
+    a decision for the controller's annotation, an actor change for the other."""
     import grpc
 
     from gateway.proto import admin_pb2, admin_pb2_grpc
@@ -191,24 +193,22 @@ def _flip_a_prefill_actor(serve) -> None:
     with grpc.insecure_channel(serve.grpc_address) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         auth = [("authorization", f"Bearer {ADMIN_KEY}")]
-        pools = admin.ListPools(admin_pb2.ListPoolsRequest(scenario=SCENARIO), metadata=auth, timeout=60)
-        actor = next(a for a in pools.pools[0].actors if a.role == "prefill")
-        flipped = admin.FlipActor(admin_pb2.FlipActorRequest(actor_id=actor.actor_id, role="decode"),
-                                  metadata=auth, timeout=120)
-        assert flipped.role == "decode"
+        status = admin.SetRatio(admin_pb2.SetRatioRequest(scenario=SCENARIO, prefill=1, decode=2), metadata=auth,
+                                timeout=60)
+        assert status.scenarios[0].pinned
 
 
 @pytest.fixture(scope="module")
 def loaded(serve, prometheus):
     """Two rounds of requests, each seen by a scrape (rate() needs two samples of a series that the
-    first round creates), then a role flip, seen by a scrape too."""
+    first round creates), then a role flip by the ratio controller, seen by a scrape too."""
     total = f'sum(pdmesh_requests_total{{job="{support.GATEWAY_JOB}", scenario="{SCENARIO}"}})'
     for round_ in (1, 2):
         _send_round(serve)
         want = round_ * REQUESTS_PER_ROUND
         _wait(f"a scrape that counts {want} requests", lambda: (prometheus.value(total) or 0) >= want,
               alive=prometheus.process.alive)
-    _flip_a_prefill_actor(serve)
+    _pin_one_prefill_to_decode(serve)
     decode = f'sum(pdmesh_actors{{scenario="{SCENARIO}", role="decode", state="serving"}})'
     _wait("a scrape that shows the flipped actor", lambda: prometheus.value(decode) == 2,
           alive=prometheus.process.alive)

@@ -38,7 +38,7 @@ class Control(BaseModel):
     @classmethod
     def _loads(cls, v: str) -> str:
         try:
-            _profile(v)
+            load_model(v)
         except ProfileError as e:
             raise ValueError(str(e)) from None
         return v
@@ -52,10 +52,10 @@ class Control(BaseModel):
 
     def perf_model(self) -> PerfModel:
         """A fresh model: each scenario's is refined from its own pool's measurements."""
-        return _profile(self.profile)
+        return load_model(self.profile)
 
 
-def _profile(name: str) -> PerfModel:
+def load_model(name: str) -> PerfModel:
     return load_profile(name) if Path(name).suffix in (".yaml", ".yml", ".json") else builtin(name)
 
 

@@ -92,7 +92,7 @@ def _pick(scenarios: list[dict], name: str | None) -> list[dict]:
     return found
 
 
-def _ratio(text: str) -> tuple[int, int]:
+def parse_ratio(text: str) -> tuple[int, int]:
     try:
         p, d = (int(x) for x in text.split(":"))
     except ValueError:
@@ -183,7 +183,7 @@ def ratio_show(session: Session, scenario: str | None) -> None:
 
 @ratio.command("set")
 @click.argument("scenario")
-@click.argument("counts", metavar="P:D", callback=lambda ctx, param, v: _ratio(v))
+@click.argument("counts", metavar="P:D", callback=lambda ctx, param, v: parse_ratio(v))
 @ops_command
 def ratio_set(session: Session, scenario: str, counts: tuple[int, int]) -> None:
     """Pin SCENARIO at P:D (counts within its limits; scaled to its actors when they differ).

@@ -31,6 +31,11 @@ class Session:
     def client(self) -> AdminClient:
         return AdminClient(self.target)
 
+    def call(self, method: str, request):
+        """One admin call on a channel of its own."""
+        with self.client() as c:
+            return c.call(method, request)
+
     def show(self, data: dict, render) -> None:
         """data as JSON, or render(console, data) as tables."""
         if self.output == "json":
@@ -141,6 +146,11 @@ def _actor_table(pools: list[dict]):
     return t
 
 
+def _drain_timeout(what: str):
+    return click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=0.0,
+                        help=f"how long in-flight requests may take; {what} (0: the actor's default)")
+
+
 def _actor_line(console, a: dict) -> None:
     console.print(f"{a['actor_id']} ({a['scenario']}): {a['role']}, {a['state']} on {a['device']} "
                   f"pid {a['pid']}")
@@ -177,8 +187,7 @@ def _show_control(session: Session, reply: pb.ControllerStatus, scenario: str | 
 @ops_command
 def ratio_show(session: Session, scenario: str | None) -> None:
     """The ratio of every scenario (or one): now, the target, the limits."""
-    with session.client() as c:
-        _show_control(session, c.call("GetController", pb.GetControllerRequest()), scenario)
+    _show_control(session, session.call("GetController", pb.GetControllerRequest()), scenario)
 
 
 @ratio.command("set")
@@ -188,8 +197,7 @@ def ratio_show(session: Session, scenario: str | None) -> None:
 def ratio_set(session: Session, scenario: str, counts: tuple[int, int]) -> None:
     """Pin SCENARIO at P:D (counts within its limits; scaled to its actors when they differ).
     The controller flips actors to it, one step per interval, whether or not it is on."""
-    with session.client() as c:
-        reply = c.call("SetRatio", pb.SetRatioRequest(scenario=scenario, prefill=counts[0], decode=counts[1]))
+    reply = session.call("SetRatio", pb.SetRatioRequest(scenario=scenario, prefill=counts[0], decode=counts[1]))
     _show_control(session, reply, scenario)
 
 
@@ -198,8 +206,7 @@ def ratio_set(session: Session, scenario: str, counts: tuple[int, int]) -> None:
 @ops_command
 def ratio_auto(session: Session, scenario: str) -> None:
     """Drop SCENARIO's pin and turn the controller on for it: the load sets the ratio."""
-    with session.client() as c:
-        reply = c.call("SetRatio", pb.SetRatioRequest(scenario=scenario, auto=True))
+    reply = session.call("SetRatio", pb.SetRatioRequest(scenario=scenario, auto=True))
     _show_control(session, reply, scenario)
 
 
@@ -209,33 +216,28 @@ def ratio_auto(session: Session, scenario: str) -> None:
 @ops_command
 def controller(session: Session, state: str, scenario: str | None) -> None:
     """Turn the ratio controller on or off, for SCENARIO or every scenario (pins still hold)."""
-    with session.client() as c:
-        reply = c.call("SetController", pb.SetControllerRequest(scenario=scenario or "", enabled=state == "on"))
+    reply = session.call("SetController", pb.SetControllerRequest(scenario=scenario or "", enabled=state == "on"))
     _show_control(session, reply, scenario)
 
 
 @click.command("flip")
 @click.argument("actor")
 @click.argument("role", type=click.Choice(ROLES))
-@click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=0.0,
-              help="how long in-flight requests may take before they move elsewhere (0: the actor's default)")
+@_drain_timeout("then they move to other actors")
 @ops_command
 def flip(session: Session, actor: str, role: str, drain_timeout_s: float) -> None:
     """Drain ACTOR, switch it to ROLE in place (same weights) and serve again."""
-    with session.client() as c:
-        reply = c.call("FlipActor", pb.FlipActorRequest(actor_id=actor, role=role, drain_timeout_s=drain_timeout_s))
+    reply = session.call("FlipActor", pb.FlipActorRequest(actor_id=actor, role=role, drain_timeout_s=drain_timeout_s))
     session.show(_dict(reply), _actor_line)
 
 
 @click.command("drain")
 @click.argument("actor")
-@click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=0.0,
-              help="then what is left is aborted and re-run elsewhere (0: the actor's default)")
+@_drain_timeout("then what is left is aborted and re-run elsewhere")
 @ops_command
 def drain(session: Session, actor: str, drain_timeout_s: float) -> None:
     """ACTOR takes no new work and finishes what it has (`pdmesh flip` serves again)."""
-    with session.client() as c:
-        reply = _dict(c.call("DrainActor", pb.DrainActorRequest(actor_id=actor, timeout_s=drain_timeout_s)))
+    reply = _dict(session.call("DrainActor", pb.DrainActorRequest(actor_id=actor, timeout_s=drain_timeout_s)))
 
     def render(console, data):
         _actor_line(console, data["actor"])
@@ -249,20 +251,17 @@ def drain(session: Session, actor: str, drain_timeout_s: float) -> None:
 @ops_command
 def add(session: Session, scenario: str, role: str) -> None:
     """Start one more ROLE actor in SCENARIO's pool."""
-    with session.client() as c:
-        reply = c.call("AddActor", pb.AddActorRequest(scenario=scenario, role=role))
+    reply = session.call("AddActor", pb.AddActorRequest(scenario=scenario, role=role))
     session.show(_dict(reply), _actor_line)
 
 
 @click.command("remove")
 @click.argument("actor")
-@click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=0.0,
-              help="how long in-flight requests may take (0: the actor's default)")
+@_drain_timeout("then what is left is aborted and re-run elsewhere")
 @ops_command
 def remove(session: Session, actor: str, drain_timeout_s: float) -> None:
     """Drain ACTOR, then stop it."""
-    with session.client() as c:
-        reply = c.call("RemoveActor", pb.RemoveActorRequest(actor_id=actor, drain_timeout_s=drain_timeout_s))
+    reply = session.call("RemoveActor", pb.RemoveActorRequest(actor_id=actor, drain_timeout_s=drain_timeout_s))
     session.show(_dict(reply), lambda console, d: console.print(f"removed {d['actor_id']}"))
 
 
@@ -272,8 +271,7 @@ def remove(session: Session, actor: str, drain_timeout_s: float) -> None:
 @ops_command
 def decisions(session: Session, scenario: str, limit: int) -> None:
     """The ratio controller's decisions, newest last: actions, inputs, prediction and reason."""
-    with session.client() as c:
-        reply = c.call("GetDecisions", pb.GetDecisionsRequest(scenario=scenario, limit=limit))
+    reply = session.call("GetDecisions", pb.GetDecisionsRequest(scenario=scenario, limit=limit))
     rows = []
     for d in _dict(reply)["decisions"]:
         d["inputs"], d["prediction"] = json.loads(d.pop("inputs_json")), json.loads(d.pop("prediction_json"))

@@ -1,0 +1,159 @@
+"""The live ratio controller's loop without Ray: the load window the gateway fills on every
+request, and the loop over pools that apply flips at once (or fail): on/off per scenario,
+pins (which hold while it is off), limits, the decision log, the counter."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.config import Control
+from gateway.control import ControlLoop
+from gateway.errors import GatewayError
+from gateway.fleet import Fleet
+from gateway.metrics import Metrics
+from gateway.observe import LoadWindow
+from mesh.actor import Role
+from mesh.errors import MeshError
+from mesh.pool import Member
+from scenarios.controller import Settings
+from scenarios.spec import parse_specs
+
+SPECS = parse_specs({"scenarios": [
+    {"name": name, "model": "m", "slo": {"ttft_s": 1.0, "tpot_s": 0.1}, "prefill": 1, "decode": 3,
+     "limits": {"prefill": {"min": 1, "max": 3}, "decode": {"min": 1, "max": 3}}} for name in ("chat", "code")]})
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Pool:
+    """Flips at once; an actor in `broken` refuses."""
+
+    def __init__(self, scenario: str, p: int, d: int):
+        self.members = {f"{scenario}-{i}": Member(f"{scenario}-{i}", Role.PREFILL if i < p else Role.DECODE, None,
+                                                  {"state": "serving", "load": {}}) for i in range(p + d)}
+        self.broken: set[str] = set()
+
+    async def flip(self, actor_id: str, role: str, drain_timeout_s=None) -> dict:
+        if actor_id in self.broken:
+            raise MeshError("unavailable", f"actor {actor_id} is gone")
+        self.members[actor_id].role = Role(role)
+        return {}
+
+    def split(self) -> tuple[int, int]:
+        roles = [m.role for m in self.members.values()]
+        return roles.count(Role.PREFILL), roles.count(Role.DECODE)
+
+
+@dataclass
+class Scenario:
+    spec: object
+    pool: Pool
+
+
+class FakeFleet:
+    get = Fleet.get
+
+    def __init__(self):
+        self.scenarios = {s.name: Scenario(s, Pool(s.name, s.prefill, s.decode)) for s in SPECS}
+
+
+def make(enabled: bool):
+    fleet, clock = FakeFleet(), Clock()
+    window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
+    metrics = Metrics(lambda: {}, fleet.scenarios)
+    control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False))
+    return ControlLoop(fleet, window, metrics, control, clock), fleet, clock, window, metrics
+
+
+def prompt_heavy(window: LoadWindow, clock: Clock, scenario: str = "chat") -> None:
+    """One interval of long prompts whose TTFT mostly missed."""
+    for i in range(20):
+        window.arrived(scenario, 4000)
+        window.ended(scenario, 0.5 if i % 4 == 0 else 3.0, 0.05, 20, kv_short=False)
+    clock.now += 1
+
+
+def test_window_counts_rates_and_attainment_and_keeps_means_over_quiet_intervals():
+    clock = Clock()
+    window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
+    for ttft, tpot, short in ((0.5, 0.05, False), (2.0, 0.05, True), (None, None, False), (0.9, 0.2, False)):
+        window.arrived("chat", 100)
+        window.ended("chat", ttft, tpot, 10, short)
+    clock.now += 2
+    [obs] = window.close({"chat": ()})
+    assert (obs.arrival_rps, obs.mean_prompt, obs.mean_output) == (2.0, 100, 10)
+    assert (obs.ttft_attainment, obs.tpot_attainment, obs.kv_short) == (0.5, 0.75, 0.25)
+    assert window.last["code"].requests_ended == 0 and window.last["chat"].requests_ended == 4
+    clock.now += 2
+    [obs] = window.close({"chat": ()})
+    assert (obs.arrival_rps, obs.mean_prompt, obs.mean_output, obs.ttft_attainment) == (0, 100, 10, None)
+
+
+def test_on_it_flips_toward_prefill_and_logs_counts_and_records_each_decision():
+    loop, fleet, clock, window, metrics = make(enabled=True)
+    for _ in range(6):
+        prompt_heavy(window, clock)
+        asyncio.run(loop.tick())
+    assert fleet.scenarios["chat"].pool.split() == (3, 1)
+    assert fleet.scenarios["code"].pool.split() == (1, 3)  # no load there: nothing to move
+    records = loop.decisions("chat")
+    assert len(records) == 2 and all(not r.failures for r in records)
+    assert "flip 1 decode -> prefill" in records[0].decision.reason
+    assert metrics.decisions.labels("chat", "flip", "prefill")._value.get() == 2
+    [state] = [s for s in loop.states() if s.scenario == "chat"]
+    assert (state.current, state.target, state.pin, state.enabled) == ((3, 1), (3, 1), None, True)
+
+
+def test_off_nothing_moves_but_a_pin_holds_and_auto_hands_back():
+    loop, fleet, clock, window, _ = make(enabled=False)
+    prompt_heavy(window, clock)
+    assert asyncio.run(loop.tick()) == []
+    loop.set_ratio("chat", 2, 2)
+    for _ in range(3):
+        prompt_heavy(window, clock)
+        asyncio.run(loop.tick())
+    assert fleet.scenarios["chat"].pool.split() == (2, 2)
+    assert "pinned at 2:2" in loop.decisions("chat")[0].decision.reason
+    loop.auto("chat")
+    assert loop.enabled == {"chat": True, "code": False} and "chat" not in loop.controller.pins
+    loop.set_enabled("", False)
+    assert loop.enabled == {"chat": False, "code": False}
+
+
+def test_operator_errors():
+    loop, *_ = make(enabled=True)
+    for call, code, message in [
+        (lambda: loop.set_ratio("chat", 0, 4), "invalid_argument", "prefill 0 is outside scenario 'chat''s limits [1, 3]"),
+        (lambda: loop.set_ratio("chat", 1, 4), "invalid_argument", "decode 4 is outside"),
+        (lambda: loop.set_ratio("chat", 0, 0), "invalid_argument", "at least one actor"),
+        (lambda: loop.set_ratio("nope", 1, 1), "not_found", "unknown scenario 'nope'"),
+        (lambda: loop.auto("nope"), "not_found", "unknown scenario 'nope'"),
+        (lambda: loop.set_enabled("nope", True), "not_found", "unknown scenario 'nope'"),
+        (lambda: loop.decisions("nope"), "not_found", "unknown scenario 'nope'"),
+    ]:
+        with pytest.raises(GatewayError) as info:
+            call()
+        assert info.value.code == code and message in info.value.message
+
+
+def test_a_failed_flip_is_recorded_and_the_loop_goes_on():
+    loop, fleet, clock, window, _ = make(enabled=True)
+    pool = fleet.scenarios["chat"].pool
+    pool.broken = set(pool.members)
+    prompt_heavy(window, clock)
+    [decision] = asyncio.run(loop.tick())
+    [record] = loop.decisions("chat")
+    assert record.decision is decision and "is gone" in record.failures[0]
+    pool.broken.clear()
+    for _ in range(4):
+        prompt_heavy(window, clock)
+        asyncio.run(loop.tick())
+    assert pool.split()[0] > 1

@@ -32,6 +32,7 @@ class Row:
     pdmesh: float
     transformers: float | None
     unit: str
+    bound: float | None = None  # the rate of the step's matrix products alone, where measured
 
     @property
     def ratio(self) -> float | None:
@@ -59,6 +60,23 @@ def memory_read_bandwidth(num_bytes: int = 1 << 30) -> float:
     return num_bytes / t / 1e9
 
 
+@torch.inference_mode()
+def linear_layers_ms(model, batch: int, repeats: int) -> float:
+    """Time of one decode step's matrix products alone (every layer's projections and the output
+    projection for `batch` tokens): what any engine calling the same GEMM kernels pays at least."""
+    p = next(model.parameters())
+    cfg = model.cfg
+    x = torch.randn(1, batch, cfg.hidden_size, dtype=p.dtype, device=p.device)
+    q = torch.randn(1, batch, cfg.num_heads * cfg.head_dim, dtype=p.dtype, device=p.device)
+    mid = torch.randn(1, batch, cfg.intermediate_size, dtype=p.dtype, device=p.device)
+
+    def step():
+        for layer in model.layers:
+            layer.qkv_proj(x), layer.o_proj(q), layer.gate_up_proj(x), layer.down_proj(mid)
+        torch.matmul(x[0], model.lm_head_t)
+    return median_time(step, repeats) * 1e3
+
+
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (batch, length), generator=g).tolist()
@@ -69,13 +87,6 @@ def fresh_prompts(batch: int, length: int, vocab: int, shared: list[int] = ()):
     each prompt starting with `shared`."""
     seeds = iter(range(1000, 10**9))
     return lambda: [list(shared) + p for p in prompts(batch, length - len(shared), vocab, next(seeds))]
-
-
-def prefill_rate(runner, make_batch, repeats: int) -> float:
-    """Prompt tokens per second of whole runs with one new token, a new batch each run."""
-    batches = [make_batch() for _ in range(repeats + 1)]
-    it = iter(batches)
-    return sum(map(len, batches[0])) / median_time(lambda: runner.run(next(it), 1), repeats)
 
 
 class PdmeshRunner:
@@ -128,15 +139,34 @@ class _Stamps:
         pass
 
 
-def measure(runner, vocab: int, repeats: int, batches: tuple[int, ...]) -> dict:
-    """Prefill: median time of whole runs with one new token. Decode: median time between
-    consecutive steps of one run per batch size (its prefill excluded)."""
-    out = {"prefill_tokens_per_s": prefill_rate(runner, fresh_prompts(*PREFILL_SHAPE, vocab), repeats)}
-    for b in batches:
-        stamps = runner.run(prompts(b, DECODE_PROMPT, vocab, 2), 1 + DECODE_STEPS)
-        out[f"decode_b{b}_ms_per_step"] = statistics.median(
-            later - earlier for earlier, later in zip(stamps, stamps[1:])) * 1e3
-    return out
+def interleaved(runners: dict, trial, repeats: int) -> dict[str, float]:
+    """Median of `trial(runner)` per runner, taking turns each round so that the shared
+    machine's changing load hits every runner alike; one warm-up round is dropped."""
+    results: dict[str, list[float]] = {name: [] for name in runners}
+    for round_ in range(repeats + 1):
+        for name, runner in runners.items():
+            value = trial(runner)
+            if round_:
+                results[name].append(value)
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def prefill_rates(runners: dict, make_batch, repeats: int) -> dict[str, float]:
+    """Prompt tokens per second of whole runs with one new token, a new batch each run."""
+    def trial(runner) -> float:
+        batch = make_batch()
+        start = time.perf_counter()
+        runner.run(batch, 1)
+        return sum(map(len, batch)) / (time.perf_counter() - start)
+    return interleaved(runners, trial, repeats)
+
+
+def decode_step_ms(runners: dict, batch: list[list[int]], repeats: int) -> dict[str, float]:
+    """Median time between consecutive steps of a run (its prefill excluded)."""
+    def trial(runner) -> float:
+        stamps = runner.run(batch, 1 + DECODE_STEPS)
+        return statistics.median(later - earlier for earlier, later in zip(stamps, stamps[1:])) * 1e3
+    return interleaved(runners, trial, repeats)
 
 
 @click.command("engine")
@@ -164,34 +194,44 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_t
     weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
                        if name != tied_copy)  # the checkpoint's weights
     bandwidth = memory_read_bandwidth()
-    ours = measure(PdmeshRunner(engine), vocab, repeats, batch_sizes)
+    folder, compute_dtype = engine.config.model, engine.dtype
+    runners = {"pdmesh": PdmeshRunner(engine)}
+    if not skip_transformers:
+        # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
+        runners["transformers"] = HFRunner(folder, compute_dtype)
+    figures = {name: {} for name in runners}
+    for name, rate in prefill_rates(runners, fresh_prompts(*PREFILL_SHAPE, vocab), repeats).items():
+        figures[name]["prefill_tokens_per_s"] = rate
+    gemm = {}
+    for b in batch_sizes:
+        for name, ms in decode_step_ms(runners, prompts(b, DECODE_PROMPT, vocab, 2), repeats).items():
+            figures[name][f"decode_b{b}_ms_per_step"] = ms
+        gemm[b] = linear_layers_ms(engine.model, b, repeats)
+    ours, theirs = figures["pdmesh"], figures.get("transformers", {})
     requests, plen, olen = OFFLINE
     offline = prompts(requests, plen, vocab, 3)
-    t = median_time(lambda: PdmeshRunner(engine).run(offline, olen), 1)
+    t = median_time(lambda: runners["pdmesh"].run(offline, olen), 1)
     ours["offline_tokens_per_s"] = requests * olen / t
-    folder, compute_dtype = engine.config.model, engine.dtype
+    runners.pop("transformers", None)
+    gc.collect()
     prefix = None
     if prefix_share is not None:
         n, length = PREFILL_SHAPE
         shared = prompts(1, int(length * prefix_share), vocab, 7)[0]
-        on = prefill_rate(PdmeshRunner(engine), fresh_prompts(n, length, vocab, shared), repeats)
-        del engine
-        gc.collect()
-        engine = Engine(config.model_copy(update={"enable_prefix_caching": False}))
-        off = prefill_rate(PdmeshRunner(engine), fresh_prompts(n, length, vocab, shared), repeats)
+        runners["cache off"] = PdmeshRunner(Engine(config.model_copy(update={"enable_prefix_caching": False})))
+        rates = prefill_rates(runners, fresh_prompts(n, length, vocab, shared), repeats)
+        on, off = rates["pdmesh"], rates["cache off"]
         prefix = {"share": prefix_share, "cache_on_tokens_per_s": on, "cache_off_tokens_per_s": off,
                   "speedup": on / off}
-    del engine
+    del engine, runners
     gc.collect()
-    # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
-    theirs = {} if skip_transformers else measure(HFRunner(folder, compute_dtype), vocab, repeats, batch_sizes)
     floor_ms = weight_bytes / bandwidth / 1e6
     rows = [Row(f"prefill {PREFILL_SHAPE[0]} x {PREFILL_SHAPE[1]}", ours["prefill_tokens_per_s"],
                 theirs.get("prefill_tokens_per_s"), "tokens/s")]
     for b in batch_sizes:
         key = f"decode_b{b}_ms_per_step"
         rows.append(Row(f"decode batch {b}", b * 1e3 / ours[key],
-                        b * 1e3 / theirs[key] if key in theirs else None, "tokens/s"))
+                        b * 1e3 / theirs[key] if key in theirs else None, "tokens/s", b * 1e3 / gemm[b]))
     rows.append(Row(f"offline {requests} x {plen} in / {olen} out", ours["offline_tokens_per_s"], None, "tokens/s"))
     result = {
         "model": folder, "dtype": str(compute_dtype).removeprefix("torch."), "weight_bytes": weight_bytes,
@@ -213,14 +253,17 @@ def _print_table(result: dict, rows: list[Row]) -> None:
     from rich.table import Table
 
     table = Table(title=f"pdmesh bench engine: {result['model']} ({result['dtype']})")
-    for col in ("what", "pdmesh", "transformers", "pdmesh / transformers"):
+    for col in ("what", "pdmesh", "transformers", "pdmesh / transformers", "GEMMs alone"):
         table.add_column(col, justify="left" if col == "what" else "right")
     for r in rows:
         table.add_row(r.what, f"{r.pdmesh:,.1f} {r.unit}",
                       "-" if r.transformers is None else f"{r.transformers:,.1f} {r.unit}",
-                      "-" if r.ratio is None else f"{r.ratio:.2f}x")
+                      "-" if r.ratio is None else f"{r.ratio:.2f}x",
+                      "-" if r.bound is None else f"{r.bound:,.1f} {r.unit}")
     console = Console()
     console.print(table)
+    console.print("GEMMs alone: the rate if a decode step were nothing but its matrix products "
+                  "(the same kernels both engines call): a bound on any engine here.")
     console.print(f"decode floor: {result['weight_bytes'] / 1e6:,.0f} MB of weights / "
                   f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
                   f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "

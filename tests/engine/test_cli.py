@@ -68,3 +68,19 @@ def test_generate_as_a_real_process(checkpoint):
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "[5 tokens, finish: length" in done.stderr
+
+
+def test_bench_engine_prints_every_figure_as_json(checkpoint):
+    import json
+
+    result = pdmesh("bench", "engine", "--model", str(checkpoint()), "--repeats", "1", "--batches", "1,2",
+                    "--threads", "1", "--prefix-share", "0.5", "--output", "json", *SMALL_KV)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)  # transformers reports its loading on stderr
+    rows = {r["what"]: r for r in figures["rows"]}
+    assert set(rows) == {"prefill 8 x 512", "decode batch 1", "decode batch 2", "offline 64 x 256 in / 64 out"}
+    for what in ("prefill 8 x 512", "decode batch 1", "decode batch 2"):
+        assert rows[what]["pdmesh"] > 0 and rows[what]["transformers"] > 0 and rows[what]["ratio"] > 0
+    assert rows["decode batch 2"]["bound"] > 0
+    assert figures["decode_floor_ms"] > 0 and figures["batch1_step_over_floor"] > 0
+    assert figures["prefix_cache"]["share"] == 0.5 and figures["prefix_cache"]["speedup"] > 0

@@ -58,6 +58,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, ray_address, host, grp
 
 async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> None:
     from gateway.server import Gateway
+    from mesh import tracing
     from mesh.cluster import connect, disconnect
 
     connect(ray_address)
@@ -83,4 +84,5 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         click.echo("pdmesh: shutting down", err=True)
     finally:
         await gateway.stop(grace_s)
+        tracing.shutdown()
         disconnect()

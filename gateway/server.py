@@ -96,7 +96,7 @@ class Gateway:
         await asyncio.gather(self.grpc.stop(grace_s), self.http.shutdown())
         await self.http.cleanup()
         await self.fleet.close()
-        tracing.shutdown()
+        tracing.flush()  # the process's tracer provider outlives one gateway: `pdmesh serve` shuts it down
 
     def _tls(self) -> tuple[bytes, bytes] | None:
         cert, key = self.listen.tls_cert, self.listen.tls_key

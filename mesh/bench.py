@@ -124,5 +124,11 @@ def command(model, dtype, num_requests, prompt_tokens, output_tokens, concurrenc
         table.add_column(label, justify="right")
     for c in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tokens_per_s",
               "transfer_p50_ms", "transfer_gbps_p50", "transfer_share_of_ttft"):
-        table.add_row(c.replace("_", " "), *("-" if r[c] is None else f"{r[c]:.3g}" for r in results.values()))
+        table.add_row(c.replace("_", " "), *(_figure(r[c]) for r in results.values()))
     Console().print(table)
+
+
+def _figure(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"

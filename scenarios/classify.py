@@ -3,7 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scenarios.spec import ScenarioSpec
+from mesh.engine.prefix_cache import block_hashes
+from scenarios.spec import PrefixHash, ScenarioSpec
+
+
+def prefix_digest(token_ids: list[int], block_size: int, blocks: int) -> str | None:
+    """The hash a `prefix_hash` rule names for a prompt starting with these tokens; None when
+    they are shorter than the prefix."""
+    if len(token_ids) < blocks * block_size:
+        return None
+    return f"{block_hashes(list(token_ids[:blocks * block_size]), block_size)[-1]:016x}"
+
+
+def _starts_with(token_ids: tuple[int, ...], rule: PrefixHash) -> bool:
+    return prefix_digest(token_ids, rule.block_size, rule.blocks) == rule.hash
 
 
 @dataclass(frozen=True)
@@ -12,6 +25,7 @@ class RequestInfo:
     model: str | None = None  # the model the client asked for; None matches any
     tags: tuple[str, ...] = ()
     prompt_text: str = ""
+    prompt_token_ids: tuple[int, ...] = ()  # for prefix_hash rules; empty matches none
 
 
 class NoScenario(LookupError):
@@ -29,6 +43,8 @@ class Classifier:
         if m.tags and not set(m.tags) & set(req.tags):
             return False
         if m.prefix is not None and not req.prompt_text.startswith(m.prefix):
+            return False
+        if m.prefix_hash is not None and not _starts_with(req.prompt_token_ids, m.prefix_hash):
             return False
         if req.prompt_tokens < m.min_prompt_tokens:
             return False

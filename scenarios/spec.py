@@ -21,10 +21,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PrefixHash(_Strict):
+    """The prompt's first `blocks` blocks of `block_size` tokens hash to `hash`: the engine's
+    chained block hash (mesh.engine.prefix_cache), 16 hex digits, which covers every token up
+    to the end of the last block. It matches a tenant's long shared prompt when clients send
+    token ids (no text to compare), without keeping the prompt in the spec;
+    scenarios.classify.prefix_digest computes it from the prompt's tokens."""
+    block_size: int = Field(ge=1)
+    blocks: int = Field(ge=1)
+    hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+
+
 class Match(_Strict):
     """A request belongs to the scenario when every rule given holds."""
     tags: tuple[str, ...] = ()  # any of these tags
-    prefix: str | None = None  # the prompt text starts with it
+    prefix: str | None = None  # the prompt text starts with it (a system prompt)
+    prefix_hash: PrefixHash | None = None  # the prompt's tokens start with a known prefix
     min_prompt_tokens: int = Field(0, ge=0)
     max_prompt_tokens: int | None = Field(None, ge=1)
 

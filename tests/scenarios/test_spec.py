@@ -74,3 +74,40 @@ def test_missing_file_is_named(tmp_path):
 def test_parse_specs_from_data():
     specs = parse_specs({"scenarios": [{"name": "x", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}}]})
     assert specs[0].slo.percentile == 90
+
+
+def test_a_scenario_matches_by_a_hash_of_the_prompts_first_blocks():
+    from scenarios.classify import prefix_digest
+
+    system = list(range(100, 164))  # a tenant's shared prompt: 4 blocks of 16 tokens
+    digest = prefix_digest(system, 16, 4)
+    specs = parse_specs({"scenarios": [
+        {"name": "tenant", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1},
+         "match": {"prefix_hash": {"block_size": 16, "blocks": 4, "hash": digest}}},
+        {"name": "rest", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}}]})
+    c = Classifier(specs)
+    assert c.classify(RequestInfo(70, prompt_token_ids=tuple(system + [1, 2, 3]))) == "tenant"
+    other = system[:-1] + [7, 1, 2, 3]  # differs in the prefix's last token
+    assert c.classify(RequestInfo(67, prompt_token_ids=tuple(other))) == "rest"
+    assert c.classify(RequestInfo(63, prompt_token_ids=tuple(system[:-1]))) == "rest"  # shorter than the prefix
+    assert c.classify(RequestInfo(70, prompt_text="no token ids")) == "rest"
+    assert prefix_digest(system[:-1], 16, 4) is None
+
+
+def test_a_prefix_hash_rule_is_checked():
+    spec = {"name": "a", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1},
+            "match": {"prefix_hash": {"block_size": 0, "blocks": 2, "hash": "xyz"}}}
+    with pytest.raises(SpecError, match=r"match.prefix_hash.block_size.*match.prefix_hash.hash"):
+        parse_specs({"scenarios": [spec]})
+
+
+def test_a_text_prefix_and_a_prefix_hash_both_hold_when_both_given():
+    from scenarios.classify import prefix_digest
+
+    ids = tuple(range(8))
+    rule = {"prefix": "You are", "prefix_hash": {"block_size": 4, "blocks": 2, "hash": prefix_digest(ids, 4, 2)}}
+    c = Classifier(parse_specs({"scenarios": [{"name": "a", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1},
+                                               "match": rule}]}))
+    assert c.classify(RequestInfo(8, prompt_text="You are kind", prompt_token_ids=ids)) == "a"
+    with pytest.raises(NoScenario):
+        c.classify(RequestInfo(8, prompt_text="Hi", prompt_token_ids=ids))

@@ -4,7 +4,10 @@ The receiver reserves blocks through the engine's block manager (a
 ``BlockReserver``) and hands out a descriptor; the sender writes and commits;
 the receiver then hands the blocks to the engine. Abort or expiry gives them
 back, so a sender that dies mid-transfer leaves nothing reserved once its
-lease expires. The clock is injected so that tests are deterministic.
+lease expires. A lease that ends while being written keeps its blocks until
+its writer says it stopped: stopping a receive is not instant (a cancelled
+read may still land), and no byte may land in blocks another request owns.
+The clock is injected so that tests are deterministic.
 """
 
 from __future__ import annotations
@@ -53,9 +56,15 @@ class LeaseTable:
         self._block_size = block_size
         self._clock = clock
         self._leases: dict[str, Lease] = {}
+        # ended while being written: blocks held until the writer stopped
+        self._draining: dict[str, Lease] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
+
+    @property
+    def draining(self) -> int:
+        return len(self._draining)
 
     def reserve(self, num_tokens: int, ttl_s: float) -> Lease:
         if num_tokens <= 0 or ttl_s <= 0:
@@ -89,15 +98,24 @@ class LeaseTable:
         return lease.block_ids
 
     def abort(self, lease_id: str) -> bool:
-        """Free a lease's blocks; False when it had already ended."""
+        """End a lease and free its blocks, or, while it is being written, once
+        ``writer_done`` says the writer stopped. False when it had already ended."""
         lease = self._leases.get(lease_id)
         if lease is None:
             return False
-        # end first: a transfer still writing into these blocks is cancelled
-        # before the engine can hand them to another request
-        self._end(lease)
-        self._reserver.free(lease.block_ids)
+        writing = lease.state is LeaseState.WRITING
+        if writing:
+            self._draining[lease_id] = lease
+        self._end(lease)  # the end callbacks stop the writer (and may call writer_done)
+        if not writing:
+            self._reserver.free(lease.block_ids)
         return True
+
+    def writer_done(self, lease_id: str) -> None:
+        """The lease's writer stopped for good: blocks of an ended lease go back."""
+        lease = self._draining.pop(lease_id, None)
+        if lease is not None:
+            self._reserver.free(lease.block_ids)
 
     def expire(self) -> list[str]:
         now = self._clock()
@@ -107,8 +125,11 @@ class LeaseTable:
         return gone
 
     def abort_all(self) -> None:
+        """At shutdown, once every writer has stopped."""
         for lid in list(self._leases):
             self.abort(lid)
+        for lid in list(self._draining):
+            self.writer_done(lid)
 
     def _end(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]

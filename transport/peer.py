@@ -154,8 +154,10 @@ class _Peer:
         return {}
 
     async def status(self) -> dict:
-        leases = len(self.receiver.leases) if hasattr(self, "receiver") else 0
-        return {"free_blocks": len(self.reserver.free_ids), "leases": leases}
+        table = self.receiver.leases if hasattr(self, "receiver") else None
+        while table is not None and table.draining:  # a stopped transfer's task is ending
+            await asyncio.sleep(0.01)
+        return {"free_blocks": len(self.reserver.free_ids), "leases": len(table or ())}
 
     async def advance(self, seconds: float) -> dict:
         self.now += seconds

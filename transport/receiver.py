@@ -65,7 +65,8 @@ class LeasingReceiver(KVReceiver):
         self.leases.abort_all()
 
     def begin_writing(self, lease_id: str, stop: Callable[[], None]) -> list[int]:
-        """A sender starts writing: its blocks, and how to stop it if the lease ends."""
+        """A sender starts writing: its blocks, and how to stop it if the lease ends.
+        The writer calls ``writer_done`` (or ``fail``) once it can write no more."""
         try:
             lease = self.leases.start_writing(lease_id)
         except LeaseError as e:
@@ -82,11 +83,14 @@ class LeasingReceiver(KVReceiver):
             ReceivedKV(lease_id, lease.block_ids, lease.num_tokens, stats))
         self.leases.commit(lease_id)
 
-    def fail(self, lease_id: str | None) -> None:
-        """A transfer failed: stop it and free its lease."""
-        if lease_id is not None:
-            self._stoppers.pop(lease_id, None)
-            self.leases.abort(lease_id)
+    def fail(self, lease_id: str) -> None:
+        """A transfer failed and its writer stopped: end the lease, free its blocks."""
+        self._stoppers.pop(lease_id, None)
+        self.leases.abort(lease_id)
+        self.writer_done(lease_id)
+
+    def writer_done(self, lease_id: str) -> None:
+        self.leases.writer_done(lease_id)
 
     def _ended(self, lease_id: str) -> None:
         stop = self._stoppers.pop(lease_id, None)

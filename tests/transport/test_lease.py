@@ -64,6 +64,30 @@ def test_one_writer_per_lease(table):
     with pytest.raises(LeaseError, match="already being written"):
         leases.start_writing(lease.lease_id)
     leases.abort(lease.lease_id)
+    leases.writer_done(lease.lease_id)
+
+
+@pytest.mark.parametrize("end", ["abort", "expiry", "shutdown"])
+def test_blocks_being_written_wait_for_the_writer(table, end):
+    leases, reserver, clock = table
+    lease = leases.reserve(8, ttl_s=5)
+    leases.start_writing(lease.lease_id)
+    ended = []
+    lease.on_end.append(ended.append)
+    if end == "abort":
+        assert leases.abort(lease.lease_id)
+    elif end == "expiry":
+        clock.now += 5
+        assert leases.expire() == [lease.lease_id]
+    else:
+        leases.abort_all()  # at shutdown every writer has stopped already
+        assert len(reserver.free_ids) == 16
+        return
+    assert ended == [lease.lease_id] and len(leases) == 0  # ended for everyone at once...
+    assert leases.draining == 1 and len(reserver.free_ids) == 14  # ...but a read may still land
+    leases.writer_done(lease.lease_id)
+    assert leases.draining == 0 and len(reserver.free_ids) == 16
+    leases.writer_done(lease.lease_id)  # idempotent
 
 
 @pytest.mark.parametrize("tokens, ttl", [(0, 5), (4, 0)])

@@ -117,7 +117,8 @@ def test_lease_expiry_mid_transfer(sides, recv):
     assert recv.call("advance", seconds=30)["expired"] == [lease["lease_id"]]
     with pytest.raises(PeerError) as err:
         send.call("finish")
-    assert err.value.code == "peer"
+    # the connection closes, or (when the stop raced the last bytes in) the receiver says why
+    assert err.value.code in ("peer", "lease"), err.value
     send.assert_clean()
     recv.assert_clean()
     transfer(recv, send)

@@ -211,6 +211,8 @@ async def test_lease_that_ends_mid_transfer(side, end):
     with pytest.raises(TransferError, match="lease ended without a commit"):
         await waiting
     side.res.free(ids)
+    while side.receiver.leases.draining:  # its receiving task is stopping
+        await asyncio.sleep(0.01)
     assert len(side.dst_res.free_ids) == LAYOUT.num_blocks
     if end != "receiver closes":
         await transfer_ok(side)

@@ -4,6 +4,7 @@ receiver's, with the same plans and leases (tests, single-actor mode)."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import weakref
 
@@ -36,15 +37,23 @@ class LocalTransfer(Transfer):
         self._staging = staging
         self._done: set[int] = set()
         self._started = 0.0
+        # held while a layer is copied (the engine's thread): stopping waits for it
+        self._copying = threading.Lock()
 
     @property
     def num_layers(self) -> int:
         return self._plan.dst_layout.num_layers
 
     def _stop(self) -> None:
-        self.state = TransferState.FAILED
+        with self._copying:
+            self.state = TransferState.FAILED
+        self._receiver.writer_done(self._lease_id)  # no copy runs now, none will start
 
     def layer_ready(self, layer: int) -> None:
+        with self._copying:
+            self._copy(layer)
+
+    def _copy(self, layer: int) -> None:
         if self.state is TransferState.FAILED:
             return  # the lease ended: its blocks are no longer ours to write
         if not 0 <= layer < self.num_layers or layer in self._done:

@@ -1,0 +1,36 @@
+"""`pdmesh bench transport` at a tiny size, in process: every figure and ratio is there."""
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from transport.bench import command
+
+
+def test_tiny_run_reports_every_figure():
+    args = ["--tokens", "16,48", "--backends", "local", "--strategies", "contiguous,blocks",
+            "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--block-size", "4",
+            "--rounds", "1", "--output", "json"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    rows = {(r["tokens"], r["backend"], r["strategy"]): r for r in out["rows"]}
+    assert set(rows) == {(t, b, s) for t in (16, 48)
+                         for b, s in (("memcpy", "-"), ("local", "contiguous"), ("local", "blocks"))}
+    assert rows[48, "local", "blocks"]["ops"] == 2 * 2 * 12  # layers x K/V x blocks
+    assert rows[48, "local", "contiguous"]["runs"] == 1
+    assert all(r["gbps"] > 0 for r in out["rows"])
+    assert {(r["tokens"], r["backend"]) for r in out["ratios"]} == {(16, "local"), (48, "local")}
+
+
+def test_table_output():
+    result = CliRunner().invoke(command, ["--tokens", "8", "--backends", "local", "--layers", "1",
+                                          "--kv-heads", "1", "--head-dim", "8", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    assert "contiguous / blocks" in result.output and "BASELINES.md" in result.output
+
+
+def test_unknown_backend_is_refused():
+    result = CliRunner().invoke(command, ["--backends", "local,rdma"])
+    assert result.exit_code != 0 and "unknown rdma" in result.output

@@ -1,0 +1,233 @@
+"""`pdmesh bench transport`: GB/s for moving one request's KV, per backend and
+strategy, beside a plain in-memory copy of the same bytes, in one run.
+
+Rounds are interleaved (every size, backend and strategy once per round), so
+that noise from a shared machine hits all of them alike; figures are medians.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import statistics
+import time
+
+import click
+import numpy as np
+import torch
+
+from .config import TransportConfig
+from .layout import KVLayout
+from .peer import ListReserver, PeerProcess
+
+# Backends as run here: UCX over shared memory, UCX forced onto TCP, the TCP
+# backend, and the in-process copy.
+BACKENDS = {"ucx": ("ucx", {}), "ucx-tcp": ("ucx", {"UCX_TLS": "tcp"}), "tcp": ("tcp", {}),
+            "local": ("local", {})}
+# From ../shared/BASELINES.md (same kind of machine, other runs): what this run is set against.
+REFERENCE_GBPS = {"memcpy 64 MiB (numpy)": 20.6,
+                  "ucxx shm 1 x 64 MiB": 8.4, "ucxx shm 4096 x 16 KiB concurrently": 0.6,
+                  "asyncio TCP (uvloop), 64 MiB": 4.0}
+
+
+class PeerPair:
+    """A receiver and a sender, each in its own process."""
+
+    def __init__(self, backend: str, env: dict[str, str], layout: KVLayout, fragmented: bool) -> None:
+        config = {"backend": backend, "secret": secrets.token_hex(16), "timeout_s": 60.0}
+        self.recv, self.send = PeerProcess(env), PeerProcess(env)
+        self.recv.submit("init", role="receiver", config=config, layout=layout.to_wire())
+        self.send.submit("init", role="sender", config=config, layout=layout.to_wire(), seed=1)
+        self.recv.result(), self.send.result()
+        if fragmented:
+            self.recv.call("order", seed=2)
+            self.send.call("order", seed=3)
+
+    def transfer(self, tokens: int, strategy: str) -> dict:
+        lease = self.recv.call("reserve", num_tokens=tokens, ttl_s=120.0)
+        self.recv.submit("wait", lease_id=lease["lease_id"], timeout_s=120.0)
+        sent = self.send.call("send", lease=lease, strategy=strategy, timeout_s=120.0)
+        self.recv.call("free", block_ids=self.recv.result()["block_ids"])
+        return sent["stats"]
+
+    def close(self) -> None:
+        self.recv.close()
+        self.send.close()
+
+
+class LocalPair:
+    """The in-process backend, on this process's event loop."""
+
+    def __init__(self, layout: KVLayout, fragmented: bool) -> None:
+        from .backends import make_receiver, make_sender
+
+        self.layout = layout
+        self.loop = asyncio.new_event_loop()
+        self.src_res, self.dst_res = ListReserver(layout.num_blocks), ListReserver(layout.num_blocks)
+        if fragmented:
+            self.dst_res.order(2)
+            self.src_res.order(3)
+        self.src = layout.allocate()
+        self.src.copy_(torch.randn(layout.shape, generator=torch.Generator().manual_seed(1)))
+        config = TransportConfig(backend="local")
+        self.sender = make_sender(config)
+        self.receiver = make_receiver(config, layout.allocate(), layout, self.dst_res)
+
+    def transfer(self, tokens: int, strategy: str) -> dict:
+        async def run() -> dict:
+            lease = self.receiver.reserve(tokens, 120.0)
+            ids = self.src_res.allocate(self.layout.blocks_for(tokens))
+            stats = await self.sender.send(lease, self.src, self.layout, ids, strategy)
+            self.src_res.free(ids)
+            self.dst_res.free((await self.receiver.wait(lease.lease_id)).block_ids)
+            return stats.to_dict()
+        return self.loop.run_until_complete(run())
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def memcpy_gbps(src: np.ndarray, dst: np.ndarray) -> float:
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    return src.nbytes / (time.perf_counter() - start) / 1e9
+
+
+def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: list[str],
+        rounds: int, fragmented: bool) -> dict:
+    pairs = {name: LocalPair(layout, fragmented) if BACKENDS[name][0] == "local"
+             else PeerPair(*BACKENDS[name], layout, fragmented) for name in backends}
+    biggest = max(sizes) * layout.num_layers * 2 * layout.token_bytes
+    # ones, not zeros: both touched here (zeros are mapped lazily, and first touch is slow)
+    src, dst = np.ones(biggest, np.uint8), np.ones(biggest, np.uint8)
+    gbps: dict[tuple[int, str, str], list[float]] = {}
+    meta: dict[tuple[int, str, str], dict] = {}
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up: connections, endpoints, buffers
+            for tokens in sizes:
+                n = tokens * layout.num_layers * 2 * layout.token_bytes
+                copied = memcpy_gbps(src[:n], dst[:n])
+                if round_:
+                    gbps.setdefault((tokens, "memcpy", ""), []).append(copied)
+                for name, pair in pairs.items():
+                    for strategy in strategies:
+                        stats = pair.transfer(tokens, strategy)
+                        if round_:
+                            gbps.setdefault((tokens, name, strategy), []).append(stats["gbps"])
+                            meta[tokens, name, strategy] = stats
+    finally:
+        for pair in pairs.values():
+            pair.close()
+    rows = []
+    for (tokens, name, strategy), values in gbps.items():
+        stats = meta.get((tokens, name, strategy), {})
+        rows.append({"tokens": tokens, "backend": name, "strategy": strategy or "-",
+                     "mib": tokens * layout.num_layers * 2 * layout.token_bytes / 2**20,
+                     "gbps": statistics.median(values), "ops": stats.get("ops"),
+                     "runs": stats.get("runs"), "used": stats.get("strategy")})
+    return {"rows": rows, "ratios": ratios(rows)}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """contiguous vs blocks and vs the in-memory copy, per size and backend."""
+    by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in rows}
+    out = []
+    for (tokens, backend, strategy), value in by.items():
+        if strategy != "contiguous":
+            continue
+        blocks = by.get((tokens, backend, "blocks"))
+        out.append({"tokens": tokens, "backend": backend,
+                    "contiguous_over_blocks": value / blocks if blocks else None,
+                    "contiguous_over_memcpy": value / by[tokens, "memcpy", "-"]})
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _names(allowed):
+    def parse(ctx, param, text: str) -> list[str]:
+        names = text.split(",")
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+@click.command("transport")
+@click.option("--tokens", default="512,2048,8192", show_default=True, callback=lambda c, p, v: _ints(v),
+              help="request sizes in tokens")
+@click.option("--backends", default="ucx,ucx-tcp,tcp,local", show_default=True,
+              callback=_names(list(BACKENDS)))
+@click.option("--strategies", default="contiguous,blocks", show_default=True,
+              callback=_names(["contiguous", "blocks", "gather"]))
+@click.option("--layers", type=int, default=16, show_default=True)
+@click.option("--kv-heads", type=int, default=8, show_default=True)
+@click.option("--head-dim", type=int, default=64, show_default=True)
+@click.option("--block-size", type=int, default=16, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--fragmented", is_flag=True, help="shuffle both pools' free lists")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def command(tokens, backends, strategies, layers, kv_heads, head_dim, block_size, dtype, rounds,
+            fragmented, output):
+    """GB/s moving one request's KV (default: a 1B-class model, Llama-3.2-1B's KV shape, bf16)."""
+    # One thread, as in each peer process: OpenMP workers that wait on cores busy
+    # with the peers made the in-process copies 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    num_blocks = -(-max(tokens) // block_size) + 8
+    layout = KVLayout(layers, num_blocks, block_size, kv_heads, head_dim, getattr(torch, dtype))
+    try:
+        result = run(layout, tokens, backends, strategies, rounds, fragmented)
+    finally:
+        torch.set_num_threads(threads)
+    result.update(layout=layout.to_wire(), rounds=rounds, fragmented=fragmented,
+                  reference_gbps=REFERENCE_GBPS)
+    if output == "json":
+        click.echo(json.dumps(result))
+        return
+    _print(result)
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    lay = result["layout"]
+    console = Console()
+    table = Table(title=f"pdmesh bench transport: {lay['num_layers']} layers x {lay['kv_heads']} KV heads "
+                        f"x {lay['head_dim']}, {lay['dtype']}, blocks of {lay['block_size']}"
+                        f"{', fragmented pools' if result['fragmented'] else ''}; "
+                        f"median of {result['rounds']} interleaved rounds")
+    for col in ("tokens", "MiB", "backend", "strategy", "used", "runs", "ops", "GB/s"):
+        table.add_column(col, justify="right")
+    for r in sorted(result["rows"], key=lambda r: (r["tokens"], r["backend"] != "memcpy")):
+        table.add_row(str(r["tokens"]), f"{r['mib']:.0f}", r["backend"], r["strategy"],
+                      r["used"] or "-", str(r["runs"] or "-"), str(r["ops"] or "-"), f"{r['gbps']:.2f}")
+    console.print(table)
+    ratios = Table(title="ratios within this run")
+    for col in ("tokens", "backend", "contiguous / blocks", "contiguous / memcpy"):
+        ratios.add_column(col, justify="right")
+    for r in sorted(result["ratios"], key=lambda r: (r["tokens"], r["backend"])):
+        cb = r["contiguous_over_blocks"]
+        ratios.add_row(str(r["tokens"]), r["backend"], "-" if cb is None else f"{cb:.1f}x",
+                       f"{r['contiguous_over_memcpy']:.0%}")
+    console.print(ratios)
+    by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in result["rows"]}
+    refs = Table(title="against ../shared/BASELINES.md (other runs: figures moved up to 2x)")
+    for col in ("this run", "GB/s", "reference", "GB/s", "ratio"):
+        refs.add_column(col, justify="right")
+    big = max(r["tokens"] for r in result["rows"])
+    for mine, ref in (((big, "memcpy", "-"), "memcpy 64 MiB (numpy)"),
+                      ((big, "ucx", "contiguous"), "ucxx shm 1 x 64 MiB"),
+                      ((big, "ucx", "blocks"), "ucxx shm 4096 x 16 KiB concurrently"),
+                      ((big, "tcp", "contiguous"), "asyncio TCP (uvloop), 64 MiB")):
+        if mine in by:
+            refs.add_row(f"{mine[0]} tokens {mine[1]} {mine[2]}".replace(" -", ""), f"{by[mine]:.2f}",
+                         ref, f"{REFERENCE_GBPS[ref]:.2f}", f"{by[mine] / REFERENCE_GBPS[ref]:.2f}")
+    console.print(refs)

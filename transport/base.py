@@ -13,7 +13,7 @@ from enum import Enum
 import torch
 
 from .layout import KVLayout
-from .plan import Strategy
+from .plan import Strategy, TransferPlan, build_plan
 
 
 class TransferState(str, Enum):
@@ -137,6 +137,21 @@ class KVSender(ABC):
 
     async def close(self) -> None:
         """Release connections and buffers."""
+
+    def _plan(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
+              block_ids: list[int], strategy: Strategy | str, gather_threshold: int
+              ) -> TransferPlan:
+        """The plan from this side's blocks into the lease's; a request that cannot
+        be planned fails as a TransferError, before anything is sent."""
+        if lease.backend != self.backend:
+            raise TransferError("plan", f"lease is for {lease.backend}, sender is {self.backend}",
+                                lease.lease_id)
+        try:
+            layout.check_pool(pool)
+            return build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
+                              lease.num_tokens, strategy, gather_threshold)
+        except ValueError as e:
+            raise TransferError("plan", str(e), lease.lease_id) from None
 
 
 class KVReceiver(ABC):

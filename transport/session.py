@@ -345,15 +345,7 @@ class SocketSender(KVSender):
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
                     block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
                     ) -> Transfer:
-        if lease.backend != self.backend:
-            raise TransferError("plan", f"lease is for {lease.backend}, sender is {self.backend}",
-                                lease.lease_id)
-        layout.check_pool(pool)
-        try:
-            plan = build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
-                              lease.num_tokens, strategy, self._gather_threshold)
-        except ValueError as e:
-            raise TransferError("plan", str(e), lease.lease_id) from None
+        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold)
         while True:
             ch, reused = await self._channel(lease.host, lease.port)
             try:

@@ -114,6 +114,10 @@ async def test_unknown_and_foreign_leases(reserver):
     lease = receiver.reserve(8)
     with pytest.raises(TransferError, match=r"\[plan\].*layers"):
         await sender.start(lease, other.allocate(), other, [0])
+    with pytest.raises(TransferError, match=r"\[plan\] pool .* does not match"):
+        await sender.start(lease, sp[:2], lay, [0])
+    with pytest.raises(TransferError, match="lease is for tcp, sender is local"):
+        await sender.start(dataclasses.replace(lease, backend="tcp"), sp, lay, [0])
     receiver.abort(lease.lease_id)
     await receiver.close()
     with pytest.raises(TransferError, match="no local receiver"):

@@ -13,7 +13,7 @@ import torch
 from ..base import KVSender, LeaseDescriptor, Transfer, TransferError, TransferState, TransferStats
 from ..copy import StagingPool, gather_layer, op_views, scatter_layer
 from ..layout import KVLayout
-from ..plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
+from ..plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan
 from ..receiver import LeasingReceiver
 
 # Receivers of this process, by the "port" their descriptors carry.
@@ -102,15 +102,10 @@ class LocalSender(KVSender):
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
                     block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
                     ) -> Transfer:
-        receiver = _RECEIVERS.get(lease.port) if lease.backend == "local" else None
+        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold)
+        receiver = _RECEIVERS.get(lease.port)
         if receiver is None:
             raise TransferError("peer", "no local receiver for this lease", lease.lease_id)
-        layout.check_pool(pool)
-        try:
-            plan = build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
-                              lease.num_tokens, strategy, self._gather_threshold)
-        except ValueError as e:
-            raise TransferError("plan", str(e), lease.lease_id) from None
         transfer = LocalTransfer(receiver, lease.lease_id, plan, pool, self._staging)
         receiver.begin_writing(lease.lease_id, transfer._stop)
         return transfer

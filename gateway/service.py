@@ -210,16 +210,40 @@ class InferenceService:
 
 async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float]) -> AsyncIterator[dict]:
     """The stream's chunks until the request's deadline; past it, DEADLINE_EXCEEDED (the
-    stream is closed, which stops the actors' work and frees its KV)."""
+    stream is closed, which stops the actors' work and frees its KV).
+
+    One timer per request rather than asyncio.wait_for per chunk (a task and a timer each):
+    the timer cancels the request's task only while it waits for the next chunk, never while
+    the caller writes a chunk out (a cancellation there would land in the caller's code)."""
+    task = asyncio.current_task()
+    waiting = expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if waiting:
+            task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock()), expire)
     try:
         while True:
-            try:
-                chunk = await asyncio.wait_for(anext(stream), max(0.0, deadline - clock()))  # deadline is finite
-            except StopAsyncIteration:
-                return
-            except asyncio.TimeoutError:
+            if not expired:
+                waiting = True
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not expired:
+                        raise  # the client went away
+                    if hasattr(task, "uncancel"):  # 3.11+: this cancellation was ours, and is handled
+                        task.uncancel()
+                finally:
+                    waiting = False
+            if expired:
                 raise GatewayError("deadline_exceeded", "the request ran past its deadline (the client's, or "
                                                         "gateway.request_timeout_s); raise it or lower max_tokens")
             yield chunk
     finally:
+        timer.cancel()
         await stream.aclose()

@@ -177,3 +177,47 @@ def test_openai_bodies():
             parse(CompletionBody, bad)
     with pytest.raises(GatewayError, match="must be a JSON object"):
         parse(ChatBody, [1])
+
+
+def test_request_deadline_ends_the_stream_only_while_it_waits():
+    """Past the deadline: DEADLINE_EXCEEDED and the stream closed (which frees the actors' work);
+    a consumer busy between chunks is never cancelled in its own code; a client that leaves
+    still cancels."""
+    import asyncio
+
+    from gateway.service import _until
+
+    closed = []
+
+    async def stream(gaps):
+        try:
+            for i, gap in enumerate(gaps):
+                await asyncio.sleep(gap)
+                yield {"i": i}
+        finally:
+            closed.append(True)
+
+    async def consume(gaps, deadline_s, busy_s=0.0):
+        loop = asyncio.get_running_loop()
+        got = []
+        async for chunk in _until(stream(gaps), loop.time() + deadline_s, loop.time):
+            got.append(chunk["i"])
+            await asyncio.sleep(busy_s)  # writing to a slow client
+        return got
+
+    assert asyncio.run(consume([0, 0, 0], 5.0)) == [0, 1, 2]
+    with pytest.raises(GatewayError) as info:
+        asyncio.run(consume([0, 0, 10], 0.2))
+    assert info.value.code == "deadline_exceeded" and len(closed) == 2
+    with pytest.raises(GatewayError, match="past its deadline"):
+        asyncio.run(consume([0, 0, 0], 0.1, busy_s=0.15))  # expires during the consumer's write
+    assert len(closed) == 3
+
+    async def client_leaves():
+        task = asyncio.ensure_future(consume([0, 10], 5.0))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task.cancelled()
+
+    assert asyncio.run(client_leaves()) and len(closed) == 4

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from simtests.sim import Simulator
     from simtests.workload import Workload
 
-DONE, REJECTED = 1, 2  # simtests.sim's request states
+ACTIVE, DONE, REJECTED = 0, 1, 2  # a request's state in the simulator
 
 
 @dataclass(frozen=True)

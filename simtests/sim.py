@@ -22,13 +22,11 @@ from simtests.actors import BOTH, DECODE, PREFILL, Actor
 from simtests.cluster import Cluster, Variant
 from simtests.control import ControlLoop
 from simtests.pools import Pool
-from simtests.results import Run
+from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
 
 # event kinds
 PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
-# request states
-ACTIVE, DONE, REJECTED = 0, 1, 2
 
 
 class Simulator:

@@ -4,7 +4,8 @@ import pytest
 
 from scenarios.controller import Settings
 from simtests.cluster import Variant
-from simtests.sim import DONE, REJECTED, Simulator
+from simtests.results import DONE, REJECTED
+from simtests.sim import Simulator
 from simtests.workload import Mix, Workload, synthetic
 
 from .conftest import profile, scenario

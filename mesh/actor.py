@@ -25,7 +25,10 @@ from mesh.async_engine import AsyncEngine
 from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.sampling_params import SamplingParams
+from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError
+from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
+from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
 from transport.layout import KVLayout
 
@@ -55,6 +58,7 @@ class ActorSpec:
     drain_timeout_s: float = 60.0
     warmup: bool = True
     otel_env: dict = field(default_factory=dict)  # the driver's OTEL_* settings: where spans go
+    prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # granularity of the prefix report (rounded up to blocks)
 
 
 def _params_from(d: dict) -> SamplingParams:
@@ -77,6 +81,7 @@ class MeshActor:
         self.active: set[str] = set()  # requests in flight on this actor
         self.engine: AsyncEngine | None = None
         self.receiver = None
+        self.holds: PrefixHolds | None = None  # decode side: each lease's KV until the decode call takes it
         self._senders: dict[str, object] = {}
         self._idle = asyncio.Event()
 
@@ -92,6 +97,9 @@ class MeshActor:
             raise MeshError("invalid_argument", str(e)) from None
         self.engine = AsyncEngine(engine)
         self.engine.start()
+        bs = engine.blocks.block_size
+        cached = engine.blocks.num_blocks * bs if isinstance(engine.blocks, PrefixCache) else 0
+        self.prefixes = PrefixRecord(chunk_tokens_for(bs, self.spec.prefix_chunk_tokens), cached)
         kv = engine.kv.shape
         self.layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
                                kv.dtype, engine.device.type)
@@ -106,6 +114,7 @@ class MeshActor:
     async def _open_receiver(self) -> None:
         eng = self.engine.engine
         self.receiver = make_receiver(self.transport, eng.kv.pool, self.layout, eng.blocks)
+        self.holds = PrefixHolds(eng.blocks.free)
         await self.receiver.start()
 
     async def _close_receiver(self) -> None:
@@ -132,7 +141,8 @@ class MeshActor:
             "actor_id": self.spec.actor_id, "scenario": self.spec.scenario, "role": self.role.value,
             "state": self.state.value, "pid": os.getpid(),
             "node": ctx.get_node_id() if ctx else "", "device": str(eng.device) if eng else "",
-            "model": self.spec.engine.get("model"), "load": self.load(),
+            "model": self.spec.engine.get("model"), "block_size": eng.blocks.block_size if eng else 0,
+            "load": self.load(), "prefix": self.prefixes.report() if eng else None,
         }
 
     def load(self) -> dict:
@@ -143,6 +153,7 @@ class MeshActor:
             "free_blocks": eng.blocks.num_free if eng else 0, "num_blocks": eng.blocks.num_blocks if eng else 0,
             "prefill_tokens_per_s": self.engine.stats.prefill_tokens_per_s if self.engine else 0.0,
             "decode_step_s": self.engine.stats.decode_step_s if self.engine else 0.0,
+            "prefix_cache": _cache_stats(eng.blocks) if eng else {},
         }
 
     async def ping(self) -> str:
@@ -190,6 +201,7 @@ class MeshActor:
             self.queued_tokens -= len(ids)
             self.queued_requests -= 1
             queued = False
+            self.prefixes.touch(ids)
             first = {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
                      "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
             if last.finish_reason == "prefilled" and lease is not None:
@@ -202,14 +214,20 @@ class MeshActor:
             if transfer is None:
                 return
             desc = LeaseDescriptor.from_wire(lease)
-            blocks = await self.engine.call(eng.held_blocks, rid)
+            skip = lease.get("prefix_tokens", 0)  # the decode actor holds these already
+            if skip % eng.blocks.block_size:
+                raise MeshError("invalid_argument", f"the lease skips {skip} tokens, not whole blocks of "
+                                f"{eng.blocks.block_size}: reserve with this actor's block size as alignment")
+            blocks = (await self.engine.call(eng.held_blocks, rid))[skip // eng.blocks.block_size:]
             start = time.perf_counter()
             stats = await self._sender(desc.backend).send(desc, eng.kv.pool, self.layout, blocks,
                                                           timeout_s=self.transport.timeout_s)
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
-                                     "kv.strategy": stats.strategy, "kv.blocks": len(blocks)})
-            yield {"type": "committed", "transfer": stats.to_dict(), "seconds": time.perf_counter() - start}
+                                     "kv.strategy": stats.strategy, "kv.blocks": len(blocks),
+                                     "kv.skipped_tokens": skip})
+            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": skip},
+                   "seconds": time.perf_counter() - start}
         except RequestError as e:
             error = e
             raise MeshError("invalid_argument", str(e)) from None
@@ -236,15 +254,25 @@ class MeshActor:
         return self._senders[backend]
 
     # -- decode role -----------------------------------------------------------------------
-    async def reserve(self, num_tokens: int) -> dict:
-        """A lease for a request's KV: admission by free blocks."""
+    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> dict:
+        """A lease for a request's prompt KV: admission by free blocks. The longest prefix this
+        actor's prefix cache holds, in whole blocks of `align_tokens` (the prefill side's block
+        size), is held here and left out of the lease: "prefix_tokens" and "prefix_blocks" say
+        how much, and the prefill side sends only what follows."""
         if self.state is not State.SERVING or self.role is Role.PREFILL or self.receiver is None:
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
+        ids = list(prompt_token_ids)
+        blocks = self.engine.engine.blocks
+        hits = acquire_prefix(blocks, ids, align_tokens) if isinstance(blocks, PrefixCache) and ids else []
+        skip = len(hits) * blocks.block_size
         try:
-            return self.receiver.reserve(num_tokens).to_wire()
+            desc = self.receiver.reserve(len(ids) - skip)
         except Exception as e:  # the block manager or lease table said no
-            raise MeshError("resource_exhausted", f"no room for {num_tokens} tokens of KV: {e}",
+            blocks.free(hits)
+            raise MeshError("resource_exhausted", f"no room for {len(ids) - skip} tokens of KV: {e}",
                             retry_after_s=0.1) from None
+        self.holds.hold(desc.lease_id, hits, self.receiver.wait(desc.lease_id))
+        return {**desc.to_wire(), "prefix_tokens": skip, "prefix_blocks": len(hits)}
 
     async def release_lease(self, lease_id: str) -> bool:
         return self.receiver.abort(lease_id) if self.receiver else False
@@ -258,16 +286,17 @@ class MeshActor:
 
         async def wait_and_add():
             try:
-                received = await self.receiver.wait(lease_id, self.transport.lease_ttl_s)
+                blocks = await self.holds.take(lease_id, self.transport.lease_ttl_s)
             except TransferError as e:
+                self.receiver.abort(lease_id)  # not committed in time: free its blocks now
                 raise MeshError("unavailable", f"KV never arrived: {e}") from None
 
             def add():
                 try:
                     return eng.add_prefilled(request["prompt_token_ids"], request["output_token_ids"], params,
-                                             received.block_ids, rid)
+                                             blocks, rid)
                 except Exception:
-                    eng.blocks.free(received.block_ids)  # the blocks are ours since the commit
+                    eng.blocks.free(blocks)  # the held prefix and the received blocks are ours since the commit
                     raise
             return add
 
@@ -282,6 +311,7 @@ class MeshActor:
         eng = self.engine.engine
 
         async def add():
+            self.prefixes.touch(ids)  # at once: its prefix is cached here as it computes
             return lambda: eng.add_request(ids, params, rid)
 
         async for chunk in self._traced("generate", request, add):
@@ -359,6 +389,14 @@ class MeshActor:
         self.active.discard(rid)
         if not self.active:
             self._idle.set()
+
+
+def _cache_stats(blocks) -> dict:
+    """The engine's prefix cache figures, in blocks (none when it runs without one)."""
+    if not isinstance(blocks, PrefixCache):
+        return {}
+    return {"hits": blocks.hits, "queries": blocks.queries, "evictions": blocks.evictions,
+            "cached": blocks.num_cached}
 
 
 def _merge(outs) -> dict:

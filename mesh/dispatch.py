@@ -1,8 +1,10 @@
 """Runs one request across a pool's actors, and carries it through actor failures.
 
-reserve KV on a decode actor -> offer to prefill actors, forwarding on rejection
--> prefill streams the first token and writes the KV into the lease -> the
-decode actor streams the rest. When an actor dies, the request goes on: a lost
+reserve KV on a decode actor (all but the prompt prefix it caches already) ->
+offer to prefill actors, those likely holding the prompt's prefix first (a
+PrefixIndex from their reports), forwarding on rejection -> prefill streams the
+first token and writes the KV after that prefix into the lease -> the decode
+actor streams the rest. When an actor dies, the request goes on: a lost
 prefill is retried on another prefill actor; a lost decode is re-prefilled
 from the prompt plus every token already sent, so the stream just continues.
 Which actors to try, in which order, and when to give up is the router's choice
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -22,6 +25,7 @@ import ray
 from mesh.actor import Role
 from mesh.errors import MeshError
 from mesh.pool import Member, Pool
+from mesh.prefix_index import PrefixIndex
 from mesh.routing import ForwardOnRejection
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class Dispatcher:
                  clock: Callable[[], float] = time.monotonic):
         self.pool = pool
         self.router = router or ForwardOnRejection()
+        self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
         self.max_attempts = max_attempts  # tries of one request, each after losing an actor
         self.clock = clock
 
@@ -95,10 +100,13 @@ class Dispatcher:
         return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
 
     async def _aggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
-        members = self.router.prefill_order(self._live(Role.BOTH, lost))
+        cached = self._cached_tokens(Role.BOTH, step)
+        members = self.router.prefill_order(self._live(Role.BOTH, lost), cached)
         if not members:
             raise MeshError("unavailable", "no live actor in the pool")
         member = members[0]
+        events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
+        self.prefixes.placed(member.actor_id, step["prompt_token_ids"])
         gen = member.handle.generate.options(num_returns="streaming").remote(step)
         try:
             async for ref in gen:
@@ -124,6 +132,7 @@ class Dispatcher:
             except _ACTOR_LOST:
                 raise _Lost(prefill.actor_id, "prefill") from None
             events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
+            self.prefixes.placed(prefill.actor_id, step["prompt_token_ids"])
             if first["finish_reason"] is not None:
                 pstream = None  # the prefill call ends with its first message
             yield {**first, "finished": first["finish_reason"] is not None,
@@ -162,10 +171,17 @@ class Dispatcher:
 
     async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:
         last_error = None
+        # Whichever prefill actor takes the request sends whole blocks of its own after the prefix
+        # the decode actor already holds.
+        align = math.lcm(*(m.info.get("block_size") or 1 for m in self._live(Role.PREFILL, lost)))
         for member in self.router.decode_order(self._live(Role.DECODE, lost)):
             try:
                 # The lease holds the prompt's KV; the decode actor grows it from there.
-                return member, await member.handle.reserve.remote(len(step["prompt_token_ids"]))
+                lease = await member.handle.reserve.remote(step["prompt_token_ids"], align)
+                events.append(Event("decode_reserved", {"actor": member.actor_id,
+                                                        "prefix_tokens": lease["prefix_tokens"],
+                                                        "prefix_blocks": lease["prefix_blocks"]}))
+                return member, lease
             except MeshError as e:
                 last_error = e
                 events.append(Event("decode_rejected", {"actor": member.actor_id, "reason": e.message}))
@@ -182,8 +198,9 @@ class Dispatcher:
         forward cap is reached or the deadline passes."""
         retry_after = None
         offers = 0
+        cached = self._cached_tokens(Role.PREFILL, step)
         while True:
-            candidates = self.router.prefill_order(self._live(Role.PREFILL, lost))
+            candidates = self.router.prefill_order(self._live(Role.PREFILL, lost), cached)
             if not candidates:
                 raise MeshError("unavailable", "no live prefill actor in the pool")
             for member in candidates:
@@ -199,12 +216,27 @@ class Dispatcher:
                 offers += 1
                 if d["accept"]:
                     events.append(Event("prefill_accepted", {"actor": member.actor_id, "forwards": offers - 1,
-                                                             "predicted_ttft_s": d["predicted_ttft_s"]}))
+                                                             "predicted_ttft_s": d["predicted_ttft_s"],
+                                                             **_prefix_choice(cached, member)}))
                     return member
                 events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d["reason"],
                                                          "retry_after_s": d["retry_after_s"]}))
                 retry_after = d["retry_after_s"] if retry_after is None else min(retry_after, d["retry_after_s"])
             await asyncio.sleep(self.router.pause_s(retry_after, step["deadline"] - self.clock()))
+
+
+    def _cached_tokens(self, role: Role, step: dict) -> dict[str, int]:
+        """Per actor of the role, the prompt tokens it likely holds, from its last report and
+        from where this dispatcher placed prompts since."""
+        members = self.pool.by_role(role)
+        self.prefixes.sync({m.actor_id: m.info.get("prefix") for m in members})
+        return self.prefixes.expected_tokens(step["prompt_token_ids"], [m.actor_id for m in members])
+
+
+def _prefix_choice(cached: dict[str, int], member: Member) -> dict:
+    """For the request's span: whether a likely prefix hit put the actor first, and how long."""
+    expected = cached.get(member.actor_id, 0)
+    return {"order": "prefix" if expected else "idle", "expected_prefix_tokens": expected}
 
 
 class _Lost(Exception):

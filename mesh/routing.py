@@ -1,15 +1,16 @@
 """Placement inside a scenario's pool: which decode actor reserves a request's KV, which
 prefill actors are offered the request and in which order, and when to stop forwarding.
 
-A plain policy: no Ray, no network. It reads the actors' last load reports for the
-order of offers only (the offer itself decides, from the actor's live state), and the
-time left to the request's deadline, so the simulator in simtests/ drives the same
-code as mesh.dispatch does live.
+A plain policy: no Ray, no network. It reads the actors' last load reports and the prompt
+tokens each actor likely holds already (mesh.prefix_index) for the order of offers only
+(the offer itself decides, from the actor's live state), and the time left to the
+request's deadline, so the simulator in simtests/ drives the same code as mesh.dispatch
+does live.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, TypeVar
+from typing import Mapping, Protocol, Sequence, TypeVar
 
 from mesh.errors import MeshError
 
@@ -28,14 +29,20 @@ def _load(c: Candidate) -> dict:
 
 @dataclass(frozen=True)
 class ForwardOnRejection:
-    """Offers go idle-first; a rejection forwards the request to the next actor. When a whole
-    pass was rejected, pause for the shortest retry hint and offer again, until an actor
-    accepts, `max_forwards` offers were made, or the deadline comes."""
+    """Offers go first to the actors likely to hold the longest prefix of the prompt, then
+    idle-first; a rejection forwards the request to the next actor. When a whole pass was
+    rejected, pause for the shortest retry hint and offer again, until an actor accepts,
+    `max_forwards` offers were made, or the deadline comes.
+
+    A prefix actor that is too busy rejects the offer at once (admission), so a hot prefix
+    spills over to idle actors instead of queueing behind its holder."""
     max_forwards: int = 8  # offers per request, all passes together
     min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
 
-    def prefill_order(self, members: Sequence[C]) -> list[C]:
-        return sorted(members, key=lambda m: (_load(m).get("queued_requests", 0),
+    def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[str, int] | None = None) -> list[C]:
+        """cached_tokens: per actor id, the prompt tokens it likely holds (none when absent)."""
+        cached = cached_tokens or {}
+        return sorted(members, key=lambda m: (-cached.get(m.actor_id, 0), _load(m).get("queued_requests", 0),
                                               _load(m).get("queued_prompt_tokens", 0)))
 
     def decode_order(self, members: Sequence[C]) -> list[C]:

@@ -38,6 +38,22 @@ def make_pool(ray_cluster, checkpoint):
         asyncio.run(pool.close())
 
 
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """reference(prompt, max_tokens) -> the greedy tokens of the engine alone, for comparison."""
+    from mesh.engine.config import EngineConfig
+    from mesh.engine.engine import Engine
+    from mesh.engine.sampling_params import SamplingParams
+
+    engine = Engine(EngineConfig(model=str(checkpoint("llama", "float32")), dtype="float32", num_blocks=256))
+
+    def run(prompt, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return engine.generate([prompt], params)[0].token_ids
+
+    return run
+
+
 async def assert_no_blocks_held(pool, wait_s: float = 5.0):
     """Every live actor has every KV block free (leases of dead senders expire in lease_ttl_s)."""
     deadline = asyncio.get_running_loop().time() + wait_s

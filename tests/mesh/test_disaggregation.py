@@ -8,9 +8,6 @@ import pytest
 
 from mesh.actor import Role
 from mesh.dispatch import Dispatcher, Request
-from mesh.engine.config import EngineConfig
-from mesh.engine.engine import Engine
-from mesh.engine.sampling_params import SamplingParams
 from tests.mesh.conftest import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -19,16 +16,6 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def pool(make_pool):
     return make_pool(prefill=1, decode=1)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    engine = Engine(EngineConfig(model=str(checkpoint("llama", "float32")), dtype="float32", num_blocks=128))
-
-    def run(prompt, max_tokens):
-        return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, **GREEDY))[0].token_ids
-
-    return run
 
 
 async def collect(dispatcher, request, events=None):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Callable
 
 from scenarios.perf_model import PerfModel
 
@@ -25,7 +26,7 @@ class Actor:
     __slots__ = (
         "id", "role", "pool", "draining", "next_role", "next_pool", "model",
         # prefill
-        "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s",
+        "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s", "cache",
         # decode
         "t0", "steps", "size", "ctx", "members", "reserved", "capacity", "kv_version", "version",
         "decode_busy_s", "da", "db", "dc",
@@ -44,6 +45,7 @@ class Actor:
         self.rate = 0.0  # measured prefill tokens/s, smoothed like the live actor's; 0 until measured
         self.link_free = 0.0  # when this actor's NIC finishes the transfers queued on it
         self.prefill_busy_s = self.decode_busy_s = 0.0
+        self.cache: OrderedDict[int, None] = OrderedDict()  # prefix block ids held, least recent first
         self.t0, self.steps, self.size, self.ctx = now, 0.0, 0, 0.0
         self.members: list[tuple[float, int]] = []  # (step at which it finishes, request)
         self.reserved = 0  # KV tokens reserved by leases
@@ -74,18 +76,22 @@ class Actor:
         self.role, self.pool, self.role_since, self.draining = self.next_role, self.next_pool, now, False
 
     # -- prefill -------------------------------------------------------------------------
-    def take_batch(self, prompt: list[int]) -> tuple[int, float]:
+    def take_batch(self, prompt: list[int], cached: Callable[["Actor", int], int] | None) -> tuple[int, float]:
         """Moves queued requests into a batch up to the token budget (at least one); returns
-        its tokens and how long prefilling them alone takes."""
-        budget, tokens, sumsq = self.model.max_batch_tokens, 0, 0
+        its tokens and how long prefilling them alone takes. cached(actor, request): the
+        prompt tokens this actor's prefix cache already holds; only the rest is computed,
+        attending to the whole prompt."""
+        budget, tokens, computed, sumsq = self.model.max_batch_tokens, 0, 0, 0
         q, batch = self.queue, self.batch
         while q and (not batch or tokens + prompt[q[0]] <= budget):
             rid = q.popleft()
             batch.append(rid)
             p = prompt[rid]
+            hit = cached(self, rid) if cached else 0
             tokens += p
-            sumsq += p * p
-        return tokens, max(self.model.prefill_s(tokens, sumsq), 1e-9)
+            computed += p - hit
+            sumsq += p * p - hit * hit
+        return tokens, max(self.model.prefill_s(computed, sumsq), 1e-9)
 
     def start_prefill(self, tokens: int, seconds: float) -> None:
         measured = tokens / seconds

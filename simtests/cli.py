@@ -37,8 +37,9 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--profile", default="llama3-8b-h100", show_default=True,
               help="performance model: a built-in profile name or a profile file")
 @click.option("--actors", type=int, help="scale the specs' initial counts to N actors in all")
-@click.option("--compare", "comparisons", type=click.Choice(["pools", "placement", "transfer", "serving", "all"]),
-              multiple=True, help="run pdmesh against a baseline on the same load (repeatable; all: the four)")
+@click.option("--compare", "comparisons",
+              type=click.Choice(["pools", "placement", "transfer", "serving", "prefix", "all"]), multiple=True,
+              help="run pdmesh against a baseline on the same load (repeatable; all: the four of P/D-Serve)")
 @click.option("--pools", type=click.Choice(["scenario", "mixed"]), default="scenario", show_default=True)
 @click.option("--placement", type=click.Choice(["forward", "central"]), default="forward", show_default=True)
 @click.option("--transfer", type=click.Choice(["contiguous", "block"]), default="contiguous", show_default=True)
@@ -46,6 +47,8 @@ def _mix(value: str) -> tuple[str, float, int, int]:
               show_default=True)
 @click.option("--chunk-tokens", type=int,
               help="aggregated: prompt tokens per step beside the decode batch (chunked prefill; default 512)")
+@click.option("--prefix", type=click.Choice(["off", "idle-first", "prefix-aware"]), default="off", show_default=True,
+              help="prefix caches on prefill actors (traces with prefix ids: Mooncake's hash_ids)")
 @click.option("--controller/--no-controller", default=True, show_default=True, help="the live ratio controller")
 @click.option("--control-interval", default=10.0, show_default=True, help="seconds between controller steps")
 @click.option("--report-interval", default=1.0, show_default=True, help="central scheduler: seconds between reports")
@@ -54,7 +57,7 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="write PNG plots to this folder")
 @click.option("--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
 def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed, scenarios_path, profile,
-            actors, comparisons, pools, placement, transfer, serving, chunk_tokens, controller, control_interval,
+            actors, comparisons, pools, placement, transfer, serving, chunk_tokens, prefix, controller, control_interval,
             report_interval, admission_timeout, plot_dir, output) -> None:
     """Discrete-event simulation of a pdmesh cluster: the live admission, forwarding and
     ratio-controller code against modelled actors."""
@@ -65,7 +68,7 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
     from scenarios.spec import SpecError
     from simtests import report
     from simtests.cluster import Variant, load_cluster
-    from simtests.compare import COMPARISONS, compare
+    from simtests.compare import compare
     from simtests.sim import Simulator
     from simtests.traces import TraceError
 
@@ -77,7 +80,7 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
                              seed)
     except (SpecError, ProfileError, TraceError) as e:
         raise click.ClickException(str(e)) from None
-    variant = Variant(pools=pools, placement=placement, transfer=transfer, serving=serving,
+    variant = Variant(pools=pools, placement=placement, transfer=transfer, serving=serving, prefix=prefix,
                       controller=controller, report_interval_s=report_interval, admission_timeout_s=admission_timeout,
                       **({"chunk_tokens": chunk_tokens} if chunk_tokens else {}))
     console = Console(stderr=output != "table")
@@ -87,10 +90,14 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
     title = (f"{workload.source} on {cluster.actors:,} actors in {len(cluster.specs)} scenarios, "
              f"model {model.name}")
     console.print(f"{title}\n(profile: {model.source})")
-    names = list(COMPARISONS) if "all" in comparisons else list(dict.fromkeys(comparisons))
+    four = ["pools", "placement", "transfer", "serving"]
+    names = list(dict.fromkeys(n for c in comparisons for n in (four if c == "all" else [c])))
     if names:
         outcomes = compare(names, cluster, workload, variant, lambda what: console.print(f"running {what} ..."))
-        runs = {"pdmesh": outcomes[0].pdmesh, **{o.comparison.baseline: o.baseline for o in outcomes}}
+        runs = {}
+        for o in outcomes:
+            runs[f"pdmesh ({o.comparison.name})" if o.comparison.ours else "pdmesh"] = o.pdmesh
+            runs[o.comparison.baseline] = o.baseline
     else:
         outcomes, runs = [], {"pdmesh": Simulator(cluster, variant).run(workload)}
     if output == "json":

@@ -23,6 +23,9 @@ class Variant:
     # best goodput on the Mooncake trace (of 256, 512, 1024, 2048: larger chunks break the TPOT target)
     chunk_tokens: int = 512
     controller: bool = True  # the live ratio controller (per-scenario pools only)
+    # prefix caching on prefill actors (workloads with prefix ids): "off", on with offers
+    # idle-first as before, or on with offers first to the actors holding the longest prefix
+    prefix: Literal["off", "idle-first", "prefix-aware"] = "off"
     report_interval_s: float = 1.0  # central: how often actors report their queues
     admission_timeout_s: float = 5.0  # gateway: how long a request may wait for a prefill actor
 

@@ -1,8 +1,9 @@
-"""The four comparisons of issue 7, each pdmesh's way against one baseline on the same
-workload and cluster, with what P/D-Serve (arXiv 2408.08147) reports for it."""
+"""The comparisons: the four of issue 7, each pdmesh's way against one baseline on the same
+workload and cluster, with what P/D-Serve (arXiv 2408.08147) reports for it, and issue 9's
+prefix-aware forwarding against idle-first, both with prefix caches."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from simtests.cluster import Cluster, Variant
@@ -20,6 +21,8 @@ class Comparison:
     value: Callable[[Run], float]
     higher_is_better: bool
     paper: str
+    fmt: str = "{:.3f}"
+    ours: dict = field(default_factory=dict)  # pdmesh's Variant fields, where the default run is not it
 
 
 def _all(run: Run) -> Stats:
@@ -32,12 +35,15 @@ COMPARISONS = {
                         lambda r: _all(r).goodput, True, "+60% end-to-end throughput"),
     "placement": Comparison("forward on rejection", "central scheduler, queue reports 1 interval stale",
                             {"placement": "central"}, "TTFT attainment",
-                            lambda r: _all(r).ttft_attainment, True, "+42% TTFT SLO attainment"),
+                            lambda r: _all(r).ttft_attainment, True, "+42% TTFT SLO attainment", "{:.1%}"),
     "transfer": Comparison("contiguous KV transfer", "block-fixed transfer", {"transfer": "block"},
                            "mean KV transfer time (ms)", lambda r: _all(r).transfer_mean_s * 1e3, False,
-                           "-46% transfer time"),
+                           "-46% transfer time", "{:.1f}"),
     "serving": Comparison("disaggregated", "aggregated, same actor count", {"serving": "aggregated"},
                           "goodput (req/s per actor)", lambda r: _all(r).goodput, True, "(not reported)"),
+    "prefix": Comparison("prefix-aware forwarding", "idle-first forwarding, prefix caches on",
+                         {"prefix": "idle-first"}, "TTFT p50 (s)", lambda r: _all(r).ttft_p50_s, False,
+                         "(Dynamo, SGLang: route by prefix)", "{:.2f}", {"prefix": "prefix-aware"}),
 }
 
 
@@ -60,12 +66,19 @@ class Outcome:
 
 def compare(names: list[str], cluster: Cluster, w: Workload, variant: Variant = Variant(),
             progress: Callable[[str], None] = lambda _: None) -> list[Outcome]:
-    """Runs pdmesh's variant once and each baseline once, on the same workload."""
-    progress("pdmesh")
-    ours = Simulator(cluster, variant).run(w)
+    """Runs each distinct variant once, on the same workload: pdmesh's side is shared."""
+    runs: dict[Variant, Run] = {}
+
+    def run(v: Variant, label: str) -> Run:
+        if v not in runs:
+            progress(label)
+            runs[v] = Simulator(cluster, v).run(w)
+        return runs[v]
+
     outcomes = []
     for name in names:
         c = COMPARISONS[name]
-        progress(c.baseline)
-        outcomes.append(Outcome(c, ours, Simulator(cluster, replace(variant, **c.change)).run(w)))
+        ours = replace(variant, **c.ours)
+        outcomes.append(Outcome(c, run(ours, f"pdmesh ({c.name})" if c.ours else "pdmesh"),
+                                run(replace(ours, **c.change), c.baseline)))
     return outcomes

@@ -17,7 +17,7 @@ from simtests.actors import Actor
 
 class Pool:
     __slots__ = ("index", "name", "members", "prefill", "idle", "decode", "free_heap", "waiting", "cursor",
-                 "estimates")
+                 "estimates", "holders")
 
     def __init__(self, index: int, name: str):
         self.index, self.name = index, name
@@ -29,6 +29,16 @@ class Pool:
         self.waiting: deque[int] = deque()  # requests waiting for a decode reservation, in order
         self.cursor = 0  # where the next round of offers to busy actors starts
         self.estimates: list[tuple[int, int]] = []  # central: (estimated queued tokens, actor)
+        self.holders: dict[int, set[int]] = {}  # prefix block id -> prefill actors whose cache holds it
+
+    def longest_prefix_holders(self, ids: list[int]) -> tuple[int, list[int]]:
+        """How many leading blocks of `ids` some actors hold, and those actors in id order
+        (block ids chain: holding block i means holding all before it)."""
+        for i in range(len(ids) - 1, -1, -1):
+            held = self.holders.get(ids[i])
+            if held:
+                return i + 1, sorted(held)
+        return 0, []
 
     # -- decode by free KV -----------------------------------------------------------------
     def note_kv(self, a: Actor, actors: list[Actor]) -> None:

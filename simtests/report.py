@@ -13,7 +13,7 @@ STAT_COLUMNS = (("requests", "requests", "{:d}"), ("rejected", "rejected", "{:d}
                 ("TPOT p50 ms", "tpot_p50_s", "{:.0f}", 1e3), ("TPOT p99 ms", "tpot_p99_s", "{:.0f}", 1e3),
                 ("TTFT ok", "ttft_attainment", "{:.1%}"), ("TPOT ok", "tpot_attainment", "{:.1%}"),
                 ("SLO ok", "slo_attainment", "{:.1%}"), ("goodput /s/actor", "goodput", "{:.3f}"),
-                ("KV transfer ms", "transfer_mean_s", "{:.0f}", 1e3))
+                ("KV transfer ms", "transfer_mean_s", "{:.0f}", 1e3), ("prefix hits", "prefix_hit_rate", "{:.0%}"))
 
 
 def run_table(run: Run, title: str) -> Table:
@@ -53,7 +53,7 @@ def comparison_rows(outcomes: list[Outcome]) -> list[list[str]]:
     rows = []
     for o in outcomes:
         ours, theirs = o.values
-        fmt = "{:.1f}" if "ms" in o.comparison.metric else "{:.3f}" if "goodput" in o.comparison.metric else "{:.1%}"
+        fmt = o.comparison.fmt
         rows.append([f"{o.comparison.name} vs {o.comparison.baseline}", o.comparison.metric, fmt.format(ours),
                      fmt.format(theirs), f"{o.change:+.0%}", o.comparison.paper])
     return rows

@@ -32,6 +32,7 @@ class Stats:
     slo_attainment: float  # within both
     goodput: float  # requests within both targets per second per actor
     transfer_mean_s: float
+    prefix_hit_rate: float  # share of the served requests' prompt tokens found in a prefix cache
 
 
 class Run:
@@ -47,6 +48,7 @@ class Run:
         self.ttft = first - arrival
         self.tpot = np.where(out > 1, (done - first) / np.maximum(out - 1, 1), 0.0)
         self.transfer_s = np.asarray(sim.xfer)
+        self.prompt, self.hit = np.asarray(sim.prompt), np.asarray(sim.hit)
         targets = lambda xs: np.asarray(xs)[self.scenario]  # noqa: E731
         served = self.state == DONE
         self.ttft_ok = served & (self.ttft <= targets(sim.ttft_target))
@@ -76,7 +78,8 @@ class Run:
                      pct(self.tpot, 50), pct(self.tpot, 90), pct(self.tpot, 99),
                      share(self.ttft_ok), share(self.tpot_ok), share(both),
                      float((both & mask).sum()) / self.span_s / self.actors,
-                     float(self.transfer_s[served].mean()) if served.any() else float("nan"))
+                     float(self.transfer_s[served].mean()) if served.any() else float("nan"),
+                     float(self.hit[served].sum() / self.prompt[served].sum()) if served.any() else float("nan"))
 
     def to_dict(self) -> dict:
         return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "events_per_s": self.events_per_s,

@@ -25,6 +25,8 @@ from simtests.pools import Pool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
 
+PREFIX_OFFERS = 2  # prefix-aware: offers to holders of the longest prefix before idle-first
+
 # event kinds
 PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
 
@@ -40,6 +42,7 @@ class Simulator:
         self.aggregated = variant.serving == "aggregated"
         self.contiguous = variant.transfer == "contiguous"
         self.central = variant.placement == "central"
+        self.prefix_aware = variant.prefix == "prefix-aware"
         if variant.pools == "mixed":
             models = {s.model for s in specs}
             if len(models) > 1:
@@ -82,6 +85,9 @@ class Simulator:
         self.xfer = [0.0] * n
         self.decode_of = [-1] * n
         self.offers = [0] * n
+        self.hit = [0] * n  # prompt tokens found in the prefill actor's prefix cache
+        self.prefix_of = w.prefix_ids if self.variant.prefix != "off" else None
+        self.block_tokens = w.block_tokens
         self.state = [ACTIVE] * n
         self.active = 0
         self.next_arrival = 0
@@ -162,6 +168,29 @@ class Simulator:
         offer = Offer(p, self.ttft_target[self.scen[rid]] - (now - self.arrival[rid]), time_left)
         need = p + self.output[rid] if self.aggregated else 0  # aggregated: KV on the prefill actor itself
         retry = math.inf
+        tried: set[int] = set()
+        if self.prefix_aware and self.prefix_of:  # first to whoever holds the longest prefix ...
+            blocks, holders = pool.longest_prefix_holders(self.prefix_of(rid))
+            uncached = p - min(blocks * self.block_tokens, p - 1)
+            # the two least queued of them: a prefix common to many requests (a system prompt)
+            # must not spend every offer the request has before the idle actors get one
+            live = [actors[aid] for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index]
+            for a in sorted(live, key=lambda a: a.queued_tokens)[:PREFIX_OFFERS]:
+                if not fw.may_offer(offers, time_left):
+                    break
+                offers += 1
+                tried.add(a.id)
+                if a.free < need:
+                    continue
+                # ... when it would be done sooner than an idle actor computing the whole prompt
+                # (its queue is shorter than what its cache saves), and within the budget
+                rate = max(a.rate, 1.0)
+                held = Offer(uncached, min(offer.ttft_budget_s, p / rate), time_left)
+                d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, rate), held)
+                if d.accept:
+                    self._accept(pool, a, rid)
+                    return
+                retry = min(retry, d.retry_after_s)
         no_room = []
         while pool.idle and fw.may_offer(offers, time_left):
             a = actors[pool.idle.pop()]
@@ -179,7 +208,7 @@ class Simulator:
         while j < m and fw.may_offer(offers, time_left):
             a = actors[members[(pool.cursor + j) % m]]
             j += 1
-            if a.idle:  # offered above
+            if a.idle or a.id in tried:  # offered above
                 continue
             offers += 1
             if a.free < need:
@@ -220,7 +249,7 @@ class Simulator:
             self._start_prefill(a)
 
     def _start_prefill(self, a: Actor) -> None:
-        tokens, seconds = a.take_batch(self.prompt)
+        tokens, seconds = a.take_batch(self.prompt, self._cached if self.prefix_of else None)
         if a.role == BOTH:  # the prompt shares steps with the decode batch: both slow down
             a.advance(self.now)
             seconds = a.chunk(tokens, seconds, self.variant.chunk_tokens)
@@ -251,6 +280,36 @@ class Simulator:
             self._maybe_drained(a)
         else:
             self.pools[a.pool].idle.add(aid)
+
+    def _cached(self, a: Actor, rid: int) -> int:
+        """The prompt tokens a's prefix cache holds for rid; then its blocks are a's most
+        recent, the least recent evicted past the cache's room (its KV pool, in blocks)."""
+        ids, cache, block = self.prefix_of(rid), a.cache, self.block_tokens
+        hits = 0
+        for h in ids:
+            if h not in cache:
+                break
+            hits += 1
+        holders = self.pools[a.pool].holders
+        for h in ids:
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+                holders.setdefault(h, set()).add(a.id)
+        room = a.capacity // block
+        while len(cache) > room:
+            self._forget(holders, a, cache.popitem(last=False)[0])
+        hit = min(hits * block, self.prompt[rid] - 1)  # the last token is always computed
+        self.hit[rid] = hit
+        return hit
+
+    @staticmethod
+    def _forget(holders: dict[int, set[int]], a: Actor, h: int) -> None:
+        held = holders[h]
+        held.discard(a.id)
+        if not held:
+            del holders[h]
 
     def _send(self, a: Actor, batch: list[int]) -> None:
         """KV to each request's decode actor, one after another on this actor's link."""
@@ -376,6 +435,10 @@ class Simulator:
 
     def _maybe_drained(self, a: Actor) -> None:
         if a.draining and a.empty:
+            holders = self.pools[a.pool].holders
+            for h in a.cache:  # its KV pool serves another role or scenario from now
+                self._forget(holders, a, h)
+            a.cache.clear()
             a.switch(self.now)
             self._enter(a)
 

@@ -5,6 +5,7 @@ synthetic: Poisson, tidal (day/night rate) and bursty (on/off) mixes of scenario
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +21,8 @@ class Workload:
     output: np.ndarray  # int64
     scenario: np.ndarray  # int: index into the scenario list
     source: str  # what it came from, for reports
+    prefix_ids: Callable[[int], list[int]] | None = None  # request -> its prompt's prefix block ids
+    block_tokens: int = 512  # tokens per prefix block (Mooncake's hash_ids)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -47,7 +50,8 @@ def classify(trace: Trace, specs: list[ScenarioSpec]) -> np.ndarray:
 def from_trace(trace: Trace, source: str) -> Workload:
     if trace.scenario is None:
         raise TraceError("classify the trace's rows into scenarios first (workload.classify)")
-    return Workload(trace.arrival_s, trace.prompt, trace.output, trace.scenario, source)
+    return Workload(trace.arrival_s, trace.prompt, trace.output, trace.scenario, source,
+                    trace.prefix_ids if trace.hash_ids else None)
 
 
 @dataclass(frozen=True)

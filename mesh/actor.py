@@ -169,14 +169,15 @@ class MeshActor:
 
     # -- prefill role ----------------------------------------------------------------------
     async def offer(self, prompt_tokens: int, ttft_budget_s: float | None = None,
-                    time_left_s: float = float("inf")) -> dict:
-        """Accept or reject at once, with a reason and a retry hint."""
+                    time_left_s: float = float("inf"), cached_tokens: int = 0) -> dict:
+        """Accept or reject at once, with a reason and a retry hint. cached_tokens: of the prompt,
+        likely in this actor's prefix cache (the dispatcher's guess)."""
         if self.state is not State.SERVING or self.role is Role.DECODE:
             return {"accept": False, "reason": f"actor is {self.state.value} as {self.role.value}",
                     "retry_after_s": 0.0, "predicted_ttft_s": 0.0}
         load = PrefillLoad(self.queued_tokens, self.queued_requests, self.engine.stats.prefill_tokens_per_s)
         d = self.admission.decide(load, Offer(prompt_tokens, ttft_budget_s or self.spec.ttft_budget_s,
-                                              time_left_s))
+                                              time_left_s, cached_tokens))
         return dataclasses.asdict(d)
 
     async def prefill(self, request: dict, lease: dict | None) -> AsyncIterator[dict]:

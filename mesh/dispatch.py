@@ -209,7 +209,7 @@ class Dispatcher:
                     raise self.router.give_up(offers, retry_after)
                 try:
                     d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
-                                                         time_left)
+                                                         time_left, cached.get(member.actor_id, 0))
                 except _ACTOR_LOST:
                     lost.add(member.actor_id)
                     continue

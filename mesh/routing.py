@@ -34,16 +34,24 @@ class ForwardOnRejection:
     rejected, pause for the shortest retry hint and offer again, until an actor accepts,
     `max_forwards` offers were made, or the deadline comes.
 
-    A prefix actor that is too busy rejects the offer at once (admission), so a hot prefix
-    spills over to idle actors instead of queueing behind its holder."""
+    Only `prefix_offers` holders go first: a prefix many requests share (a system prompt)
+    must not spend every offer a request has before an idle actor gets one. A holder whose
+    queue costs more than its cache saves rejects at once (mesh.admission), so a hot prefix
+    spills over to idle actors instead of queueing behind its holders."""
     max_forwards: int = 8  # offers per request, all passes together
     min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
+    prefix_offers: int = 2  # holders of the prompt's prefix offered before idle-first
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[str, int] | None = None) -> list[C]:
-        """cached_tokens: per actor id, the prompt tokens it likely holds (none when absent)."""
+        """cached_tokens: per actor id, the prompt tokens it likely holds (none when absent).
+        The longest holders first (the least queued of equals), then idle-first."""
+        idle_first = sorted(members, key=lambda m: (_load(m).get("queued_requests", 0),
+                                                    _load(m).get("queued_prompt_tokens", 0)))
         cached = cached_tokens or {}
-        return sorted(members, key=lambda m: (-cached.get(m.actor_id, 0), _load(m).get("queued_requests", 0),
-                                              _load(m).get("queued_prompt_tokens", 0)))
+        holders = sorted((m for m in idle_first if cached.get(m.actor_id, 0) > 0),
+                         key=lambda m: -cached[m.actor_id])[:self.prefix_offers]
+        first = {m.actor_id for m in holders}
+        return holders + [m for m in idle_first if m.actor_id not in first]
 
     def decode_order(self, members: Sequence[C]) -> list[C]:
         """The most free KV blocks first: reservation is by blocks, and room spreads the load."""

@@ -99,3 +99,26 @@ def test_the_index_follows_new_reports_and_placements_and_forgets_gone_actors():
 def test_chunks_are_whole_engine_blocks():
     assert chunk_tokens_for(16) == 64 and chunk_tokens_for(48) == 96 and chunk_tokens_for(128) == 128
     assert chunk_tokens_for(4, 10) == 12
+
+
+def test_only_the_first_holders_go_ahead_of_idle_actors():
+    actors = [Actor(name, queued=q) for name, q in (("h1", 4), ("h2", 3), ("h3", 1), ("idle", 0))]
+    for a in actors[:3]:
+        a.record.touch(SYSTEM)
+    names, _ = order(actors, SYSTEM + [2] * 5)
+    assert names == ["h3", "h2", "idle", "h1"]  # two holders, least queued first; then idle-first
+
+
+def test_a_busy_holder_accepts_only_when_its_queue_costs_less_than_its_cache_saves():
+    from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+
+    policy = PrefillAdmission()
+    busy = PrefillLoad(queued_tokens=500, queued_requests=2, tokens_per_s=1000.0)
+    plain = policy.decide(busy, Offer(1000, ttft_budget_s=10.0))
+    assert plain.accept and plain.predicted_ttft_s == 1.5
+    held = policy.decide(busy, Offer(1000, ttft_budget_s=10.0, cached_tokens=900))
+    assert held.accept and held.predicted_ttft_s == 0.6  # 0.5 s of queue, 0.1 s of suffix
+    short = policy.decide(busy, Offer(1000, ttft_budget_s=10.0, cached_tokens=300))
+    assert not short.accept and "costs more than the cache saves" in short.reason  # an idle actor: 1.0 s
+    whole = policy.decide(PrefillLoad(0, 0, 1000.0), Offer(64, 1.0, cached_tokens=64))
+    assert whole.accept and whole.predicted_ttft_s == 0.001  # the last token always runs

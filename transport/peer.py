@@ -153,6 +153,12 @@ class _Peer:
         self.reserver.free(block_ids)
         return {}
 
+    async def warm(self) -> dict:
+        """Touch the whole pool: this VM hands idle pages back to its host, and a
+        page touched again costs about as much as a first touch (about 0.5 GB/s)."""
+        self.pool.mul_(1)
+        return {}
+
     async def status(self) -> dict:
         table = self.receiver.leases if hasattr(self, "receiver") else None
         while table is not None and table.draining:  # a stopped transfer's task is ending

@@ -83,11 +83,15 @@ class LeasingReceiver(KVReceiver):
             ReceivedKV(lease_id, lease.block_ids, lease.num_tokens, stats))
         self.leases.commit(lease_id)
 
-    def fail(self, lease_id: str) -> None:
-        """A transfer failed and its writer stopped: end the lease, free its blocks."""
+    def fail(self, lease_id: str, settle_s: float = 0.0) -> None:
+        """A transfer failed and its writer stopped: end the lease, and free its
+        blocks once bytes already on their way cannot land any more."""
         self._stoppers.pop(lease_id, None)
         self.leases.abort(lease_id)
-        self.writer_done(lease_id)
+        if settle_s > 0:
+            asyncio.get_running_loop().call_later(settle_s, self.writer_done, lease_id)
+        else:
+            self.writer_done(lease_id)
 
     def writer_done(self, lease_id: str) -> None:
         self.leases.writer_done(lease_id)

@@ -60,6 +60,9 @@ class SendLink(ABC):
 class RecvLink(ABC):
     """The receiving half of one transfer's data plane."""
 
+    # After ``cancel``, how long bytes already on their way may still land.
+    settle_s: float = 0.0
+
     @abstractmethod
     async def run(self, ch: Channel, plan: TransferPlan, bufs: list[list[torch.Tensor]],
                   on_layer: Callable[[int], None], timeout_s: float) -> dict:
@@ -209,7 +212,7 @@ class SocketReceiver(LeasingReceiver):
             await ch.send("committed")
         except BaseException:
             _stop(link, None)
-            self.fail(lease_id)
+            self.fail(lease_id, link.settle_s if link else 0.0)
             raise
         finally:
             self._staging.give(stages)

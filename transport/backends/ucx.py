@@ -23,6 +23,10 @@ from ..session import DataPlane, RecvLink, SendLink
 
 # How long closing an endpoint may wait for UCX (ns); a dead peer never answers.
 _ABORT_PERIOD_NS = 100_000_000
+# With rendezvous by put, cancelling a receive does not stop the sender's copy
+# of a message under way; it stops once the sender sees the closed connection
+# (milliseconds). Blocks of a failed transfer stay held this long to be safe.
+_PUT_SETTLE_S = 1.0
 
 
 def load_ucxx():
@@ -84,6 +88,8 @@ class UcxSendLink(SendLink):
 
 
 class UcxRecvLink(RecvLink):
+    settle_s = _PUT_SETTLE_S
+
     def __init__(self, ep, tag_base: int, bufs: list[list[torch.Tensor]],
                  on_cancel: Callable[[], None]) -> None:
         self._ep = ep

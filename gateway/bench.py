@@ -54,7 +54,8 @@ class InstantActor:
         self.ping = _Call(lambda: _value(actor_id))
         self.offer = _Call(lambda *a: _value({"accept": True, "reason": "idle", "retry_after_s": 0.0,
                                               "predicted_ttft_s": 0.0}))
-        self.reserve = _Call(lambda n: _value({"lease_id": "lease"}))
+        self.reserve = _Call(lambda prompt_token_ids, align_tokens=1: _value(
+            {"lease_id": "lease", "prefix_tokens": 0, "prefix_blocks": 0}))
         self.release_lease = _Call(lambda lease_id: _value(True))
         self.shutdown = _Call(lambda: _value(None))
         self.prefill = _Call(lambda step, lease: _refs([

@@ -1,8 +1,8 @@
 """The discrete-event simulator: a request's path through a modelled pdmesh cluster.
 
 The policies are the live ones: prefill admission is `mesh.admission.PrefillAdmission`,
-the forwarding limits (offers per request, pause between passes) are
-`mesh.routing.ForwardOnRejection`, the ratio controller is `scenarios.controller`
+the forwarding limits (offers per request, pause between passes, offers to prefix
+holders first) are `mesh.routing.ForwardOnRejection`, the ratio controller is `scenarios.controller`
 (see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
 the performance model.
 
@@ -24,8 +24,6 @@ from simtests.control import ControlLoop
 from simtests.pools import Pool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
-
-PREFIX_OFFERS = 2  # prefix-aware: offers to holders of the longest prefix before idle-first
 
 # event kinds
 PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
@@ -171,22 +169,18 @@ class Simulator:
         tried: set[int] = set()
         if self.prefix_aware and self.prefix_of:  # first to whoever holds the longest prefix ...
             blocks, holders = pool.longest_prefix_holders(self.prefix_of(rid))
-            uncached = p - min(blocks * self.block_tokens, p - 1)
-            # the two least queued of them: a prefix common to many requests (a system prompt)
-            # must not spend every offer the request has before the idle actors get one
+            # the offer names the cached tokens: a holder whose queue costs more than its cache
+            # saves rejects (mesh.admission); only `prefix_offers` of them, the least queued
+            held = Offer(p, offer.ttft_budget_s, time_left, cached_tokens=min(blocks * self.block_tokens, p - 1))
             live = [actors[aid] for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index]
-            for a in sorted(live, key=lambda a: a.queued_tokens)[:PREFIX_OFFERS]:
+            for a in sorted(live, key=lambda a: a.queued_tokens)[:fw.prefix_offers]:
                 if not fw.may_offer(offers, time_left):
                     break
                 offers += 1
                 tried.add(a.id)
                 if a.free < need:
                     continue
-                # ... when it would be done sooner than an idle actor computing the whole prompt
-                # (its queue is shorter than what its cache saves), and within the budget
-                rate = max(a.rate, 1.0)
-                held = Offer(uncached, min(offer.ttft_budget_s, p / rate), time_left)
-                d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, rate), held)
+                d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), held)
                 if d.accept:
                     self._accept(pool, a, rid)
                     return

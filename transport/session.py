@@ -212,14 +212,17 @@ class SocketReceiver(LeasingReceiver):
             await ch.send("committed")
         except BaseException:
             _stop(link, None)
-            self.fail(lease_id, link.settle_s if link else 0.0)
+            settle_s = link.settle_s if link else 0.0
+            self.fail(lease_id, settle_s)
+            # staging buffers too are reused only once nothing can land in them
+            asyncio.get_running_loop().call_later(settle_s, self._staging.give, stages)
             raise
-        finally:
-            self._staging.give(stages)
+        self._staging.give(stages)
 
 
 def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:
-    """Stop a transfer at once: no byte lands after this (its lease is ending)."""
+    """Stop a transfer whose lease is ending. Its blocks stay held until its task
+    has ended (``fail``): a read already under way may still land."""
     if link is not None:
         link.cancel()
     if task is not None and task is not asyncio.current_task():

@@ -178,8 +178,7 @@ async def _serve(stdin, stdout) -> None:
     peer = _Peer()
     while True:
         try:
-            # read in a thread: the event loop stays on the main thread, where
-            # ucxx's blocking progress measured about 2x faster
+            # read in a thread: the event loop stays free for the transfers
             cmd = await loop.run_in_executor(None, _read, stdin)
         except EOFError:
             return

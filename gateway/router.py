@@ -21,6 +21,7 @@ class RequestFacts:
     prompt_text: str = ""  # empty when the client sent token ids
     scenario: str = ""  # an explicit tag: a scenario's name, or a tag its match rules name
     model: str = ""  # the model name the client asked for; empty: any
+    prompt_token_ids: tuple[int, ...] = ()  # when known: prefix_hash rules look at them
 
 
 class ScenarioRouter:
@@ -50,7 +51,8 @@ class ScenarioRouter:
         tags = (facts.scenario,) if facts.scenario else ()
         for checkpoint in sorted(checkpoints) or [None]:
             try:
-                return self.classifier.classify(RequestInfo(facts.prompt_tokens, checkpoint, tags, facts.prompt_text))
+                return self.classifier.classify(RequestInfo(facts.prompt_tokens, checkpoint, tags, facts.prompt_text,
+                                                                facts.prompt_token_ids))
             except NoScenario:
                 continue
         raise GatewayError("invalid_argument", f"no scenario takes this request ({facts.prompt_tokens} prompt "

@@ -180,10 +180,12 @@ class InferenceService:
             # exact when every scenario shares one model, else estimated at 4 bytes a token.
             guess = self._tokenizer.encode(text) if self._tokenizer else None
             count = len(guess) if guess is not None else len(text.encode()) // 4
-            scenario = self.fleet.scenarios[self.router.route(RequestFacts(count, text, call.scenario, call.model))]
+            scenario = self.fleet.scenarios[self.router.route(RequestFacts(
+                count, text, call.scenario, call.model, tuple(guess or ())))]
             ids = guess if guess is not None else scenario.tokenizer.encode(text)
         else:
-            scenario = self.fleet.scenarios[self.router.route(RequestFacts(len(ids), "", call.scenario, call.model))]
+            scenario = self.fleet.scenarios[self.router.route(RequestFacts(
+                len(ids), "", call.scenario, call.model, tuple(ids)))]
             vocab = scenario.tokenizer.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:

@@ -221,3 +221,18 @@ def test_request_deadline_ends_the_stream_only_while_it_waits():
         return task.cancelled()
 
     assert asyncio.run(client_leaves()) and len(closed) == 4
+
+
+def test_scenario_router_matches_a_prompt_prefix_by_hash():
+    from scenarios.classify import prefix_digest
+
+    system = list(range(100, 132))  # two blocks of 16
+    specs = parse_specs({"scenarios": [
+        {"name": "tenant", "model": "/m/llama", "slo": {"ttft_s": 1, "tpot_s": 1},
+         "match": {"prefix_hash": {"block_size": 16, "blocks": 2, "hash": prefix_digest(system, 16, 2)}}},
+        {"name": "chat", "model": "/m/llama", "slo": {"ttft_s": 1, "tpot_s": 1}},
+    ]})
+    router = ScenarioRouter(specs, {"tenant": "llama", "chat": "llama"})
+    assert router.route(RequestFacts(40, prompt_token_ids=tuple(system + [7] * 8))) == "tenant"
+    assert router.route(RequestFacts(40, prompt_token_ids=tuple([1] + system[1:] + [7] * 8))) == "chat"
+    assert router.route(RequestFacts(40)) == "chat"  # no token ids: a hash rule cannot hold

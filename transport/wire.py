@@ -12,7 +12,7 @@ import struct
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: ready carries the lease time left; no abort frame (a closed connection aborts)
 HEADER = struct.Struct("!I")
 # Control messages are small; the largest is a begin with one id per block.
 MAX_MESSAGE_BYTES = 1 << 20

@@ -21,13 +21,13 @@ def test_round_trip():
 @pytest.mark.parametrize("raw, message", [
     (b"\xc1", "malformed"),
     (msgpack.packb([1, 2]), "not a map"),
-    (msgpack.packb({"v": 2, "t": "commit", "nbytes": 1}), "wire version 2"),
+    (msgpack.packb({"v": 1, "t": "commit", "nbytes": 1}), "wire version 1, expected 2"),
     (msgpack.packb({"t": "commit", "nbytes": 1}), "wire version None"),
-    (msgpack.packb({"v": 1, "t": "pickle", "nbytes": 1}), "unknown message type"),
-    (msgpack.packb({"v": 1, "t": "commit"}), "commit.nbytes must be int"),
-    (msgpack.packb({"v": 1, "t": "commit", "nbytes": "1"}), "commit.nbytes must be int"),
-    (msgpack.packb({"v": 1, "t": "commit", "nbytes": True}), "commit.nbytes must be int"),
-    (msgpack.packb({"v": 1, "t": "hello", "nonce": "text", "mac": b""}, use_bin_type=True),
+    (msgpack.packb({"v": wire.VERSION, "t": "pickle", "nbytes": 1}), "unknown message type"),
+    (msgpack.packb({"v": wire.VERSION, "t": "commit"}), "commit.nbytes must be int"),
+    (msgpack.packb({"v": wire.VERSION, "t": "commit", "nbytes": "1"}), "commit.nbytes must be int"),
+    (msgpack.packb({"v": wire.VERSION, "t": "commit", "nbytes": True}), "commit.nbytes must be int"),
+    (msgpack.packb({"v": wire.VERSION, "t": "hello", "nonce": "text", "mac": b""}, use_bin_type=True),
      "hello.nonce must be bytes"),
 ])
 def test_bad_messages_are_refused(raw, message):

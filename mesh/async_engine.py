@@ -72,7 +72,14 @@ class AsyncEngine:
         """Adds a request with add() (on the engine thread) and yields its outputs, one list
         per burst of steps; aborts the request if the consumer stops early."""
         queue: asyncio.Queue = asyncio.Queue()  # holds at most max_tokens outputs of one request
-        request_id = await self.call(self._register_stream, add, queue)
+        try:
+            request_id = await self.call(self._register_stream, add, queue)
+        except asyncio.CancelledError:
+            # add() is queued and still runs on the engine thread: abort what it adds, or the
+            # request would run to its end for nobody, holding its KV.
+            self._commands.append(lambda: self._abort_stream_of(queue))
+            self._wake.set()
+            raise
         finished = False
         try:
             while not finished:
@@ -94,6 +101,12 @@ class AsyncEngine:
         request_id = add()
         self._streams[request_id] = queue
         return request_id
+
+    def _abort_stream_of(self, queue: asyncio.Queue) -> None:
+        for request_id, q in list(self._streams.items()):
+            if q is queue:
+                del self._streams[request_id]
+                self.engine.abort(request_id)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _run(self) -> None:

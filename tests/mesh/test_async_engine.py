@@ -1,0 +1,31 @@
+"""The engine on an event loop: a stream cancelled before its request reached the engine
+thread leaves nothing running and no KV held (the `make_engine` fixture checks blocks at the end)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mesh.async_engine import AsyncEngine
+from mesh.engine.sampling_params import SamplingParams
+
+
+async def test_a_stream_cancelled_while_registering_aborts_its_request(checkpoint, make_engine):
+    engine = make_engine(checkpoint())
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    try:
+        busy = asyncio.ensure_future(aengine.call(time.sleep, 0.3))  # the engine thread is busy first
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+        async def consume():
+            async for _ in aengine.stream(lambda: engine.add_request(list(range(100, 120)), params)):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)  # the stream's registration is queued behind the sleep
+        task.cancel()
+        await asyncio.gather(task, busy, return_exceptions=True)
+        unfinished, free = await aengine.call(lambda: (engine.has_unfinished(), engine.blocks.num_free))
+        assert not unfinished and free == engine.blocks.num_blocks
+    finally:
+        await aengine.close()

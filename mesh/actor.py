@@ -276,6 +276,8 @@ class MeshActor:
         return {**desc.to_wire(), "prefix_tokens": skip, "prefix_blocks": len(hits)}
 
     async def release_lease(self, lease_id: str) -> bool:
+        if self.holds is not None:
+            self.holds.release(lease_id)  # committed but never taken: its blocks go too
         return self.receiver.abort(lease_id) if self.receiver else False
 
     async def decode(self, lease_id: str, request: dict) -> AsyncIterator[dict]:

@@ -166,7 +166,9 @@ class Dispatcher:
         finally:
             _cancel(pstream)
             _cancel(dstream)
-            if not committed:
+            if not committed or dstream is not None:
+                # Not committed, or the decode call may never have run to take the KV: a
+                # release frees whatever no decode call took (a no-op once one has).
                 await _quietly(decode.handle.release_lease.remote(lease["lease_id"]))
 
     async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:

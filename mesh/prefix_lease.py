@@ -6,7 +6,9 @@ released exactly once, by whichever comes first:
 - the lease commits and the decode call takes them, with the received blocks, for the engine;
 - the lease ends without a commit (released by the gateway, expired, aborted, the receiver
   closed): they are dropped at once, back to the cache's idle LRU;
-- the decode call gives up waiting (or is cancelled): whatever lands later is dropped.
+- the decode call gives up waiting (or is cancelled), or the gateway releases the lease
+  before any decode call took it (a request cancelled between its commit and its decode
+  call): whatever lands is dropped.
 A dead actor takes its blocks with it.
 
 The end of a lease is seen by waiting on its commit from the reservation on: the lease
@@ -77,8 +79,15 @@ class PrefixHolds:
         except BaseException:  # the lease ended without a commit, or the decode call was cancelled
             self._abandon(lease_id, task)
             raise
-        del self._landing[lease_id]
+        if self._landing.pop(lease_id, None) is not task:  # released meanwhile: dropped there
+            raise TransferError("lease", "the lease was released before the decode took it", lease_id)
         return blocks
+
+    def release(self, lease_id: str) -> None:
+        """The gateway gave the lease up: if no decode call took its blocks, drop them once landed."""
+        task = self._landing.get(lease_id)
+        if task is not None:
+            self._abandon(lease_id, task)
 
     async def _land(self, held: list[int], commit: Awaitable[ReceivedKV]) -> list[int]:
         try:

@@ -131,3 +131,40 @@ async def test_a_commit_landing_after_the_taker_gave_up_is_dropped(how):
     lease.land()
     await settle()
     assert freed == [1, 2, 7, 8]
+
+
+@pytest.mark.parametrize("landed_first", [True, False])
+async def test_a_lease_released_before_any_decode_took_it_drops_its_blocks_once(landed_first):
+    # A request cancelled between its commit and its decode call: the gateway releases the lease.
+    freed = []
+    holds = PrefixHolds(freed.extend)
+    lease = Lease([7, 8])
+    holds.hold("l", [1, 2], lease.commit)
+    if landed_first:
+        lease.land()
+        await settle()
+    holds.release("l")
+    if not landed_first:
+        lease.land()
+    await settle()
+    assert freed == [1, 2, 7, 8] and len(holds) == 0
+    with pytest.raises(TransferError, match="unknown lease"):
+        await holds.take("l", None)
+    holds.release("l")  # a second release is a no-op
+    await settle()
+    assert freed == [1, 2, 7, 8]
+
+
+async def test_a_release_racing_a_waiting_taker_frees_once_and_the_taker_fails():
+    freed = []
+    holds = PrefixHolds(freed.extend)
+    lease = Lease([7])
+    holds.hold("l", [1], lease.commit)
+    taker = asyncio.ensure_future(holds.take("l", None))
+    await settle()
+    holds.release("l")
+    lease.land()
+    with pytest.raises(TransferError, match="released"):
+        await taker
+    await settle()
+    assert freed == [1, 7]

@@ -10,6 +10,7 @@ import threading
 import torch
 
 from .layout import byte_view, layer_tokens
+from .memory import host_zeros
 from .plan import TransferPlan
 
 
@@ -49,7 +50,7 @@ class StagingPool:
             bufs = self._free.get(nbytes)
             if bufs:
                 return bufs.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return host_zeros((nbytes,), torch.uint8)
 
     def give(self, bufs: list[torch.Tensor]) -> None:
         with self._lock:

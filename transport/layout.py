@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import host_zeros
+
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -70,6 +72,8 @@ class KVLayout:
     def allocate(self) -> torch.Tensor:
         # zeros, not empty: pages touched for the first time run at about 0.5 GB/s,
         # so the pool is touched once at start-up instead of during a transfer.
+        if torch.device(self.device).type == "cpu":
+            return host_zeros(self.shape, self.dtype)
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
     def check_pool(self, pool: torch.Tensor) -> None:

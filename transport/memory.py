@@ -1,0 +1,39 @@
+"""Host memory for KV pools and staging buffers: backed by transparent huge pages.
+
+A shared-memory copy between processes (UCX's CMA, `process_vm_writev`) pins
+the pages it copies one by one; over 2 MiB pages it moved 8192 tokens of KV
+20% faster than over 4 KiB ones (6.4 vs 5.3 GB/s here, the memory copy being
+12.3). torch's allocator asks for huge pages only with THP_MEM_ALLOC_ENABLE set
+before it first allocates, so pools are mapped here instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 << 20
+
+
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed, contiguous CPU tensor in private anonymous memory advised for huge pages.
+
+    Every page is touched here: a page touched for the first time costs about
+    0.5 GB/s, which would otherwise land on the first transfer or request.
+    """
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    if nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype)
+    # Over-allocated by one huge page so that the tensor can start on a 2 MiB boundary:
+    # only aligned 2 MiB ranges get huge pages.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` alive
+    offset = -base.data_ptr() % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes - nbytes % mmap.PAGESIZE)
+    out = base[offset:offset + nbytes].view(dtype).view(shape)
+    out.zero_()
+    return out

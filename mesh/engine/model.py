@@ -13,6 +13,7 @@ from torch import nn
 
 from mesh.engine.attention import AttentionMetadata, paged_attention
 from mesh.engine.kv_cache import KVCache
+from mesh.engine.linear import Linear, pack_weight, packed_linear, uses_packed
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.rope import RotaryEmbedding, apply_rotary
 
@@ -34,10 +35,10 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.eps = cfg.rms_norm_eps
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_bias)
-        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, h, bias=cfg.o_bias)
+        self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
         self.input_norm = nn.Parameter(torch.ones(h))
         self.post_attention_norm = nn.Parameter(torch.ones(h))
         # Qwen3's q and k norms as one [heads + kv_heads, head_dim] weight: q and k are normed
@@ -71,7 +72,15 @@ class CausalLM(nn.Module):
         # few-row product with it streams the weights at memory speed on CPU, where a linear over
         # [vocab, hidden] runs at about half that.
         self.lm_head_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.vocab_size))
+        self.lm_head_packed: torch.Tensor | None = None
         self.rope = rope
+
+    def pack(self) -> None:
+        """Also keep oneDNN-blocked copies of every projection's weight (see linear.py)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        self.lm_head_packed = pack_weight(self.lm_head_t.t())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -91,4 +100,6 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, vocab] for the selected hidden states [n, hidden]."""
+        if uses_packed(hidden, self.lm_head_packed):
+            return packed_linear(hidden, self.lm_head_packed, None).float()
         return torch.matmul(hidden, self.lm_head_t).float()

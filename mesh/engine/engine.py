@@ -12,7 +12,7 @@ from mesh.engine.block_manager import BlockManager
 from mesh.engine.checkpoint import load_model
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
-from mesh.engine.device import resolve_device, resolve_dtype
+from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
 from mesh.engine.errors import RequestError
 from mesh.engine.kv_cache import KVCache, KVShape
 from mesh.engine.linear import packing_supported
@@ -59,6 +59,8 @@ class Engine:
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = Tokenizer(config.model)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -17,7 +17,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one step at most; longer prompts are chunked")
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of full blocks of earlier prompts")
-    packed_weights: bool = Field(True, description="on CPU in fp32, also keep oneDNN-blocked copies of the "
-                                 "weights for steps of 4+ tokens: batched decode about 1.2x faster, "
-                                 "twice the weight memory")
+    packed_weights: bool | None = Field(None, description="on CPU in fp32, also keep oneDNN-blocked copies of "
+                                        "the weights for steps of 4-256 tokens (batched decode about 1.2x faster, "
+                                        "twice the weight memory); default: when the weights take at most "
+                                        "a quarter of the host's memory")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's")

@@ -15,7 +15,7 @@ from mesh.engine.detokenizer import Detokenizer
 from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
 from mesh.engine.errors import RequestError
 from mesh.engine.kv_cache import KVCache, KVShape
-from mesh.engine.linear import packing_supported
+from mesh.engine.linear import should_pack
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import ModelRunner
 from mesh.engine.prefix_cache import PrefixCache
@@ -65,7 +65,8 @@ class Engine:
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.model = load_model(config.model, mc, self.max_model_len, self.dtype, self.device)
-        if config.packed_weights and packing_supported(self.device, self.dtype):
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if should_pack(config.packed_weights, self.device, self.dtype, weight_bytes):
             self.model.pack()
         shape = KVShape(mc.num_layers, 0, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // shape.bytes_per_block)

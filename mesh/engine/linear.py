@@ -9,6 +9,8 @@ row count picks one.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,17 @@ PACKED_MIN_ROWS, PACKED_MAX_ROWS = 4, 256
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN-blocked weights are used for fp32 on CPU (measured there; bf16 without bf16 units is slow either way)."""
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def should_pack(requested: bool | None, device: torch.device, dtype: torch.dtype, weight_bytes: int) -> bool:
+    """Whether to keep blocked copies: as asked, or by default when they cannot crowd the host's
+    memory (the copies double the weights' footprint)."""
+    if not packing_supported(device, dtype):
+        return False
+    if requested is not None:
+        return requested
+    host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return weight_bytes * 4 <= host_bytes
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

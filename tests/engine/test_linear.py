@@ -1,8 +1,10 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mesh.engine.linear import PACKED_MAX_ROWS, PACKED_MIN_ROWS, Linear, packing_supported
+from mesh.engine.linear import PACKED_MAX_ROWS, PACKED_MIN_ROWS, Linear, packing_supported, should_pack
 from mesh.engine.sampling_params import SamplingParams
 from tests.engine.helpers import PROMPTS, drain
 
@@ -36,3 +38,13 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_blocked_weights(chec
             tokens[out.request_id].extend(out.token_ids)
         outputs.append([tokens[i] for i in ids])
     assert outputs[0] == outputs[1]
+
+
+def test_blocked_copies_by_default_only_where_they_cannot_crowd_the_host():
+    cpu = torch.device("cpu")
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert should_pack(None, cpu, torch.float32, 500 << 20)
+    assert not should_pack(None, cpu, torch.float32, host // 2)
+    assert should_pack(True, cpu, torch.float32, host // 2)  # asked for: as asked
+    assert not should_pack(False, cpu, torch.float32, 1 << 20)
+    assert not should_pack(True, cpu, torch.bfloat16, 1 << 20)  # fp32 only

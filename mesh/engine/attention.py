@@ -61,7 +61,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv_heads, dim = k_slots.shape[1:]
         qg = q[:nd].view(nd, kv_heads, -1, dim)
         o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=meta.decode_mask, scale=scale)
-        out[:nd] = o.view(nd, -1, dim)
+        out[:nd] = o.reshape(nd, -1, dim)  # CUDA's SDPA may return it non-contiguous
     for c in meta.prefills:
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
         kk = _rows(k_slots, c.ctx_slots).transpose(0, 1).unsqueeze(0)

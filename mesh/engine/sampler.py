@@ -33,7 +33,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
         probs = torch.softmax(row, dim=-1)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
-        tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        # A seeded sequence draws where its generator lives (the CPU): the same seed gives the
+        # same tokens on every device.
+        where = seq.generator.device if seq.generator is not None else probs.device
+        tokens[i] = torch.multinomial(probs.to(where), 1, generator=seq.generator)[0]
     if logprobs is None:
         return tokens.tolist(), None
     return tokens.tolist(), logprobs[torch.arange(len(seqs)), tokens].tolist()

@@ -26,8 +26,8 @@ def filled(layout: KVLayout, seed: int) -> torch.Tensor:
 
 def assert_same_kv(src_pool, src_layout, src_ids, dst_pool, dst_layout, dst_ids, num_tokens):
     """The destination holds the source's KV token for token, in its own dtype."""
-    want = read_tokens(src_pool, src_layout, src_ids, num_tokens).to(dst_layout.dtype)
-    got = read_tokens(dst_pool, dst_layout, dst_ids, num_tokens)
+    want = read_tokens(src_pool, src_layout, src_ids, num_tokens).to("cpu", dst_layout.dtype)
+    got = read_tokens(dst_pool, dst_layout, dst_ids, num_tokens).cpu()
     assert torch.equal(got, want)
 
 

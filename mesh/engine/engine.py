@@ -74,7 +74,9 @@ class Engine:
                                   mc.head_dim, self.dtype), self.device)
         manager = BlockManager(num_blocks, config.block_size)
         self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+        # Accelerators need bigger steps to fill (and their steps cost launches, not just work).
+        step_tokens = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, step_tokens,
                                    self.max_model_len)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))

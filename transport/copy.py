@@ -10,7 +10,7 @@ import threading
 import torch
 
 from .layout import byte_view, layer_tokens
-from .memory import host_zeros
+from .memory import pool_zeros
 from .plan import TransferPlan
 
 
@@ -50,7 +50,7 @@ class StagingPool:
             bufs = self._free.get(nbytes)
             if bufs:
                 return bufs.pop()
-        return host_zeros((nbytes,), torch.uint8)
+        return pool_zeros((nbytes,), torch.uint8)
 
     def give(self, bufs: list[torch.Tensor]) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Host memory for KV pools and staging buffers: backed by transparent huge pages.
+"""Memory for KV pools and staging buffers, on the host backed by transparent huge pages.
 
 A shared-memory copy between processes (UCX's CMA, `process_vm_writev`) pins
 the pages it copies one by one; over 2 MiB pages it moved 8192 tokens of KV
@@ -9,6 +9,7 @@ before it first allocates, so pools are mapped here instead.
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -16,17 +17,17 @@ import torch
 HUGE_PAGE = 2 << 20
 
 
-def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed, contiguous CPU tensor in private anonymous memory advised for huge pages.
+def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zeroed, contiguous tensor for a pool or buffer; on the CPU in private anonymous
+    memory advised for huge pages.
 
     Every page is touched here: a page touched for the first time costs about
     0.5 GB/s, which would otherwise land on the first transfer or request.
     """
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
-    if nbytes < HUGE_PAGE:
-        return torch.zeros(shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype, device=device)
     # Over-allocated by one huge page so that the tensor can start on a 2 MiB boundary:
     # only aligned 2 MiB ranges get huge pages.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transport.memory import host_zeros
+from transport.memory import pool_zeros
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,8 @@ class KVCache:
     def __init__(self, shape: KVShape, device: torch.device):
         self.shape = shape
         dims = (shape.num_layers, 2, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        # Zeroed now: first-touch costs ~0.5 GB/s on CPU, which would otherwise land on
-        # the first requests. On CPU in huge pages, which the KV transport copies faster.
-        self.pool = (host_zeros(dims, shape.dtype) if device.type == "cpu"
-                     else torch.zeros(dims, dtype=shape.dtype, device=device))
+        # Touched now, and on CPU in huge pages, which the KV transport copies faster.
+        self.pool = pool_zeros(dims, shape.dtype, device)
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer viewed as [num_blocks * block_size, kv_heads, head_dim] token slots."""

@@ -17,3 +17,15 @@ class MeshError(Exception):
 
     def __reduce__(self):  # Ray carries exceptions by value; keep the fields
         return (MeshError, (self.code, self.message, self.retry_after_s))
+
+
+class RequestMoved(MeshError):
+    """The actor gave a request back unfinished (a drain or flip ran out of time): the
+    dispatcher re-runs it elsewhere from the prompt plus the tokens already sent, and
+    does not count the actor as lost. Reaches a client only when no attempt is left."""
+
+    def __init__(self, message: str):
+        super().__init__("unavailable", message)
+
+    def __reduce__(self):
+        return (RequestMoved, (self.message,))

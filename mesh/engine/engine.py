@@ -13,7 +13,8 @@ from mesh.engine.checkpoint import load_model
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
 from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
-from mesh.engine.errors import RequestError
+from mesh.engine.errors import EngineError, RequestError, SequenceError
+from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache, KVShape
 from mesh.engine.linear import should_pack
 from mesh.engine.model_config import ModelConfig
@@ -35,9 +36,10 @@ class RequestOutput:
     text: str  # new text
     logprobs: list[float] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: EngineError | None = None  # why the request failed, with finish reason "error"
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Engine:
                                    self.max_model_len)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
-        self.runner = ModelRunner(self.model, self.kv, self.eos_ids)
+        self.runner = ModelRunner(self.model, self.kv, self.eos_ids,
+                                  StepFaults(config.fail_steps) if config.fail_steps else None)
         self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
         # Outputs waiting for the `stream`/`generate` caller of each request, so that several
@@ -117,10 +120,7 @@ class Engine:
         if self.blocks.blocks_for(seq.num_computed_tokens) > len(block_ids):
             raise RequestError(f"{len(block_ids)} blocks cannot hold the KV of {seq.num_computed_tokens} tokens")
         self._register(seq)
-        _, detok = self._requests[seq.request_id]
-        for t in output_ids:  # the text so far was sent by the prefill side
-            detok.add(t)
-        detok.delta(final=False)
+        self._requests[seq.request_id][1].resume(seq.output_token_ids)  # what the prefill side sent
         self.scheduler.add_running(seq)
         return seq.request_id
 
@@ -148,6 +148,9 @@ class Engine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids must be in [0, {vocab}) for this model, got {bad[:5]}")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens, the model's context is "
                                f"{self.max_model_len}: shorten the prompt")
@@ -176,16 +179,20 @@ class Engine:
         if not (batch.decodes or batch.prefills):
             return outputs
         out = self.runner.execute(batch, self.layer_hook)
-        self.scheduler.commit(batch)
+        outputs += [self._fail(seq, error) for seq, error in out.failed]
+        self.scheduler.commit(batch.without([seq for seq, _ in out.failed]))
         for i, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
             if seq.status is not Status.RUNNING:
                 continue
-            seq.output_token_ids.append(token)
-            logprob = None
-            if out.logprobs is not None and seq.params.logprobs:
-                logprob = out.logprobs[i]
-                seq.output_logprobs.append(logprob)
-            outputs.append(self._advance(seq, token, logprob))
+            try:
+                seq.output_token_ids.append(token)
+                logprob = None
+                if out.logprobs is not None and seq.params.logprobs:
+                    logprob = out.logprobs[i]
+                    seq.output_logprobs.append(logprob)
+                outputs.append(self._advance(seq, token, logprob))
+            except Exception as e:  # this request's own bookkeeping (detokenizing...): it alone fails
+                outputs.append(self._fail(seq, SequenceError(f"its output failed: {e!r}")))
         return outputs
 
     def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
@@ -206,9 +213,19 @@ class Engine:
         if reason:
             self.scheduler.finish(seq, reason, keep_blocks=reason == "prefilled")
             del self._requests[seq.request_id]
-        return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
+        # A prefilled request goes on elsewhere: text held back for stop strings stays held.
+        return RequestOutput(seq.request_id, [token], detok.delta(final=reason not in (None, "prefilled")),
                              None if logprob is None else [logprob], reason is not None, reason,
                              seq.num_prompt_tokens, n_out)
+
+    def _fail(self, seq: Sequence, error: SequenceError) -> RequestOutput:
+        """Ends a request that failed in a step, freeing its blocks (held ones too)."""
+        log.warning("request %s failed: %s", seq.request_id, error)
+        self.scheduler.finish(seq, "error")
+        self._requests.pop(seq.request_id, None)
+        self.release(seq.request_id)
+        return RequestOutput(seq.request_id, [], "", None, True, "error", seq.num_prompt_tokens,
+                             len(seq.output_token_ids), error)
 
     def _ended(self, seq: Sequence) -> RequestOutput:
         """The last delta of a request the scheduler ended (it already freed the blocks)."""
@@ -252,6 +269,8 @@ class Engine:
             while True:
                 while inbox:
                     o = inbox.popleft()
+                    if o.error is not None:
+                        raise o.error
                     yield o
                     if o.finished:
                         return

@@ -54,7 +54,8 @@ class SamplingParams:
             (_is_int(self.max_tokens) and self.max_tokens > 0,
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
             (_is_number(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
-             f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {self.temperature!r}"),
+             f"temperature must be a number >= 0: 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+             f"got {self.temperature!r}"),
             (_is_int(self.top_k) and self.top_k >= 0,
              f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
             (_is_number(self.top_p) and 0 < self.top_p <= 1,

@@ -97,13 +97,21 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prefill_only: bool = False) -> str:
-        """Queues a request. prefill_only: it ends after its first token with finish
-        reason "prefilled" and keeps its KV blocks until `release` (disaggregated prefill)."""
+                    request_id: str | None = None, prefill_only: bool = False, output_ids: list[int] = ()) -> str:
+        """Queues a request. prefill_only: it ends after its next token with finish
+        reason "prefilled" and keeps its KV blocks until `release` (disaggregated prefill).
+        output_ids: tokens the request generated and sent on another actor (it moved after
+        a failure or a drain); they are computed with the prompt, count towards max_tokens
+        and min_tokens, their text is not sent again, and it goes on exactly as if it had
+        never moved (stop strings across the move, seeded draws)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids, params)
-        seq = self._register(Sequence(ids, params, request_id=request_id or "", prefill_only=prefill_only))
+        self._check_prompt(ids + list(output_ids), params)
+        if len(output_ids) >= params.max_tokens:
+            raise RequestError(f"the request has {len(output_ids)} tokens already, its max_tokens is "
+                               f"{params.max_tokens}: nothing is left to generate")
+        seq = self._register(Sequence(ids, params, request_id=request_id or "", prefill_only=prefill_only,
+                                      output_token_ids=list(output_ids)))
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -120,14 +128,15 @@ class Engine:
         if self.blocks.blocks_for(seq.num_computed_tokens) > len(block_ids):
             raise RequestError(f"{len(block_ids)} blocks cannot hold the KV of {seq.num_computed_tokens} tokens")
         self._register(seq)
-        self._requests[seq.request_id][1].resume(seq.output_token_ids)  # what the prefill side sent
         self.scheduler.add_running(seq)
         return seq.request_id
 
     def _register(self, seq: Sequence) -> Sequence:
         if seq.request_id in self._requests or seq.request_id in self._held:
             raise RequestError(f"request id {seq.request_id!r} is already in use")
-        self._requests[seq.request_id] = (seq, Detokenizer(self.tokenizer, seq.params.stop))
+        detok = Detokenizer(self.tokenizer, seq.params.stop)
+        detok.resume(seq.output_token_ids)  # their text was sent by the actor that generated them
+        self._requests[seq.request_id] = (seq, detok)
         return seq
 
     def held_blocks(self, request_id: str) -> list[int]:

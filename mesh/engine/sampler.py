@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -32,10 +33,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
             banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids))
             if banned:
                 logits[i, list(banned)] = float("-inf")
-    tokens = logits.argmax(dim=-1)
-    failed = {i: "the model's logits are NaN" for i, bad in enumerate(logits.isnan().any(-1).tolist()) if bad}
-    failed.update({i: "every token is banned (stop_token_ids and EOS are banned until min_tokens)"
-                   for i, none in enumerate(logits.isneginf().all(-1).tolist()) if none and i not in failed})
+    top, tokens = logits.max(dim=-1)  # a row's max is NaN if any logit is, -inf if every token is banned
+    failed = {i: _unusable(v) for i, v in enumerate(top.tolist()) if not math.isfinite(v)}
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.greedy or i in failed:
@@ -57,6 +56,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
         tokens[i] = torch.multinomial(probs.to(where), 1, generator=generator)[0]
     chosen = None if logprobs is None else logprobs[torch.arange(len(seqs)), tokens].tolist()
     return Sampled(tokens.tolist(), chosen, failed)
+
+
+def _unusable(top: float) -> str:
+    if math.isnan(top):
+        return "the model's logits are NaN"
+    if top < 0:
+        return "every token is banned (stop_token_ids and EOS are banned until min_tokens)"
+    return "the model's logits overflow to inf"
 
 
 def _generator(seed: int, position: int) -> torch.Generator:

@@ -32,19 +32,21 @@ def alone(engine, params) -> Result:
     return collect(engine.stream(PROMPT, params))
 
 
-def handed_over(prefill, decode, params) -> Result:
-    """Prefills on one engine, moves the KV blocks, decodes on the other (as the mesh does)."""
+def handed_over(prefill, decode, params, sent: tuple = ()) -> Result:
+    """Prefills on one engine, moves the KV blocks, decodes on the other (as the mesh does).
+    sent: outputs another engine sent before the request moved here."""
     ids = prefill.tokenizer.encode(PROMPT)
-    rid = prefill.add_request(ids, params, prefill_only=True)
+    tokens = [t for o in sent for t in o.token_ids]
+    rid = prefill.add_request(ids, params, prefill_only=True, output_ids=tokens)
     (first,) = list(drain(prefill))
     if first.finish_reason != "prefilled":
-        return collect([first])
+        return collect([*sent, first])
     kv = prefill.kv.export_blocks(prefill.held_blocks(rid))
     prefill.release(rid)
-    blocks = decode.blocks.allocate(decode.blocks.blocks_for(len(ids) + 1))
+    blocks = decode.blocks.allocate(decode.blocks.blocks_for(len(ids) + len(tokens) + 1))
     decode.kv.import_blocks(blocks[:kv.shape[2]], kv)
-    decode.add_prefilled(ids, first.token_ids, params, blocks, request_id=rid)
-    return collect([first, *drain(decode)])
+    decode.add_prefilled(ids, tokens + first.token_ids, params, blocks, request_id=rid)
+    return collect([*sent, first, *drain(decode)])
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +69,18 @@ def greedy(engines) -> Result:
     return alone(engines[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
 
 
-def stop_across_the_handoff(engines, greedy) -> list[str]:
-    """A stop string that starts in the first token's text and ends in the second's."""
-    first = engines[0].tokenizer.decode(greedy.tokens[:1])
-    assert len(first) >= 2, "the test needs a first token of two characters or more"
-    return [greedy.text[len(first) - 1:len(first) + 2]]
+def stop_across(engines, greedy, tokens: int) -> list[str]:
+    """A stop string that starts in the text of the first `tokens` tokens and ends after it."""
+    before = len(engines[0].tokenizer.decode(greedy.tokens[:tokens]))
+    assert 2 <= before < len(greedy.text) - 2, "the test needs another prompt"
+    return [greedy.text[before - 1:before + 2]]
 
 
 CASES = {
     "greedy": lambda e, g: {"temperature": 0},
     "stop string never met": lambda e, g: {"temperature": 0, "stop": ["zzzz"]},  # the issue's case
-    "stop string across the handoff": lambda e, g: {"temperature": 0, "stop": stop_across_the_handoff(e, g)},
+    "stop string across the handoff": lambda e, g: {"temperature": 0, "stop": stop_across(e, g, 1)},
+    "stop string across a move after 3 tokens": lambda e, g: {"temperature": 0, "stop": stop_across(e, g, 3)},
     "stop string in the first token": lambda e, g: {"temperature": 0, "stop": [g.text[:2]]},
     "stop string later on": lambda e, g: {"temperature": 0, "stop": [g.text[-4:-1]]},
     "stop token": lambda e, g: {"temperature": 0, "stop_token_ids": [g.tokens[4]]},
@@ -102,3 +105,21 @@ def test_a_handed_over_request_equals_one_engine_alone(case, engines, greedy):
     if params.stop and case != "stop string never met":
         assert expected.finish_reason == "stop"  # the case stops where it says
 
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_request_moved_mid_way_equals_one_engine_alone(case, engines, greedy):
+    """A request that moves after 3 tokens (its actor failed or drained) is computed again
+    from its prompt and the tokens sent, prefilled on one engine and decoded on another."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, **CASES[case](engines, greedy))
+    expected = alone(engines[0], params)
+    if len(expected.tokens) <= 3:
+        pytest.skip("the request ends before it could move")
+    stream = engines[0].stream(PROMPT, params)
+    sent = tuple(next(stream) for _ in range(3))
+    stream.close()  # the first actor is gone
+    got = handed_over(engines[1], engines[2], params, sent)
+    assert got.text == expected.text
+    assert got.tokens == expected.tokens and got.finish_reason == expected.finish_reason
+    if params.logprobs:
+        assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)

@@ -160,6 +160,10 @@ class Engine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise RequestError(f"stop_token_ids must be in [0, {vocab}) for this model, got {bad[:5]}")
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        if params.min_tokens and len(banned) >= vocab:
+            raise RequestError("stop_token_ids and EOS ban every token until min_tokens: nothing could be "
+                               "generated; lower min_tokens or send fewer stop_token_ids")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens, the model's context is "
                                f"{self.max_model_len}: shorten the prompt")

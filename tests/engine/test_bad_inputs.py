@@ -151,6 +151,13 @@ def test_stop_token_ids_beyond_the_vocabulary_are_rejected_at_add(stop_ids, engi
     assert not engine.has_unfinished()
 
 
+def test_stop_token_ids_that_ban_every_token_until_min_tokens_are_rejected(engine):
+    params = SamplingParams(stop_token_ids=list(range(1024)), min_tokens=1)
+    with pytest.raises(RequestError, match="stop_token_ids and EOS ban every token until min_tokens"):
+        engine.add_request([5, 6], params)
+    engine.generate([[5, 6]], SamplingParams(max_tokens=2, stop_token_ids=list(range(1024))))  # no min_tokens: fine
+
+
 def test_prompt_longer_than_the_checkpoints_context(edited_checkpoint, make_engine):
     engine = make_engine(edited_checkpoint("llama", max_position_embeddings=24))
     with pytest.raises(RequestError, match="the prompt has 30 tokens, the model's context is 24"):

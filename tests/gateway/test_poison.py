@@ -51,6 +51,7 @@ def poisons(vocab: int) -> list[tuple[dict, str]]:
         ({"seed": -1}, "seed must be an integer in [0, 2**64)"),
         ({"stop_token_ids": [vocab], "min_tokens": 2}, f"stop_token_ids must be in [0, {vocab})"),
         ({"stop_token_ids": [2**64], "min_tokens": 2}, f"stop_token_ids must be in [0, {vocab})"),
+        ({"stop_token_ids": list(range(vocab)), "min_tokens": 2}, "ban every token until min_tokens"),
     ]
 
 
@@ -71,7 +72,8 @@ def test_each_poison_value_gets_invalid_argument_over_grpc(poisoned, vocab):
     cases = [(pb.SamplingOptions(temperature=1e-300), "temperature must be a number >= 0: 0 (greedy)"),
              (pb.SamplingOptions(seed=-1), "seed must be an integer in [0, 2**64)"),
              (pb.SamplingOptions(stop_token_ids=[vocab], min_tokens=2), f"stop_token_ids must be in [0, {vocab})"),
-             (pb.SamplingOptions(stop_token_ids=[2**32 - 1], min_tokens=2), "stop_token_ids must be in")]
+             (pb.SamplingOptions(stop_token_ids=[2**32 - 1], min_tokens=2), "stop_token_ids must be in"),
+             (pb.SamplingOptions(stop_token_ids=range(vocab), min_tokens=2), "ban every token until min_tokens")]
     with grpc.insecure_channel(poisoned.grpc_address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for options, message in cases:

@@ -15,15 +15,16 @@ from gateway.proto import inference_pb2_grpc
 from tests.gateway.conftest import API_KEY, ENGINE, MAX_MESSAGE_BYTES, assert_no_blocks_held, serving
 
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
-FAULTY = "faulty-step"  # each decode step of this request raises once it has 2 tokens
+FAULTY = {"faulty-decode": 2, "faulty-prefill": 0}  # request id -> its steps raise once it has this many tokens
 
 
 @pytest.fixture(scope="module")
 def poisoned(checkpoint, ray_cluster):
-    """A 1 prefill + 1 decode gateway whose engines fail every step of request FAULTY."""
+    """A 1 prefill + 1 decode gateway whose engines fail the steps of the FAULTY requests: one on
+    the decode actor, one on the prefill actor."""
     from gateway.config import Control, Limits, default
 
-    config = default(checkpoint("llama", "float32"), engine={**ENGINE, "fail_steps": {FAULTY: 2}},
+    config = default(checkpoint("llama", "float32"), engine={**ENGINE, "fail_steps": FAULTY},
                      transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
                      gateway=Limits(max_message_bytes=MAX_MESSAGE_BYTES, admission_timeout_s=5.0),
                      controller=Control(enabled=False))
@@ -103,8 +104,8 @@ def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model,
                                       timeout=60) as client:
             bad = [({"prompt": "Hello", "max_tokens": 8, "extra": fields}, f"poison-{i}")
                    for i, (fields, _) in enumerate(poisons(vocab))]
-            faulty = ({"prompt": list(range(40, 52)), "max_tokens": 8, "temperature": 0}, FAULTY)
-            others = bad + [faulty]
+            faulty = [({"prompt": list(range(40, 52)), "max_tokens": 8, "temperature": 0}, rid) for rid in FAULTY]
+            others = bad + faulty
             requests = [r for i, innocent in enumerate(innocents) for r in [innocent, *others[i:i + 1]]]
             return dict(zip([rid for _, rid in requests], await asyncio.gather(
                 *(send(client, dict(body), rid) for body, rid in requests), return_exceptions=True)))
@@ -117,7 +118,8 @@ def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model,
     for rid, result in results.items():
         if rid.startswith("poison-"):
             assert isinstance(result, openai.BadRequestError), (rid, result)
-    fault = results[FAULTY]
-    assert isinstance(fault, openai.InternalServerError), fault
-    assert f"request {FAULTY} failed in the engine" in fault.message and "fault injected" in fault.message
+    for rid in FAULTY:
+        assert isinstance(results[rid], openai.InternalServerError), results[rid]
+        assert f"request {rid} failed in the engine" in results[rid].message
+        assert "fault injected" in results[rid].message
     assert_no_blocks_held(poisoned)

@@ -106,15 +106,14 @@ def test_a_handed_over_request_equals_one_engine_alone(case, engines, greedy):
         assert expected.finish_reason == "stop"  # the case stops where it says
 
 
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ("stop string in the first token",
+                                                                 "stop string across the handoff")])
 def test_a_request_moved_mid_way_equals_one_engine_alone(case, engines, greedy):
     """A request that moves after 3 tokens (its actor failed or drained) is computed again
     from its prompt and the tokens sent, prefilled on one engine and decoded on another."""
     params = SamplingParams(max_tokens=12, ignore_eos=True, **CASES[case](engines, greedy))
     expected = alone(engines[0], params)
-    if len(expected.tokens) <= 3:
-        pytest.skip("the request ends before it could move")
+    assert len(expected.tokens) > 3, "the request must run past the move"
     stream = engines[0].stream(PROMPT, params)
     sent = tuple(next(stream) for _ in range(3))
     stream.close()  # the first actor is gone

@@ -24,8 +24,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     Log-probabilities are of the model's own distribution, before temperature,
     top-k or top-p. Greedy rows take the argmax; others sample, with a generator
     derived from the sequence's seed and the token's position when it has a seed
-    (see `_generator`). A row with no usable distribution (NaN logits, every token
-    banned, probabilities that are not finite) fails its own sequence only.
+    (see `_generator`). A row with no usable distribution (NaN or infinite logits,
+    every token banned, logits that overflow at its temperature) fails its own
+    sequence only.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in seqs) else None
     for i, seq in enumerate(seqs):
@@ -34,10 +35,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
             if banned:
                 logits[i, list(banned)] = float("-inf")
     top, tokens = logits.max(dim=-1)  # a row's max is NaN if any logit is, -inf if every token is banned
-    failed = {i: _unusable(v) for i, v in enumerate(top.tolist()) if not math.isfinite(v)}
+    tops = top.tolist()
+    failed = {i: _unusable(v) for i, v in enumerate(tops) if not math.isfinite(v)}
+    largest = torch.finfo(logits.dtype).max
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.greedy or i in failed:
+            continue
+        # With a finite max after temperature, the softmax is finite (its max term is exp(0)).
+        if not abs(tops[i] / p.temperature) < largest:
+            failed[i] = f"the logits over temperature {p.temperature} overflow"
             continue
         row = logits[i] / p.temperature
         if 0 < p.top_k < row.numel():
@@ -46,9 +53,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
         probs = torch.softmax(row, dim=-1)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
-        if probs.isnan().any():
-            failed[i] = f"the probabilities at temperature {p.temperature} are not finite"
-            continue
         # A seeded draw happens where its generator lives (the CPU): the same seed gives the
         # same tokens on every device.
         generator = None if p.seed is None else _generator(p.seed, seq.num_tokens)

@@ -58,7 +58,7 @@ def test_the_sampler_fails_only_the_rows_without_a_distribution():
     logits[1, 3] = float("nan")
     out = sample(logits.clone(), seqs, eos_ids=())
     assert sorted(out.failed) == [1, 2, 4]
-    assert "NaN" in out.failed[1] and "every token is banned" in out.failed[2] and "not finite" in out.failed[4]
+    assert "NaN" in out.failed[1] and "every token is banned" in out.failed[2] and "overflow" in out.failed[4]
     assert out.tokens[0] == 7
     assert out.tokens[3] == sample(logits[3:4].clone(), seqs[3:4], eos_ids=()).tokens[0]  # as if alone
 
@@ -70,7 +70,7 @@ def test_a_request_with_probabilities_that_are_not_finite_fails_alone(checkpoint
     got = run(make_engine(checkpoint(), max_num_batched_tokens=16), {**INNOCENT, "poison": (PROMPTS[1], poison)})
     (failed,) = got["poison"]
     assert failed.finish_reason == "error" and isinstance(failed.error, SequenceError)
-    assert "not finite" in str(failed.error)
+    assert "logits over temperature 1e-300 overflow" in str(failed.error)
     assert_clean(got, clean)
 
 

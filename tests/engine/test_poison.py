@@ -63,7 +63,7 @@ def test_the_sampler_fails_only_the_rows_without_a_distribution():
     assert out.tokens[3] == sample(logits[3:4].clone(), seqs[3:4], eos_ids=()).tokens[0]  # as if alone
 
 
-def test_a_request_with_probabilities_that_are_not_finite_fails_alone(checkpoint, make_engine):
+def test_a_request_whose_logits_overflow_at_its_temperature_fails_alone(checkpoint, make_engine):
     poison = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     object.__setattr__(poison, "temperature", 1e-300)  # validation refuses it: this is the engine's own guard
     clean = run(make_engine(checkpoint(), max_num_batched_tokens=16), INNOCENT)

@@ -203,6 +203,10 @@ class InferenceService:
             raise GatewayError("invalid_argument", f"unknown sampling option: {e}") from None
         except RequestError as e:
             raise GatewayError("invalid_argument", str(e)) from None
+        vocab = scenario.tokenizer.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise GatewayError("invalid_argument", f"stop_token_ids must be in [0, {vocab}); got {bad[:5]}")
         if params.max_tokens > room:
             raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens and max_tokens is "
                                                    f"{params.max_tokens}; the model's context is "

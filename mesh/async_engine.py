@@ -3,6 +3,10 @@
 Every change to the engine (add, abort, release) is queued and applied by the
 worker thread between steps, so the engine is only ever touched by one thread
 and the event loop stays free to answer offers while a step computes.
+
+A request that fails in a step (the engine isolates it) ends its own stream with
+an "internal" MeshError; the others go on. Only a step that fails outside any one
+request (the scheduler's bookkeeping) fails every stream.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from mesh.engine.engine import Engine, RequestOutput
+from mesh.errors import MeshError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,12 @@ class AsyncEngine:
                     batch.append(queue.get_nowait())
                 if isinstance(batch[-1], BaseException):
                     raise batch[-1]
+                failed = batch[-1].error
+                if failed is not None:
+                    finished = True  # the engine has ended it already
+                    if batch[:-1]:
+                        yield batch[:-1]
+                    raise MeshError("internal", f"request {request_id} failed in the engine: {failed}")
                 finished = batch[-1].finished
                 yield batch
         finally:
@@ -152,7 +163,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, queue in list(self._streams.items()):
-            queue.put_nowait(error)
+            queue.put_nowait(MeshError("internal", f"an engine step failed outside any one request: {error!r}"))
             self._commands.append(lambda rid=rid: self.engine.abort(rid))
         self._wake.set()
 

@@ -23,3 +23,6 @@ class EngineConfig(BaseModel):
                                         "twice the weight memory); default: when the weights take at most "
                                         "a quarter of the host's memory")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's")
+    fail_steps: dict[str, int] = Field(default_factory=dict, description="fault injection, for tests: request "
+                                       "id -> output tokens after which each step of that request raises "
+                                       "(0: its prefill already)")

@@ -11,6 +11,9 @@ class Detokenizer:
 
     While stop strings are set, the last (longest stop - 1) characters are held
     back, so that no delta sent to a client ever holds part of a stop string.
+    Only a finished request's last delta releases them: a prefill handing its
+    request on is not finished, and the decode side `resume`s from the same tokens
+    to the same point, so every character is sent once, on one side or the other.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
@@ -33,6 +36,15 @@ class Detokenizer:
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
+
+    def resume(self, token_ids: list[int]) -> None:
+        """Takes over a request from the side that generated token_ids and sent their
+        unfinished deltas: the same tokens give the same text, of which that side sent
+        exactly what one non-final delta now gives."""
+        for t in token_ids:
+            self.add(t)
+        self.delta(final=False)
+
     def delta(self, final: bool) -> str:
         """The text not sent yet; all of it once the request is finished."""
         end = len(self.text) if final or self.stopped else max(self._sent, len(self.text) - self._hold)

@@ -13,7 +13,8 @@ from mesh.engine.checkpoint import load_model
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
 from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
-from mesh.engine.errors import RequestError
+from mesh.engine.errors import EngineError, RequestError, SequenceError
+from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache, KVShape
 from mesh.engine.linear import should_pack
 from mesh.engine.model_config import ModelConfig
@@ -35,9 +36,10 @@ class RequestOutput:
     text: str  # new text
     logprobs: list[float] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: EngineError | None = None  # why the request failed, with finish reason "error"
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Engine:
                                    self.max_model_len)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
-        self.runner = ModelRunner(self.model, self.kv, self.eos_ids)
+        self.runner = ModelRunner(self.model, self.kv, self.eos_ids,
+                                  StepFaults(config.fail_steps) if config.fail_steps else None)
         self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
         # Outputs waiting for the `stream`/`generate` caller of each request, so that several
@@ -94,13 +97,21 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prefill_only: bool = False) -> str:
-        """Queues a request. prefill_only: it ends after its first token with finish
-        reason "prefilled" and keeps its KV blocks until `release` (disaggregated prefill)."""
+                    request_id: str | None = None, prefill_only: bool = False, output_ids: list[int] = ()) -> str:
+        """Queues a request. prefill_only: it ends after its next token with finish
+        reason "prefilled" and keeps its KV blocks until `release` (disaggregated prefill).
+        output_ids: tokens the request generated and sent on another actor (it moved after
+        a failure or a drain); they are computed with the prompt, count towards max_tokens
+        and min_tokens, their text is not sent again, and it goes on exactly as if it had
+        never moved (stop strings across the move, seeded draws)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids, params)
-        seq = self._register(Sequence(ids, params, request_id=request_id or "", prefill_only=prefill_only))
+        self._check_prompt(ids + list(output_ids), params)
+        if len(output_ids) >= params.max_tokens:
+            raise RequestError(f"the request has {len(output_ids)} tokens already, its max_tokens is "
+                               f"{params.max_tokens}: nothing is left to generate")
+        seq = self._register(Sequence(ids, params, request_id=request_id or "", prefill_only=prefill_only,
+                                      output_token_ids=list(output_ids)))
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -117,17 +128,15 @@ class Engine:
         if self.blocks.blocks_for(seq.num_computed_tokens) > len(block_ids):
             raise RequestError(f"{len(block_ids)} blocks cannot hold the KV of {seq.num_computed_tokens} tokens")
         self._register(seq)
-        _, detok = self._requests[seq.request_id]
-        for t in output_ids:  # the text so far was sent by the prefill side
-            detok.add(t)
-        detok.delta(final=False)
         self.scheduler.add_running(seq)
         return seq.request_id
 
     def _register(self, seq: Sequence) -> Sequence:
         if seq.request_id in self._requests or seq.request_id in self._held:
             raise RequestError(f"request id {seq.request_id!r} is already in use")
-        self._requests[seq.request_id] = (seq, Detokenizer(self.tokenizer, seq.params.stop))
+        detok = Detokenizer(self.tokenizer, seq.params.stop)
+        detok.resume(seq.output_token_ids)  # their text was sent by the actor that generated them
+        self._requests[seq.request_id] = (seq, detok)
         return seq
 
     def held_blocks(self, request_id: str) -> list[int]:
@@ -148,6 +157,13 @@ class Engine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids must be in [0, {vocab}) for this model, got {bad[:5]}")
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        if params.min_tokens and len(banned) >= vocab:
+            raise RequestError("stop_token_ids and EOS ban every token until min_tokens: nothing could be "
+                               "generated; lower min_tokens or send fewer stop_token_ids")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens, the model's context is "
                                f"{self.max_model_len}: shorten the prompt")
@@ -176,16 +192,20 @@ class Engine:
         if not (batch.decodes or batch.prefills):
             return outputs
         out = self.runner.execute(batch, self.layer_hook)
-        self.scheduler.commit(batch)
+        outputs += [self._fail(seq, error) for seq, error in out.failed]
+        self.scheduler.commit(batch.without([seq for seq, _ in out.failed]))
         for i, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
             if seq.status is not Status.RUNNING:
                 continue
-            seq.output_token_ids.append(token)
-            logprob = None
-            if out.logprobs is not None and seq.params.logprobs:
-                logprob = out.logprobs[i]
-                seq.output_logprobs.append(logprob)
-            outputs.append(self._advance(seq, token, logprob))
+            try:
+                seq.output_token_ids.append(token)
+                logprob = None
+                if out.logprobs is not None and seq.params.logprobs:
+                    logprob = out.logprobs[i]
+                    seq.output_logprobs.append(logprob)
+                outputs.append(self._advance(seq, token, logprob))
+            except Exception as e:  # this request's own bookkeeping (detokenizing...): it alone fails
+                outputs.append(self._fail(seq, SequenceError(f"its output failed: {e!r}")))
         return outputs
 
     def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
@@ -206,9 +226,19 @@ class Engine:
         if reason:
             self.scheduler.finish(seq, reason, keep_blocks=reason == "prefilled")
             del self._requests[seq.request_id]
-        return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
+        # A prefilled request goes on elsewhere: text held back for stop strings stays held.
+        return RequestOutput(seq.request_id, [token], detok.delta(final=reason not in (None, "prefilled")),
                              None if logprob is None else [logprob], reason is not None, reason,
                              seq.num_prompt_tokens, n_out)
+
+    def _fail(self, seq: Sequence, error: SequenceError) -> RequestOutput:
+        """Ends a request that failed in a step, freeing its blocks (held ones too)."""
+        log.warning("request %s failed: %s", seq.request_id, error)
+        self.scheduler.finish(seq, "error")
+        self._requests.pop(seq.request_id, None)
+        self.release(seq.request_id)
+        return RequestOutput(seq.request_id, [], "", None, True, "error", seq.num_prompt_tokens,
+                             len(seq.output_token_ids), error)
 
     def _ended(self, seq: Sequence) -> RequestOutput:
         """The last delta of a request the scheduler ended (it already freed the blocks)."""
@@ -252,6 +282,8 @@ class Engine:
             while True:
                 while inbox:
                     o = inbox.popleft()
+                    if o.error is not None:
+                        raise o.error
                     yield o
                     if o.finished:
                         return

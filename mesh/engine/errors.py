@@ -11,3 +11,8 @@ class CheckpointError(EngineError):
 
 class RequestError(EngineError, ValueError):
     """A request cannot be served as given (prompt too long, bad sampling values...)."""
+
+
+class SequenceError(EngineError):
+    """One request failed inside a step (its probabilities were not finite, or the step raised
+    with it and not without it); the other requests of the step went on."""

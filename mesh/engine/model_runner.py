@@ -1,49 +1,88 @@
-"""Runs one scheduled step: packs the batch into tensors, runs the model, samples."""
+"""Runs one scheduled step: packs the batch into tensors, runs the model, samples.
+
+A step that raises is run again in halves, down to the sequences it fails with
+alone; only those fail. Running a step again is safe: it writes the same KV into
+the same slots (no sequence's computed count moves before the engine commits the
+step), copy-on-write copies are redone only into the re-run sequences' blocks, and
+a seeded draw depends on the seed and the position only.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from mesh.engine.attention import AttentionMetadata, PrefillChunk, causal_mask
+from mesh.engine.errors import SequenceError
+from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache
 from mesh.engine.model import CausalLM
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import ScheduledBatch
 from mesh.engine.sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepOutput:
-    """Tokens sampled this step, for the sequences that reached their end of context."""
+    """Tokens sampled this step, for the sequences that reached their end of context, and
+    the sequences that failed in it (they have no token)."""
     seqs: list[Sequence]
     tokens: list[int]
-    logprobs: list[float] | None
+    logprobs: list[float | None] | None
+    failed: list[tuple[Sequence, SequenceError]] = field(default_factory=list)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, eos_ids: tuple[int, ...]):
+    def __init__(self, model: CausalLM, kv: KVCache, eos_ids: tuple[int, ...], faults: StepFaults | None = None):
         self.model = model
         self.kv = kv
         self.block_size = kv.shape.block_size
         self.window = model.cfg.sliding_window
         self.device = kv.pool.device
         self.eos_ids = eos_ids
+        self.faults = faults
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch,
                 layer_hook: Callable[[int, ScheduledBatch], None] | None = None) -> StepOutput:
+        """layer_hook(i, batch) runs once layer i's KV is in the cache; a re-run reports its
+        layers again, for the part of the batch it runs."""
+        try:
+            return self._execute(batch, layer_hook)
+        except Exception as e:
+            seqs = batch.sequences
+            if len(seqs) == 1:
+                log.warning("step of request %s failed: %r", seqs[0].request_id, e)
+                return StepOutput([], [], None, [(seqs[0], SequenceError(f"its step failed: {e!r}"))])
+            log.warning("a step of %d requests failed (%r): running it again in halves", len(seqs), e)
+            return _merged([self.execute(part, layer_hook) for part in batch.halves()])
+
+    @torch.inference_mode()
+    def _execute(self, batch: ScheduledBatch, layer_hook: Callable[[int, ScheduledBatch], None] | None
+                 ) -> StepOutput:
         if batch.copies:
             self.kv.copy_blocks(batch.copies)
         ids, positions, meta, sample_at, sample_seqs = self._prepare(batch)
-        on_layer = None if layer_hook is None else (lambda i: layer_hook(i, batch))
+
+        def on_layer(i: int) -> None:
+            if i == 0 and self.faults is not None:
+                self.faults.check(batch.sequences)  # part-way: layer 0's KV is written already
+            if layer_hook is not None:
+                layer_hook(i, batch)
+
         hidden = self.model(ids, positions, meta, self.kv, on_layer)
         if not sample_seqs:
             return StepOutput([], [], None)
         logits = self.model.logits(hidden[sample_at])
-        tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
-        return StepOutput(sample_seqs, tokens, logprobs)
+        out = sample(logits, sample_seqs, self.eos_ids)
+        ok = [i for i in range(len(sample_seqs)) if i not in out.failed]
+        return StepOutput([sample_seqs[i] for i in ok], [out.tokens[i] for i in ok],
+                          None if out.logprobs is None else [out.logprobs[i] for i in ok],
+                          [(sample_seqs[i], SequenceError(f"no token to sample: {why}"))
+                           for i, why in out.failed.items()])
 
     def _prepare(self, batch: ScheduledBatch):
         bs, dev = self.block_size, self.device
@@ -98,3 +137,12 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(slot_parts)
         input_ids = torch.tensor(ids, device=dev)
         return input_ids, torch.cat(pos_parts), meta, sample_at, sample_seqs
+
+
+def _merged(parts: list[StepOutput]) -> StepOutput:
+    """One step's output from the outputs of its parts."""
+    logprobs = None
+    if any(p.logprobs is not None for p in parts):
+        logprobs = [lp for p in parts for lp in (p.logprobs if p.logprobs is not None else [None] * len(p.seqs))]
+    return StepOutput([s for p in parts for s in p.seqs], [t for p in parts for t in p.tokens], logprobs,
+                      [f for p in parts for f in p.failed])

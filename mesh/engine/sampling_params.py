@@ -1,6 +1,7 @@
 """Per-request sampling options, validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mesh.engine.errors import RequestError
@@ -11,7 +12,20 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+    """A finite int or float (one that is a float, too: 10**400 is not)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+# Below this, logits / temperature overflow to inf and the probabilities to NaN (1e-300 does).
+# vLLM raises temperatures under 1e-2 to 1e-2 for that reason; we refuse them instead, so
+# that the client learns its value was not used. 0 (greedy) is what such a value means.
+MIN_TEMPERATURE = 1e-2
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit, as torch's generators take them
 
 
 @dataclass(frozen=True)
@@ -39,15 +53,18 @@ class SamplingParams:
         checks = [
             (_is_int(self.max_tokens) and self.max_tokens > 0,
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (_is_number(self.temperature) and self.temperature >= 0,
-             f"temperature must be a number >= 0, got {self.temperature!r}"),
+            (_is_number(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+             f"temperature must be a number >= 0: 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+             f"got {self.temperature!r}"),
             (_is_int(self.top_k) and self.top_k >= 0,
              f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
             (_is_number(self.top_p) and 0 < self.top_p <= 1,
              f"top_p must be a number in (0, 1], got {self.top_p!r}"),
-            (self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+             f"seed must be an integer in [0, 2**64), got {self.seed!r}"),
+            # < the vocabulary size is checked where it is known (the engine, the gateway)
             (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids must be non-negative integers"),
+             f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)[:5]}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be between 0 and max_tokens, got {self.min_tokens}"),

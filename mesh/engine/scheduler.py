@@ -38,6 +38,30 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills or self.out_of_cache)
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.decodes + [s for s, _ in self.prefills]
+
+    def halves(self) -> tuple[ScheduledBatch, ScheduledBatch]:
+        """The sequences in two batches of about half (to find the one a failing step fails
+        on). Each keeps the copies into its own sequences' blocks: copying a block again
+        rewrites no KV of the other half."""
+        mid = (len(self.decodes) + len(self.prefills)) // 2
+        cut = max(0, mid - len(self.decodes))
+        parts = ScheduledBatch(self.decodes[:mid], self.prefills[:cut]), \
+            ScheduledBatch(self.decodes[mid:], self.prefills[cut:])
+        for part in parts:
+            blocks = {b for seq in part.sequences for b in seq.block_ids}
+            part.copies = [(src, dst) for src, dst in self.copies if dst in blocks]
+        return parts
+
+    def without(self, gone: list[Sequence]) -> ScheduledBatch:
+        """The batch less the sequences that failed in it, with all its copies (their sources
+        are let go of in commit whoever the destination was)."""
+        ids = {id(seq) for seq in gone}  # sequences compare by value, prompts and all: go by identity
+        return ScheduledBatch([s for s in self.decodes if id(s) not in ids],
+                              [(s, n) for s, n in self.prefills if id(s) not in ids], copies=self.copies)
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager | PrefixCache, max_num_seqs: int, max_num_batched_tokens: int,

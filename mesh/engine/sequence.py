@@ -6,8 +6,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from mesh.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -36,14 +34,11 @@ class Sequence:
     num_cached_blocks: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
     prefill_only: bool = False  # stop after the first token and keep the KV for a decode actor
 
     def __post_init__(self):
         if not self.request_id:
             self.request_id = str(self.seq_id)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def token_ids(self) -> list[int]:

@@ -139,6 +139,25 @@ def test_bad_prompt_is_rejected_with_what_to_fix(prompt, message, engine):
     assert not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("stop_ids", [[7, 1024], [2**64]])
+def test_stop_token_ids_beyond_the_vocabulary_are_rejected_at_add(stop_ids, engine):
+    params = SamplingParams(stop_token_ids=stop_ids, min_tokens=2)  # min_tokens would ban them in the sampler
+    with pytest.raises(RequestError, match=r"stop_token_ids must be in \[0, 1024\) for this model"):
+        engine.add_request([5, 6], params)
+    blocks = engine.blocks.allocate(1)
+    with pytest.raises(RequestError, match=r"stop_token_ids must be in \[0, 1024\)"):
+        engine.add_prefilled([5, 6], [9], params, blocks)
+    engine.blocks.free(blocks)
+    assert not engine.has_unfinished()
+
+
+def test_stop_token_ids_that_ban_every_token_until_min_tokens_are_rejected(engine):
+    params = SamplingParams(stop_token_ids=list(range(1024)), min_tokens=1)
+    with pytest.raises(RequestError, match="stop_token_ids and EOS ban every token until min_tokens"):
+        engine.add_request([5, 6], params)
+    engine.generate([[5, 6]], SamplingParams(max_tokens=2, stop_token_ids=list(range(1024))))  # no min_tokens: fine
+
+
 def test_prompt_longer_than_the_checkpoints_context(edited_checkpoint, make_engine):
     engine = make_engine(edited_checkpoint("llama", max_position_embeddings=24))
     with pytest.raises(RequestError, match="the prompt has 30 tokens, the model's context is 24"):
@@ -173,15 +192,20 @@ def test_prefilled_request_without_room_or_first_token_is_rejected(engine):
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
     ({"max_tokens": 2.5}, "max_tokens must be a positive integer, got 2.5"),
-    ({"temperature": -0.1}, "temperature must be a number >= 0, got -0.1"),
-    ({"temperature": float("nan")}, "temperature must be a number >= 0, got nan"),
+    ({"temperature": -0.1}, r"temperature must be a number >= 0: 0 \(greedy\) or a finite number >= 0.01, got -0.1"),
+    ({"temperature": float("nan")}, "temperature must be a number >= 0: .* got nan"),
+    ({"temperature": 1e-300}, "temperature must be a number >= 0: .* got 1e-300"),  # its probabilities are NaN
+    ({"temperature": float("inf")}, "temperature must be a number >= 0: .* got inf"),
+    ({"temperature": 10**400}, "temperature must be a number >= 0: .* got 1000"),  # no float holds it
     ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
     ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
     ({"top_k": -1}, r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
     ({"top_k": 1.5}, "top_k must be an integer"),
-    ({"seed": "7"}, "seed must be an integer, got '7'"),
+    ({"seed": "7"}, r"seed must be an integer in \[0, 2\*\*64\), got '7'"),
+    ({"seed": 2**64}, r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
     ({"stop": [""]}, "stop strings must be non-empty strings"),
-    ({"stop_token_ids": [-2]}, "stop_token_ids must be non-negative integers"),
+    ({"stop_token_ids": [-2]}, r"stop_token_ids must be non-negative integers, got \[-2\]"),
     ({"min_tokens": 20, "max_tokens": 10}, "min_tokens must be between 0 and max_tokens, got 20"),
 ])
 def test_bad_sampling_values_are_rejected_with_what_to_fix(options, message):

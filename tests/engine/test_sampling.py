@@ -90,10 +90,10 @@ def test_sampled_tokens_lie_in_the_allowed_set(temperature, top_k, top_p, llama)
 
 
 def draw(probs: list[float], n: int, **options) -> Counter:
-    """n tokens drawn by the sampler from one fixed distribution, with a seeded sequence."""
-    seq = Sequence([1], SamplingParams(seed=0, **options))
+    """n tokens drawn by the sampler from one fixed distribution, by n sequences seeded 0..n-1."""
     logits = torch.log(torch.tensor(probs + [0.0] * 13))
-    return Counter(sample(logits.repeat(1, 1), [seq], ())[0][0] for _ in range(n))
+    return Counter(sample(logits.repeat(1, 1), [Sequence([1], SamplingParams(seed=seed, **options))], ()).tokens[0]
+                   for seed in range(n))
 
 
 def frequencies(counts: Counter, n: int) -> list[float]:

@@ -29,3 +29,27 @@ async def test_a_stream_cancelled_while_registering_aborts_its_request(checkpoin
         assert not unfinished and free == engine.blocks.num_blocks
     finally:
         await aengine.close()
+
+
+async def test_a_request_that_fails_in_a_step_ends_its_own_stream_only(checkpoint, make_engine):
+    from mesh.errors import MeshError
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    clean = make_engine(checkpoint()).generate([list(range(30, 40))], params)[0].token_ids
+    engine = make_engine(checkpoint(), fail_steps={"poison": 2})
+    aengine = AsyncEngine(engine)
+    aengine.start()
+
+    async def tokens(rid: str) -> list[int]:
+        out = []
+        async for outs in aengine.stream(lambda: engine.add_request(list(range(30, 40)), params, rid)):
+            out += [t for o in outs for t in o.token_ids]
+        return out
+
+    try:
+        innocent, poison = await asyncio.gather(tokens("innocent"), tokens("poison"), return_exceptions=True)
+        assert innocent == clean
+        assert isinstance(poison, MeshError) and poison.code == "internal"
+        assert "request poison failed in the engine" in poison.message and "fault injected" in poison.message
+    finally:
+        await aengine.close()

@@ -5,8 +5,9 @@ authentication. The embedded cluster gets a token of its own for the run (in RAY
 which Ray's own processes and actors inherit) unless one is given the ways Ray documents
 (RAY_AUTH_TOKEN, or a file named by RAY_AUTH_TOKEN_PATH), and it listens on loopback only
 unless PDMESH_RAY_NODE_IP names another address of this host. An existing cluster is joined
-with the token its operator gives in the environment (or Ray's default file,
-~/.ray/auth_token, for a cluster found by "auto").
+with the token its operator gives in the environment before the process starts, as Ray reads
+it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or Ray's default file,
+~/.ray/auth_token, which Ray itself uses for a cluster found by "auto").
 """
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
                      log_to_driver=True, _temp_dir=os.path.join(tempfile.gettempdir(), "pdmesh-ray"),
                      configure_logging=False, _node_ip_address=node_ip)
     else:
-        if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-            os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray.init starts its client
         # A driver joining a loopback cluster (the embedded one of another process) is on loopback too.
         with _loopback_kept(address.rpartition(":")[0] in (LOOPBACK, "localhost")):
             ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)

@@ -100,8 +100,9 @@ def test_the_runs_token_opens_the_gcs(gcs):
 
 def test_another_process_joins_with_the_token_from_its_environment(gcs, tmp_path):
     code = "import sys; from mesh.cluster import connect; print(connect(sys.argv[1])['CPU'])"
-    # no ~/.ray/auth_token to fall back on: only the environment's token
-    env = {**os.environ, "HOME": str(tmp_path)}
+    # as an operator gives it, and no ~/.ray/auth_token to fall back on
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"], "HOME": str(tmp_path)}
     joined = subprocess.run([sys.executable, "-c", code, gcs], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert joined.returncode == 0, joined.stderr[-2000:]

@@ -23,8 +23,8 @@ class TransportConfig:
     # address: each keeps a few idle connections per receiver and opens one per
     # concurrent transfer, so the per-address bound is generous.
     max_connections: int = 64           # authenticated, from anyone
-    max_handshakes: int = 128           # not yet authenticated, from anyone
-    max_handshakes_per_peer: int = 32   # not yet authenticated, from one address
+    max_handshakes: int = 256           # not yet authenticated, from anyone
+    max_handshakes_per_peer: int = 64   # not yet authenticated, from one address
     handshake_timeout_s: float = 5.0    # a connection that has not authenticated by then goes
 
     def __post_init__(self) -> None:
@@ -37,7 +37,7 @@ class TransportConfig:
                 or self.handshake_timeout_s <= 0):
             raise ValueError("lease_ttl_s, timeout_s, handshake_timeout_s and gather_threshold "
                              "must be positive")
-        self.limits  # raises ValueError for limits that cannot hold
+        _ = self.limits  # made here so that limits which cannot hold fail when the config is made
 
     @property
     def limits(self) -> ConnectionLimits:

@@ -124,9 +124,8 @@ class SocketReceiver(LeasingReceiver):
     def __init__(self, plane: DataPlane, pool: torch.Tensor, layout: KVLayout,
                  reserver: BlockReserver, secret: bytes, host: str = "127.0.0.1", port: int = 0,
                  lease_ttl_s: float = 30.0, timeout_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 limits: ConnectionLimits = ConnectionLimits(64, 128, 32),
-                 handshake_timeout_s: float = 5.0, idle_s: float = 60.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, limits: ConnectionLimits,
+                 handshake_timeout_s: float, idle_s: float = 60.0) -> None:
         super().__init__(plane.name, pool, layout, reserver, host, port, lease_ttl_s, clock)
         self._plane = plane
         self._secret = secret

@@ -149,7 +149,7 @@ async def test_authenticated_limit_still_holds(sides):
 
 @pytest.mark.parametrize("fields, message", [
     ({"max_connections": 0}, "must be at least 1"),
-    ({"max_handshakes_per_peer": 200}, r"max_handshakes_per_peer \(200\) cannot exceed max_handshakes \(128\)"),
+    ({"max_handshakes_per_peer": 300}, r"max_handshakes_per_peer \(300\) cannot exceed max_handshakes \(256\)"),
     ({"handshake_timeout_s": 0}, "must be positive"),
 ])
 def test_bad_limits(fields, message):

@@ -70,8 +70,9 @@ async def refused(client: RawClient, code: str, *phrases: str) -> None:
 
 async def test_seventy_idle_connections_do_not_stop_a_transfer(sides):
     """The issue's case with the default limits: ~70 idle connections used to take every one
-    of the receiver's 64 slots, and a real sender's connection was closed unanswered."""
-    side = await sides()
+    of the receiver's 64 slots, and a real sender's connection was closed unanswered. (The
+    handshake timeout is long here only so that a slow machine cannot end the flood early.)"""
+    side = await sides(handshake_timeout_s=60)
     flood = []
     for source, n in (("127.0.0.2", 30), ("127.0.0.3", 30), ("127.0.0.1", 10)):
         flood += await idle(side.receiver.port, source, n)
@@ -97,7 +98,6 @@ async def test_idle_handshakes_are_closed_at_the_handshake_timeout(sides):
     for c in flood:  # each closed by the timeout, which says so, and not by anything else
         await refused(c, "timeout", "the handshake took longer than 0.2s")
     await until(lambda: side.receiver.connections().handshaking == 0, "the handshakes' slots free")
-    await transfer_ok(side)
 
 
 async def test_per_peer_limit_refuses_the_extra_connections(sides):

@@ -25,8 +25,9 @@ class TransferState(str, Enum):
 
 
 class TransferError(Exception):
-    """One transfer failed; ``code`` says why (auth, wire, lease, peer, timeout,
-    plan, unavailable)."""
+    """One transfer failed; ``code`` says why (auth, busy, wire, lease, peer, timeout,
+    plan, unavailable). busy: the receiver is alive but refused the connection at one of
+    its limits; the message names the limit."""
 
     def __init__(self, code: str, message: str, lease_id: str | None = None) -> None:
         super().__init__(f"[{code}] {message}" + (f" (lease {lease_id})" if lease_id else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .admission import ConnectionLimits
 from .plan import DEFAULT_GATHER_THRESHOLD
 
 BACKENDS = ("ucx", "tcp", "local")
@@ -18,6 +19,13 @@ class TransportConfig:
     lease_ttl_s: float = 30.0
     timeout_s: float = 10.0    # bound on every network wait
     gather_threshold: int = DEFAULT_GATHER_THRESHOLD
+    # The receiver's control connections (admission.py). Senders on one host share its
+    # address: each keeps a few idle connections per receiver and opens one per
+    # concurrent transfer, so the per-address bound is generous.
+    max_connections: int = 64           # authenticated, from anyone
+    max_handshakes: int = 256           # not yet authenticated, from anyone
+    max_handshakes_per_peer: int = 64   # not yet authenticated, from one address
+    handshake_timeout_s: float = 5.0    # a connection that has not authenticated by then goes
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -25,8 +33,16 @@ class TransportConfig:
                              f"choose one of {', '.join(BACKENDS)}")
         if self.backend != "local" and len(self.secret) < 16:
             raise ValueError(f"the {self.backend} backend needs a shared secret of 16+ chars")
-        if self.lease_ttl_s <= 0 or self.timeout_s <= 0 or self.gather_threshold < 1:
-            raise ValueError("lease_ttl_s, timeout_s and gather_threshold must be positive")
+        if (self.lease_ttl_s <= 0 or self.timeout_s <= 0 or self.gather_threshold < 1
+                or self.handshake_timeout_s <= 0):
+            raise ValueError("lease_ttl_s, timeout_s, handshake_timeout_s and gather_threshold "
+                             "must be positive")
+        _ = self.limits  # made here so that limits which cannot hold fail when the config is made
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.max_connections, self.max_handshakes,
+                                self.max_handshakes_per_peer)
 
     @property
     def secret_bytes(self) -> bytes:

@@ -3,6 +3,9 @@
 Once per TCP control connection (kept open and reused by later transfers):
   receiver: challenge(nonce)        sender: hello(nonce, hmac)
   receiver: welcome(hmac)
+The handshake has its own short deadline, and a connection in it holds no authenticated
+slot (admission.py); a connection the receiver will not keep gets an error that says
+why (code busy: a limit; timeout: the handshake took too long) before it is closed.
 Per transfer, on an idle connection (one round trip before data, one after):
   sender:   begin(lease, layout, block ids, plan)
   receiver: ready(tag base, data-plane address, lease time left)
@@ -18,6 +21,8 @@ endpoints over shared memory do not), so its lease is freed at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import secrets
 import socket
 import threading
@@ -27,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import wire
+from .admission import Admission, ConnectionCounts, ConnectionLimits
 from .aio import together, wait_for
 from .base import (KVSender, LeaseDescriptor, Transfer, TransferError, TransferState,
                    TransferStats)
@@ -42,6 +49,10 @@ from .wire import NONCE_BYTES, mac, verify
 _LEASE_MARGIN_S = 0.1
 # Authenticated idle connections a sender keeps per receiver for its next transfers.
 _IDLE_PER_PEER = 4
+# A receiver that cannot accept (out of file descriptors) tries again after this long.
+_ACCEPT_RETRY_S = 0.1
+
+log = logging.getLogger(__name__)
 
 
 class SendLink(ABC):
@@ -89,12 +100,14 @@ class DataPlane(ABC):
         """Get ready to receive into ``bufs`` (one list of op buffers per layer)."""
 
 
-async def _handshake_receiver(ch: Channel, secret: bytes) -> None:
+async def _handshake_receiver(ch: Channel, secret: bytes, admit: Callable[[], None]) -> None:
+    """``admit`` raises if a sender that proved the token may not stay (before welcome)."""
     nonce = secrets.token_bytes(NONCE_BYTES)
     await ch.send("challenge", nonce=nonce)
     hello = await ch.recv("hello")
     if not verify(secret, b"sender", nonce, hello["mac"]):
         raise TransferError("auth", "sender does not hold the mesh's token")
+    admit()
     await ch.send("welcome", mac=mac(secret, b"receiver", hello["nonce"]))
 
 
@@ -111,15 +124,18 @@ class SocketReceiver(LeasingReceiver):
     def __init__(self, plane: DataPlane, pool: torch.Tensor, layout: KVLayout,
                  reserver: BlockReserver, secret: bytes, host: str = "127.0.0.1", port: int = 0,
                  lease_ttl_s: float = 30.0, timeout_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, max_connections: int = 64,
-                 idle_s: float = 60.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, limits: ConnectionLimits,
+                 handshake_timeout_s: float, idle_s: float = 60.0) -> None:
         super().__init__(plane.name, pool, layout, reserver, host, port, lease_ttl_s, clock)
         self._plane = plane
         self._secret = secret
         self._timeout_s = timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
         self._idle_s = idle_s
-        self._max_connections = max_connections
+        self._admission = Admission(limits)
+        self._keys = itertools.count()
         self._handlers: set[asyncio.Task] = set()
+        self._sockets: dict[int, socket.socket] = {}  # by admission key, while served
         self._staging = StagingPool()
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
@@ -143,20 +159,48 @@ class SocketReceiver(LeasingReceiver):
             await asyncio.sleep(min(1.0, self._ttl_s / 4))
             self.leases.expire()
 
+    def connections(self) -> ConnectionCounts:
+        return self._admission.counts()
+
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
-            if len(self._handlers) >= self._max_connections:
-                conn.close()  # bounded: a flood of senders cannot exhaust the actor
+            try:
+                conn, addr = await loop.sock_accept(self._listener)
+            except OSError as e:  # out of file descriptors: the listener stays, and so do we
+                log.warning("KV receiver on port %d cannot accept: %s", self.port, e)
+                await asyncio.sleep(_ACCEPT_RETRY_S)
                 continue
-            task = asyncio.create_task(self._serve(Channel(conn, self._timeout_s)))
+            key = next(self._keys)
+            arrival = self._admission.arrive(key, addr[0])
+            if arrival.refused:
+                _tell(conn, TransferError("busy", arrival.refused))
+                conn.close()
+                continue
+            if arrival.evicted is not None:
+                # Its handler sees the connection end and finishes on its own.
+                evicted = self._sockets[arrival.evicted]
+                _tell(evicted, TransferError("busy", arrival.evicted_why))
+                _shut(evicted)
+            self._sockets[key] = conn
+            task = asyncio.create_task(self._serve(Channel(conn, self._timeout_s), key))
             self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            task.add_done_callback(lambda t, key=key: self._left(t, key))
 
-    async def _serve(self, ch: Channel) -> None:
+    def _left(self, task: asyncio.Task, key: int) -> None:
+        self._handlers.discard(task)
+        self._sockets.pop(key, None)
+        self._admission.leave(key)
+
+    def _admit(self, key: int) -> None:
+        refused = self._admission.authenticate(key)
+        if refused:
+            raise TransferError("busy", refused)
+
+    async def _serve(self, ch: Channel, key: int) -> None:
         try:
-            await _handshake_receiver(ch, self._secret)
+            await wait_for(_handshake_receiver(ch, self._secret, lambda: self._admit(key)),
+                           self._handshake_timeout_s, "the handshake")
             while True:
                 try:
                     begin = await ch.recv("begin", self._idle_s)
@@ -218,6 +262,22 @@ class SocketReceiver(LeasingReceiver):
             asyncio.get_running_loop().call_later(settle_s, self._staging.give, stages)
             raise
         self._staging.give(stages)
+
+
+def _tell(sock: socket.socket, err: TransferError) -> None:
+    """Say why to a connection about to go, without waiting on it: the frame is small and
+    nothing else is queued on the socket, so a send that would block is simply skipped."""
+    try:
+        sock.send(wire.encode("error", code=err.code, message=str(err)), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the peer already went
 
 
 def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:

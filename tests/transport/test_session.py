@@ -5,80 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 import struct
 
 import pytest
 
-from transport import TransferError, TransportConfig, make_receiver, make_sender, wire
-from tests.transport.conftest import SECRET, assert_same_kv, filled, make_layout
-
-LAYOUT = make_layout()
-TOKENS = 20
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from transport import TransferError, TransportConfig, make_sender, wire
+from tests.transport.socket_side import LAYOUT, TOKENS, RawClient, close_side, open_side, transfer_ok
 
 
 @pytest.fixture
 async def side(reserver):
     """A started receiver on a fake clock and a sender, both over TCP."""
-    cfg = TransportConfig(backend="tcp", secret=SECRET, timeout_s=5.0)
-    clock = Clock()
-    dst_res = reserver(LAYOUT)
-    receiver = make_receiver(cfg, LAYOUT.allocate(), LAYOUT, dst_res, clock)
-    await receiver.start()
-    sender = make_sender(cfg)
-    src_pool, src_res = filled(LAYOUT, 1), reserver(LAYOUT)
-    yield dataclasses.make_dataclass("Side", ["receiver", "sender", "clock", "pool", "res", "dst_res"])(
-        receiver, sender, clock, src_pool, src_res, dst_res)
-    await sender.close()
-    await receiver.close()
-    assert len(receiver.leases) == 0
-
-
-async def transfer_ok(s, sender=None) -> None:
-    """A whole transfer that must succeed: the receiver is still usable."""
-    lease = s.receiver.reserve(TOKENS)
-    ids = s.res.allocate(LAYOUT.blocks_for(TOKENS))
-    await (sender or s.sender).send(lease, s.pool, LAYOUT, ids)
-    got = await s.receiver.wait(lease.lease_id, 5)
-    assert_same_kv(s.pool, LAYOUT, ids, s.receiver.pool, LAYOUT, got.block_ids, TOKENS)
-    s.res.free(ids)
-    s.dst_res.free(got.block_ids)
-
-
-class RawClient:
-    """A hand-driven sender speaking the wire format, to send what a real one never would."""
-
-    async def open(self, port: int, secret: str | None = SECRET) -> RawClient:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-        if secret is not None:
-            challenge = await self.recv()
-            nonce = secrets.token_bytes(wire.NONCE_BYTES)
-            self.send("hello", nonce=nonce, mac=wire.mac(secret.encode(), b"sender", challenge["nonce"]))
-            assert (await self.recv())["t"] == "welcome"
-        return self
-
-    def send(self, kind: str, **fields) -> None:
-        self.writer.write(wire.encode(kind, **fields))
-
-    async def recv(self) -> dict:
-        header = await asyncio.wait_for(self.reader.readexactly(4), 5)
-        return wire.decode(await asyncio.wait_for(self.reader.readexactly(wire.frame_length(header)), 5))
-
-    async def closed(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(1), 5) == b""
-
-    def begin(self, lease, **changes) -> None:
-        fields = {"lease_id": lease.lease_id, "layout": LAYOUT.to_wire(), "block_ids": [0, 1, 2],
-                  "num_tokens": lease.num_tokens, "strategy": "contiguous", "gather_threshold": 32,
-                  "address": b"", **changes}
-        self.send("begin", **fields)
+    s = await open_side(reserver)
+    yield s
+    await close_side(s)
 
 
 async def test_transfers_reuse_one_authenticated_connection(side):

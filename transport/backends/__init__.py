@@ -41,7 +41,8 @@ def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
         return LocalReceiver(pool, layout, reserver, config.lease_ttl_s, clock)
     from ..session import SocketReceiver
     return SocketReceiver(_plane(config), pool, layout, reserver, config.secret_bytes,
-                          config.host, config.port, config.lease_ttl_s, config.timeout_s, clock)
+                          config.host, config.port, config.lease_ttl_s, config.timeout_s, clock,
+                          limits=config.limits, handshake_timeout_s=config.handshake_timeout_s)
 
 
 def available(backend: str) -> str | None:

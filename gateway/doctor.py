@@ -85,13 +85,15 @@ def ucx(cuda_devices: bool) -> list[Finding]:
 def ray_cluster(address: str | None) -> list[Finding]:
     import ray
 
+    from mesh.cluster import connect, disconnect
+
     found = [Finding("ray", "version", ray.__version__)]
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         if address != "auto":  # Ray itself retries an unreachable address for minutes
             host, _, port = address.rpartition(":")
             socket.create_connection((host, int(port)), timeout=3).close()
-        ray.init(address=address, namespace="pdmesh-doctor", log_to_driver=False, configure_logging=False)
+        connect(address, namespace="pdmesh-doctor")
     except Exception as e:  # no cluster there: ConnectionError, or Ray's own errors
         found.append(Finding("ray", "cluster", f"none reachable at {address!r} ({type(e).__name__})", "info",
                              "`pdmesh serve` starts an embedded one; give --ray-address host:port to check another"))
@@ -106,7 +108,7 @@ def ray_cluster(address: str | None) -> list[Finding]:
                               if k in ("CPU", "GPU", "NPU", "memory") or not k.startswith("node:"))
             found.append(Finding("ray", f"node {node['NodeManagerAddress']}", shown))
     finally:
-        ray.shutdown()
+        disconnect()
     return found
 
 

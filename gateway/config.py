@@ -23,6 +23,16 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(4 << 20, ge=1024, description="largest gRPC message or HTTP body")
     max_concurrent_requests: int = Field(1024, ge=1, description="in flight at once; more get RESOURCE_EXHAUSTED")
     default_max_tokens: int = Field(256, ge=1, description="output tokens when the client gives no max_tokens")
+    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize long prompts off the event loop")
+    max_tokenizing: int = Field(16, ge=1, description="long prompts tokenizing or waiting for a thread at once; "
+                                                      "more get RESOURCE_EXHAUSTED")
+    header_timeout_s: float = Field(10.0, gt=0, description="how long an HTTP client may take to send a request's "
+                                                            "headers; then its connection is closed")
+    idle_timeout_s: float = Field(60.0, gt=0, description="how long an idle connection stays open (HTTP "
+                                                          "keep-alive, gRPC max connection idle)")
+    max_connections: int = Field(1024, ge=1, description="open HTTP connections at once; more are answered 503 "
+                                                         "and closed")
+    max_streams_per_connection: int = Field(100, ge=1, description="concurrent gRPC calls on one connection")
 
 
 class Control(BaseModel):

@@ -1,9 +1,17 @@
 """What the gateway answers when a request fails: one error type, and per code the gRPC
 status and the HTTP status. Status names are strings so that the policies importing this
-(gateway.router, reused by simtests/) load without grpc."""
+(gateway.router, reused by simtests/) load without grpc.
+
+A failure of the gateway's own code or the mesh's internals reaches the client only as
+`hidden`'s INTERNAL with an id: its text may name Ray actors, pids and node addresses, which
+go to the gateway's log under that id."""
 from __future__ import annotations
 
+import logging
+
 from mesh.errors import MeshError
+
+log = logging.getLogger(__name__)
 
 # code -> (gRPC status name, HTTP status)
 STATUSES = {
@@ -40,3 +48,10 @@ class GatewayError(Exception):
     @property
     def http_status(self) -> int:
         return STATUSES[self.code][1]
+
+
+def hidden(e: BaseException, request_id: str) -> GatewayError:
+    """An internal failure as the client sees it; the details are logged under request_id."""
+    log.error("request %s failed inside the gateway or the mesh", request_id, exc_info=e)
+    return GatewayError("internal", f"request {request_id} failed inside the gateway; its log has the details "
+                                    "under this request id")

@@ -1,17 +1,22 @@
 """The gRPC front end: pdmesh.v1.Inference (server-streaming Generate), pdmesh.v1.Admin, the
 standard health and reflection services; API keys checked by one interceptor, message sizes
-bounded by the server, failures as the status that says what happened."""
+bounded by the server, failures as the status that says what happened: a message that does not
+parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN with the parser's exception), and
+an internal failure INTERNAL without its details (errors.hidden)."""
 from __future__ import annotations
 
+import inspect
+import uuid
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import telemetry
 from gateway.auth import Keys, bearer
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, hidden
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.service import GenerateCall, InferenceService
 
@@ -64,6 +69,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 await context.write(reply)
         except GatewayError as e:
             await abort(context, e)
+        except Exception as e:  # in the reply's making: the service raises only GatewayErrors
+            await abort(context, hidden(e, call.request_id or uuid.uuid4().hex))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -84,7 +91,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             check(bearer(metadata.get("authorization")))
         except GatewayError as e:
             return _refusal(handler, e)
-        return handler
+        return _parsed(handler)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodHandler:
@@ -100,6 +107,40 @@ def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodH
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, **args)
     return grpc.unary_unary_rpc_method_handler(refuse, **args)
+
+
+def _parsed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler`, with a request message that does not parse ended INVALID_ARGUMENT."""
+    if handler.request_streaming:  # pdmesh's services have none
+        return handler
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return GatewayError("invalid_argument", f"the request message does not parse: {e}; send the "
+                                                    "method's message type, with UTF-8 strings")
+
+    async def unary(request, context):
+        if isinstance(request, GatewayError):
+            await abort(context, request)
+        return await handler.unary_unary(request, context)
+
+    async def stream(request, context):
+        if isinstance(request, GatewayError):
+            await abort(context, request)
+        replies = handler.unary_stream(request, context)
+        if inspect.isasyncgen(replies):
+            async for reply in replies:
+                await context.write(reply)
+        else:  # a coroutine that writes its replies itself
+            await replies
+
+    args = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **args)
+    return grpc.unary_unary_rpc_method_handler(unary, **args)
 
 
 def make_server(service: InferenceService, admin: admin_pb2_grpc.AdminServicer, keys: Keys,

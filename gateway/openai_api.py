@@ -4,21 +4,23 @@ streaming (server-sent events) or not, /v1/models, /health and /metrics.
 Errors use OpenAI's body ({"error": {"message", "type", "code"}}) with the HTTP status of
 their cause. A streaming response starts only once the first tokens exist, so that
 admission failures (429 with Retry-After) keep their status; a failure after that ends
-the stream with an error event."""
+the stream with an error event. Nothing unexpected leaves as aiohttp's bare 500, nor with
+its details: the client gets errors.hidden's message in OpenAI's error body."""
 from __future__ import annotations
 
 import json
 import math
 import time
+import uuid
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
 from gateway import telemetry
 from gateway.auth import Keys, bearer
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, hidden
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.openai_schema import ChatBody, CompletionBody, parse
+from gateway.openai_schema import ChatBody, CompletionBody, parse_json
 from gateway.service import Chunk, GenerateCall, InferenceService
 
 SCENARIO_HEADER = "x-pdmesh-scenario"
@@ -65,16 +67,20 @@ class OpenAIApi:
         except web.HTTPMethodNotAllowed as e:
             return error_response(GatewayError("invalid_argument", f"{request.method} {request.path} is not "
                                                                    f"allowed; use {', '.join(e.allowed_methods)}"))
+        except (web.HTTPException, ConnectionResetError):
+            raise  # aiohttp's own answers, and a client gone
+        except Exception as e:
+            return error_response(hidden(e, uuid.uuid4().hex))
 
     # -- routes -------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse(CompletionBody, await _json(request))
+        body = parse_json(CompletionBody, await request.read())
         ids = tuple(body.prompt) if isinstance(body.prompt, list) else None
         call = self._call(request, body, None if ids is not None else body.prompt, ids, body.logprobs is not None)
         return await self._respond(request, body, call, "text_completion")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse(ChatBody, await _json(request))
+        body = parse_json(ChatBody, await request.read())
         scenario = body.scenario or request.headers.get(SCENARIO_HEADER, "")
         prompt = self.service.chat_template(scenario, body.model).render([m.model_dump() for m in body.messages])
         call = self._call(request, body, prompt, None, body.logprobs)
@@ -187,14 +193,6 @@ def _logprobs(chunk: Chunk, kind: str) -> dict | None:
         return {"token_logprobs": chunk.logprobs, "tokens": [str(t) for t in chunk.token_ids]}
     return {"content": [{"token": str(t), "logprob": lp, "bytes": None, "top_logprobs": []}
                         for t, lp in zip(chunk.token_ids, chunk.logprobs)]}
-
-
-async def _json(request: web.Request) -> object:
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise GatewayError("invalid_argument", f"the body is not valid JSON: {e}") from None
 
 
 def _timeout(request: web.Request) -> float | None:

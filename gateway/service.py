@@ -1,7 +1,11 @@
 """One request's way through the gateway, whichever API it came by: check and tokenize the
 prompt, classify it to a scenario, bound it (in-flight limit, deadlines), run it across the
 scenario's pool, and measure it (span, metrics). The gRPC and HTTP front ends only
-translate their formats to a GenerateCall and the Chunks back."""
+translate their formats to a GenerateCall and the Chunks back.
+
+Every failure leaves as a GatewayError; those of the gateway's own code or the mesh's internals
+(a Ray error names actors, pids and node addresses) as errors.hidden's, which keeps the details
+in the log under the request id."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +19,12 @@ from opentelemetry import trace
 from gateway import telemetry
 from gateway.chat import ChatTemplate
 from gateway.config import Limits
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, hidden
 from gateway.fleet import Fleet, Scenario
 from gateway.metrics import Metrics
 from gateway.observe import LoadWindow
 from gateway.router import Deadlines, InFlightLimit, RequestFacts, ScenarioRouter
+from gateway.tokenizing import Tokenizing, max_prompt_chars
 from mesh import tracing
 from mesh.dispatch import Request
 from mesh.engine.errors import RequestError
@@ -74,6 +79,11 @@ class InferenceService:
         self.in_flight = InFlightLimit(limits.max_concurrent_requests)
         models = {s.spec.model: s.tokenizer for s in fleet.scenarios.values()}
         self._tokenizer = next(iter(models.values())) if len(models) == 1 else None
+        self.tokenizing = Tokenizing(limits.tokenizer_threads, limits.max_tokenizing)
+        # checked before any tokenizing: past these, no served model's context can hold the prompt
+        self._max_prompt_tokens = max(s.max_model_len for s in fleet.scenarios.values())
+        self._max_prompt_chars = max(max_prompt_chars(s.tokenizer, s.max_model_len)
+                                     for s in fleet.scenarios.values())
         self.closing = False  # set on shutdown: new requests are refused, those in flight go on
 
     def models(self) -> list[str]:
@@ -102,10 +112,11 @@ class InferenceService:
                                  attributes={"pdmesh.api": call.api})
         label, outcome, first_at, n = "", "internal", None, 0
         acquired, tpot_s, events = False, None, ()
+        request_id = call.request_id or uuid.uuid4().hex
         try:
             with trace.use_span(span, end_on_exit=False):
                 with tracer.start_as_current_span("classify") as classify_span:
-                    prep = self._prepare(call)
+                    prep = await self._prepare(call, request_id)
                     classify_span.set_attribute("pdmesh.scenario", prep.scenario.name)
             label = prep.scenario.name
             if self.closing:
@@ -139,7 +150,7 @@ class InferenceService:
             span.set_attribute("pdmesh.output_tokens", n)
         except MeshError as e:
             outcome = e.code
-            err = GatewayError.from_mesh(e)
+            err = GatewayError.from_mesh(e) if e.code != "internal" else hidden(e, request_id)
             tracing.end(span, err)
             raise err from None
         except GatewayError as e:
@@ -150,6 +161,9 @@ class InferenceService:
             outcome = "cancelled"
             tracing.end(span, e)
             raise
+        except Exception as e:
+            tracing.end(span, e)
+            raise hidden(e, request_id) from None
         except BaseException as e:
             tracing.end(span, e)
             raise
@@ -166,7 +180,7 @@ class InferenceService:
                 self.metrics.requests.labels(label, outcome).inc()
                 self.metrics.e2e.labels(label).observe(self.clock() - start)
 
-    def _prepare(self, call: GenerateCall) -> _Prepared:
+    async def _prepare(self, call: GenerateCall, request_id: str) -> _Prepared:
         if call.prompt_token_ids is not None:
             ids = list(call.prompt_token_ids)
             text = ""
@@ -175,14 +189,15 @@ class InferenceService:
             ids = None
         if not (ids or text):
             raise GatewayError("invalid_argument", "the prompt is empty: send prompt text or token ids")
+        self._check_size(text, ids)
         if ids is None:
             # Rules may count prompt tokens before the scenario (and so its tokenizer) is known:
             # exact when every scenario shares one model, else estimated at 4 bytes a token.
-            guess = self._tokenizer.encode(text) if self._tokenizer else None
-            count = len(guess) if guess is not None else len(text.encode()) // 4
+            guess = await self.tokenizing.encode(self._tokenizer, text) if self._tokenizer else None
+            count = len(guess) if guess is not None else len(text.encode("utf-8", "replace")) // 4
             scenario = self.fleet.scenarios[self.router.route(RequestFacts(
                 count, text, call.scenario, call.model, tuple(guess or ())))]
-            ids = guess if guess is not None else scenario.tokenizer.encode(text)
+            ids = guess if guess is not None else await self.tokenizing.encode(scenario.tokenizer, text)
         else:
             scenario = self.fleet.scenarios[self.router.route(RequestFacts(
                 len(ids), "", call.scenario, call.model, tuple(ids)))]
@@ -207,7 +222,18 @@ class InferenceService:
             raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens and max_tokens is "
                                                    f"{params.max_tokens}; the model's context is "
                                                    f"{scenario.max_model_len}: lower max_tokens to {room} or less")
-        return _Prepared(scenario, call.request_id or uuid.uuid4().hex, ids, sampling)
+        return _Prepared(scenario, request_id, ids, sampling)
+
+    def _check_size(self, text: str, ids: list[int] | None) -> None:
+        """Refuses, before tokenizing, a prompt that no served model's context can hold."""
+        if ids is not None and len(ids) >= self._max_prompt_tokens:
+            raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens; the model's context is "
+                                                   f"{self._max_prompt_tokens} tokens: shorten the prompt")
+        if len(text) > self._max_prompt_chars:
+            raise GatewayError("invalid_argument", f"the prompt has {len(text)} characters; the model's context is "
+                                                   f"{self._max_prompt_tokens} tokens, which no prompt over "
+                                                   f"{self._max_prompt_chars} characters fits: shorten the prompt")
+
 
 
 async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float]) -> AsyncIterator[dict]:

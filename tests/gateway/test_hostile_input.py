@@ -1,0 +1,209 @@
+"""Hostile input to the gateway's front ends: bodies that used to get aiohttp's bare 500 get 400
+with what to fix, internal failures reach clients without Ray's actor reprs, pids or node
+addresses, and long prompts are tokenized off the event loop, within a bound."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import ray
+
+from gateway.errors import GatewayError
+from gateway.proto import inference_pb2 as pb
+from gateway.proto import inference_pb2_grpc
+from gateway.tokenizing import INLINE_CHARS, Tokenizing
+from tests.gateway.conftest import API_KEY
+from tests.gateway.test_grpc import AUTH
+from tests.gateway.test_openai import http
+
+NESTED = b"[" * 5000 + b"]" * 5000
+HOSTILE = [  # (path, body, what the message must say), each a 500 before
+    ("/v1/completions", b'{"prompt": "hi", "stream_options": ' + NESTED + b"}", "nest it less deeply"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + NESTED + b"}]}",
+     "nest it less deeply"),
+    ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', "no lone \\ud800-\\udfff escapes"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}',
+     "no lone \\ud800-\\udfff escapes"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": ["\\ud800"]}', "no lone \\ud800-\\udfff escapes"),
+    ("/v1/completions", b'{"prompt": "\xed\xa0\x80"}', "encode it as UTF-8"),  # a surrogate, UTF-8 encoded
+    ("/v1/completions", b'{"prompt": "\xff"}', "encode it as UTF-8"),
+    ("/v1/completions", b'{"prompt": "hi", "seed": 18446744073709551616}', "seed: Input should be less than"),
+    ("/v1/completions", b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "send smaller numbers"),
+    ("/v1/completions", b'{"prompt": "hi", "stop_token_ids": [18446744073709551616]}',
+     "stop_token_ids.0: Input should be less than 4294967296"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', "temperature: Input should be a finite number"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "temperature: Input should be a finite number"),
+    ("/v1/completions", b'[{"prompt": "hi"}]', "the body must be a JSON object"),
+    ("/v1/completions", b'{"prompt": "hi"', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("path,body,message", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_bodies_get_400_and_what_to_fix(gateway, path, body, message):
+    status, reply = http(gateway, path, body)
+    assert status == 400, reply
+    error = json.loads(reply)["error"]
+    assert error["type"] == "invalid_argument" and message in error["message"], error
+
+
+def test_a_key_that_is_not_utf8_is_just_a_wrong_key(gateway):
+    status, reply = http(gateway, "/v1/models", key="\xff\xfe")  # sent as the bytes ff fe
+    assert status == 401 and json.loads(reply)["error"]["message"] == "wrong API key"
+
+
+def test_grpc_message_that_does_not_parse_is_invalid_argument(gateway):
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        generate = channel.unary_stream("/pdmesh.v1.Inference/Generate", request_serializer=bytes,
+                                        response_deserializer=bytes)
+        for raw, message in [(b"\x0a\x02\xff\xfe", "String field had bad UTF-8"),  # text: bytes ff fe
+                             (b"\x0a\x05hi", "does not parse")]:  # a string cut short
+            with pytest.raises(grpc.RpcError) as info:
+                list(generate(raw, metadata=AUTH, timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+
+
+# -- internal errors ---------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+class Failing:
+    def step(self):
+        raise ValueError("the engine step failed")
+
+
+@pytest.fixture
+def failing_dispatch(gateway, ray_cluster, monkeypatch):
+    """The scenario's dispatcher fails with a real Ray error of an actor (ray::Failing.step(),
+    pid, ip, actor_id and repr in its text); after `tokens` chunks when given."""
+    actor = Failing.remote()
+    dispatcher = gateway.gateway.fleet.scenarios["default"].dispatcher
+    ray_error = []
+
+    def fake(tokens: int):
+        async def generate(request, events=None):
+            for i in range(tokens):
+                yield {"token_ids": [5], "text": "x", "logprobs": None, "finished": False, "finish_reason": None,
+                       "num_output_tokens": i + 1}
+            try:
+                await actor.step.remote()
+            except ray.exceptions.RayTaskError as e:
+                ray_error.append(str(e))
+                raise
+        monkeypatch.setattr(dispatcher, "generate", generate)
+        return ray_error
+
+    yield fake
+    ray.kill(actor)
+
+
+def _leaks(message: str, ray_text: str) -> list[str]:
+    assert "pid=" in ray_text and "ip=" in ray_text and "Failing" in ray_text  # the details exist
+    ip = ray_text.split("ip=", 1)[1].split(",")[0].split(")")[0]
+    return [s for s in ("pid=", ip, "Failing", "actor_id", "ray::", "the engine step failed") if s in message]
+
+
+def test_internal_errors_reach_clients_without_ray_details(gateway, failing_dispatch, caplog):
+    caplog.set_level(logging.ERROR, logger="gateway.errors")
+    ray_text = failing_dispatch(tokens=0)
+    status, reply = http(gateway, "/v1/completions", json.dumps(
+        {"prompt": "hi", "max_tokens": 3, "request_id": "http-internal-1"}).encode())
+    error = json.loads(reply)["error"]
+    assert (status, error["type"]) == (500, "internal")
+    assert "http-internal-1" in error["message"] and not _leaks(error["message"], ray_text[-1])
+
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(inference_pb2_grpc.InferenceStub(channel).Generate(
+                pb.GenerateRequest(text="hi", request_id="grpc-internal-1"), metadata=AUTH, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "grpc-internal-1" in info.value.details() and not _leaks(info.value.details(), ray_text[-1])
+
+    logged = {r.getMessage(): r for r in caplog.records}
+    for rid in ("http-internal-1", "grpc-internal-1"):  # the operator still has every detail
+        record = next(r for m, r in logged.items() if rid in m)
+        assert "pid=" in logging.Formatter().formatException(record.exc_info)
+
+
+def test_internal_error_mid_stream_ends_the_stream_without_ray_details(gateway, failing_dispatch):
+    ray_text = failing_dispatch(tokens=2)
+    status, reply = http(gateway, "/v1/completions", json.dumps(
+        {"prompt": "hi", "max_tokens": 8, "stream": True, "request_id": "sse-internal-1"}).encode())
+    events = [line[len("data: "):] for line in reply.decode().split("\n\n") if line]
+    assert status == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "internal" and "sse-internal-1" in error["message"]
+    assert not _leaks(reply.decode(), ray_text[-1])
+
+
+# -- tokenizing --------------------------------------------------------------------------------
+
+def test_long_prompts_tokenize_off_the_loop_while_others_are_served(gateway, monkeypatch):
+    """Long prompts whose tokenizing is held (a hook in the tokenizer) fill the tokenizer threads
+    and wait for one; meanwhile /health and a short prompt are answered, and an over-long
+    prompt is refused without being tokenized."""
+    tokenizer = gateway.gateway.fleet.scenarios["default"].tokenizer
+    encode = tokenizer.encode
+    started, hold, long_calls = threading.Semaphore(0), threading.Event(), []
+
+    def held(text: str, *args, **kwargs):
+        if len(text) > INLINE_CHARS:
+            long_calls.append(len(text))
+            started.release()
+            assert hold.wait(60)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", held)
+    long_prompt = ("\n" + " " * 36) * 40  # 1480 characters, 41 tokens
+    body = json.dumps({"prompt": long_prompt, "max_tokens": 2}).encode()
+    threads = gateway.gateway.config.gateway.tokenizer_threads
+    with ThreadPoolExecutor(threads + 1) as pool:
+        longs = [pool.submit(http, gateway, "/v1/completions", body) for _ in range(threads + 1)]
+        try:
+            for _ in range(threads):  # every tokenizer thread holds a long prompt; one more waits
+                assert started.acquire(timeout=60)
+            assert http(gateway, "/health", key=None) == (200, b'{"status": "ok"}')
+            status, reply = http(gateway, "/v1/completions", b'{"prompt": "short", "max_tokens": 2}')
+            assert status == 200 and json.loads(reply)["usage"]["completion_tokens"] == 2
+            status, reply = http(gateway, "/v1/completions", json.dumps({"prompt": "x" * 10_000}).encode())
+            assert status == 400 and "characters fits: shorten the prompt" in json.loads(reply)["error"]["message"]
+            assert not any(f.done() for f in longs) and len(long_calls) == threads
+        finally:
+            hold.set()
+        for f in longs:
+            status, reply = f.result(60)
+            assert status == 200 and json.loads(reply)["usage"]["prompt_tokens"] == 41
+    assert gateway.gateway.service.tokenizing.pending == 0
+
+
+class _HeldTokenizer:
+    def __init__(self):
+        self.hold = threading.Event()
+
+    def encode(self, text: str) -> list[int]:
+        assert len(text) <= INLINE_CHARS or self.hold.wait(60)
+        return [len(text)]
+
+
+def test_tokenizing_refuses_past_its_bound_and_frees_its_slots():
+    async def run():
+        tokenizing, tokenizer = Tokenizing(threads=1, max_pending=2), _HeldTokenizer()
+        text = "x" * (INLINE_CHARS + 1)
+        running = [asyncio.ensure_future(tokenizing.encode(tokenizer, text)) for _ in range(2)]
+        await asyncio.sleep(0)  # both admitted: one on the thread, one waiting for it
+        with pytest.raises(GatewayError, match="gateway.max_tokenizing") as info:
+            await tokenizing.encode(tokenizer, text)
+        assert info.value.code == "resource_exhausted" and info.value.retry_after_s
+        assert await tokenizing.encode(tokenizer, "short") == [5]  # short prompts never wait
+        running[1].cancel()  # a client gone while its prompt waits for a thread: the slot is freed
+        await asyncio.gather(running[1], return_exceptions=True)
+        assert tokenizing.pending == 1
+        tokenizer.hold.set()
+        assert await running[0] == [INLINE_CHARS + 1]
+        assert tokenizing.pending == 0
+        tokenizing.close()
+
+    asyncio.run(run())

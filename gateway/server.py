@@ -27,6 +27,8 @@ from mesh import tracing
 
 log = logging.getLogger(__name__)
 
+UNWIND_S = 2.0  # after the grace period: how long the front ends give the requests it ended to say so
+
 
 @dataclass(frozen=True)
 class Listen:
@@ -61,7 +63,7 @@ class Gateway:
         await set_health(self.health, False)
         await self.grpc.start()
         api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits.max_message_bytes)
-        self.http = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
+        self.http = web.AppRunner(api.app, handler_cancellation=True, access_log=None, shutdown_timeout=UNWIND_S)
         await self.http.setup()
         site = web.TCPSite(self.http, self.listen.host, self.listen.http_port, ssl_context=self._ssl_context(tls))
         await site.start()
@@ -88,13 +90,16 @@ class Gateway:
                 log.exception("refreshing the actors' load failed")
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """New requests get UNAVAILABLE; those in flight get `grace_s` to finish; then the actors stop."""
+        """New requests get UNAVAILABLE; those in flight get `grace_s` to finish, then end
+        UNAVAILABLE (gRPC status, HTTP 503, or an SSE error event), whichever API they came by;
+        then the front ends close and the actors stop."""
         self.service.closing = True
         for task in self._tasks:  # the controller first of all: no flip starts while the actors stop
             task.cancel()
         await set_health(self.health, False)
-        await asyncio.gather(self.grpc.stop(grace_s), self.http.shutdown())
-        await self.http.cleanup()
+        await self.service.finish(grace_s)
+        await asyncio.gather(self.grpc.stop(UNWIND_S), self.http.cleanup())
+        self.service.tokenizing.close()
         await self.fleet.close()
         tracing.flush()  # the process's tracer provider outlives one gateway: `pdmesh serve` shuts it down
 

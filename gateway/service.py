@@ -85,6 +85,18 @@ class InferenceService:
         self._max_prompt_chars = max(max_prompt_chars(s.tokenizer, s.max_model_len)
                                      for s in fleet.scenarios.values())
         self.closing = False  # set on shutdown: new requests are refused, those in flight go on
+        self._streaming: dict[Callable[[GatewayError], None], asyncio.Task] = {}  # each request's end, its task
+
+    async def finish(self, grace_s: float) -> None:
+        """Shutdown: new requests are refused; those streaming get `grace_s` to finish, then
+        end UNAVAILABLE (their streams are closed, which stops the actors' work)."""
+        self.closing = True
+        if self._streaming:
+            await asyncio.wait(set(self._streaming.values()), timeout=grace_s)
+        left = GatewayError("unavailable", f"the gateway shut down before the request finished (its grace period of "
+                                           f"{grace_s:g} s ran out); retry on another gateway")
+        for end in list(self._streaming):
+            end(left)
 
     def models(self) -> list[str]:
         return self.router.models()
@@ -133,7 +145,8 @@ class InferenceService:
                               ttft_budget_s=prep.scenario.spec.slo.ttft_s, trace_context=tracing.carrier_of(span))
             end = self.deadlines.end(start, call.time_left_s)
             try:
-                async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock):
+                async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock,
+                                          self._streaming):
                     now = self.clock()
                     if first_at is None:
                         first_at = now
@@ -236,42 +249,50 @@ class InferenceService:
 
 
 
-async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float]) -> AsyncIterator[dict]:
+async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float],
+                 streaming: dict | None = None) -> AsyncIterator[dict]:
     """The stream's chunks until the request's deadline; past it, DEADLINE_EXCEEDED (the
-    stream is closed, which stops the actors' work and frees its KV).
+    stream is closed, which stops the actors' work and frees its KV). While it runs, its
+    `end(error)` is in `streaming` (with the task it runs in), for a shutdown to end it early.
 
     One timer per request rather than asyncio.wait_for per chunk (a task and a timer each):
     the timer cancels the request's task only while it waits for the next chunk, never while
     the caller writes a chunk out (a cancellation there would land in the caller's code)."""
     task = asyncio.current_task()
-    waiting = expired = False
+    waiting = False
+    ended: GatewayError | None = None
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
+    def end(error: GatewayError) -> None:
+        nonlocal ended
+        ended = ended or error
         if waiting:
             task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock()), expire)
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock()), end, GatewayError(
+        "deadline_exceeded", "the request ran past its deadline (the client's, or gateway.request_timeout_s); "
+                             "raise it or lower max_tokens"))
+    if streaming is not None:
+        streaming[end] = task
     try:
         while True:
-            if not expired:
+            if ended is None:
                 waiting = True
                 try:
                     chunk = await anext(stream)
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    if not expired:
+                    if ended is None:
                         raise  # the client went away
                     if hasattr(task, "uncancel"):  # 3.11+: this cancellation was ours, and is handled
                         task.uncancel()
                 finally:
                     waiting = False
-            if expired:
-                raise GatewayError("deadline_exceeded", "the request ran past its deadline (the client's, or "
-                                                        "gateway.request_timeout_s); raise it or lower max_tokens")
+            if ended is not None:
+                raise ended
             yield chunk
     finally:
         timer.cancel()
+        if streaming is not None:
+            streaming.pop(end, None)
         await stream.aclose()

@@ -26,12 +26,13 @@ class Limits(BaseModel):
     tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize long prompts off the event loop")
     max_tokenizing: int = Field(16, ge=1, description="long prompts tokenizing or waiting for a thread at once; "
                                                       "more get RESOURCE_EXHAUSTED")
-    header_timeout_s: float = Field(10.0, gt=0, description="how long an HTTP client may take to send a request's "
-                                                            "headers; then its connection is closed")
-    idle_timeout_s: float = Field(60.0, gt=0, description="how long an idle connection stays open (HTTP "
-                                                          "keep-alive, gRPC max connection idle)")
-    max_connections: int = Field(1024, ge=1, description="open HTTP connections at once; more are answered 503 "
-                                                         "and closed")
+    idle_timeout_s: float = Field(30.0, gt=0, description="a connection with no request under way is closed after "
+                                                          "this: idle keep-alive, or request headers (HTTP) or "
+                                                          "the HTTP/2 preface (gRPC) trickled in too slowly")
+    body_timeout_s: float = Field(30.0, gt=0, description="how long an HTTP request's body may take to arrive "
+                                                          "(408 after)")
+    max_connections: int = Field(1024, ge=1, description="open connections at once, per API; more are refused "
+                                                         "(HTTP: 503)")
     max_streams_per_connection: int = Field(100, ge=1, description="concurrent gRPC calls on one connection")
 
 

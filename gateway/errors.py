@@ -21,6 +21,7 @@ STATUSES = {
     "unauthenticated": ("UNAUTHENTICATED", 401),
     "permission_denied": ("PERMISSION_DENIED", 403),
     "payload_too_large": ("RESOURCE_EXHAUSTED", 413),
+    "request_timeout": ("DEADLINE_EXCEEDED", 408),  # the client sent its request too slowly
     "resource_exhausted": ("RESOURCE_EXHAUSTED", 429),
     "unavailable": ("UNAVAILABLE", 503),
     "deadline_exceeded": ("DEADLINE_EXCEEDED", 504),

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway import telemetry
 from gateway.auth import Keys, bearer
+from gateway.config import Limits
 from gateway.errors import GatewayError, hidden
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.service import GenerateCall, InferenceService
@@ -144,11 +145,20 @@ def _parsed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def make_server(service: InferenceService, admin: admin_pb2_grpc.AdminServicer, keys: Keys,
-                max_message_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                limits: Limits) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    idle_ms = int(limits.idle_timeout_s * 1000)
     server = grpc.aio.server(interceptors=[AuthInterceptor(keys)], options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second gateway on the same port fails instead of sharing it
+        # a connection that trickles its preface or sits idle is closed (GOAWAY; clients reconnect)
+        ("grpc.server_handshake_timeout_ms", idle_ms),
+        ("grpc.http2.settings_timeout", idle_ms),
+        ("grpc.max_connection_idle_ms", idle_ms),
+        ("grpc.keepalive_time_ms", 60_000),  # pings find peers gone without a word
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
     ])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)

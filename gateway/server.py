@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 
-from gateway import telemetry
+from gateway import http_server, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import Keys
 from gateway.config import ServeConfig
@@ -26,8 +25,6 @@ from gateway.service import InferenceService
 from mesh import tracing
 
 log = logging.getLogger(__name__)
-
-UNWIND_S = 2.0  # after the grace period: how long the front ends give the requests it ended to say so
 
 
 @dataclass(frozen=True)
@@ -54,19 +51,16 @@ class Gateway:
         then starts the actors."""
         telemetry.configure()
         limits = self.config.gateway
-        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys,
-                                             limits.max_message_bytes)
+        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys, limits)
         address = f"{self.listen.host}:{self.listen.grpc_port}"
         tls = self._tls()
         self.grpc_port = (self.grpc.add_secure_port(address, grpc.ssl_server_credentials([tls]))
                           if tls else self.grpc.add_insecure_port(address))
         await set_health(self.health, False)
         await self.grpc.start()
-        api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits.max_message_bytes)
-        self.http = web.AppRunner(api.app, handler_cancellation=True, access_log=None, shutdown_timeout=UNWIND_S)
-        await self.http.setup()
-        site = web.TCPSite(self.http, self.listen.host, self.listen.http_port, ssl_context=self._ssl_context(tls))
-        await site.start()
+        api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits)
+        self.http = await http_server.start(api.app, self.listen.host, self.listen.http_port, self._ssl_context(tls),
+                                            limits)
         self.http_port = self.http.addresses[0][1]
         await self.fleet.start()
         await self.fleet.refresh()
@@ -98,7 +92,7 @@ class Gateway:
             task.cancel()
         await set_health(self.health, False)
         await self.service.finish(grace_s)
-        await asyncio.gather(self.grpc.stop(UNWIND_S), self.http.cleanup())
+        await asyncio.gather(self.grpc.stop(http_server.UNWIND_S), self.http.cleanup())
         self.service.tokenizing.close()
         await self.fleet.close()
         tracing.flush()  # the process's tracer provider outlives one gateway: `pdmesh serve` shuts it down

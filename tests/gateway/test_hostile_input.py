@@ -1,23 +1,31 @@
 """Hostile input to the gateway's front ends: bodies that used to get aiohttp's bare 500 get 400
 with what to fix, internal failures reach clients without Ray's actor reprs, pids or node
-addresses, and long prompts are tokenized off the event loop, within a bound."""
+addresses, long prompts are tokenized off the event loop, within a bound, and slow or idle
+connections are closed and bounded in number, on both APIs."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import select
+import socket
 import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import pytest
 import ray
 
+from gateway import http_server
+from gateway.config import Limits
 from gateway.errors import GatewayError
 from gateway.proto import inference_pb2 as pb
 from gateway.proto import inference_pb2_grpc
 from gateway.tokenizing import INLINE_CHARS, Tokenizing
-from tests.gateway.conftest import API_KEY
+from tests.gateway.conftest import API_KEY, MAX_MESSAGE_BYTES
 from tests.gateway.test_grpc import AUTH
 from tests.gateway.test_openai import http
 
@@ -207,3 +215,142 @@ def test_tokenizing_refuses_past_its_bound_and_frees_its_slots():
         tokenizing.close()
 
     asyncio.run(run())
+
+
+# -- slow and idle connections -----------------------------------------------------------------
+
+BOUNDED = Limits(max_message_bytes=MAX_MESSAGE_BYTES, idle_timeout_s=1.0, body_timeout_s=1.0, max_connections=6)
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Bounded:
+    runner: object
+    http_port: int
+    grpc_port: int
+
+
+@pytest.fixture(scope="module")
+def bounded(gateway):
+    """Both front ends of the test gateway's service again, on their own ports, with BOUNDED's
+    short timeouts and a connection limit of 6."""
+    from gateway.admin import AdminServicer
+    from gateway.grpc_api import make_server
+    from gateway.openai_api import OpenAIApi
+
+    gw = gateway.gateway
+
+    async def start():
+        api = OpenAIApi(gw.service, gw.keys, gw.metrics, gw.fleet.not_ready, BOUNDED)
+        runner = await http_server.start(api.app, "127.0.0.1", 0, None, BOUNDED)
+        server, _ = make_server(gw.service, AdminServicer(gw.fleet, gw.control), gw.keys, BOUNDED)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return runner, server, port
+
+    runner, server, grpc_port = gateway.run(start())
+    yield Bounded(runner, runner.addresses[0][1], grpc_port)
+    async def stop():
+        await asyncio.gather(runner.cleanup(), server.stop(0))
+
+    gateway.run(stop())
+
+
+def trickle(port: int, drip: bytes, give_up_s: float = 30) -> bytes:
+    """Sends `drip` a byte every 0.1 s; returns what the server sent before it closed the
+    connection. Fails if it is still open after `give_up_s`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=give_up_s) as s:
+        got, end, drip = b"", time.monotonic() + give_up_s, iter(drip)
+        while time.monotonic() < end:
+            if select.select([s], [], [], 0.1)[0]:
+                try:
+                    data = s.recv(4096)
+                except ConnectionResetError:
+                    return got
+                if not data:
+                    return got
+                got += data
+            elif (byte := next(drip, None)) is not None:
+                try:
+                    s.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    return got
+    raise AssertionError(f"the server kept a trickling connection open for {give_up_s} s")
+
+
+def until_closed(s: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (the socket's timeout bounds it)."""
+    got = b""
+    while data := s.recv(4096):
+        got += data
+    return got
+
+
+def wait_for(condition, what: str) -> None:
+    for _ in range(600):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+def test_http_slow_loris_connections_are_closed_while_others_are_served(bounded):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"x" * 600  # a minute's worth
+    with ThreadPoolExecutor(4) as pool:
+        trickles = [pool.submit(trickle, bounded.http_port, head) for _ in range(4)]
+        wait_for(lambda: bounded.runner.connections == 4, "4 trickling connections open")
+        with urllib.request.urlopen(f"http://127.0.0.1:{bounded.http_port}/health", timeout=30) as reply:
+            assert reply.status == 200
+        assert [t.result() for t in trickles] == [b""] * 4  # closed by the server, no answer
+
+
+def test_http_idle_keepalive_and_slow_body_are_closed(bounded):
+    with socket.create_connection(("127.0.0.1", bounded.http_port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, then nothing more
+        assert until_closed(s).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", bounded.http_port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
+                  b"\r\nContent-Length: 100\r\n\r\n{\"prompt\"")  # 9 bytes of the 100
+        reply = until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 408") and b"gateway.body_timeout_s" in reply
+
+
+def test_http_connections_past_the_limit_get_503(bounded):
+    idle = []
+    try:
+        for n in range(1, BOUNDED.max_connections + 1):
+            idle.append(socket.create_connection(("127.0.0.1", bounded.http_port), timeout=30))
+            wait_for(lambda: bounded.runner.connections == n, f"{n} connections open")
+        with socket.create_connection(("127.0.0.1", bounded.http_port), timeout=30) as extra:
+            reply = until_closed(extra)
+        assert reply.startswith(b"HTTP/1.1 503") and b"gateway.max_connections" in reply
+        assert [until_closed(s) for s in idle] == [b""] * len(idle)  # the idle ones time out
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: bounded.runner.connections == 0, "the idle connections gone")
+    with urllib.request.urlopen(f"http://127.0.0.1:{bounded.http_port}/health", timeout=30) as reply:
+        assert reply.status == 200
+
+
+def test_grpc_slow_and_surplus_connections_are_closed_while_others_are_served(bounded):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with ThreadPoolExecutor(3) as pool:
+        trickles = [pool.submit(trickle, bounded.grpc_port, H2_PREFACE) for _ in range(3)]
+        with grpc.insecure_channel(f"127.0.0.1:{bounded.grpc_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for t in trickles:  # the server's SETTINGS, then GOAWAY, then the close
+            assert b"connection idle" in t.result()
+    held = []
+    try:
+        for _ in range(BOUNDED.max_connections):  # each answered with the server's SETTINGS: accepted
+            held.append(socket.create_connection(("127.0.0.1", bounded.grpc_port), timeout=30))
+            held[-1].sendall(H2_PREFACE)
+            assert held[-1].recv(9)
+        with socket.create_connection(("127.0.0.1", bounded.grpc_port), timeout=30) as extra:
+            assert until_closed(extra) == b""  # refused at once, without a word
+    finally:
+        for s in held:
+            s.close()

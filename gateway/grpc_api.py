@@ -1,8 +1,8 @@
 """The gRPC front end: pdmesh.v1.Inference (server-streaming Generate), pdmesh.v1.Admin, the
 standard health and reflection services; API keys checked by one interceptor, message sizes
 bounded by the server, failures as the status that says what happened: a message that does not
-parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN with the parser's exception), and
-an internal failure INTERNAL without its details (errors.hidden)."""
+parse is INVALID_ARGUMENT, and an internal failure INTERNAL without its details (errors.hidden);
+gRPC's own answer to both would be UNKNOWN with the exception's text."""
 from __future__ import annotations
 
 import inspect
@@ -70,8 +70,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 await context.write(reply)
         except GatewayError as e:
             await abort(context, e)
-        except Exception as e:  # in the reply's making: the service raises only GatewayErrors
-            await abort(context, hidden(e, call.request_id or uuid.uuid4().hex))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -92,7 +90,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             check(bearer(metadata.get("authorization")))
         except GatewayError as e:
             return _refusal(handler, e)
-        return _parsed(handler)
+        return _guarded(handler)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodHandler:
@@ -110,8 +108,9 @@ def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodH
     return grpc.unary_unary_rpc_method_handler(refuse, **args)
 
 
-def _parsed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler`, with a request message that does not parse ended INVALID_ARGUMENT."""
+def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler`, with a request message that does not parse ended INVALID_ARGUMENT, and a
+    failure the handler did not turn into a status ended INTERNAL without its details."""
     if handler.request_streaming:  # pdmesh's services have none
         return handler
     parse = handler.request_deserializer
@@ -123,20 +122,28 @@ def _parsed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             return GatewayError("invalid_argument", f"the request message does not parse: {e}; send the "
                                                     "method's message type, with UTF-8 strings")
 
-    async def unary(request, context):
+    async def guard(request, context, run):
         if isinstance(request, GatewayError):
             await abort(context, request)
-        return await handler.unary_unary(request, context)
+        try:
+            return await run()
+        except grpc.aio.AbortError:
+            raise  # the handler's own status
+        except Exception as e:
+            await abort(context, hidden(e, uuid.uuid4().hex))
+
+    async def unary(request, context):
+        return await guard(request, context, lambda: handler.unary_unary(request, context))
 
     async def stream(request, context):
-        if isinstance(request, GatewayError):
-            await abort(context, request)
-        replies = handler.unary_stream(request, context)
-        if inspect.isasyncgen(replies):
-            async for reply in replies:
-                await context.write(reply)
-        else:  # a coroutine that writes its replies itself
-            await replies
+        async def run():
+            replies = handler.unary_stream(request, context)
+            if inspect.isasyncgen(replies):
+                async for reply in replies:
+                    await context.write(reply)
+            else:  # a coroutine that writes its replies itself
+                await replies
+        await guard(request, context, run)
 
     args = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
     if handler.unary_stream:

@@ -207,7 +207,7 @@ class InferenceService:
             # Rules may count prompt tokens before the scenario (and so its tokenizer) is known:
             # exact when every scenario shares one model, else estimated at 4 bytes a token.
             guess = await self.tokenizing.encode(self._tokenizer, text) if self._tokenizer else None
-            count = len(guess) if guess is not None else len(text.encode("utf-8", "replace")) // 4
+            count = len(guess) if guess is not None else len(text.encode()) // 4
             scenario = self.fleet.scenarios[self.router.route(RequestFacts(
                 count, text, call.scenario, call.model, tuple(guess or ())))]
             ids = guess if guess is not None else await self.tokenizing.encode(scenario.tokenizer, text)
@@ -246,7 +246,6 @@ class InferenceService:
             raise GatewayError("invalid_argument", f"the prompt has {len(text)} characters; the model's context is "
                                                    f"{self._max_prompt_tokens} tokens, which no prompt over "
                                                    f"{self._max_prompt_chars} characters fits: shorten the prompt")
-
 
 
 async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float],

@@ -22,10 +22,10 @@ import ray
 from gateway import http_server
 from gateway.config import Limits
 from gateway.errors import GatewayError
+from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from gateway.proto import inference_pb2 as pb
-from gateway.proto import inference_pb2_grpc
 from gateway.tokenizing import INLINE_CHARS, Tokenizing
-from tests.gateway.conftest import API_KEY, MAX_MESSAGE_BYTES
+from tests.gateway.conftest import ADMIN_KEY, API_KEY, MAX_MESSAGE_BYTES
 from tests.gateway.test_grpc import AUTH
 from tests.gateway.test_openai import http
 
@@ -84,28 +84,32 @@ class Failing:
 
 
 @pytest.fixture
-def failing_dispatch(gateway, ray_cluster, monkeypatch):
-    """The scenario's dispatcher fails with a real Ray error of an actor (ray::Failing.step(),
-    pid, ip, actor_id and repr in its text); after `tokens` chunks when given."""
+def fail(ray_cluster):
+    """A coroutine that raises a real Ray error of an actor (ray::Failing.step(), pid, ip,
+    actor_id and repr in its text); the texts raised in fail.texts."""
     actor = Failing.remote()
-    dispatcher = gateway.gateway.fleet.scenarios["default"].dispatcher
-    ray_error = []
 
-    def fake(tokens: int):
-        async def generate(request, events=None):
-            for i in range(tokens):
-                yield {"token_ids": [5], "text": "x", "logprobs": None, "finished": False, "finish_reason": None,
-                       "num_output_tokens": i + 1}
-            try:
-                await actor.step.remote()
-            except ray.exceptions.RayTaskError as e:
-                ray_error.append(str(e))
-                raise
-        monkeypatch.setattr(dispatcher, "generate", generate)
-        return ray_error
+    async def fail(*args, **kwargs):
+        try:
+            await actor.step.remote()
+        except ray.exceptions.RayTaskError as e:
+            fail.texts.append(str(e))
+            raise
 
-    yield fake
+    fail.texts = []
+    yield fail
     ray.kill(actor)
+
+
+def fail_dispatch(gateway, monkeypatch, fail, tokens: int = 0) -> None:
+    """The scenario's dispatcher fails with `fail`'s error, after `tokens` chunks."""
+    async def generate(request, events=None):
+        for i in range(tokens):
+            yield {"token_ids": [5], "text": "x", "logprobs": None, "finished": False, "finish_reason": None,
+                   "num_output_tokens": i + 1}
+        await fail()
+
+    monkeypatch.setattr(gateway.gateway.fleet.scenarios["default"].dispatcher, "generate", generate)
 
 
 def _leaks(message: str, ray_text: str) -> list[str]:
@@ -114,21 +118,27 @@ def _leaks(message: str, ray_text: str) -> list[str]:
     return [s for s in ("pid=", ip, "Failing", "actor_id", "ray::", "the engine step failed") if s in message]
 
 
-def test_internal_errors_reach_clients_without_ray_details(gateway, failing_dispatch, caplog):
+def test_internal_errors_reach_clients_without_ray_details(gateway, fail, monkeypatch, caplog):
     caplog.set_level(logging.ERROR, logger="gateway.errors")
-    ray_text = failing_dispatch(tokens=0)
+    fail_dispatch(gateway, monkeypatch, fail)
     status, reply = http(gateway, "/v1/completions", json.dumps(
         {"prompt": "hi", "max_tokens": 3, "request_id": "http-internal-1"}).encode())
     error = json.loads(reply)["error"]
     assert (status, error["type"]) == (500, "internal")
-    assert "http-internal-1" in error["message"] and not _leaks(error["message"], ray_text[-1])
+    assert "http-internal-1" in error["message"] and not _leaks(error["message"], fail.texts[-1])
 
     with grpc.insecure_channel(gateway.grpc_address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             list(inference_pb2_grpc.InferenceStub(channel).Generate(
                 pb.GenerateRequest(text="hi", request_id="grpc-internal-1"), metadata=AUTH, timeout=30))
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert "grpc-internal-1" in info.value.details() and not _leaks(info.value.details(), ray_text[-1])
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "grpc-internal-1" in info.value.details() and not _leaks(info.value.details(), fail.texts[-1])
+
+        monkeypatch.setattr(gateway.gateway.fleet, "refresh", fail)  # an admin call fails the same way
+        with pytest.raises(grpc.RpcError) as info:
+            admin_pb2_grpc.AdminStub(channel).ListPools(admin_pb2.ListPoolsRequest(), timeout=30,
+                                                        metadata=(("authorization", f"Bearer {ADMIN_KEY}"),))
+        assert info.value.code() == grpc.StatusCode.INTERNAL and not _leaks(info.value.details(), fail.texts[-1])
 
     logged = {r.getMessage(): r for r in caplog.records}
     for rid in ("http-internal-1", "grpc-internal-1"):  # the operator still has every detail
@@ -136,15 +146,15 @@ def test_internal_errors_reach_clients_without_ray_details(gateway, failing_disp
         assert "pid=" in logging.Formatter().formatException(record.exc_info)
 
 
-def test_internal_error_mid_stream_ends_the_stream_without_ray_details(gateway, failing_dispatch):
-    ray_text = failing_dispatch(tokens=2)
+def test_internal_error_mid_stream_ends_the_stream_without_ray_details(gateway, fail, monkeypatch):
+    fail_dispatch(gateway, monkeypatch, fail, tokens=2)
     status, reply = http(gateway, "/v1/completions", json.dumps(
         {"prompt": "hi", "max_tokens": 8, "stream": True, "request_id": "sse-internal-1"}).encode())
     events = [line[len("data: "):] for line in reply.decode().split("\n\n") if line]
     assert status == 200 and events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "internal" and "sse-internal-1" in error["message"]
-    assert not _leaks(reply.decode(), ray_text[-1])
+    assert not _leaks(reply.decode(), fail.texts[-1])
 
 
 # -- tokenizing --------------------------------------------------------------------------------

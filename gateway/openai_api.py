@@ -111,6 +111,9 @@ class OpenAIApi:
         except asyncio.TimeoutError:
             raise GatewayError("request_timeout", f"the body did not arrive within {self.body_timeout_s:g} s "
                                                   "(gateway.body_timeout_s); send it at once") from None
+        except web.RequestPayloadError:
+            raise GatewayError("invalid_argument", "the body cannot be read: its chunked encoding or compression is "
+                                                   "broken; send it plain, gzip or deflate") from None
 
     def _call(self, request: web.Request, body, text: str | None, ids: tuple[int, ...] | None,
               logprobs: bool) -> GenerateCall:

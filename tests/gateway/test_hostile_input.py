@@ -11,6 +11,7 @@ import select
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,14 @@ def test_hostile_bodies_get_400_and_what_to_fix(gateway, path, body, message):
     assert status == 400, reply
     error = json.loads(reply)["error"]
     assert error["type"] == "invalid_argument" and message in error["message"], error
+
+
+def test_a_body_that_cannot_be_decoded_is_400(gateway):
+    request = urllib.request.Request(gateway.http_url + "/v1/completions", data=b'{"prompt": "hi"}', headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Encoding": "gzip"})  # but it is not gzip
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 400 and b"compression is broken" in info.value.read()
 
 
 def test_a_key_that_is_not_utf8_is_just_a_wrong_key(gateway):

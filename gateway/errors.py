@@ -4,14 +4,19 @@ status and the HTTP status. Status names are strings so that the policies import
 
 A failure of the gateway's own code or the mesh's internals reaches the client only as
 `hidden`'s INTERNAL with an id: its text may name Ray actors, pids and node addresses, which
-go to the gateway's log under that id."""
+go to the gateway's log under that id. A mesh error meant for the client (no capacity, a
+transfer that failed) keeps its message, less any node address or pid in it."""
 from __future__ import annotations
 
 import logging
+import re
 
 from mesh.errors import MeshError
 
 log = logging.getLogger(__name__)
+
+# where the mesh runs, which is no client's business: IPv4 or [IPv6] addresses (with a port), pids
+_WHERE = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d+)?|\bpid=\d+")
 
 # code -> (gRPC status name, HTTP status)
 STATUSES = {
@@ -40,7 +45,7 @@ class GatewayError(Exception):
 
     @classmethod
     def from_mesh(cls, e: MeshError) -> "GatewayError":
-        return cls(e.code, e.message, e.retry_after_s)
+        return cls(e.code, _WHERE.sub("<internal>", e.message), e.retry_after_s)
 
     @property
     def grpc_status_name(self) -> str:

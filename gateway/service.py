@@ -164,7 +164,7 @@ class InferenceService:
         except MeshError as e:
             outcome = e.code
             err = GatewayError.from_mesh(e) if e.code != "internal" else hidden(e, request_id)
-            tracing.end(span, err)
+            tracing.end(span, e)  # the operator's trace keeps the whole text
             raise err from None
         except GatewayError as e:
             outcome = e.code

@@ -26,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from gateway.proto import inference_pb2 as pb
 from gateway.tokenizing import INLINE_CHARS, Tokenizing
+from mesh.errors import MeshError
 from tests.gateway.conftest import ADMIN_KEY, API_KEY, MAX_MESSAGE_BYTES
 from tests.gateway.test_grpc import AUTH
 from tests.gateway.test_openai import http
@@ -111,7 +112,8 @@ def fail(ray_cluster):
 
 
 def fail_dispatch(gateway, monkeypatch, fail, tokens: int = 0) -> None:
-    """The scenario's dispatcher fails with `fail`'s error, after `tokens` chunks."""
+    """The scenario's dispatcher fails with the error of `fail` (a coroutine function), after
+    `tokens` chunks."""
     async def generate(request, events=None):
         for i in range(tokens):
             yield {"token_ids": [5], "text": "x", "logprobs": None, "finished": False, "finish_reason": None,
@@ -153,6 +155,16 @@ def test_internal_errors_reach_clients_without_ray_details(gateway, fail, monkey
     for rid in ("http-internal-1", "grpc-internal-1"):  # the operator still has every detail
         record = next(r for m, r in logged.items() if rid in m)
         assert "pid=" in logging.Formatter().formatException(record.exc_info)
+
+
+def test_mesh_errors_reach_clients_without_node_addresses(gateway, monkeypatch):
+    async def transfer_failed():
+        raise MeshError("unavailable", "KV transfer failed: peer: cannot connect to 10.9.8.7:4567 (pid=4242)")
+
+    fail_dispatch(gateway, monkeypatch, transfer_failed)
+    status, reply = http(gateway, "/v1/completions", b'{"prompt": "hi", "max_tokens": 3}')
+    message = json.loads(reply)["error"]["message"]
+    assert status == 503 and message == "KV transfer failed: peer: cannot connect to <internal> (<internal>)"
 
 
 def test_internal_error_mid_stream_ends_the_stream_without_ray_details(gateway, fail, monkeypatch):

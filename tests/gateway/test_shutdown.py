@@ -64,7 +64,7 @@ def _in_flight(url: str) -> float:
 
 
 def test_sigterm_ends_every_request_at_the_grace_and_exits(checkpoint, tmp_path):
-    with serving(checkpoint, tmp_path, "--grace-s", "1", engine={"num_blocks": 2048}) as served:
+    with serving(checkpoint, tmp_path, "--grace-s", "1", engine={"num_blocks": 4096}) as served:
         sse_first, grpc_first = threading.Event(), threading.Event()
         with ThreadPoolExecutor(3) as pool:
             sse = pool.submit(_sse, served.http_url, sse_first)

@@ -52,8 +52,10 @@ class Keys:
 def _check(presented: str | None, keys: tuple[str, ...], what: str) -> None:
     if not presented:
         raise GatewayError("unauthenticated", f"missing {what}: send 'authorization: Bearer <key>'")
-    # every key is compared, so that timing tells nothing about which one nearly matched
-    if not any([hmac.compare_digest(presented.encode(), k.encode()) for k in keys]):
+    # every key is compared, so that timing tells nothing about which one nearly matched; header
+    # bytes that are not UTF-8 arrive surrogate-escaped, and are compared as the bytes they were
+    given = presented.encode("utf-8", "surrogateescape")
+    if not any([hmac.compare_digest(given, k.encode()) for k in keys]):
         raise GatewayError("unauthenticated", f"wrong {what}")
 
 

@@ -23,6 +23,17 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(4 << 20, ge=1024, description="largest gRPC message or HTTP body")
     max_concurrent_requests: int = Field(1024, ge=1, description="in flight at once; more get RESOURCE_EXHAUSTED")
     default_max_tokens: int = Field(256, ge=1, description="output tokens when the client gives no max_tokens")
+    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize long prompts off the event loop")
+    max_tokenizing: int = Field(16, ge=1, description="long prompts tokenizing or waiting for a thread at once; "
+                                                      "more get RESOURCE_EXHAUSTED")
+    idle_timeout_s: float = Field(30.0, gt=0, description="a connection with no request under way is closed after "
+                                                          "this: idle keep-alive, or request headers (HTTP) or "
+                                                          "the HTTP/2 preface (gRPC) trickled in too slowly")
+    body_timeout_s: float = Field(30.0, gt=0, description="how long an HTTP request's body may take to arrive "
+                                                          "(408 after)")
+    max_connections: int = Field(1024, ge=1, description="open connections at once, per API; more are refused "
+                                                         "(HTTP: 503)")
+    max_streams_per_connection: int = Field(100, ge=1, description="concurrent gRPC calls on one connection")
 
 
 class Control(BaseModel):

@@ -1,9 +1,22 @@
 """What the gateway answers when a request fails: one error type, and per code the gRPC
 status and the HTTP status. Status names are strings so that the policies importing this
-(gateway.router, reused by simtests/) load without grpc."""
+(gateway.router, reused by simtests/) load without grpc.
+
+A failure of the gateway's own code or the mesh's internals reaches the client only as
+`hidden`'s INTERNAL with an id: its text may name Ray actors, pids and node addresses, which
+go to the gateway's log under that id. A mesh error meant for the client (no capacity, a
+transfer that failed) keeps its message, less any node address or pid in it."""
 from __future__ import annotations
 
+import logging
+import re
+
 from mesh.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+# where the mesh runs, which is no client's business: IPv4 or [IPv6] addresses (with a port), pids
+_WHERE = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d+)?|\bpid=\d+")
 
 # code -> (gRPC status name, HTTP status)
 STATUSES = {
@@ -13,6 +26,7 @@ STATUSES = {
     "unauthenticated": ("UNAUTHENTICATED", 401),
     "permission_denied": ("PERMISSION_DENIED", 403),
     "payload_too_large": ("RESOURCE_EXHAUSTED", 413),
+    "request_timeout": ("DEADLINE_EXCEEDED", 408),  # the client sent its request too slowly
     "resource_exhausted": ("RESOURCE_EXHAUSTED", 429),
     "unavailable": ("UNAVAILABLE", 503),
     "deadline_exceeded": ("DEADLINE_EXCEEDED", 504),
@@ -31,7 +45,7 @@ class GatewayError(Exception):
 
     @classmethod
     def from_mesh(cls, e: MeshError) -> "GatewayError":
-        return cls(e.code, e.message, e.retry_after_s)
+        return cls(e.code, _WHERE.sub("<internal>", e.message), e.retry_after_s)
 
     @property
     def grpc_status_name(self) -> str:
@@ -40,3 +54,10 @@ class GatewayError(Exception):
     @property
     def http_status(self) -> int:
         return STATUSES[self.code][1]
+
+
+def hidden(e: BaseException, request_id: str) -> GatewayError:
+    """An internal failure as the client sees it; the details are logged under request_id."""
+    log.error("request %s failed inside the gateway or the mesh", request_id, exc_info=e)
+    return GatewayError("internal", f"request {request_id} failed inside the gateway; its log has the details "
+                                    "under this request id")

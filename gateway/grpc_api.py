@@ -1,17 +1,23 @@
 """The gRPC front end: pdmesh.v1.Inference (server-streaming Generate), pdmesh.v1.Admin, the
 standard health and reflection services; API keys checked by one interceptor, message sizes
-bounded by the server, failures as the status that says what happened."""
+bounded by the server, failures as the status that says what happened: a message that does not
+parse is INVALID_ARGUMENT, and an internal failure INTERNAL without its details (errors.hidden);
+gRPC's own answer to both would be UNKNOWN with the exception's text."""
 from __future__ import annotations
 
+import inspect
+import uuid
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import telemetry
 from gateway.auth import Keys, bearer
-from gateway.errors import GatewayError
+from gateway.config import Limits
+from gateway.errors import GatewayError, hidden
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.service import GenerateCall, InferenceService
 
@@ -84,7 +90,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             check(bearer(metadata.get("authorization")))
         except GatewayError as e:
             return _refusal(handler, e)
-        return handler
+        return _guarded(handler)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodHandler:
@@ -102,12 +108,64 @@ def _refusal(handler: grpc.RpcMethodHandler, e: GatewayError) -> grpc.RpcMethodH
     return grpc.unary_unary_rpc_method_handler(refuse, **args)
 
 
+def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler`, with a request message that does not parse ended INVALID_ARGUMENT, and a
+    failure the handler did not turn into a status ended INTERNAL without its details."""
+    if handler.request_streaming:  # pdmesh's services have none
+        return handler
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return GatewayError("invalid_argument", f"the request message does not parse: {e}; send the "
+                                                    "method's message type, with UTF-8 strings")
+
+    async def guard(request, context, run):
+        if isinstance(request, GatewayError):
+            await abort(context, request)
+        try:
+            return await run()
+        except grpc.aio.AbortError:
+            raise  # the handler's own status
+        except Exception as e:
+            await abort(context, hidden(e, uuid.uuid4().hex))
+
+    async def unary(request, context):
+        return await guard(request, context, lambda: handler.unary_unary(request, context))
+
+    async def stream(request, context):
+        async def run():
+            replies = handler.unary_stream(request, context)
+            if inspect.isasyncgen(replies):
+                async for reply in replies:
+                    await context.write(reply)
+            else:  # a coroutine that writes its replies itself
+                await replies
+        await guard(request, context, run)
+
+    args = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **args)
+    return grpc.unary_unary_rpc_method_handler(unary, **args)
+
+
 def make_server(service: InferenceService, admin: admin_pb2_grpc.AdminServicer, keys: Keys,
-                max_message_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                limits: Limits) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    idle_ms = int(limits.idle_timeout_s * 1000)
     server = grpc.aio.server(interceptors=[AuthInterceptor(keys)], options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second gateway on the same port fails instead of sharing it
+        # a connection that trickles its preface or sits idle is closed (GOAWAY; clients reconnect)
+        ("grpc.server_handshake_timeout_ms", idle_ms),
+        ("grpc.http2.settings_timeout", idle_ms),
+        ("grpc.max_connection_idle_ms", idle_ms),
+        ("grpc.keepalive_time_ms", 60_000),  # pings find peers gone without a word
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
     ])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)

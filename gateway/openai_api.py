@@ -4,21 +4,25 @@ streaming (server-sent events) or not, /v1/models, /health and /metrics.
 Errors use OpenAI's body ({"error": {"message", "type", "code"}}) with the HTTP status of
 their cause. A streaming response starts only once the first tokens exist, so that
 admission failures (429 with Retry-After) keep their status; a failure after that ends
-the stream with an error event."""
+the stream with an error event. Nothing unexpected leaves as aiohttp's bare 500, nor with
+its details: the client gets errors.hidden's message in OpenAI's error body."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
+import uuid
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
 from gateway import telemetry
 from gateway.auth import Keys, bearer
-from gateway.errors import GatewayError
+from gateway.config import Limits
+from gateway.errors import GatewayError, hidden
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.openai_schema import ChatBody, CompletionBody, parse
+from gateway.openai_schema import ChatBody, CompletionBody, parse_json
 from gateway.service import Chunk, GenerateCall, InferenceService
 
 SCENARIO_HEADER = "x-pdmesh-scenario"
@@ -27,21 +31,22 @@ TIMEOUT_HEADER = "x-pdmesh-timeout-s"  # the client's deadline, as grpc-timeout 
 
 def error_response(e: GatewayError) -> web.Response:
     headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.retry_after_s else None
-    return web.json_response(_error_body(e), status=e.http_status, headers=headers)
+    return web.json_response(error_body(e), status=e.http_status, headers=headers)
 
 
-def _error_body(e: GatewayError) -> dict:
+def error_body(e: GatewayError) -> dict:
     return {"error": {"message": e.message, "type": e.code, "code": e.http_status, "param": None}}
 
 
 class OpenAIApi:
     def __init__(self, service: InferenceService, keys: Keys, metrics: Metrics, not_ready: Callable[[], list[str]],
-                 max_body_bytes: int):
+                 limits: Limits):
         self.service = service
         self.keys = keys
         self.metrics = metrics
         self.not_ready = not_ready
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors_and_auth])
+        self.body_timeout_s = limits.body_timeout_s
+        self.app = web.Application(client_max_size=limits.max_message_bytes, middlewares=[self._errors_and_auth])
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
                              web.get("/v1/models", self.list_models),
@@ -65,16 +70,20 @@ class OpenAIApi:
         except web.HTTPMethodNotAllowed as e:
             return error_response(GatewayError("invalid_argument", f"{request.method} {request.path} is not "
                                                                    f"allowed; use {', '.join(e.allowed_methods)}"))
+        except (web.HTTPException, ConnectionResetError):
+            raise  # aiohttp's own answers, and a client gone
+        except Exception as e:
+            return error_response(hidden(e, uuid.uuid4().hex))
 
     # -- routes -------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse(CompletionBody, await _json(request))
+        body = parse_json(CompletionBody, await self._body(request))
         ids = tuple(body.prompt) if isinstance(body.prompt, list) else None
         call = self._call(request, body, None if ids is not None else body.prompt, ids, body.logprobs is not None)
         return await self._respond(request, body, call, "text_completion")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse(ChatBody, await _json(request))
+        body = parse_json(ChatBody, await self._body(request))
         scenario = body.scenario or request.headers.get(SCENARIO_HEADER, "")
         prompt = self.service.chat_template(scenario, body.model).render([m.model_dump() for m in body.messages])
         call = self._call(request, body, prompt, None, body.logprobs)
@@ -95,6 +104,17 @@ class OpenAIApi:
         return web.Response(body=self.metrics.expose(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- helpers ------------------------------------------------------------------------------
+    async def _body(self, request: web.Request) -> bytes:
+        """The body, within gateway.body_timeout_s: a client trickling it holds no handler longer."""
+        try:
+            return await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise GatewayError("request_timeout", f"the body did not arrive within {self.body_timeout_s:g} s "
+                                                  "(gateway.body_timeout_s); send it at once") from None
+        except web.RequestPayloadError:
+            raise GatewayError("invalid_argument", "the body cannot be read: its chunked encoding or compression is "
+                                                   "broken; send it plain, gzip or deflate") from None
+
     def _call(self, request: web.Request, body, text: str | None, ids: tuple[int, ...] | None,
               logprobs: bool) -> GenerateCall:
         return GenerateCall(prompt_text=text, prompt_token_ids=ids, sampling=body.sampling(logprobs),
@@ -121,7 +141,7 @@ class OpenAIApi:
                     if chunk.finish_reason and body.include_usage:
                         await _send(response, shape.usage_only(chunk))
             except GatewayError as e:
-                await _send(response, _error_body(e))
+                await _send(response, error_body(e))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
@@ -187,14 +207,6 @@ def _logprobs(chunk: Chunk, kind: str) -> dict | None:
         return {"token_logprobs": chunk.logprobs, "tokens": [str(t) for t in chunk.token_ids]}
     return {"content": [{"token": str(t), "logprob": lp, "bytes": None, "top_logprobs": []}
                         for t, lp in zip(chunk.token_ids, chunk.logprobs)]}
-
-
-async def _json(request: web.Request) -> object:
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise GatewayError("invalid_argument", f"the body is not valid JSON: {e}") from None
 
 
 def _timeout(request: web.Request) -> float | None:

@@ -1,15 +1,32 @@
 """OpenAI request bodies (completions and chat completions), validated with pydantic, and their
 translation to the gateway's GenerateCall. Fields pdmesh has no use for are ignored, as
-OpenAI-compatible servers do; fields it cannot honour (n > 1, penalties) are refused."""
+OpenAI-compatible servers do; fields it cannot honour (n > 1, penalties) are refused.
+
+Bodies are parsed from their bytes by pydantic's own JSON parser, which refuses what Python's
+json module lets through to fail later: lone surrogates ("\\ud800", which no tokenizer or UTF-8
+encoder takes), bytes that are not UTF-8, nesting past its recursion limit, NaN and infinity.
+Integers are bounded to the gRPC API's field types (seed int64, stop_token_ids uint32), so
+that both front ends accept the same values."""
 from __future__ import annotations
+
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import GatewayError
 
+Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
+UInt32 = Annotated[int, Field(ge=0, lt=1 << 32)]
+
+# pydantic's JSON errors, and what the client should change
+_JSON_HINTS = (("recursion limit", "nest it less deeply"),
+               ("hex escape", "send whole surrogate pairs (no lone \\ud800-\\udfff escapes)"),
+               ("unicode code point", "encode it as UTF-8"),
+               ("number out of range", "send smaller numbers"))
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = ""
     max_tokens: int | None = None
@@ -17,9 +34,9 @@ class _Body(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
     min_tokens: int | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[UInt32] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: dict | None = None
@@ -94,5 +111,25 @@ def parse(cls: type[_Body], data: object) -> _Body:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        raise GatewayError("invalid_argument", problems) from None
+        raise _invalid(e) from None
+
+
+def parse_json(cls: type[_Body], raw: bytes) -> _Body:
+    """A body from the request's bytes."""
+    try:
+        return cls.model_validate_json(raw)
+    except ValidationError as e:
+        raise _invalid(e) from None
+
+
+def _invalid(e: ValidationError) -> GatewayError:
+    errors = e.errors(include_input=False, include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        detail = first["msg"].removeprefix("Invalid JSON: ")
+        hint = next((h for marker, h in _JSON_HINTS if marker in detail), "send one JSON object")
+        return GatewayError("invalid_argument", f"the body is not valid JSON: {detail}; {hint}")
+    if first["type"] == "model_type" and not first["loc"]:
+        return GatewayError("invalid_argument", "the body must be a JSON object")
+    problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors)
+    return GatewayError("invalid_argument", problems)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), default=None)
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), default=None)
 @click.option("--grace-s", type=float, default=10.0, show_default=True,
-              help="on shutdown, how long in-flight requests may take to finish")
+              help="on shutdown, how long in-flight requests may take to finish; then they end UNAVAILABLE "
+                   "(HTTP: 503, or an error event on a stream) and the process exits")
 def serve(config_path, model, device, dtype, kv_cache_gb, ray_address, host, grpc_port, http_port, api_key_file,
           admin_key_file, tls_cert, tls_key, grace_s):
     """Serve the mesh over gRPC and OpenAI-compatible HTTP."""

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 
-from gateway import telemetry
+from gateway import http_server, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import Keys
 from gateway.config import ServeConfig
@@ -52,19 +51,16 @@ class Gateway:
         then starts the actors."""
         telemetry.configure()
         limits = self.config.gateway
-        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys,
-                                             limits.max_message_bytes)
+        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys, limits)
         address = f"{self.listen.host}:{self.listen.grpc_port}"
         tls = self._tls()
         self.grpc_port = (self.grpc.add_secure_port(address, grpc.ssl_server_credentials([tls]))
                           if tls else self.grpc.add_insecure_port(address))
         await set_health(self.health, False)
         await self.grpc.start()
-        api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits.max_message_bytes)
-        self.http = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
-        await self.http.setup()
-        site = web.TCPSite(self.http, self.listen.host, self.listen.http_port, ssl_context=self._ssl_context(tls))
-        await site.start()
+        api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits)
+        self.http = await http_server.start(api.app, self.listen.host, self.listen.http_port, self._ssl_context(tls),
+                                            limits)
         self.http_port = self.http.addresses[0][1]
         await self.fleet.start()
         await self.fleet.refresh()
@@ -88,13 +84,16 @@ class Gateway:
                 log.exception("refreshing the actors' load failed")
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """New requests get UNAVAILABLE; those in flight get `grace_s` to finish; then the actors stop."""
+        """New requests get UNAVAILABLE; those in flight get `grace_s` to finish, then end
+        UNAVAILABLE (gRPC status, HTTP 503, or an SSE error event), whichever API they came by;
+        then the front ends close and the actors stop."""
         self.service.closing = True
         for task in self._tasks:  # the controller first of all: no flip starts while the actors stop
             task.cancel()
         await set_health(self.health, False)
-        await asyncio.gather(self.grpc.stop(grace_s), self.http.shutdown())
-        await self.http.cleanup()
+        await self.service.finish(grace_s)
+        await asyncio.gather(self.grpc.stop(http_server.UNWIND_S), self.http.cleanup())
+        self.service.tokenizing.close()
         await self.fleet.close()
         tracing.flush()  # the process's tracer provider outlives one gateway: `pdmesh serve` shuts it down
 

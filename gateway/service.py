@@ -1,7 +1,11 @@
 """One request's way through the gateway, whichever API it came by: check and tokenize the
 prompt, classify it to a scenario, bound it (in-flight limit, deadlines), run it across the
 scenario's pool, and measure it (span, metrics). The gRPC and HTTP front ends only
-translate their formats to a GenerateCall and the Chunks back."""
+translate their formats to a GenerateCall and the Chunks back.
+
+Every failure leaves as a GatewayError; those of the gateway's own code or the mesh's internals
+(a Ray error names actors, pids and node addresses) as errors.hidden's, which keeps the details
+in the log under the request id."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +19,12 @@ from opentelemetry import trace
 from gateway import telemetry
 from gateway.chat import ChatTemplate
 from gateway.config import Limits
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, hidden
 from gateway.fleet import Fleet, Scenario
 from gateway.metrics import Metrics
 from gateway.observe import LoadWindow
 from gateway.router import Deadlines, InFlightLimit, RequestFacts, ScenarioRouter
+from gateway.tokenizing import Tokenizing, max_prompt_chars
 from mesh import tracing
 from mesh.dispatch import Request
 from mesh.engine.errors import RequestError
@@ -74,7 +79,24 @@ class InferenceService:
         self.in_flight = InFlightLimit(limits.max_concurrent_requests)
         models = {s.spec.model: s.tokenizer for s in fleet.scenarios.values()}
         self._tokenizer = next(iter(models.values())) if len(models) == 1 else None
+        self.tokenizing = Tokenizing(limits.tokenizer_threads, limits.max_tokenizing)
+        # checked before any tokenizing: past these, no served model's context can hold the prompt
+        self._max_prompt_tokens = max(s.max_model_len for s in fleet.scenarios.values())
+        self._max_prompt_chars = max(max_prompt_chars(s.tokenizer, s.max_model_len)
+                                     for s in fleet.scenarios.values())
         self.closing = False  # set on shutdown: new requests are refused, those in flight go on
+        self._streaming: dict[Callable[[GatewayError], None], asyncio.Task] = {}  # each request's end, its task
+
+    async def finish(self, grace_s: float) -> None:
+        """Shutdown: new requests are refused; those streaming get `grace_s` to finish, then
+        end UNAVAILABLE (their streams are closed, which stops the actors' work)."""
+        self.closing = True
+        if self._streaming:
+            await asyncio.wait(set(self._streaming.values()), timeout=grace_s)
+        left = GatewayError("unavailable", f"the gateway shut down before the request finished (its grace period of "
+                                           f"{grace_s:g} s ran out); retry on another gateway")
+        for end in list(self._streaming):
+            end(left)
 
     def models(self) -> list[str]:
         return self.router.models()
@@ -102,10 +124,11 @@ class InferenceService:
                                  attributes={"pdmesh.api": call.api})
         label, outcome, first_at, n = "", "internal", None, 0
         acquired, tpot_s, events = False, None, ()
+        request_id = call.request_id or uuid.uuid4().hex
         try:
             with trace.use_span(span, end_on_exit=False):
                 with tracer.start_as_current_span("classify") as classify_span:
-                    prep = self._prepare(call)
+                    prep = await self._prepare(call, request_id)
                     classify_span.set_attribute("pdmesh.scenario", prep.scenario.name)
             label = prep.scenario.name
             if self.closing:
@@ -122,7 +145,8 @@ class InferenceService:
                               ttft_budget_s=prep.scenario.spec.slo.ttft_s, trace_context=tracing.carrier_of(span))
             end = self.deadlines.end(start, call.time_left_s)
             try:
-                async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock):
+                async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock,
+                                          self._streaming):
                     now = self.clock()
                     if first_at is None:
                         first_at = now
@@ -139,8 +163,8 @@ class InferenceService:
             span.set_attribute("pdmesh.output_tokens", n)
         except MeshError as e:
             outcome = e.code
-            err = GatewayError.from_mesh(e)
-            tracing.end(span, err)
+            err = GatewayError.from_mesh(e) if e.code != "internal" else hidden(e, request_id)
+            tracing.end(span, e)  # the operator's trace keeps the whole text
             raise err from None
         except GatewayError as e:
             outcome = e.code
@@ -150,6 +174,9 @@ class InferenceService:
             outcome = "cancelled"
             tracing.end(span, e)
             raise
+        except Exception as e:
+            tracing.end(span, e)
+            raise hidden(e, request_id) from None
         except BaseException as e:
             tracing.end(span, e)
             raise
@@ -166,7 +193,7 @@ class InferenceService:
                 self.metrics.requests.labels(label, outcome).inc()
                 self.metrics.e2e.labels(label).observe(self.clock() - start)
 
-    def _prepare(self, call: GenerateCall) -> _Prepared:
+    async def _prepare(self, call: GenerateCall, request_id: str) -> _Prepared:
         if call.prompt_token_ids is not None:
             ids = list(call.prompt_token_ids)
             text = ""
@@ -175,14 +202,15 @@ class InferenceService:
             ids = None
         if not (ids or text):
             raise GatewayError("invalid_argument", "the prompt is empty: send prompt text or token ids")
+        self._check_size(text, ids)
         if ids is None:
             # Rules may count prompt tokens before the scenario (and so its tokenizer) is known:
             # exact when every scenario shares one model, else estimated at 4 bytes a token.
-            guess = self._tokenizer.encode(text) if self._tokenizer else None
+            guess = await self.tokenizing.encode(self._tokenizer, text) if self._tokenizer else None
             count = len(guess) if guess is not None else len(text.encode()) // 4
             scenario = self.fleet.scenarios[self.router.route(RequestFacts(
                 count, text, call.scenario, call.model, tuple(guess or ())))]
-            ids = guess if guess is not None else scenario.tokenizer.encode(text)
+            ids = guess if guess is not None else await self.tokenizing.encode(scenario.tokenizer, text)
         else:
             scenario = self.fleet.scenarios[self.router.route(RequestFacts(
                 len(ids), "", call.scenario, call.model, tuple(ids)))]
@@ -211,45 +239,63 @@ class InferenceService:
             raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens and max_tokens is "
                                                    f"{params.max_tokens}; the model's context is "
                                                    f"{scenario.max_model_len}: lower max_tokens to {room} or less")
-        return _Prepared(scenario, call.request_id or uuid.uuid4().hex, ids, sampling)
+        return _Prepared(scenario, request_id, ids, sampling)
+
+    def _check_size(self, text: str, ids: list[int] | None) -> None:
+        """Refuses, before tokenizing, a prompt that no served model's context can hold."""
+        if ids is not None and len(ids) >= self._max_prompt_tokens:
+            raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens; the model's context is "
+                                                   f"{self._max_prompt_tokens} tokens: shorten the prompt")
+        if len(text) > self._max_prompt_chars:
+            raise GatewayError("invalid_argument", f"the prompt has {len(text)} characters; the model's context is "
+                                                   f"{self._max_prompt_tokens} tokens, which no prompt over "
+                                                   f"{self._max_prompt_chars} characters fits: shorten the prompt")
 
 
-async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float]) -> AsyncIterator[dict]:
+async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float],
+                 streaming: dict | None = None) -> AsyncIterator[dict]:
     """The stream's chunks until the request's deadline; past it, DEADLINE_EXCEEDED (the
-    stream is closed, which stops the actors' work and frees its KV).
+    stream is closed, which stops the actors' work and frees its KV). While it runs, its
+    `end(error)` is in `streaming` (with the task it runs in), for a shutdown to end it early.
 
     One timer per request rather than asyncio.wait_for per chunk (a task and a timer each):
     the timer cancels the request's task only while it waits for the next chunk, never while
     the caller writes a chunk out (a cancellation there would land in the caller's code)."""
     task = asyncio.current_task()
-    waiting = expired = False
+    waiting = False
+    ended: GatewayError | None = None
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
+    def end(error: GatewayError) -> None:
+        nonlocal ended
+        ended = ended or error
         if waiting:
             task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock()), expire)
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock()), end, GatewayError(
+        "deadline_exceeded", "the request ran past its deadline (the client's, or gateway.request_timeout_s); "
+                             "raise it or lower max_tokens"))
+    if streaming is not None:
+        streaming[end] = task
     try:
         while True:
-            if not expired:
+            if ended is None:
                 waiting = True
                 try:
                     chunk = await anext(stream)
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    if not expired:
+                    if ended is None:
                         raise  # the client went away
                     if hasattr(task, "uncancel"):  # 3.11+: this cancellation was ours, and is handled
                         task.uncancel()
                 finally:
                     waiting = False
-            if expired:
-                raise GatewayError("deadline_exceeded", "the request ran past its deadline (the client's, or "
-                                                        "gateway.request_timeout_s); raise it or lower max_tokens")
+            if ended is not None:
+                raise ended
             yield chunk
     finally:
         timer.cancel()
+        if streaming is not None:
+            streaming.pop(end, None)
         await stream.aclose()

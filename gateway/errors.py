@@ -59,5 +59,5 @@ class GatewayError(Exception):
 def hidden(e: BaseException, request_id: str) -> GatewayError:
     """An internal failure as the client sees it; the details are logged under request_id."""
     log.error("request %s failed inside the gateway or the mesh", request_id, exc_info=e)
-    return GatewayError("internal", f"request {request_id} failed inside the gateway; its log has the details "
+    return GatewayError("internal", f"request {request_id} failed inside the gateway or the mesh; its log has the details "
                                     "under this request id")

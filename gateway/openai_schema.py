@@ -5,18 +5,14 @@ OpenAI-compatible servers do; fields it cannot honour (n > 1, penalties) are ref
 Bodies are parsed from their bytes by pydantic's own JSON parser, which refuses what Python's
 json module lets through to fail later: lone surrogates ("\\ud800", which no tokenizer or UTF-8
 encoder takes), bytes that are not UTF-8, nesting past its recursion limit, NaN and infinity.
-Integers are bounded to the gRPC API's field types (seed int64, stop_token_ids uint32), so
-that both front ends accept the same values."""
+Sampling values are checked by SamplingParams, as for gRPC, so both front ends accept the
+same values and say the same about the rest."""
 from __future__ import annotations
 
-from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import GatewayError
-
-Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
-UInt32 = Annotated[int, Field(ge=0, lt=1 << 32)]
 
 # pydantic's JSON errors, and what the client should change
 _JSON_HINTS = (("recursion limit", "nest it less deeply"),
@@ -34,9 +30,9 @@ class _Body(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
     min_tokens: int | None = None
-    seed: Int64 | None = None
+    seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[UInt32] | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: dict | None = None

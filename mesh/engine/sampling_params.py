@@ -25,7 +25,7 @@ def _is_number(v) -> bool:
 # vLLM raises temperatures under 1e-2 to 1e-2 for that reason; we refuse them instead, so
 # that the client learns its value was not used. 0 (greedy) is what such a value means.
 MIN_TEMPERATURE = 1e-2
-SEED_LIMIT = 2**64  # seeds are unsigned 64-bit, as torch's generators take them
+SEED_LIMIT = 2**63  # non-negative int64: what the gRPC API carries (torch would take up to 2**64)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class SamplingParams:
             (_is_number(self.top_p) and 0 < self.top_p <= 1,
              f"top_p must be a number in (0, 1], got {self.top_p!r}"),
             (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
-             f"seed must be an integer in [0, 2**64), got {self.seed!r}"),
+             f"seed must be an integer in [0, 2**63), got {self.seed!r}"),
             # < the vocabulary size is checked where it is known (the engine, the gateway)
             (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)[:5]}"),

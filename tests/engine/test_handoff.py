@@ -87,7 +87,7 @@ CASES = {
     "stop token held back by min_tokens": lambda e, g: {"temperature": 0, "stop_token_ids": [g.tokens[1]],
                                                         "min_tokens": 3},
     "seed": lambda e, g: {"temperature": 0.9, "seed": 1234},
-    "seed, top-k and top-p": lambda e, g: {"temperature": 1.3, "top_k": 20, "top_p": 0.8, "seed": 2**64 - 1},
+    "seed, top-k and top-p": lambda e, g: {"temperature": 1.3, "top_k": 20, "top_p": 0.8, "seed": 2**63 - 1},
     "logprobs": lambda e, g: {"temperature": 0, "logprobs": True},
     "logprobs of a seeded sample": lambda e, g: {"temperature": 0.7, "seed": 5, "logprobs": True},
 }

@@ -72,7 +72,7 @@ CASES = {  # name -> options, from one engine's greedy output for the same promp
     "stop token held back by min_tokens": lambda e, g: {"temperature": 0, "stop_token_ids": [g.tokens[1]],
                                                         "min_tokens": 3},
     "seed": lambda e, g: {"temperature": 0.9, "seed": 1234},
-    "seed, top-k and top-p": lambda e, g: {"temperature": 1.3, "top_k": 20, "top_p": 0.8, "seed": 2**64 - 1},
+    "seed, top-k and top-p": lambda e, g: {"temperature": 1.3, "top_k": 20, "top_p": 0.8, "seed": 2**63 - 1},
 }
 STOPS = {"stop string never met": "length", "stop string across the handoff": "stop",
          "stop string later on": "stop", "stop token": "stop"}

@@ -48,8 +48,8 @@ def poisons(vocab: int) -> list[tuple[dict, str]]:
     """(body fields, what the 400's message must say) per poison value."""
     return [
         ({"temperature": 1e-300}, "temperature must be a number >= 0: 0 (greedy) or a finite number >= 0.01"),
-        ({"seed": 2**64}, "seed must be an integer in [0, 2**64)"),
-        ({"seed": -1}, "seed must be an integer in [0, 2**64)"),
+        ({"seed": 2**64}, "seed must be an integer in [0, 2**63)"),
+        ({"seed": -1}, "seed must be an integer in [0, 2**63)"),
         ({"stop_token_ids": [vocab], "min_tokens": 2}, f"stop_token_ids must be in [0, {vocab})"),
         ({"stop_token_ids": [2**64], "min_tokens": 2}, f"stop_token_ids must be in [0, {vocab})"),
         ({"stop_token_ids": list(range(vocab)), "min_tokens": 2}, "ban every token until min_tokens"),
@@ -71,7 +71,7 @@ def test_each_poison_value_gets_400_naming_the_field_over_http(poisoned, model, 
 def test_each_poison_value_gets_invalid_argument_over_grpc(poisoned, vocab):
     # The proto's types hold no seed >= 2**63 and no stop id >= 2**32: the largest ones it can carry.
     cases = [(pb.SamplingOptions(temperature=1e-300), "temperature must be a number >= 0: 0 (greedy)"),
-             (pb.SamplingOptions(seed=-1), "seed must be an integer in [0, 2**64)"),
+             (pb.SamplingOptions(seed=-1), "seed must be an integer in [0, 2**63)"),
              (pb.SamplingOptions(stop_token_ids=[vocab], min_tokens=2), f"stop_token_ids must be in [0, {vocab})"),
              (pb.SamplingOptions(stop_token_ids=[2**32 - 1], min_tokens=2), "stop_token_ids must be in"),
              (pb.SamplingOptions(stop_token_ids=range(vocab), min_tokens=2), "ban every token until min_tokens")]
@@ -83,7 +83,7 @@ def test_each_poison_value_gets_invalid_argument_over_grpc(poisoned, vocab):
             assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
 
 
-def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model, vocab, checkpoint):
+def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model, vocab, checkpoint, caplog):
     from mesh.engine.config import EngineConfig
     from mesh.engine.engine import Engine
     from mesh.engine.sampling_params import SamplingParams
@@ -120,6 +120,9 @@ def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model,
             assert isinstance(result, openai.BadRequestError), (rid, result)
     for rid in FAULTY:
         assert isinstance(results[rid], openai.InternalServerError), results[rid]
-        assert f"request {rid} failed in the engine" in results[rid].message
-        assert "fault injected" in results[rid].message
+        # the client learns which request failed; where and why go to the gateway's log only
+        assert f"request {rid} failed inside the gateway or the mesh" in results[rid].message
+        assert "fault injected" not in results[rid].message
+        assert any(f"request {rid} failed in the engine" in str(r.exc_info[1]) and "fault injected" in
+                   str(r.exc_info[1]) for r in caplog.records if r.exc_info), rid
     assert_no_blocks_held(poisoned)

@@ -134,8 +134,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def op():
             role = _role(request.role)
             pool = self.fleet.get(request.scenario).pool
-            self._warn(context, pool.guard(f"add a {role} actor to {request.scenario}", pool.roles(),
-                                           Change("(new)", None, role), request.force))
+            self._warn(context, pool.guard(f"add a {role} actor to {request.scenario}", Change("(new)", None, role),
+                                           request.force))
             member = await pool.add(role)
             return actor_message(member.info)
         return await self._run(context, op)

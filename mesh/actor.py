@@ -360,9 +360,6 @@ class MeshActor:
             tracing.end(span, error)
             self._done(rid)
 
-    async def abort(self, request_id: str) -> None:
-        await self.engine.call(self.engine.engine.abort, request_id)
-
     # -- role changes ------------------------------------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> dict:
         """Accept nothing new and wait for in-flight work. What is left after the timeout is

@@ -99,7 +99,7 @@ class Pool:
         overridden."""
         member = self.members[actor_id]
         role = Role(role)
-        warning = self.guard(f"flip {actor_id} to {role.value}", self.roles(), self._change(member, role), force)
+        warning = self.guard(f"flip {actor_id} to {role.value}", self._change(member, role), force)
         result = await self._stopping(member, member.handle.set_role.remote(role.value, drain_timeout_s))
         member.role = role
         member.info = result
@@ -109,7 +109,7 @@ class Pool:
         """The actor takes no new work and finishes what it has (what is left after the timeout
         moves to other actors); a flip makes it serve again. Guarded as flip is."""
         member = self.members[actor_id]
-        warning = self.guard(f"drain {actor_id}", self.roles(), self._change(member, None), force)
+        warning = self.guard(f"drain {actor_id}", self._change(member, None), force)
         result = await self._stopping(member, member.handle.drain.remote(timeout_s))
         member.info = await member.handle.info.remote()
         return {**result, **member.info, "warning": warning}
@@ -123,9 +123,8 @@ class Pool:
         member = self.members[actor_id]
         role = Role(role) if role else member.role
         what = f"lend {actor_id} to {other.spec.scenario} as {role.value}"
-        joining = Change(actor_id, None, role.value, self._change(member, role).device)
-        warnings = [self.guard(what, self.roles(), self._change(member, None), force),
-                    other.guard(what, other.roles(), joining, force)]
+        joining = Change(actor_id, None, role.value, device_kind(member.info.get("device", "")))
+        warnings = [self.guard(what, self._change(member, None), force), other.guard(what, joining, force)]
         warning = "; ".join(w for w in warnings if w) or None
         info = await self._stopping(member, member.handle.join.remote(other.spec.scenario, role.value,
                                                                       other.spec.ttft_budget_s, drain_timeout_s))
@@ -137,7 +136,7 @@ class Pool:
     async def remove(self, actor_id: str, drain_timeout_s: float | None = None, force: bool = False) -> dict:
         """Drains the actor, then stops it. Guarded as flip is."""
         member = self.members[actor_id]
-        warning = self.guard(f"remove {actor_id}", self.roles(), self._change(member, None), force)
+        warning = self.guard(f"remove {actor_id}", self._change(member, None), force)
         del self.members[actor_id]
         try:
             await member.handle.drain.remote(drain_timeout_s)
@@ -159,10 +158,10 @@ class Pool:
         return Change(member.actor_id, member.role.value if serving else None, role and role.value,
                       device_kind(member.info.get("device", "")))
 
-    def guard(self, what: str, roles: PoolRoles, change: Change, force: bool) -> str | None:
-        """Raises RoleLimitError for a change the rule refuses (`what`: the operation, for the
-        message); when forced, logs and returns the warning instead."""
-        verdict = roles.judge(change)
+    def guard(self, what: str, change: Change, force: bool) -> str | None:
+        """Raises RoleLimitError for a change the rule refuses in this pool (`what`: the
+        operation, for the message); when forced, logs and returns the warning instead."""
+        verdict = self.roles().judge(change)
         if verdict.allowed:
             return None
         if not force:

@@ -118,13 +118,13 @@ def _only(pdmesh, role: str) -> dict:
     return actor
 
 
-@pytest.mark.parametrize("command", [("flip", "{id}", "prefill"), ("drain", "{id}"), ("remove", "{id}")])
-def test_the_only_decode_actor_stays_unless_forced(pdmesh, command):
+@pytest.mark.parametrize("command, what", [(("flip", "{id}", "prefill"), "flip {id} to prefill"),
+                                           (("drain", "{id}"), "drain {id}"), (("remove", "{id}"), "remove {id}")])
+def test_the_only_decode_actor_stays_unless_forced(pdmesh, command, what):
     decode = _only(pdmesh, "decode")
     code, out, err = pdmesh(*(arg.format(id=decode["actor_id"]) for arg in command))
     assert code == 1, out
-    assert err == (f"pdmesh: error: cannot {command[0]} {decode['actor_id']}{' to prefill' if command[0] == 'flip' else ''}"
-                   f": scenario 'default' would have 0 serving decode actor(s), below its minimum of 1 "
+    assert err == (f"pdmesh: error: cannot {what.format(id=decode['actor_id'])}: scenario 'default' would have 0 serving decode actor(s), below its minimum of 1 "
                    f"(limits.decode.min in its scenario file): start another decode actor first (`pdmesh add default "
                    f"decode`), or lower limits.decode.min; or force it (--force)\n")
     assert _only(pdmesh, "decode")["state"] == "serving"

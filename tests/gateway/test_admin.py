@@ -3,6 +3,8 @@ bad operations answered with their status and a message, the role limits (refusa
 with a warning), and one-line answers about dead actors."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import ray
@@ -65,6 +67,18 @@ def test_bad_admin_calls(admin):
         assert (info.value.code(), message in info.value.details()) == (code, True), info.value.details()
 
 
+def kill(handle) -> None:
+    """Kills an actor and waits until Ray answers calls to it as dead (a kill lands a moment later)."""
+    ray.kill(handle, no_restart=True)
+    for _ in range(600):
+        try:
+            ray.get(handle.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 def _actors(admin) -> list:
     return list(admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools[0].actors)
 
@@ -108,7 +122,7 @@ def test_operations_on_a_dead_actor_answer_in_one_line(admin, gateway):
     original = {a.actor_id for a in _actors(admin)}
     added = admin.AddActor(pb.AddActorRequest(scenario="default", role="decode"), metadata=ADMIN, timeout=120)
     pool = gateway.gateway.fleet.scenarios["default"].pool
-    ray.kill(pool.members[added.actor_id].handle, no_restart=True)
+    kill(pool.members[added.actor_id].handle)
     for call in (lambda: admin.FlipActor(pb.FlipActorRequest(actor_id=added.actor_id, role="prefill"),
                                          metadata=ADMIN, timeout=60),
                  lambda: admin.DrainActor(pb.DrainActorRequest(actor_id=added.actor_id), metadata=ADMIN, timeout=60)):

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 from click.testing import CliRunner
 
 from gateway.cli import main
 from tests.gateway.conftest import ADMIN_KEY, API_KEY
+from tests.gateway.test_admin import kill
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def _actor_ids(pdmesh) -> set[str]:
 def test_a_dead_actor_answers_in_one_line(pdmesh, gateway):
     original = _actor_ids(pdmesh)
     added = ok_json(pdmesh, "add", "default", "decode")
-    ray.kill(gateway.gateway.fleet.scenarios["default"].pool.members[added["actor_id"]].handle, no_restart=True)
+    kill(gateway.gateway.fleet.scenarios["default"].pool.members[added["actor_id"]].handle)
     code, _, err = pdmesh("flip", added["actor_id"], "prefill")
     assert code in (1, 2)  # 2: the pool's supervisor has dropped the dead actor already
     assert err in (f"pdmesh: error: actor {added['actor_id']} is dead: nothing was changed (`pdmesh status` lists "

@@ -78,6 +78,10 @@ async def test_idle_actor_moves_to_another_scenario_of_the_same_model_within_bot
 async def test_operations_on_a_dead_actor_answer_in_one_line(pool):
     member = await pool.add(Role.DECODE)
     ray.kill(member.handle, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill has landed
+        while True:
+            await member.handle.ping.remote()
+            await asyncio.sleep(0.1)
     for op in (lambda: pool.flip(member.actor_id, Role.PREFILL), lambda: pool.drain(member.actor_id)):
         with pytest.raises(MeshError) as info:
             await op()

@@ -67,7 +67,7 @@ async def test_a_flip_that_times_out_moves_its_requests_and_they_finish_elsewher
                 started[i].set()
         return tokens
 
-    # every request decodes on the same actor: the other one is busy draining meanwhile
+    # every request decodes on the same actor: the other one is drained while they start
     victim, other = pool.by_role(Role.DECODE)
     await pool.drain(other.actor_id)
     tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]

@@ -36,6 +36,7 @@ from transport.layout import KVLayout
 log = logging.getLogger(__name__)
 
 GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
+LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
 
 
 class Role(str, enum.Enum):
@@ -376,14 +377,18 @@ class MeshActor:
         return {"moved": moved}
 
     async def _idle_within(self, timeout_s: float) -> bool:
-        """Whether every request here ended within timeout_s."""
+        """Whether, within timeout_s, every request here ended and every lease reserved here was
+        taken by its decode call or ended (its prefill may still be writing the KV)."""
         deadline = time.monotonic() + timeout_s
-        while self.active:
+        while self.active or self.holds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
             self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), deadline - time.monotonic())
+            try:  # a lease ends without a word to us: look again soon
+                await asyncio.wait_for(self._idle.wait(), left if self.active else min(left, LEASE_POLL_S))
             except asyncio.TimeoutError:
-                return not self.active
+                pass
         return True
 
     async def set_role(self, role: str, drain_timeout_s: float | None = None) -> dict:

@@ -84,3 +84,15 @@ async def test_a_flip_that_times_out_moves_its_requests_and_they_finish_elsewher
         assert not any(e.name == "actor_lost" for e in evs)
     await pool.flip(victim.actor_id, Role.DECODE)
     await assert_no_blocks_held(pool)
+
+
+async def test_a_drain_waits_for_leases_whose_prefill_is_on_its_way(pool):
+    actor = pool.by_role(Role.DECODE)[0]
+    lease = await actor.handle.reserve.remote(PROMPTS[0])
+    drain = asyncio.ensure_future(actor.handle.drain.remote(60.0))
+    await asyncio.sleep(0.5)
+    assert not drain.done()  # the lease's KV may still come, and its decode call after it
+    await actor.handle.release_lease.remote(lease["lease_id"])
+    assert await drain == {"moved": []}
+    await pool.flip(actor.actor_id, Role.DECODE)
+    await assert_no_blocks_held(pool)

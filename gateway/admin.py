@@ -1,9 +1,14 @@
 """The admin service (pdmesh.v1.Admin) for the ops CLI: the pools and their actors,
 operations on actors (flip, drain, add, remove), and the ratio controller (on/off, pins,
-its decisions). Needs the admin key (gateway.grpc_api)."""
+its decisions). Needs the admin key (gateway.grpc_api).
+
+Operations on actors keep the role limits and hardware rules (mesh.role_limits): a refusal
+answers FAILED_PRECONDITION; a forced change that broke them answers with the trailing
+metadata "pdmesh-warning"."""
 from __future__ import annotations
 
 import json
+import logging
 
 import grpc
 
@@ -11,10 +16,13 @@ from gateway.control import ControlLoop, Record, ScenarioState
 from gateway.errors import GatewayError
 from gateway.fleet import Fleet
 from gateway.grpc_api import abort
+from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2, admin_pb2_grpc
 from mesh.actor import Role
 from mesh.errors import MeshError
+from mesh.role_limits import Change, RoleLimitError
 
+log = logging.getLogger(__name__)
 ROLES = tuple(r.value for r in Role if r is not Role.BOTH)
 
 
@@ -83,6 +91,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await abort(context, e)
         except MeshError as e:
             await abort(context, GatewayError.from_mesh(e))
+        except RoleLimitError as e:
+            await abort(context, GatewayError("failed_precondition", f"{e}; or force it (--force)"))
+        except Exception:  # a bug or an unexpected Ray failure: one line for the client, the rest logged
+            log.exception("admin operation failed")
+            await abort(context, GatewayError("internal", "the operation failed unexpectedly; the gateway's log "
+                                                          "has the details"))
+
+    @staticmethod
+    def _warn(context: grpc.aio.ServicerContext, warning: str | None) -> None:
+        if warning:
+            context.set_trailing_metadata(((WARNING_KEY, warning),))
 
     async def ListPools(self, request, context):
         async def op():
@@ -98,31 +117,34 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def op():
             role = _role(request.role)
             scenario, _ = self.fleet.find_actor(request.actor_id)
-            return actor_message(await scenario.pool.flip(request.actor_id, role, _optional(request.drain_timeout_s)))
+            result = await scenario.pool.flip(request.actor_id, role, _optional(request.drain_timeout_s), request.force)
+            self._warn(context, result["warning"])
+            return actor_message(result)
         return await self._run(context, op)
 
     async def DrainActor(self, request, context):
         async def op():
             scenario, _ = self.fleet.find_actor(request.actor_id)
-            result = await scenario.pool.drain(request.actor_id, _optional(request.timeout_s))
-            return admin_pb2.DrainActorResponse(aborted_request_ids=result["aborted"], actor=actor_message(result))
+            result = await scenario.pool.drain(request.actor_id, _optional(request.timeout_s), request.force)
+            self._warn(context, result["warning"])
+            return admin_pb2.DrainActorResponse(moved_request_ids=result["moved"], actor=actor_message(result))
         return await self._run(context, op)
 
     async def AddActor(self, request, context):
         async def op():
             role = _role(request.role)
-            member = await self.fleet.get(request.scenario).pool.add(role)
+            pool = self.fleet.get(request.scenario).pool
+            self._warn(context, pool.guard(f"add a {role} actor to {request.scenario}", Change("(new)", None, role),
+                                           request.force))
+            member = await pool.add(role)
             return actor_message(member.info)
         return await self._run(context, op)
 
     async def RemoveActor(self, request, context):
         async def op():
-            scenario, member = self.fleet.find_actor(request.actor_id)
-            left = [m for m in scenario.pool.by_role(member.role) if m.actor_id != member.actor_id]
-            if not left:
-                raise GatewayError("failed_precondition", f"{request.actor_id} is the last {member.role.value} actor "
-                                                          f"of scenario {scenario.name!r}: add another first")
-            await scenario.pool.remove(request.actor_id, _optional(request.drain_timeout_s))
+            scenario, _ = self.fleet.find_actor(request.actor_id)
+            result = await scenario.pool.remove(request.actor_id, _optional(request.drain_timeout_s), request.force)
+            self._warn(context, result["warning"])
             return admin_pb2.RemoveActorResponse(actor_id=request.actor_id)
         return await self._run(context, op)
 

@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
 from mesh import tracing
 from mesh.actor import Role
+from mesh.role_limits import device_kind
 from scenarios.connector import LiveConnector, apply_all
 from scenarios.controller import ActorView, Decision, RatioController
 from scenarios.spec import SLO, RoleLimits
@@ -104,7 +105,7 @@ class ControlLoop:
             load = m.info.get("load", {})
             views.append(ActorView(m.actor_id, m.role.value,
                                    load.get("queued_requests", 0) + load.get("active_requests", 0),
-                                   m.info.get("state") == "serving"))
+                                   m.info.get("state") == "serving", device_kind(m.info.get("device", ""))))
         return tuple(views)
 
     async def _apply(self, decision: Decision) -> None:

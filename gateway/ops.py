@@ -2,7 +2,9 @@
 `add`, `remove`, `decisions`, each a call to the gateway's admin API (pdmesh.v1.Admin).
 
 Every command prints `rich` tables, or with `--output json` one JSON object on stdout for
-scripts. Failures print one line on stderr (and `{"error": ...}` with --output json) and
+scripts. `flip`, `drain`, `remove` and `add` keep each role within its scenario's limits and
+on its hardware; `--force` overrides that, and the override is printed as a warning on stderr
+(and logged by the gateway). Failures print one line on stderr (and `{"error": ...}` with --output json) and
 exit with a code scripts can tell apart: 1 the gateway could not do it, 2 bad input (also
 click's usage errors), 3 admin key refused, 4 gateway unreachable.
 """
@@ -29,7 +31,11 @@ class Session:
         self.target, self.output = target, output
 
     def client(self) -> AdminClient:
-        return AdminClient(self.target)
+        return AdminClient(self.target, self.warn)
+
+    @staticmethod
+    def warn(warning: str) -> None:
+        click.echo(f"pdmesh: warning: {warning}", err=True)
 
     def call(self, method: str, request):
         """One admin call on a channel of its own."""
@@ -151,6 +157,10 @@ def _drain_timeout(what: str):
                         help=f"how long in-flight requests may take; {what} (0: the actor's default)")
 
 
+_force = click.option("--force", is_flag=True,
+                      help="even past the scenario's role limits or the role's hardware (prints a warning)")
+
+
 def _actor_line(console, a: dict) -> None:
     console.print(f"{a['actor_id']} ({a['scenario']}): {a['role']}, {a['state']} on {a['device']} "
                   f"pid {a['pid']}")
@@ -224,44 +234,51 @@ def controller(session: Session, state: str, scenario: str | None) -> None:
 @click.argument("actor")
 @click.argument("role", type=click.Choice(ROLES))
 @_drain_timeout("then they move to other actors")
+@_force
 @ops_command
-def flip(session: Session, actor: str, role: str, drain_timeout_s: float) -> None:
+def flip(session: Session, actor: str, role: str, drain_timeout_s: float, force: bool) -> None:
     """Drain ACTOR, switch it to ROLE in place (same weights) and serve again."""
-    reply = session.call("FlipActor", pb.FlipActorRequest(actor_id=actor, role=role, drain_timeout_s=drain_timeout_s))
+    reply = session.call("FlipActor", pb.FlipActorRequest(actor_id=actor, role=role, drain_timeout_s=drain_timeout_s,
+                                                          force=force))
     session.show(_dict(reply), _actor_line)
 
 
 @click.command("drain")
 @click.argument("actor")
-@_drain_timeout("then what is left is aborted and re-run elsewhere")
+@_drain_timeout("then what is left moves to other actors")
+@_force
 @ops_command
-def drain(session: Session, actor: str, drain_timeout_s: float) -> None:
+def drain(session: Session, actor: str, drain_timeout_s: float, force: bool) -> None:
     """ACTOR takes no new work and finishes what it has (`pdmesh flip` serves again)."""
-    reply = _dict(session.call("DrainActor", pb.DrainActorRequest(actor_id=actor, timeout_s=drain_timeout_s)))
+    reply = _dict(session.call("DrainActor", pb.DrainActorRequest(actor_id=actor, timeout_s=drain_timeout_s,
+                                                                  force=force)))
 
     def render(console, data):
         _actor_line(console, data["actor"])
-        console.print(f"aborted: {', '.join(data['aborted_request_ids']) or 'none'}")
+        console.print(f"moved to other actors: {', '.join(data['moved_request_ids']) or 'none'}")
     session.show(reply, render)
 
 
 @click.command("add")
 @click.argument("scenario")
 @click.argument("role", type=click.Choice(ROLES))
+@_force
 @ops_command
-def add(session: Session, scenario: str, role: str) -> None:
+def add(session: Session, scenario: str, role: str, force: bool) -> None:
     """Start one more ROLE actor in SCENARIO's pool."""
-    reply = session.call("AddActor", pb.AddActorRequest(scenario=scenario, role=role))
+    reply = session.call("AddActor", pb.AddActorRequest(scenario=scenario, role=role, force=force))
     session.show(_dict(reply), _actor_line)
 
 
 @click.command("remove")
 @click.argument("actor")
-@_drain_timeout("then what is left is aborted and re-run elsewhere")
+@_drain_timeout("then what is left moves to other actors")
+@_force
 @ops_command
-def remove(session: Session, actor: str, drain_timeout_s: float) -> None:
+def remove(session: Session, actor: str, drain_timeout_s: float, force: bool) -> None:
     """Drain ACTOR, then stop it."""
-    reply = session.call("RemoveActor", pb.RemoveActorRequest(actor_id=actor, drain_timeout_s=drain_timeout_s))
+    reply = session.call("RemoveActor", pb.RemoveActorRequest(actor_id=actor, drain_timeout_s=drain_timeout_s,
+                                                              force=force))
     session.show(_dict(reply), lambda console, d: console.print(f"removed {d['actor_id']}"))
 
 

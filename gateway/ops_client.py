@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -14,6 +15,8 @@ FAILED = 1  # the gateway could not do it (an actor refused, the last of its rol
 BAD_INPUT = 2  # unknown scenario or actor, a ratio outside the limits, a malformed value
 AUTH = 3  # the admin key is missing or wrong
 UNREACHABLE = 4  # no gateway answers at the address
+
+WARNING_KEY = "pdmesh-warning"  # trailing metadata of a forced operation: what it overrode
 
 _BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
 _AUTH = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
@@ -35,10 +38,11 @@ class Target:
 
 
 class AdminClient:
-    """The Admin stub's calls, each returning its reply or raising OpsError."""
+    """The Admin stub's calls, each returning its reply or raising OpsError; `warn` gets what a
+    forced operation overrode."""
 
-    def __init__(self, target: Target):
-        self.target = target
+    def __init__(self, target: Target, warn: Callable[[str], None] = lambda warning: None):
+        self.target, self.warn = target, warn
         if target.tls or target.tls_ca:
             root = Path(target.tls_ca).read_bytes() if target.tls_ca else None
             self.channel = grpc.secure_channel(target.address, grpc.ssl_channel_credentials(root))
@@ -57,9 +61,14 @@ class AdminClient:
         self._connect()
         metadata = (("authorization", f"Bearer {self.target.admin_key}"),) if self.target.admin_key else ()
         try:
-            return getattr(self.stub, method)(request, metadata=metadata, timeout=self.target.timeout_s)
+            reply, call = getattr(self.stub, method).with_call(request, metadata=metadata,
+                                                               timeout=self.target.timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
+        for key, value in call.trailing_metadata() or ():
+            if key == WARNING_KEY:
+                self.warn(value)
+        return reply
 
     def _connect(self) -> None:
         """Tells 'nobody answers' apart from the gateway's own UNAVAILABLE answers."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import time
@@ -26,13 +27,16 @@ from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
-from mesh.errors import MeshError
+from mesh.errors import MeshError, RequestMoved
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
 from transport.layout import KVLayout
 
 log = logging.getLogger(__name__)
+
+GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
+LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
 
 
 class Role(str, enum.Enum):
@@ -70,6 +74,15 @@ def _params_from(d: dict) -> SamplingParams:
         raise MeshError("invalid_argument", str(e)) from None
 
 
+def _movable(method):
+    """Makes an actor method that streams one request movable (MeshActor._stream_movably)."""
+    @functools.wraps(method)
+    async def stream(self: MeshActor, *args, **kwargs) -> AsyncIterator[dict]:
+        async for message in self._stream_movably(method(self, *args, **kwargs)):
+            yield message
+    return stream
+
+
 class MeshActor:
     def __init__(self, spec: dict):
         self.spec = ActorSpec(**spec)
@@ -84,6 +97,7 @@ class MeshActor:
         self.holds: PrefixHolds | None = None  # decode side: each lease's KV until the decode call takes it
         self._senders: dict[str, object] = {}
         self._idle = asyncio.Event()
+        self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> dict:
@@ -180,6 +194,7 @@ class MeshActor:
                                               time_left_s, cached_tokens))
         return dataclasses.asdict(d)
 
+    @_movable
     async def prefill(self, request: dict, lease: dict | None) -> AsyncIterator[dict]:
         """Yields {"type": "first", ...} as soon as the first token is sampled, then, when
         the KV went into the lease, {"type": "committed", "transfer": stats}. The first
@@ -280,6 +295,7 @@ class MeshActor:
             self.holds.release(lease_id)  # committed but never taken: its blocks go too
         return self.receiver.abort(lease_id) if self.receiver else False
 
+    @_movable
     async def decode(self, lease_id: str, request: dict) -> AsyncIterator[dict]:
         """Waits for the lease's commit, then streams the request's tokens (first excluded)."""
         self._require(Role.DECODE, Role.BOTH)
@@ -307,6 +323,7 @@ class MeshActor:
             yield chunk
 
     # -- both phases on one actor ------------------------------------------------------------
+    @_movable
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         self._require(Role.BOTH, Role.PREFILL, Role.DECODE)
         rid, ids = request["request_id"], list(request["prompt_token_ids"])
@@ -344,25 +361,35 @@ class MeshActor:
             tracing.end(span, error)
             self._done(rid)
 
-    async def abort(self, request_id: str) -> None:
-        await self.engine.call(self.engine.engine.abort, request_id)
-
     # -- role changes ------------------------------------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> dict:
-        """Accept nothing new and wait for in-flight work; what is left after the timeout is
-        aborted (its gateway re-runs it elsewhere)."""
+        """Accept nothing new and wait for in-flight work. What is left after the timeout is
+        given back: each such request's stream ends with RequestMoved (its dispatcher re-runs
+        it on another actor from the prompt plus the tokens sent) once its KV here is freed."""
         self.state = State.DRAINING
-        deadline = time.monotonic() + (timeout_s or self.spec.drain_timeout_s)
-        while self.active and time.monotonic() < deadline:
+        if await self._idle_within(timeout_s or self.spec.drain_timeout_s):
+            return {"moved": []}
+        moved = sorted(self.active)
+        self._give_back.set()
+        if not await self._idle_within(GIVE_BACK_S):
+            log.warning("actor %s: requests %s still cleaning up %.0f s after they were given back",
+                        self.spec.actor_id, sorted(self.active), GIVE_BACK_S)
+        return {"moved": moved}
+
+    async def _idle_within(self, timeout_s: float) -> bool:
+        """Whether, within timeout_s, every request here ended and every lease reserved here was
+        taken by its decode call or ended (its prefill may still be writing the KV)."""
+        deadline = time.monotonic() + timeout_s
+        while self.active or self.holds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
             self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), deadline - time.monotonic())
+            try:  # a lease ends without a word to us: look again soon
+                await asyncio.wait_for(self._idle.wait(), left if self.active else min(left, LEASE_POLL_S))
             except asyncio.TimeoutError:
-                break
-        left = list(self.active)
-        for rid in left:
-            await self.abort(rid)
-        return {"aborted": left}
+                pass
+        return True
 
     async def set_role(self, role: str, drain_timeout_s: float | None = None) -> dict:
         """Drain, switch role in place (same engine and weights), serve again."""
@@ -373,6 +400,7 @@ class MeshActor:
         elif self.receiver is None:
             await self._open_receiver()
         self.role = new
+        self._give_back.clear()
         self.state = State.SERVING
         return {**result, **(await self.info())}
 
@@ -383,10 +411,37 @@ class MeshActor:
         return await self.set_role(role, drain_timeout_s)
 
     def _require(self, *roles: Role) -> None:
-        if self.state is not State.SERVING and not (self.state is State.DRAINING and self.role in roles):
-            raise MeshError("unavailable", f"actor {self.spec.actor_id} is {self.state.value}")
-        if self.role not in roles:
-            raise MeshError("unavailable", f"actor {self.spec.actor_id} serves {self.role.value}")
+        """A request that reaches an actor no longer serving its role (a flip or a drain got there
+        first) moves on: the dispatcher re-runs it elsewhere."""
+        taking = self.state is State.SERVING or (self.state is State.DRAINING and not self._give_back.is_set())
+        if not taking or self.role not in roles:
+            raise RequestMoved(f"actor {self.spec.actor_id} is {self.state.value} as {self.role.value}")
+
+    async def _stream_movably(self, work: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        """Streams one request's messages from `work` until a drain gives the request back: then
+        `work` is cancelled where it waits (its own clean-up frees its KV, leases and spans)
+        and the stream ends with RequestMoved."""
+        give_back = asyncio.ensure_future(self._give_back.wait())
+        try:
+            while True:
+                step = asyncio.ensure_future(work.__anext__())
+                try:
+                    await asyncio.wait((step, give_back), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    taken = not step.done()  # given back, or this stream was cancelled
+                    if taken:
+                        step.cancel()
+                        await asyncio.gather(step, return_exceptions=True)
+                if taken:
+                    raise RequestMoved(f"actor {self.spec.actor_id} gave the request back: its drain timed out")
+                try:
+                    message = step.result()
+                except StopAsyncIteration:
+                    return
+                yield message
+        finally:
+            give_back.cancel()
+            await work.aclose()
 
     def _done(self, rid: str) -> None:
         self.active.discard(rid)

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 import ray
 
 from mesh.actor import Role
-from mesh.errors import MeshError
+from mesh.errors import MeshError, RequestMoved
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
 from mesh.routing import ForwardOnRejection
@@ -83,6 +83,9 @@ class Dispatcher:
             except _Lost as e:
                 lost.add(e.actor_id)
                 events.append(Event("actor_lost", {"actor": e.actor_id, "phase": e.phase}))
+                continue
+            except RequestMoved as e:  # a drain or flip gave it back; that actor is fine
+                events.append(Event("moved", {"reason": e.message}))
                 continue
         raise MeshError("unavailable", f"request {req.request_id} failed on {self.max_attempts} attempts; "
                         f"lost actors: {sorted(lost)}")

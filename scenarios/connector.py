@@ -2,7 +2,9 @@
 
 The controller returns `Decision`s; a connector carries out their actions. The live
 one drives `mesh.pool.Pool` (flip drains then switches in place; lend moves an
-actor to another scenario's pool of the same model). The simulator has its own.
+actor to another scenario's pool of the same model), never forced: the pools judge
+each action by the same role rule the controller planned with, on what they see now,
+and requests a drain could not finish move to other actors. The simulator has its own.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ confirmation streak and a minimum dwell time) keeps it from flapping on noise; a
 that soon reverses the last one goes half as far, so that an overloaded scenario, whose
 TTFT and TPOT misses take turns, settles instead of swinging between two splits.
 
+Every action it proposes passes the role rule (mesh.role_limits) that operator commands
+follow too: each role within the scenario's limits, every actor on its role's hardware.
+
 It is a policy: it takes observations and the clock and returns decisions, each
 with its inputs, prediction and reason. What applies them (live pools, a simulated
 cluster) is a connector (`scenarios.connector`).
@@ -17,10 +20,11 @@ cluster) is a connector (`scenarios.connector`).
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from mesh.role_limits import Change, PoolRoles, device_for
 from scenarios.perf_model import PerfModel
 from scenarios.spec import ScenarioSpec
 
@@ -31,6 +35,7 @@ class ActorView:
     role: Literal["prefill", "decode"]  # the role it serves, or is draining towards
     load: float = 0.0  # queued + running requests: the least loaded are moved first
     movable: bool = True  # False while draining for an earlier move
+    device: str = ""  # what it runs on: cpu, cuda or npu ("": not known)
 
 
 @dataclass(frozen=True)
@@ -225,7 +230,12 @@ class RatioController:
         step = max(1, math.ceil(min(abs(delta), max(1, math.ceil(s.max_step * n))) / 2 ** damping))
         give = "decode" if direction > 0 else "prefill"
         take = "prefill" if direction > 0 else "decode"
-        chosen = _least_loaded(obs.actors, give, step)
+        chosen, rules = [], _roles(spec, obs.actors)
+        for a in _least_loaded(obs.actors, give):
+            change = Change(a.actor_id, give, take, a.device)
+            if len(chosen) < step and rules.judge(change).allowed:
+                chosen.append(a)
+                rules = rules.after(change)
         if not chosen:
             return None
         mem.last_change, mem.streak, mem.last_direction, mem.damping = now, 0, direction, damping
@@ -271,18 +281,16 @@ class RatioController:
         tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in ("prefill", "decode")}
         need = taker_need[0]
         deficit = {"prefill": need.prefill - tcounts["prefill"], "decode": need.decode - tcounts["decode"]}
+        role = max(deficit, key=deficit.get)
+        donor_rules, taker_rules = _roles(dspec, donor.actors), _roles(tspec, taker_obs.actors)
         for give in sorted(surplus, key=surplus.get, reverse=True):
-            if counts[give] - 1 < dspec.limits[give].min:
-                continue
-            role = max(deficit, key=deficit.get)
-            if tcounts[role] + 1 > tspec.limits[role].max:
-                continue
-            chosen = _least_loaded(donor.actors, give, 1)
-            if not chosen:
+            a = next((a for a in _least_loaded(donor.actors, give)
+                      if donor_rules.judge(Change(a.actor_id, give, None)).allowed
+                      and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed), None)
+            if a is None:
                 continue
             for name in (donor.scenario, taker):
                 self._memory[name].last_change = now
-            a = chosen[0]
             return Decision(now, donor.scenario, (Action("lend", a.actor_id, donor.scenario, role, taker),),
                             (counts["prefill"], counts["decode"]),
                             (counts["prefill"] - (give == "prefill"), counts["decode"] - (give == "decode")),
@@ -294,8 +302,14 @@ class RatioController:
         return None
 
 
-def _least_loaded(actors: tuple[ActorView, ...], role: str, k: int) -> list[ActorView]:
-    return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)[:k]
+def _least_loaded(actors: tuple[ActorView, ...], role: str) -> list[ActorView]:
+    return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)
+
+
+def _roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
+    """What the role rule looks at for a scenario, as the controller sees it."""
+    return PoolRoles(spec.name, Counter(a.role for a in actors), spec.limits,
+                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
 
 
 def _inputs(o: Observation) -> dict:

@@ -81,46 +81,54 @@ class SetRatioRequest(_message.Message):
     def __init__(self, scenario: _Optional[str] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., auto: _Optional[bool] = ...) -> None: ...
 
 class FlipActorRequest(_message.Message):
-    __slots__ = ("actor_id", "role", "drain_timeout_s")
+    __slots__ = ("actor_id", "role", "drain_timeout_s", "force")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     actor_id: str
     role: str
     drain_timeout_s: float
-    def __init__(self, actor_id: _Optional[str] = ..., role: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+    force: bool
+    def __init__(self, actor_id: _Optional[str] = ..., role: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DrainActorRequest(_message.Message):
-    __slots__ = ("actor_id", "timeout_s")
+    __slots__ = ("actor_id", "timeout_s", "force")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     actor_id: str
     timeout_s: float
-    def __init__(self, actor_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    force: bool
+    def __init__(self, actor_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DrainActorResponse(_message.Message):
-    __slots__ = ("aborted_request_ids", "actor")
-    ABORTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("moved_request_ids", "actor")
+    MOVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
-    aborted_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    moved_request_ids: _containers.RepeatedScalarFieldContainer[str]
     actor: ActorInfo
-    def __init__(self, aborted_request_ids: _Optional[_Iterable[str]] = ..., actor: _Optional[_Union[ActorInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, moved_request_ids: _Optional[_Iterable[str]] = ..., actor: _Optional[_Union[ActorInfo, _Mapping]] = ...) -> None: ...
 
 class AddActorRequest(_message.Message):
-    __slots__ = ("scenario", "role")
+    __slots__ = ("scenario", "role", "force")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     role: str
-    def __init__(self, scenario: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, scenario: _Optional[str] = ..., role: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RemoveActorRequest(_message.Message):
-    __slots__ = ("actor_id", "drain_timeout_s")
+    __slots__ = ("actor_id", "drain_timeout_s", "force")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     actor_id: str
     drain_timeout_s: float
-    def __init__(self, actor_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+    force: bool
+    def __init__(self, actor_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RemoveActorResponse(_message.Message):
     __slots__ = ("actor_id",)

@@ -100,7 +100,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FlipActor(self, request, context):
-        """Drain the actor, switch its role in place (same weights), serve again.
+        """Drain the actor, switch its role in place (same weights), serve again. Requests still on
+        it when the drain times out move to other actors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

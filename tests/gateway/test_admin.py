@@ -1,10 +1,15 @@
 """The admin service with the generated client: pools and actors, add and remove an actor,
-and bad operations answered with their status and a message."""
+bad operations answered with their status and a message, the role limits (refusals, --force
+with a warning), and one-line answers about dead actors."""
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
+import ray
 
+from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc
 from tests.gateway.conftest import ADMIN_KEY, API_KEY
@@ -52,7 +57,7 @@ def test_bad_admin_calls(admin):
         (lambda: admin.FlipActor(pb.FlipActorRequest(actor_id="ghost", role="decode"), metadata=ADMIN, timeout=10),
          grpc.StatusCode.NOT_FOUND, "no actor 'ghost'"),
         (lambda: admin.RemoveActor(pb.RemoveActorRequest(actor_id=prefill.actor_id), metadata=ADMIN, timeout=10),
-         grpc.StatusCode.FAILED_PRECONDITION, "is the last prefill actor"),
+         grpc.StatusCode.FAILED_PRECONDITION, "would have 0 serving prefill actor(s), below its minimum of 1"),
         (lambda: admin.DrainActor(pb.DrainActorRequest(actor_id=prefill.actor_id, timeout_s=-1), metadata=ADMIN,
                                   timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "a timeout must be >= 0"),
     ]
@@ -60,3 +65,75 @@ def test_bad_admin_calls(admin):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert (info.value.code(), message in info.value.details()) == (code, True), info.value.details()
+
+
+def kill(handle) -> None:
+    """Kills an actor and waits until Ray answers calls to it as dead (a kill lands a moment later)."""
+    ray.kill(handle, no_restart=True)
+    for _ in range(600):
+        try:
+            ray.get(handle.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
+def _actors(admin) -> list:
+    return list(admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools[0].actors)
+
+
+def _only(admin, role: str):
+    [actor] = [a for a in _actors(admin) if a.role == role]
+    return actor
+
+
+def test_the_only_decode_actor_is_not_flipped_drained_or_removed(admin):
+    decode = _only(admin, "decode")
+    for call in (lambda: admin.FlipActor(pb.FlipActorRequest(actor_id=decode.actor_id, role="prefill"),
+                                         metadata=ADMIN, timeout=30),
+                 lambda: admin.DrainActor(pb.DrainActorRequest(actor_id=decode.actor_id), metadata=ADMIN, timeout=30),
+                 lambda: admin.RemoveActor(pb.RemoveActorRequest(actor_id=decode.actor_id), metadata=ADMIN,
+                                           timeout=30)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (f"scenario 'default' would have 0 serving decode actor(s), below its minimum of 1 (limits.decode.min "
+                f"in its scenario file): start another decode actor first (`pdmesh add default decode`), or lower "
+                f"limits.decode.min; or force it (--force)") in info.value.details()
+    assert _only(admin, "decode").state == "serving"
+
+
+def test_a_forced_flip_of_the_only_decode_actor_warns_and_the_flip_back_does_not(admin):
+    decode = _only(admin, "decode")
+    flipped, call = admin.FlipActor.with_call(pb.FlipActorRequest(actor_id=decode.actor_id, role="prefill", force=True),
+                                              metadata=ADMIN, timeout=60)
+    assert flipped.role == "prefill" and flipped.state == "serving"
+    warnings = [v for k, v in call.trailing_metadata() if k == WARNING_KEY]
+    assert warnings == [f"forced to flip {decode.actor_id} to prefill: scenario 'default' would have 0 serving "
+                        f"decode actor(s), below its minimum of 1 (limits.decode.min in its scenario file): start "
+                        f"another decode actor first (`pdmesh add default decode`), or lower limits.decode.min"]
+    back, call = admin.FlipActor.with_call(pb.FlipActorRequest(actor_id=decode.actor_id, role="decode"),
+                                           metadata=ADMIN, timeout=60)
+    assert back.role == "decode" and not [k for k, _ in call.trailing_metadata() if k == WARNING_KEY]
+
+
+def test_operations_on_a_dead_actor_answer_in_one_line(admin, gateway):
+    original = {a.actor_id for a in _actors(admin)}
+    added = admin.AddActor(pb.AddActorRequest(scenario="default", role="decode"), metadata=ADMIN, timeout=120)
+    pool = gateway.gateway.fleet.scenarios["default"].pool
+    kill(pool.members[added.actor_id].handle)
+    for call in (lambda: admin.FlipActor(pb.FlipActorRequest(actor_id=added.actor_id, role="prefill"),
+                                         metadata=ADMIN, timeout=60),
+                 lambda: admin.DrainActor(pb.DrainActorRequest(actor_id=added.actor_id), metadata=ADMIN, timeout=60)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        # the pool's supervisor may have dropped the dead actor already: then it is not found
+        assert (info.value.code(), info.value.details()) in {
+            (grpc.StatusCode.UNAVAILABLE, f"actor {added.actor_id} is dead: nothing was changed (`pdmesh status` "
+                                          "lists the pool's actors)"),
+            (grpc.StatusCode.NOT_FOUND, f"no actor {added.actor_id!r}; `pdmesh status` lists the actors")}
+    for actor in _actors(admin):  # the dead one, or its replacement
+        if actor.actor_id not in original:
+            admin.RemoveActor(pb.RemoveActorRequest(actor_id=actor.actor_id), metadata=ADMIN, timeout=60)
+    assert {a.actor_id for a in _actors(admin)} == original

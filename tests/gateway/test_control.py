@@ -157,3 +157,12 @@ def test_a_failed_flip_is_recorded_and_the_loop_goes_on():
         prompt_heavy(window, clock)
         asyncio.run(loop.tick())
     assert pool.split()[0] > 1
+
+
+def test_the_controller_sees_where_each_actor_runs():
+    """Its views carry each actor's device, so that its flips and lends keep actors on their
+    roles' hardware (scenarios.controller; the pools check again)."""
+    loop, fleet, *_ = make(enabled=True)
+    for m in fleet.scenarios["chat"].pool.members.values():
+        m.info["device"] = "npu:0" if m.role is Role.PREFILL else "cuda:1"
+    assert [(v.role, v.device) for v in loop._views("chat")] == [("prefill", "npu")] + [("decode", "cuda")] * 3

@@ -1,6 +1,7 @@
 """The ops CLI through the real admin API of a real gateway (the session's: one scenario, 1
-prefill + 1 decode actor, the ratio controller off): tables, JSON, every command, and bad
-input answered with a clear message and its exit code."""
+prefill + 1 decode actor, the ratio controller off): tables, JSON, every command, bad input
+answered with a clear message and its exit code, the role limits (--force warns), and dead
+actors answered in one line."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from gateway.cli import main
 from tests.gateway.conftest import ADMIN_KEY, API_KEY
+from tests.gateway.test_admin import kill
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_actor_lifecycle_add_drain_flip_remove(pdmesh):
     added = ok_json(pdmesh, "add", "default", "decode")
     assert added["role"] == "decode" and added["state"] == "serving"
     drained = ok_json(pdmesh, "drain", added["actor_id"])
-    assert drained["actor"]["state"] == "draining" and drained["aborted_request_ids"] == []
+    assert drained["actor"]["state"] == "draining" and drained["moved_request_ids"] == []
     flipped = ok_json(pdmesh, "flip", added["actor_id"], "decode")
     assert flipped["state"] == "serving"
     assert ok_json(pdmesh, "remove", added["actor_id"]) == {"actor_id": added["actor_id"]}
@@ -107,8 +109,55 @@ def test_bad_input_has_a_message_and_an_exit_code(pdmesh, args, key, exit_code, 
 def test_last_prefill_actor_cannot_be_removed(pdmesh):
     prefill = next(a for a in ok_json(pdmesh, "status")["pools"][0]["actors"] if a["role"] == "prefill")
     code, out, err = pdmesh("remove", prefill["actor_id"], "--output", "json")
-    assert code == 1 and "is the last prefill actor" in err
+    assert code == 1 and "would have 0 serving prefill actor(s), below its minimum of 1" in err
     assert json.loads(out)["error"]["status"] == "FAILED_PRECONDITION"
+
+
+def _only(pdmesh, role: str) -> dict:
+    [actor] = [a for a in ok_json(pdmesh, "status")["pools"][0]["actors"] if a["role"] == role]
+    return actor
+
+
+@pytest.mark.parametrize("command, what", [(("flip", "{id}", "prefill"), "flip {id} to prefill"),
+                                           (("drain", "{id}"), "drain {id}"), (("remove", "{id}"), "remove {id}")])
+def test_the_only_decode_actor_stays_unless_forced(pdmesh, command, what):
+    decode = _only(pdmesh, "decode")
+    code, out, err = pdmesh(*(arg.format(id=decode["actor_id"]) for arg in command))
+    assert code == 1, out
+    assert err == (f"pdmesh: error: cannot {what.format(id=decode['actor_id'])}: scenario 'default' would have 0 serving decode actor(s), below its minimum of 1 "
+                   f"(limits.decode.min in its scenario file): start another decode actor first (`pdmesh add default "
+                   f"decode`), or lower limits.decode.min; or force it (--force)\n")
+    assert _only(pdmesh, "decode")["state"] == "serving"
+
+
+def test_force_flips_the_only_decode_actor_with_a_warning(pdmesh):
+    decode = _only(pdmesh, "decode")
+    code, out, err = pdmesh("flip", decode["actor_id"], "prefill", "--force", "--output", "json")
+    assert code == 0, err
+    assert json.loads(out)["role"] == "prefill"
+    assert err.startswith(f"pdmesh: warning: forced to flip {decode['actor_id']} to prefill: scenario 'default' "
+                          "would have 0 serving decode actor(s)")
+    code, out, err = pdmesh("flip", decode["actor_id"], "decode")
+    assert (code, err) == (0, "")
+    assert f"{decode['actor_id']} (default): decode, serving" in out
+
+
+def _actor_ids(pdmesh) -> set[str]:
+    return {a["actor_id"] for a in ok_json(pdmesh, "status")["pools"][0]["actors"]}
+
+
+def test_a_dead_actor_answers_in_one_line(pdmesh, gateway):
+    original = _actor_ids(pdmesh)
+    added = ok_json(pdmesh, "add", "default", "decode")
+    kill(gateway.gateway.fleet.scenarios["default"].pool.members[added["actor_id"]].handle)
+    code, _, err = pdmesh("flip", added["actor_id"], "prefill")
+    assert code in (1, 2)  # 2: the pool's supervisor has dropped the dead actor already
+    assert err in (f"pdmesh: error: actor {added['actor_id']} is dead: nothing was changed (`pdmesh status` lists "
+                   "the pool's actors)\n", f"pdmesh: error: no actor {added['actor_id']!r}; `pdmesh status` lists "
+                   "the actors\n")
+    for actor_id in _actor_ids(pdmesh) - original:  # the dead one, or its replacement
+        ok_json(pdmesh, "remove", actor_id)
+    assert _actor_ids(pdmesh) == original
 
 
 def test_unreachable_gateway(pdmesh):

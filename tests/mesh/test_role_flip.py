@@ -1,12 +1,16 @@
-"""Role flips in place under load: drain, switch, serve again; no request lost, no weights reloaded."""
+"""Role flips in place under load: drain, switch, serve again; no request lost, no weights reloaded.
+Lends between pools keep both pools' role limits; a dead actor answers in one line."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import ray
 
 from mesh.actor import Role
 from mesh.dispatch import Dispatcher, Request
+from mesh.errors import MeshError
+from mesh.role_limits import Bounds, RoleLimitError
 from tests.mesh.conftest import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -49,15 +53,39 @@ def two_pools(make_pool):
     return make_pool(prefill=1, decode=1), make_pool(prefill=0, decode=1)
 
 
-async def test_idle_actor_moves_to_another_scenario_of_the_same_model(two_pools):
+async def test_idle_actor_moves_to_another_scenario_of_the_same_model_within_both_pools_limits(two_pools):
     lender, borrower = two_pools
     assert not borrower.by_role(Role.PREFILL)
     prefill = lender.by_role(Role.PREFILL)[0]
+    with pytest.raises(RoleLimitError, match=f"cannot lend {prefill.actor_id} to {borrower.spec.scenario} as "
+                                             f"prefill: scenario '{lender.spec.scenario}' would have 0 serving "
+                                             "prefill actor"):
+        await lender.lend(prefill.actor_id, borrower)
+    lender.spec.limits = {"prefill": Bounds(0), "decode": Bounds(1)}  # the operator lowers the lender's minimum
     info = await lender.lend(prefill.actor_id, borrower)
-    assert info["scenario"] == borrower.spec.scenario and info["role"] == "prefill"
+    assert info["scenario"] == borrower.spec.scenario and info["role"] == "prefill" and info["warning"] is None
     tokens = []
     async for chunk in Dispatcher(borrower).generate(Request("lent", [4] * 12, {"max_tokens": 8, **GREEDY})):
         tokens += chunk["token_ids"]
     assert len(tokens) == 8
-    await borrower.lend(prefill.actor_id, lender)  # and back
+    with pytest.raises(RoleLimitError, match="below its minimum of 1"):  # the borrower's own minimum now
+        await borrower.lend(prefill.actor_id, lender)
+    info = await borrower.lend(prefill.actor_id, lender, force=True)  # and back, forced
+    assert info["warning"].startswith(f"forced to lend {prefill.actor_id} to {lender.spec.scenario}")
     assert len(lender.by_role(Role.PREFILL)) == 1
+
+
+async def test_operations_on_a_dead_actor_answer_in_one_line(pool):
+    member = await pool.add(Role.DECODE)
+    ray.kill(member.handle, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill has landed
+        while True:
+            await member.handle.ping.remote()
+            await asyncio.sleep(0.1)
+    for op in (lambda: pool.flip(member.actor_id, Role.PREFILL), lambda: pool.drain(member.actor_id)):
+        with pytest.raises(MeshError) as info:
+            await op()
+        assert info.value.message == (f"actor {member.actor_id} is dead: nothing was changed "
+                                      "(`pdmesh status` lists the pool's actors)")
+    assert (await pool.remove(member.actor_id))["warning"] is None
+    assert member.actor_id not in pool.members

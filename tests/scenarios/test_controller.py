@@ -1,8 +1,10 @@
 """The ratio controller on scripted load, against a cluster that applies actions at once."""
 import random
+from collections import Counter
 
 import pytest
 
+from mesh.role_limits import Change, PoolRoles, device_for
 from scenarios.controller import ActorView, Observation, RatioController, Settings
 from scenarios.perf_model import from_profile
 from scenarios.spec import parse_specs
@@ -25,9 +27,11 @@ def scenario(name="chat", model="m", p=5, d=5, limits=None, priority=0):
 class Cluster:
     """Actors by scenario; actions take effect at once."""
 
-    def __init__(self, specs):
+    def __init__(self, specs, devices=None):
+        """devices: actor -> what it runs on (cpu, cuda, npu); not known when not given."""
         self.roles = {s.name: {f"{s.name}-{i}": ("prefill" if i < s.prefill else "decode")
                                for i in range(s.prefill + s.decode)} for s in specs}
+        self.devices = devices or {}
 
     def counts(self, name):
         roles = list(self.roles[name].values())
@@ -35,7 +39,7 @@ class Cluster:
 
     def observe(self, name, load, attainment=(None, None)):
         rate, prompt, output = load
-        actors = tuple(ActorView(a, r) for a, r in sorted(self.roles[name].items()))
+        actors = tuple(ActorView(a, r, device=self.devices.get(a, "")) for a, r in sorted(self.roles[name].items()))
         return Observation(name, rate, prompt, output, *attainment, actors)
 
     def apply(self, decisions):
@@ -48,10 +52,10 @@ class Cluster:
                     self.roles[a.to_scenario][a.actor_id] = a.role
 
 
-def make(*scenario_dicts, settings=SETTINGS):
+def make(*scenario_dicts, settings=SETTINGS, devices=None):
     specs = parse_specs({"scenarios": list(scenario_dicts)})
     model = from_profile(PROFILE)
-    return RatioController(specs, {s.name: model for s in specs}, settings), Cluster(specs)
+    return RatioController(specs, {s.name: model for s in specs}, settings), Cluster(specs, devices)
 
 
 def run(ctrl, cluster, loads, start_interval=0):
@@ -191,3 +195,75 @@ def test_misses_that_take_turns_settle_instead_of_swinging(window, settles):
     assert (len(set(h[30:])) == 1) == settles
     if settles:
         assert "reverses the last move" in ctrl.log[-1].reason
+
+
+def _rules(ctrl, cluster, name):
+    """The role rule's view of a scenario of the cluster, as the pools would judge it."""
+    spec = ctrl.specs[name]
+    return PoolRoles(name, Counter(cluster.roles[name].values()), spec.limits,
+                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_proposed_action_passes_the_role_rule(seed):
+    """Random limits, sizes and loads, with lending: each action, judged on the cluster as it
+    stands when the action is applied, is allowed, and every role stays within its limits."""
+    rng = random.Random(seed)
+    dicts = []
+    for name in ("a", "b", "c"):
+        lo_p, lo_d = rng.randint(0, 3), rng.randint(0, 3)
+        p, d = lo_p + rng.randint(0, 3), lo_d + rng.randint(0, 3)
+        limits = {"prefill": {"min": lo_p, "max": max(1, p + rng.randint(0, 4))},
+                  "decode": {"min": lo_d, "max": max(1, d + rng.randint(0, 4))}}
+        dicts.append(scenario(name, p=p, d=d, limits=limits, priority=rng.randint(0, 2)))
+    ctrl, cluster = make(*dicts, settings=Settings(interval_s=10, min_dwell_s=0, confirm=1))
+    loads = [PROMPT_HEAVY, OUTPUT_HEAVY, (0.1, 1500, 150), (12.0, 1500, 150)]
+    checked = 0
+    for i in range(60):
+        obs = [cluster.observe(n, rng.choice(loads)) for n in cluster.roles]
+        for d in ctrl.step(obs, i * 10):
+            for a in d.actions:
+                new = _rules(ctrl, cluster, a.to_scenario or a.scenario)
+                old = _rules(ctrl, cluster, a.scenario)
+                if a.kind == "flip":
+                    assert old.judge(Change(a.actor_id, cluster.roles[a.scenario][a.actor_id], a.role)).allowed
+                else:
+                    assert old.judge(Change(a.actor_id, cluster.roles[a.scenario][a.actor_id], None)).allowed
+                    assert new.judge(Change(a.actor_id, None, a.role)).allowed
+                cluster.apply([_one(d, a)])
+                checked += 1
+        for name in cluster.roles:
+            spec = ctrl.specs[name]
+            for role, n in zip(("prefill", "decode"), cluster.counts(name)):
+                assert spec.limits[role].min <= n <= spec.limits[role].max, (name, role, n)
+    assert checked > 10  # the loads made it move
+
+
+def _one(decision, action):
+    """A decision of one of its actions, for applying them one at a time."""
+    return type(decision)(**{**decision.__dict__, "actions": (action,)})
+
+
+HARDWARE = {"prefill": {"accelerator": "910b", "npus": 1}, "decode": {"accelerator": "h200", "num_gpus": 1}}
+
+
+def test_flips_keep_every_actor_on_its_roles_hardware():
+    """Prefill on NPUs, decode on GPUs: a prompt-heavy load asks for more prefill, but no GPU
+    decoder becomes a prefill actor; one decode actor that sits on an NPU (forced there by
+    an operator) is the only one that moves."""
+    spec = {**scenario(p=2, d=4), "hardware": HARDWARE}
+    devices = {f"chat-{i}": "npu" if i < 2 else "cuda" for i in range(6)}
+    ctrl, cluster = make(spec, devices=devices)
+    run(ctrl, cluster, [PROMPT_HEAVY] * 20)
+    assert cluster.counts("chat") == (2, 4) and not ctrl.log
+    devices["chat-5"] = "npu"
+    run(ctrl, cluster, [PROMPT_HEAVY] * 20, start_interval=20)
+    assert cluster.counts("chat") == (3, 3) and cluster.roles["chat"]["chat-5"] == "prefill"
+
+
+def test_lends_only_to_a_role_on_the_actors_hardware():
+    busy = {**scenario("busy", p=2, d=2), "hardware": HARDWARE}
+    idle = scenario("idle", p=4, d=4)  # on CPUs
+    ctrl, cluster = make(busy, idle, devices={f"idle-{i}": "cpu" for i in range(8)})
+    run(ctrl, cluster, [{"busy": (12.0, 1500, 150), "idle": (0.1, 1500, 150)}] * 20)
+    assert sum(cluster.counts("busy")) == 4 and not [d for d in ctrl.log if d.actions[0].kind == "lend"]

@@ -5,8 +5,9 @@ actors, flips and drains them; then every figure beside its target (gateway.chao
   one scenario of a serve config) behind a real gateway.server.Gateway in this process,
   served from its own thread and loop as `pdmesh serve` runs. Only loopback.
 - The load: `concurrency` callers over the real gRPC front end, one request at a time each,
-  every request with its own deadline; every `poison_every`-th carries a poisoned sampling
-  option (gateway.chaos_plan). Bounded in count (callers) and time (--minutes, deadlines).
+  every request with its own deadline, a short pause after a failure; every `poison_every`-th
+  carries a poisoned sampling option (gateway.chaos_plan). Bounded in count (callers) and
+  time (--minutes, deadlines).
 - The faults: kills are ray.kill of the actor's handle, at the phase the schedule names
   (KILLERS: "now" here; fault-injection points can add phases); flips and drains go through
   the admin API with the admin key, as `pdmesh flip` and `pdmesh drain` do.
@@ -42,12 +43,14 @@ from gateway.chaos_plan import FaultKind, LoadMix, LoadRequest, Schedule
 from gateway.chaos_report import Applied, Kill, Outcome, Report, Result, Sample, replacement_s
 from gateway.config import ServeConfig
 from gateway.ops_client import AdminClient, OpsError, Target
+from gateway.proto import admin_pb2, inference_pb2, inference_pb2_grpc
 from mesh.pool import Member
 
 ROLES = ("prefill", "decode")
 # How a kill lands at each phase a schedule may name.
 KILLERS: dict[str, Callable[[Member], None]] = {"now": lambda m: ray.kill(m.handle, no_restart=True)}
 PROBE_TIMEOUT_S = 2.0
+BACKOFF_S = 0.25  # a caller's pause after a failure, as clients back off: fast failures do not flood the figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,21 +89,20 @@ class Chaos:
 
     # -- watching ------------------------------------------------------------------------------
     async def probe(self) -> None:
-        self.serving, self.held = await self._there(self._probe())
-        self.samples.append(Sample(self.now(), {r: len(ids) for r, ids in self.serving.items()}))
+        asked = self.now()  # a probe asked before a kill says nothing about after it
+        infos = await self._there(self._infos())
+        live = {a: info for a, info in infos.items() if isinstance(info, dict) and a not in self.killed}
+        self.held = {a: info["load"]["num_blocks"] - info["load"]["free_blocks"] for a, info in live.items()}
+        self.serving = {r: [a for a, info in live.items() if info["state"] == "serving" and info["role"] == r]
+                        for r in ROLES}
+        self.samples.append(Sample(asked, {r: len(ids) for r, ids in self.serving.items()}))
 
-    async def _probe(self) -> tuple[dict[str, list[str]], dict[str, int]]:
-        members = [m for m in self.pool.members.values() if m.actor_id not in self.killed]
+    async def _infos(self) -> dict[str, dict | BaseException]:
+        """Each member's own info; an exception for a dead or stuck one."""
+        members = list(self.pool.members.values())
         infos = await asyncio.gather(*(asyncio.wait_for(m.handle.info.remote(), PROBE_TIMEOUT_S) for m in members),
                                      return_exceptions=True)
-        serving, held = {r: [] for r in ROLES}, {}
-        for m, info in zip(members, infos):
-            if not isinstance(info, dict):
-                continue  # dead or stuck: neither serving nor holding blocks anyone can free
-            held[m.actor_id] = info["load"]["num_blocks"] - info["load"]["free_blocks"]
-            if info["state"] == "serving" and info["role"] in serving:
-                serving[info["role"]].append(m.actor_id)
-        return serving, held
+        return {m.actor_id: info for m, info in zip(members, infos)}
 
     async def watch(self, every_s: float = 0.25) -> None:
         while True:
@@ -135,8 +137,6 @@ class Chaos:
         actor = fault.target(self.serving[role])
         if actor is None:
             return Applied(fault, at, None, False, "no serving actor")
-        from gateway.proto import admin_pb2
-
         timeout = self.options.drain_timeout_s
         try:
             if fault.kind is FaultKind.FLIP:
@@ -174,11 +174,10 @@ class Chaos:
 
 
 # -- load --------------------------------------------------------------------------------------
-def _message(r: LoadRequest):
-    from gateway.proto import inference_pb2 as pb
-
-    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=r.prompt), request_id=f"chaos-{r.index}",
-                              sampling=pb.SamplingOptions(max_tokens=r.max_tokens, **r.sampling))
+def _message(r: LoadRequest) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=r.prompt), request_id=f"chaos-{r.index}",
+        sampling=inference_pb2.SamplingOptions(max_tokens=r.max_tokens, **r.sampling))
 
 
 def _send(stub, r: LoadRequest, deadline_s: float, since: float) -> tuple[Outcome, list[int]]:
@@ -202,8 +201,6 @@ def _send(stub, r: LoadRequest, deadline_s: float, since: float) -> tuple[Outcom
 async def load(address: str, mix: LoadMix, options: Options, since: float) -> list[tuple[Outcome, list[int]]]:
     """`concurrency` callers, each sending its next request when the last one ended, until
     `seconds` after `since`; every request ends by its deadline."""
-    from gateway.proto import inference_pb2_grpc
-
     results, numbers = [], itertools.count()
     loop = asyncio.get_running_loop()
     with grpc.insecure_channel(address) as channel, \
@@ -213,7 +210,10 @@ async def load(address: str, mix: LoadMix, options: Options, since: float) -> li
         async def caller():
             while time.monotonic() - since < options.seconds:
                 request = mix.request(next(numbers))
-                results.append(await loop.run_in_executor(callers, _send, stub, request, options.deadline_s, since))
+                outcome, tokens = await loop.run_in_executor(callers, _send, stub, request, options.deadline_s, since)
+                results.append((outcome, tokens))
+                if outcome.result is Result.FAILED:
+                    await asyncio.sleep(BACKOFF_S)
 
         await asyncio.gather(*(caller() for _ in range(options.concurrency)))
     return results

@@ -117,8 +117,9 @@ def test_a_kill_never_replaced_or_replaced_too_late_misses_its_target():
 # -- one short run on a real mesh ----------------------------------------------------------------
 FIELDS = {"seed", "minutes", "concurrency", "deadline_s", "sent", "completed", "corrupt", "failed", "lost",
           "failed_by_status", "lost_by_status", "verified_greedy", "poison_sent", "poison_by_status",
-          "poison_window_s", "innocent_failed", "innocent_failed_by_status", "faults", "kills", "replaced", "replacement_s",
-          "replacement_median_s", "replacement_max_s", "leaked_blocks", "replace_within_s", "targets", "targets_met"}
+          "poison_window_s", "innocent_failed", "innocent_failed_by_status", "faults", "kills", "replaced",
+          "replacement_s", "replacement_median_s", "replacement_max_s", "leaked_blocks", "replace_within_s", "targets",
+          "targets_met"}
 SEED = 9  # a drain (and the flip that returns the actor to service), then a decode and a prefill kill
 
 
@@ -138,8 +139,11 @@ def test_a_short_chaos_run_reports_every_figure_and_its_counts_add_up(ray_cluste
     assert sum(figures["lost_by_status"].values()) == figures["lost"]
     assert sum(figures["poison_by_status"].values()) == figures["poison_sent"] > 0
     assert 0 < figures["verified_greedy"] <= 8
-    # every planned fault was applied, the kills each to a live actor of their role
+    # every planned fault was applied: the drain through the admin API (a flip to its own role puts
+    # the actor back, as `pdmesh drain` says), the kills each to a live actor of their role
     assert [f["kind"] for f in figures["faults"]] == [f.kind.value for f in planned.faults]
+    drain = figures["faults"][0]
+    assert drain["ok"] and drain["actor"].startswith("chaos-") and drain["detail"].endswith("serving again")
     kills = [f for f in figures["faults"] if f["kind"].startswith("kill_")]
     assert all(f["ok"] and f["actor"].startswith(f"chaos-{f['kind'][5]}") for f in kills)
     assert figures["kills"] == len(kills) == len(figures["replacement_s"])

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import multiprocessing
@@ -15,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -178,32 +180,44 @@ def _load(address: str, concurrency: int, seconds: float, out) -> None:
     uvloop.run(main())
 
 
-def run(requests: int, concurrency: int, seconds: float) -> dict:
+@contextlib.contextmanager
+def served(gw) -> Iterator[asyncio.AbstractEventLoop]:
+    """Starts `gw` and serves it from its own thread and event loop, as `pdmesh serve` runs;
+    yields that loop (the gateway's pools live there); stops the gateway on exit."""
     import uvloop
 
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(gw.start(), loop).result()
+    try:
+        yield loop
+    finally:
+        asyncio.run_coroutine_threadsafe(gw.stop(grace_s=1.0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def run(requests: int, concurrency: int, seconds: float) -> dict:
     from mesh.engine.random_checkpoint import init_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         gw = _instant_gateway(init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32"))
-        loop = uvloop.new_event_loop()  # as pdmesh serve runs
-        threading.Thread(target=loop.run_forever, daemon=True).start()
+        with served(gw) as loop:
 
-        def on_loop(coro):
-            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+            def on_loop(coro):
+                return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
-        on_loop(gw.start())
-        try:
-            address, url = gw.addresses["grpc"], gw.addresses["http"]
-            on_loop(_direct(gw, 50))  # warm-up
-            direct = on_loop(_direct(gw, requests))
-            # clients run in their own process: they do not share the gateway's interpreter lock
-            via = _in_process(_clients, address, url, requests)
-            rps = _in_process(_load, address, concurrency, seconds)
-        finally:
-            for scenario in gw.fleet.scenarios.values():
-                scenario.pool.members.clear()  # stand-ins: nothing for Ray to stop
-            on_loop(gw.stop(grace_s=1.0))
-            loop.call_soon_threadsafe(loop.stop)
+            try:
+                address, url = gw.addresses["grpc"], gw.addresses["http"]
+                on_loop(_direct(gw, 50))  # warm-up
+                direct = on_loop(_direct(gw, requests))
+                # clients run in their own process: they do not share the gateway's interpreter lock
+                via = _in_process(_clients, address, url, requests)
+                rps = _in_process(_load, address, concurrency, seconds)
+            finally:
+                for scenario in gw.fleet.scenarios.values():
+                    scenario.pool.members.clear()  # stand-ins: nothing for Ray to stop
     result = {"requests": requests, "direct_p50_ms": percentile(direct, 50) * 1e3,
               "direct_p99_ms": percentile(direct, 99) * 1e3, "grpc_requests_per_s": rps,
               "concurrency": concurrency}

@@ -47,6 +47,7 @@ def model() -> None:
 @main.group(
     cls=LazyGroup,
     lazy={
+        "chaos": "gateway.chaos:command",
         "engine": "mesh.engine.bench:command",
         "gateway": "gateway.bench:command",
         "mesh": "mesh.bench:command",

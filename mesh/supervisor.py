@@ -30,6 +30,7 @@ from typing import Callable
 
 import ray
 
+from mesh.errors import MeshError
 from mesh.pool import Member, Pool
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ class Supervisor:
         tasks = [t for t in (self._task, *self._watches.values(), *self._replacing.values()) if t]
         for task in tasks:
             task.cancel()
-        # bounded: a task may sit in a Ray call that is slow to give up
-        await asyncio.wait(tasks, timeout=5.0) if tasks else None
+        if tasks:  # bounded: a task may sit in a Ray call that is slow to give up
+            await asyncio.wait(tasks, timeout=5.0)
         self._watches.clear()
         self._replacing.clear()
 
@@ -143,7 +144,7 @@ class Supervisor:
                     raise
                 except Exception as e:  # no room on the cluster, a failed load, a timeout: try again later
                     failed += 1
-                    dead.info["last_error"] = f"{type(e).__name__}: {e}"[:500]
+                    dead.info["last_error"] = _why(e)
                     log.warning("pool %s: replacing %s failed (start %d): %s", self.pool.spec.scenario,
                                 dead.actor_id, failed, dead.info["last_error"])
                     continue
@@ -163,3 +164,10 @@ class Supervisor:
                 self.on_change()
             except Exception:  # a listener's bug must not stop the supervision
                 log.exception("the supervisor's on_change listener failed")
+
+
+def _why(error: Exception) -> str:
+    """One line for the status: the actor's own message, not Ray's traceback and actor repr."""
+    if isinstance(error, MeshError):
+        return f"{error.code}: {error.message}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]

@@ -3,20 +3,16 @@ role and hardware takes its place; a replacement that cannot start is retried wi
 then given up; requests wait for a replacement on its way, and fail fast when none comes."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import pytest
 import ray
 
 from mesh.actor import Role
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
-from mesh.supervisor import RestartPolicy, Supervisor
-from tests.mesh.conftest import assert_no_blocks_held
+from mesh.supervisor import RestartPolicy
+from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
-FAST = RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, start_timeout_s=60)
 
 
 def test_policy_backs_off_then_gives_up():
@@ -26,29 +22,6 @@ def test_policy_backs_off_then_gives_up():
     assert policy.next_start(2, 100.0) == 101.5  # doubled, capped
     assert policy.next_start(3, 100.0) is None
     assert policy.dead(True, 0) and not policy.dead(False, 2) and policy.dead(False, 3)
-
-
-@contextlib.asynccontextmanager
-async def supervised(pool, policy=FAST):
-    supervisor = Supervisor(pool, policy, sync_s=0.2)
-    supervisor.start()
-    try:
-        yield supervisor
-    finally:
-        await supervisor.close()
-
-
-async def replaced(pool, dead_id: str, timeout_s: float = 120) -> dict:
-    """The info of the actor that replaced `dead_id`, once it serves."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        for m in pool.members.values():
-            if m.info.get("replaces") == dead_id:
-                return m.info
-        await pool.changed(deadline - loop.time())
-    raise AssertionError(f"no replacement of {dead_id} within {timeout_s}s; offline: "
-                         f"{[m.info for m in pool.offline.values()]}")
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +85,14 @@ async def test_missed_reports_make_an_actor_dead(pool):
         await replaced(pool, member.actor_id)
 
 
-async def test_a_replacement_that_cannot_start_is_given_up(make_pool):
-    pool = make_pool(prefill=1, decode=1)
+@pytest.fixture(scope="module")
+def fragile(make_pool):
+    """A pool of its own: its decode actor ends dead and unreplaced."""
+    return make_pool(prefill=1, decode=1)
+
+
+async def test_a_replacement_that_cannot_start_is_given_up(fragile):
+    pool = fragile
     good = pool.spec.engine
     async with supervised(pool, RestartPolicy(max_starts=2, backoff_s=0.01)):
         pool.spec.engine = {**good, "model": "/nonexistent/checkpoint"}  # every replacement fails to load

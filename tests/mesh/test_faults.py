@@ -25,7 +25,7 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens
 MAX_TOKENS = 24
 FAULTS = ";".join(["kill:prefill@request=f-prefill", "kill:transfer_after_layers=1@request=f-transfer",
-                   "kill:decode_step=3@request=f-decode"])
+                   "kill:decode_step=3@request=f-decode", "kill:decode_step=3@request=f-late"])
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,26 @@ async def test_killed_at_a_fault_point(pool, expected, fault_log, rid, point, ro
             assert hit.n == 1
         await replaced(pool, hit.actor)
     assert len(pool.by_role(Role.PREFILL)) == 2 and len(pool.by_role(Role.DECODE)) == 2
+    await assert_no_blocks_held(pool)
+
+
+async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fault_log):
+    """The retry after a decode loss comes long after the first attempt's admission deadline
+    (here: the clock jumps a minute once the first token is out); it is offered to the prefill
+    actors all the same, within the request's own deadline."""
+    now = [1000.0]
+    dispatcher = Dispatcher(pool, clock=lambda: now[0])
+    request = Request("f-late", PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY}, deadline=now[0] + 3600,
+                      admission_deadline=now[0] + 5)
+    events, tokens = [], []
+    async with supervised(pool):
+        async for chunk in dispatcher.generate(request, events):
+            tokens += chunk["token_ids"]
+            now[0] = 1060.0
+        assert tokens == expected
+        assert fired(fault_log, "f-late").point == "decode_step"
+        assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]
+        await replaced(pool, fired(fault_log, "f-late").actor)
     await assert_no_blocks_held(pool)
 
 

@@ -128,9 +128,11 @@ class Dispatcher:
             if live:
                 return live
             time_left = step["end"] - self.margin_s - self.clock()
-            if not self.pool.replacing(role) or time_left <= 0:
-                why = "none came before the request's deadline" if waiting else "none is starting"
-                raise MeshError("unavailable", f"no live {role.value} actor in the pool ({why}); retry later")
+            if not self.pool.replacing(role):
+                raise MeshError("unavailable", f"no live {role.value} actor in the pool, and none is starting")
+            if time_left <= 0:
+                raise MeshError("unavailable", f"no live {role.value} actor in the pool: one is starting, but not "
+                                "in time for the request's deadline; retry later")
             if not waiting:
                 waiting = True
                 events.append(Event("waiting_for_actor", {"role": role.value}))

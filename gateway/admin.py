@@ -109,7 +109,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await self.fleet.refresh()
             return admin_pb2.ListPoolsResponse(pools=[
                 admin_pb2.Pool(scenario=n, model=self.fleet.scenarios[n].spec.model,
-                               actors=[actor_message(m.info) for m in self.fleet.scenarios[n].pool.members.values()])
+                               actors=[actor_message(info) for info in self.fleet.actor_infos()[n]])
                 for n in names])
         return await self._run(context, op)
 

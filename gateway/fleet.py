@@ -59,7 +59,8 @@ class Fleet:
         for spec in config.scenarios:
             engine = {**config.engine, "model": spec.model}
             transport = {"backend": "ucx", **config.transport, "secret": transport_secret}
-            pool = Pool(PoolSpec(spec.name, engine, transport, _hardware(spec), ttft_budget_s=spec.slo.ttft_s))
+            pool = Pool(PoolSpec(spec.name, engine, transport, _hardware(spec), ttft_budget_s=spec.slo.ttft_s,
+                                 limits=dict(spec.limits)))
             tokenizer = Tokenizer(spec.model)
             self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, Dispatcher(pool, router),
                                                  tokenizer, ChatTemplate(tokenizer),

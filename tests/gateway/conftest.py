@@ -140,3 +140,10 @@ def assert_no_blocks_held(running: Running) -> None:
 
     for scenario in running.gateway.fleet.scenarios.values():
         running.run(check(scenario.pool))
+
+
+def replacement_of(running: Running, dead_id: str, scenario: str = "default") -> str:
+    """The id of the actor the pool's supervisor started in place of `dead_id`, once it serves."""
+    from tests.mesh.conftest import replaced
+
+    return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id))["actor_id"]

@@ -12,7 +12,7 @@ import ray
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc
-from tests.gateway.conftest import ADMIN_KEY, API_KEY
+from tests.gateway.conftest import ADMIN_KEY, API_KEY, replacement_of
 
 ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
 
@@ -133,7 +133,6 @@ def test_operations_on_a_dead_actor_answer_in_one_line(admin, gateway):
             (grpc.StatusCode.UNAVAILABLE, f"actor {added.actor_id} is dead: nothing was changed (`pdmesh status` "
                                           "lists the pool's actors)"),
             (grpc.StatusCode.NOT_FOUND, f"no actor {added.actor_id!r}; `pdmesh status` lists the actors")}
-    for actor in _actors(admin):  # the dead one, or its replacement
-        if actor.actor_id not in original:
-            admin.RemoveActor(pb.RemoveActorRequest(actor_id=actor.actor_id), metadata=ADMIN, timeout=60)
+    replacement = replacement_of(gateway, added.actor_id)  # the supervisor replaced it
+    admin.RemoveActor(pb.RemoveActorRequest(actor_id=replacement), metadata=ADMIN, timeout=60)
     assert {a.actor_id for a in _actors(admin)} == original

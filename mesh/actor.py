@@ -30,6 +30,7 @@ from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError, RequestMoved
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
+from mesh.roles import Role  # re-exported: the mesh's public name for it
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
 from transport.layout import KVLayout
 
@@ -37,12 +38,6 @@ log = logging.getLogger(__name__)
 
 GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
 LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
-
-
-class Role(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    BOTH = "both"
 
 
 class State(str, enum.Enum):

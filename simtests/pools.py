@@ -1,7 +1,8 @@
-"""A simulated pool's indexes, kept up to date as actors change, so that placing one request
+"""A simulated pool's indexes, kept up to date as actors change, so that reserving decode KV
 costs O(log n) rather than a sort of the pool:
 
-- the idle prefill actors (offers go to them first: an idle actor always accepts);
+- the prefill actors serving, in the order they joined (`mesh.routing.ForwardOnRejection.prefill_order`
+  orders them for each offer, as live dispatch does);
 - the decode actors by free KV tokens, most first (`mesh.routing.ForwardOnRejection.decode_order`),
   as a heap with stale entries dropped when they surface;
 - for the central-scheduler baseline, the prefill actors by their last queue report plus
@@ -16,18 +17,15 @@ from simtests.actors import Actor
 
 
 class Pool:
-    __slots__ = ("index", "name", "members", "prefill", "idle", "decode", "free_heap", "waiting", "cursor",
-                 "estimates", "holders")
+    __slots__ = ("index", "name", "members", "prefill", "decode", "free_heap", "waiting", "estimates", "holders")
 
     def __init__(self, index: int, name: str):
         self.index, self.name = index, name
         self.members: set[int] = set()  # every actor in the pool or draining towards it
-        self.prefill: list[int] = []  # serving prefill (or both), not draining: offer order after the idle
-        self.idle: set[int] = set()  # ints: set order is the same in every run
+        self.prefill: list[int] = []  # serving prefill (or both), not draining
         self.decode: list[int] = []  # serving decode, not draining
         self.free_heap: list[tuple[int, int, int]] = []  # (-free KV tokens, kv_version, actor)
         self.waiting: deque[int] = deque()  # requests waiting for a decode reservation, in order
-        self.cursor = 0  # where the next round of offers to busy actors starts
         self.estimates: list[tuple[int, int]] = []  # central: (estimated queued tokens, actor)
         self.holders: dict[int, set[int]] = {}  # prefix block id -> prefill actors whose cache holds it
 

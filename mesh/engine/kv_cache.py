@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transport.memory import pool_zeros
+from hostmem.huge_pages import pool_zeros
 
 
 @dataclass(frozen=True)

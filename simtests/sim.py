@@ -37,9 +37,13 @@ PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range
 class Simulator:
     def __init__(self, cluster: Cluster, variant: Variant = Variant(),
                  admission: PrefillAdmission = PrefillAdmission(),
-                 forwarding: ForwardOnRejection = ForwardOnRejection()):
+                 forwarding: ForwardOnRejection = ForwardOnRejection(),
+                 offer_log: list[tuple[int, int, bool]] | None = None):
+        """offer_log: where to note every offer answered, as (request, actor, accepted): what
+        live dispatch reports as prefill_rejected / prefill_accepted events."""
         self.cluster, self.variant = cluster, variant
         self.admission, self.forwarding = admission, forwarding
+        self.offer_log = offer_log
         specs = cluster.specs
         self.names = [s.name for s in specs]
         self.aggregated = variant.serving == "aggregated"
@@ -184,6 +188,8 @@ class Simulator:
                 continue
             d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
                        Offer(p, budget, time_left, cached.get(a.id, 0)))
+            if self.offer_log is not None:
+                self.offer_log.append((rid, a.id, d.accept))
             if d.accept:
                 self._accept(pool, a, rid)
                 return

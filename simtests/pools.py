@@ -17,7 +17,8 @@ from simtests.actors import Actor
 
 
 class Pool:
-    __slots__ = ("index", "name", "members", "prefill", "decode", "free_heap", "waiting", "estimates", "holders")
+    __slots__ = ("index", "name", "members", "prefill", "decode", "free_heap", "waiting", "admitting", "estimates",
+                 "holders")
 
     def __init__(self, index: int, name: str):
         self.index, self.name = index, name
@@ -26,6 +27,7 @@ class Pool:
         self.decode: list[int] = []  # serving decode, not draining
         self.free_heap: list[tuple[int, int, int]] = []  # (-free KV tokens, kv_version, actor)
         self.waiting: deque[int] = deque()  # requests waiting for a decode reservation, in order
+        self.admitting = False  # the simulator is admitting waiting requests (no re-entry)
         self.estimates: list[tuple[int, int]] = []  # central: (estimated queued tokens, actor)
         self.holders: dict[int, set[int]] = {}  # prefix block id -> prefill actors whose cache holds it
 

@@ -350,16 +350,24 @@ class Simulator:
                 self._admit_waiting(pool)
 
     def _admit_waiting(self, pool: Pool) -> None:
+        """In order, while decode KV lasts. A request rejected here frees its reservation, which
+        calls this again: that call returns and this loop goes on (no recursion per request)."""
+        if pool.admitting:
+            return
+        pool.admitting = True
         waiting = pool.waiting
-        while waiting:
-            rid = waiting[0]
-            if self.state[rid] != ACTIVE:  # expired while waiting
-                waiting.popleft()
-            elif self._reserve(pool, rid):
-                waiting.popleft()
-                self._central(pool, rid) if self.central else self._offer(pool, rid)
-            else:
-                return
+        try:
+            while waiting:
+                rid = waiting[0]
+                if self.state[rid] != ACTIVE:  # expired while waiting
+                    waiting.popleft()
+                elif self._reserve(pool, rid):
+                    waiting.popleft()
+                    self._central(pool, rid) if self.central else self._offer(pool, rid)
+                else:
+                    return
+        finally:
+            pool.admitting = False
 
     def _expire(self, rid: int, _: int) -> None:
         """The admission window closed on a request still waiting for decode KV."""

@@ -55,7 +55,9 @@ class ForwardOnRejection:
         actor's (queued requests, queued prompt tokens); the simulator passes its modelled
         actors' own, live dispatch their last reports."""
         idle_first = sorted(members, key=queue)
-        cached = cached_tokens or {}
+        cached = cached_tokens
+        if not cached:
+            return idle_first
         holders = sorted((m for m in idle_first if cached.get(m.actor_id, 0) > 0),
                          key=lambda m: -cached[m.actor_id])[:self.prefix_offers]
         first = {m.actor_id for m in holders}

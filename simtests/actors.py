@@ -21,7 +21,7 @@ from scenarios.perf_model import PerfModel
 
 class Actor:
     __slots__ = (
-        "id", "role", "pool", "draining", "next_role", "next_pool", "model",
+        "id", "role", "pool", "draining", "next_role", "next_pool", "joined", "model",
         # prefill
         "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s", "cache",
         # decode
@@ -34,6 +34,7 @@ class Actor:
     def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0):
         self.id, self.role, self.pool = aid, role, pool
         self.draining, self.next_role, self.next_pool = False, role, pool
+        self.joined = 0  # when it last joined a pool's serving actors (the simulator counts): ties in offer order
         self.model = model
         self.queue: deque[int] = deque()
         self.queued_tokens = self.queued_requests = 0

@@ -28,7 +28,8 @@ from simtests.pools import Pool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
 
-_queue = attrgetter("queued_requests", "queued_tokens")  # what the router orders prefill actors by
+# what the router orders prefill actors by; ties go to the first to join, as in a live pool's member order
+_queue = attrgetter("queued_requests", "queued_tokens", "joined")
 
 # event kinds
 PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
@@ -62,6 +63,7 @@ class Simulator:
         self.ttft_target = [s.slo.ttft_s for s in specs]
         self.tpot_target = [s.slo.tpot_s for s in specs]
         self.now = 0.0
+        self.joins = 0  # actors that joined a pool's serving ones so far
         self.actors: list[Actor] = []
         for k, s in enumerate(specs):
             pool = self.pools[self.pool_of[k]]
@@ -179,8 +181,11 @@ class Simulator:
         budget = self.ttft_target[self.scen[rid]] - (now - self.arrival[rid])
         need = p + self.output[rid] if self.aggregated else 0  # aggregated: KV on the prefill actor itself
         cached = self._cached_tokens(pool, rid)
+        # at most max_forwards offers: only the least queued and the prefix holders can be offered
+        members = pool.least_queued(actors, fw.max_forwards - offers)
+        members += [actors[aid] for aid in cached if actors[aid] not in members]
         retry = math.inf
-        for a in fw.prefill_order([actors[aid] for aid in pool.prefill], cached, _queue):
+        for a in fw.prefill_order(members, cached, _queue):
             if not fw.may_offer(offers, time_left):
                 break
             offers += 1
@@ -207,7 +212,8 @@ class Simulator:
             return {}
         blocks, holders = pool.longest_prefix_holders(self.prefix_of(rid))
         tokens = min(blocks * self.block_tokens, self.prompt[rid] - 1)  # the last token is always computed
-        return dict.fromkeys(holders, tokens)
+        actors = self.actors
+        return {aid: tokens for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index}
 
     def _central(self, pool: Pool, rid: int) -> None:
         """The baseline: the actor with the least queue by the last report (plus what was
@@ -226,6 +232,7 @@ class Simulator:
         a.queue.append(rid)
         a.queued_tokens += self.prompt[rid]
         a.queued_requests += 1
+        pool.note_queue(a, self.actors)
         if not a.busy:
             self._start_prefill(a)
 
@@ -248,6 +255,7 @@ class Simulator:
             t_first[rid] = now  # the first token is sampled by prefill and streamed at once
             a.queued_tokens -= prompt[rid]
         a.queued_requests -= len(batch)
+        self.pools[a.pool].note_queue(a, self.actors)
         if a.role is Role.BOTH:
             a.unchunk()
             for rid in batch:
@@ -430,6 +438,8 @@ class Simulator:
 
     def _enter(self, a: Actor) -> None:
         pool = self.pools[a.pool]
+        self.joins += 1
+        a.joined = self.joins
         if a.role is Role.DECODE:
             pool.decode.append(a.id)
             pool.note_kv(a, self.actors)
@@ -437,3 +447,4 @@ class Simulator:
                 self._admit_waiting(pool)
         else:
             pool.prefill.append(a.id)
+            pool.note_queue(a, self.actors)

@@ -5,17 +5,21 @@ answer offer, reserve, prefill and decode at once, each offer from `mesh.admissi
 actor's queue) and through the simulator; the (request, actor, accepted) sequence of offers
 must be the same. The sequence arrives at one instant, so no prefill ends while it is placed
 and both sides see the same queues; its prompts are sized so that busy actors reject some
-offers and the request is forwarded, but some actor of each pass accepts (a pass rejected
-whole would pause, and time would pass differently on the two sides).
+offers and the request is forwarded, but no pass over the whole pool is rejected (that would
+pause, and time would pass differently on the two sides). With more actors than offers per
+request, a request runs out of offers instead, and the simulator looks only at the least
+queued actors of its pool (`simtests.pools.Pool.least_queued`).
 """
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
+import pytest
 
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.dispatch import Dispatcher, Request
+from mesh.errors import MeshError
 from mesh.roles import Role
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
@@ -27,8 +31,6 @@ from .conftest import profile, scenario
 RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
 TTFT_S = 0.6  # the scenario's TTFT budget: 6000 tokens of queue and prompt
 DEADLINE_S = 10.0
-PREFILL_ACTORS = 4
-FORWARDING = ForwardOnRejection()
 ADMISSION = PrefillAdmission()
 
 
@@ -99,9 +101,9 @@ class StandInPool:
         return [m for m in self.members if m.role is role]
 
 
-def live_offers(prompts: list[int]) -> list[tuple[int, int, bool]]:
-    prefill = [PrefillStandIn(f"p{k}") for k in range(PREFILL_ACTORS)]
-    dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), FORWARDING, clock=lambda: 0.0)
+def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
+    prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]
+    dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=lambda: 0.0)
     index = {a.actor_id: k for k, a in enumerate(prefill)}  # the simulator numbers prefill actors first
     rng = np.random.default_rng(0)
     offers = []
@@ -112,8 +114,11 @@ def live_offers(prompts: list[int]) -> list[tuple[int, int, bool]]:
             # random tokens: no prompt shares a prefix with another, as the simulator's have none
             req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), {"max_tokens": 2},
                           deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
-            async for _ in dispatcher.generate(req, events):
-                pass
+            try:
+                async for _ in dispatcher.generate(req, events):
+                    pass
+            except MeshError as e:  # out of offers: the simulator rejects it too
+                assert e.code == "resource_exhausted", e
             offers.extend((rid, index[e.attributes["actor"]], e.name == "prefill_accepted") for e in events
                           if e.name in ("prefill_accepted", "prefill_rejected"))
 
@@ -121,11 +126,12 @@ def live_offers(prompts: list[int]) -> list[tuple[int, int, bool]]:
     return offers
 
 
-def simulated_offers(make_cluster, prompts: list[int]) -> list[tuple[int, int, bool]]:
-    cluster = make_cluster(scenario(p=PREFILL_ACTORS, d=1, ttft=TTFT_S),
+def simulated_offers(make_cluster, prompts: list[int], actors: int,
+                     forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
+    cluster = make_cluster(scenario(p=actors, d=1, ttft=TTFT_S),
                            model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6))
     offers = []
-    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=DEADLINE_S), ADMISSION, FORWARDING,
+    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=DEADLINE_S), ADMISSION, forwarding,
                     offer_log=offers)
     for a in sim.actors:  # measured already, as the stand-ins' is
         a.rate = RATE
@@ -134,14 +140,23 @@ def simulated_offers(make_cluster, prompts: list[int]) -> list[tuple[int, int, b
     return offers
 
 
-def test_live_dispatch_and_the_simulator_offer_in_the_same_order(make_cluster):
-    prompts = np.random.default_rng(3).integers(500, 3000, 14).tolist()
-    live = live_offers(prompts)
-    simulated = simulated_offers(make_cluster, prompts)
-    assert simulated == live
+@pytest.mark.parametrize("actors, max_forwards, seed, size", [
+    (4, 8, 3, (500, 3000, 14)),  # forwarded until accepted, every request within its first pass
+    (10, 3, 0, (1500, 5000, 30)),  # more actors than offers: some requests run out of offers
+])
+def test_live_dispatch_and_the_simulator_offer_in_the_same_order(make_cluster, actors, max_forwards, seed, size):
+    forwarding = ForwardOnRejection(max_forwards=max_forwards)
+    low, high, n = size
+    prompts = np.random.default_rng(seed).integers(low, high, n).tolist()
+    live = live_offers(prompts, actors, forwarding)
+    assert simulated_offers(make_cluster, prompts, actors, forwarding) == live
     # the sequence crosses every branch of the order: idle actors first, busy ones forwarded to
-    # by their queues, rejections, and every request placed (no pass rejected whole)
-    accepted = [rid for rid, _, ok in live if ok]
-    assert accepted == list(range(len(prompts)))
+    # by their queues, and rejections
+    assert [rid for rid, _, ok in live[:actors]] == list(range(actors))
     assert sum(not ok for _, _, ok in live) >= 5
-    assert len({a for rid, a, ok in live if ok and rid >= PREFILL_ACTORS}) >= 2
+    assert len({a for rid, a, ok in live if ok and rid >= actors}) >= 2
+    placed = {rid for rid, _, ok in live if ok}
+    if actors <= max_forwards:
+        assert placed == set(range(n))
+    else:
+        assert len(placed) < n

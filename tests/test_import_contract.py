@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("importlinter", reason="import-linter checks the dependency rule: pip install -e '.[test]'")
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("gateway", "scenarios", "simtests", "mesh", "transport", "hostmem")
+PACKAGES = ("gateway", "scenarios", "simtests", "mesh", "transport")
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -35,8 +35,8 @@ def test_every_import_contract_is_kept():
 
 @pytest.mark.parametrize("module, line, contract", [
     ("mesh/engine/kv_cache.py", "import transport.layout", "the engine and the transport are independent"),
-    ("transport/plan.py", "import mesh.routing", "gateway -> scenarios -> mesh -> transport -> hostmem"),
-    ("scenarios/whatif.py", "import gateway.observe", "gateway -> scenarios -> mesh -> transport -> hostmem"),
+    ("transport/plan.py", "import mesh.routing", "gateway -> scenarios -> mesh -> transport"),
+    ("scenarios/whatif.py", "import gateway.observe", "gateway -> scenarios -> mesh -> transport"),
     ("simtests/pools.py", "import mesh.pool", "the simulator runs the live policies without Ray or a network"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):

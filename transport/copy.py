@@ -10,7 +10,7 @@ import threading
 import torch
 
 from .layout import byte_view, layer_tokens
-from hostmem.huge_pages import pool_zeros
+from .memory import pool_zeros
 from .plan import TransferPlan
 
 

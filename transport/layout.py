@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hostmem.huge_pages import pool_zeros
+from .memory import pool_zeros
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,

@@ -2,7 +2,7 @@ import gc
 
 import torch
 
-from hostmem.huge_pages import HUGE_PAGE, pool_zeros
+from transport.memory import HUGE_PAGE, pool_zeros
 
 
 def test_pool_zeros_is_a_zeroed_contiguous_tensor_on_a_huge_page_boundary():

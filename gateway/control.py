@@ -3,7 +3,7 @@
 Every interval it closes the gateway's load window (gateway.observe) into one observation
 per controlled scenario, with each actor's role and load from the pools, steps the
 controller, and applies its decisions through the live connector (flip in place, lend
-between pools). Each decision goes to the decision log with what became of its actions,
+between pools): the round of scenarios.control_round, which the simulator runs too. Each decision goes to the decision log with what became of its actions,
 to a span, and to pdmesh_controller_decisions_total.
 
 Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,20 +28,14 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
 from mesh import tracing
-from mesh.actor import Role
 from mesh.role_limits import device_kind
-from scenarios.connector import LiveConnector, apply_all
+from mesh.roles import Role
+from scenarios.connector import LiveConnector
+from scenarios.control_round import ControlRound, Record
 from scenarios.controller import ActorView, Decision, RatioController
 from scenarios.spec import SLO, RoleLimits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Record:
-    """A decision and what became of it."""
-    decision: Decision
-    failures: tuple[str, ...]  # "flip a1 -> decode: why", for each action that could not be applied
 
 
 @dataclass(frozen=True)
@@ -57,16 +50,19 @@ class ScenarioState:
     observed: Figures
 
 
-class ControlLoop:
+class ControlLoop(ControlRound):
+    """The shared round (scenarios.control_round) on the live fleet, with spans, metrics, a
+    timer and operator controls around it."""
+
     def __init__(self, fleet: Fleet, window: LoadWindow, metrics: Metrics, config: Control,
                  clock: Callable[[], float] = time.time, log_size: int = 1000):
         """clock: wall time, as decisions are shown to operators beside dashboards and logs."""
-        self.fleet, self.window, self.metrics, self.clock = fleet, window, metrics, clock
         specs = [s.spec for s in fleet.scenarios.values()]
-        self.controller = RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings)
-        self.connector = LiveConnector({name: s.pool for name, s in fleet.scenarios.items()}, config.drain_timeout_s)
+        super().__init__(RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings),
+                         window, LiveConnector({name: s.pool for name, s in fleet.scenarios.items()},
+                                               config.drain_timeout_s), clock, log_size)
+        self.fleet, self.metrics = fleet, metrics
         self.enabled = {name: config.enabled for name in fleet.scenarios}
-        self.records: deque[Record] = deque(maxlen=log_size)
         self._wake = asyncio.Event()
         self._tick_lock = asyncio.Lock()
 
@@ -91,11 +87,7 @@ class ControlLoop:
         """One control interval: observe, decide, apply (one round at a time)."""
         async with self._tick_lock:
             controlled = [n for n in self.fleet.scenarios if self.enabled[n] or n in self.controller.pins]
-            observations = self.window.close({n: self._views(n) for n in controlled})
-            decisions = self.controller.step(observations, self.clock())
-            for decision in decisions:
-                await self._apply(decision)
-            return decisions
+            return [r.decision for r in await self.round({n: self._views(n) for n in controlled})]
 
     def _views(self, scenario: str) -> tuple[ActorView, ...]:
         views = []
@@ -103,12 +95,12 @@ class ControlLoop:
             if m.role is Role.BOTH:  # aggregated actors have no side to move between
                 continue
             load = m.info.get("load", {})
-            views.append(ActorView(m.actor_id, m.role.value,
+            views.append(ActorView(m.actor_id, m.role,
                                    load.get("queued_requests", 0) + load.get("active_requests", 0),
                                    m.info.get("state") == "serving", device_kind(m.info.get("device", ""))))
         return tuple(views)
 
-    async def _apply(self, decision: Decision) -> None:
+    async def apply(self, decision: Decision) -> Record:
         tracer = trace.get_tracer("pdmesh")
         with tracer.start_as_current_span("controller.decision", end_on_exit=False) as span:
             span.set_attributes({
@@ -120,14 +112,13 @@ class ControlLoop:
                 "pdmesh.inputs": json.dumps(decision.inputs), "pdmesh.prediction": json.dumps(decision.prediction)})
             for a in decision.actions:
                 self.metrics.decisions.labels(a.scenario, a.kind, a.role).inc()
-            failed = await apply_all(self.connector, [decision])
-            failures = tuple(f"{a.kind} {a.actor_id} -> {a.role}: {e}" for a, e in failed)
-            for failure in failures:
+            record = await super().apply(decision)
+            for failure in record.failures:
                 span.add_event("action_failed", {"pdmesh.failure": failure})
                 log.warning("ratio controller: %s", failure)
             log.info("ratio controller: %s: %s", decision.scenario, decision.reason)
-            tracing.end(span, RuntimeError("; ".join(failures)) if failures else None)
-        self.records.append(Record(decision, failures))
+            tracing.end(span, RuntimeError("; ".join(record.failures)) if record.failures else None)
+        return record
 
     # -- operator controls -----------------------------------------------------------------
     def set_ratio(self, scenario: str, prefill: int, decode: int) -> None:

@@ -19,7 +19,8 @@ class _Counts:
     arrivals: int = 0
     prompt_tokens: int = 0
     ended: int = 0
-    output_tokens: int = 0
+    served: int = 0  # ended after a first token
+    output_tokens: int = 0  # of the served
     ttft_ok: int = 0
     tpot_ok: int = 0
     kv_short: int = 0  # found no decode KV free on arrival
@@ -54,10 +55,14 @@ class LoadWindow:
     def ended(self, scenario: str, ttft_s: float | None, tpot_s: float | None, output_tokens: int,
               kv_short: bool) -> None:
         """A request ended, served or not. ttft_s None: it got no first token (refused for want
-        of capacity, or past its deadline), a TTFT miss; tpot_s None: fewer than two tokens."""
+        of capacity, or past its deadline), a TTFT miss, whose output says nothing about how long
+        outputs are (counted as 0, it would shrink decode's share just when the pool is short);
+        tpot_s None: fewer than two tokens."""
         c, slo = self._counts[scenario], self.slos[scenario]
         c.ended += 1
-        c.output_tokens += output_tokens
+        if ttft_s is not None:
+            c.served += 1
+            c.output_tokens += output_tokens
         c.ttft_ok += ttft_s is not None and ttft_s <= slo.ttft_s
         c.tpot_ok += tpot_s is None or tpot_s <= slo.tpot_s
         c.kv_short += kv_short
@@ -73,8 +78,8 @@ class LoadWindow:
             prompt, output = self._means[name]
             if c.arrivals:
                 prompt = c.prompt_tokens / c.arrivals
-            if c.ended:
-                output = c.output_tokens / c.ended
+            if c.served:
+                output = c.output_tokens / c.served
             self._means[name] = prompt, output
             ttft = c.ttft_ok / c.ended if c.ended else None
             tpot = c.tpot_ok / c.ended if c.ended else None

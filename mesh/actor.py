@@ -31,19 +31,15 @@ from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
+from mesh.roles import Role  # re-exported: the mesh's public name for it
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
 from transport.layout import KVLayout
+from transport.memory import pool_zeros
 
 log = logging.getLogger(__name__)
 
 GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
 LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
-
-
-class Role(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    BOTH = "both"
 
 
 class State(str, enum.Enum):
@@ -111,7 +107,8 @@ class MeshActor:
         tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:
-            engine = await loop.run_in_executor(None, Engine, EngineConfig(**self.spec.engine))
+            # the KV pool in the transport's memory (huge pages on CPU), which it moves faster
+            engine = await loop.run_in_executor(None, Engine, EngineConfig(**self.spec.engine), pool_zeros)
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
         self.engine = AsyncEngine(engine)

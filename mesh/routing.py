@@ -10,21 +10,27 @@ does live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, TypeVar
+from typing import Callable, Hashable, Mapping, Protocol, Sequence, TypeVar
 
 from mesh.errors import MeshError
 
 
 class Candidate(Protocol):
-    actor_id: str
+    actor_id: Hashable
     info: dict  # the actor's last report: {"load": {"queued_requests", "queued_prompt_tokens", "free_blocks"}}
 
 
-C = TypeVar("C", bound=Candidate)
+C = TypeVar("C")
 
 
 def _load(c: Candidate) -> dict:
     return c.info.get("load", {})
+
+
+def reported_queue(c: Candidate) -> tuple[int, int]:
+    """An actor's queue by its last report: (requests, prompt tokens); what live dispatch orders by."""
+    load = _load(c)
+    return load.get("queued_requests", 0), load.get("queued_prompt_tokens", 0)
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,16 @@ class ForwardOnRejection:
     min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
     prefix_offers: int = 2  # holders of the prompt's prefix offered before idle-first
 
-    def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[str, int] | None = None) -> list[C]:
+    def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,
+                      queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[C]:
         """cached_tokens: per actor id, the prompt tokens it likely holds (none when absent).
-        The longest holders first (the least queued of equals), then idle-first."""
-        idle_first = sorted(members, key=lambda m: (_load(m).get("queued_requests", 0),
-                                                    _load(m).get("queued_prompt_tokens", 0)))
-        cached = cached_tokens or {}
+        The longest holders first (the least queued of equals), then idle-first. queue: an
+        actor's (queued requests, queued prompt tokens); the simulator passes its modelled
+        actors' own, live dispatch their last reports."""
+        idle_first = sorted(members, key=queue)
+        cached = cached_tokens
+        if not cached:
+            return idle_first
         holders = sorted((m for m in idle_first if cached.get(m.actor_id, 0) > 0),
                          key=lambda m: -cached[m.actor_id])[:self.prefix_offers]
         first = {m.actor_id for m in holders}

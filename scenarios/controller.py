@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from mesh.role_limits import Change, PoolRoles, device_for
+from mesh.roles import MOVABLE, Role
 from scenarios.perf_model import PerfModel
 from scenarios.spec import ScenarioSpec
 
@@ -32,7 +33,7 @@ from scenarios.spec import ScenarioSpec
 @dataclass(frozen=True)
 class ActorView:
     actor_id: str
-    role: Literal["prefill", "decode"]  # the role it serves, or is draining towards
+    role: Role  # PREFILL or DECODE: the role it serves, or is draining towards
     load: float = 0.0  # queued + running requests: the least loaded are moved first
     movable: bool = True  # False while draining for an earlier move
     device: str = ""  # what it runs on: cpu, cuda or npu ("": not known)
@@ -58,7 +59,7 @@ class Action:
     kind: Literal["flip", "lend"]
     actor_id: str
     scenario: str  # where the actor is
-    role: Literal["prefill", "decode"]  # the role it serves afterwards
+    role: Role  # PREFILL or DECODE: the role it serves afterwards
     to_scenario: str | None = None  # for lend
 
 
@@ -196,12 +197,12 @@ class RatioController:
     def _flip(self, obs: Observation, need: Need, prediction: dict, now: float) -> Decision | None:
         spec, s, mem = self.specs[obs.scenario], self.settings, self._memory[obs.scenario]
         roles = [a.role for a in obs.actors]
-        p, d = roles.count("prefill"), roles.count("decode")
+        p, d = roles.count(Role.PREFILL), roles.count(Role.DECODE)
         n = p + d
         if n == 0:
             return None
-        lo = max(spec.limits["prefill"].min, n - spec.limits["decode"].max)
-        hi = min(spec.limits["prefill"].max, n - spec.limits["decode"].min)
+        lo = max(spec.limits[Role.PREFILL].min, n - spec.limits[Role.DECODE].max)
+        hi = min(spec.limits[Role.PREFILL].max, n - spec.limits[Role.DECODE].min)
         if lo > hi:
             return None  # the limits cannot both hold at this size; nothing a flip fixes
         pin = self.pins.get(obs.scenario)
@@ -228,8 +229,8 @@ class RatioController:
         reversal = direction == -mem.last_direction and now - mem.last_change < s.reversal_window_s
         damping = mem.damping + 1 if reversal and not outside and not pin else 0
         step = max(1, math.ceil(min(abs(delta), max(1, math.ceil(s.max_step * n))) / 2 ** damping))
-        give = "decode" if direction > 0 else "prefill"
-        take = "prefill" if direction > 0 else "decode"
+        give = Role.DECODE if direction > 0 else Role.PREFILL
+        take = Role.PREFILL if direction > 0 else Role.DECODE
         chosen, rules = [], _roles(spec, obs.actors)
         for a in _least_loaded(obs.actors, give):
             change = Change(a.actor_id, give, take, a.device)
@@ -276,11 +277,12 @@ class RatioController:
     def _lend_one(self, donor: Observation, donor_need: Need, taker: str, taker_obs: Observation,
                   taker_need: tuple[Need, dict], now: float) -> Decision | None:
         dspec, tspec = self.specs[donor.scenario], self.specs[taker]
-        counts = {r: sum(a.role == r for a in donor.actors) for r in ("prefill", "decode")}
-        surplus = {"prefill": counts["prefill"] - donor_need.prefill, "decode": counts["decode"] - donor_need.decode}
-        tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in ("prefill", "decode")}
+        P, D = MOVABLE
+        counts = {r: sum(a.role == r for a in donor.actors) for r in MOVABLE}
+        surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
+        tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in MOVABLE}
         need = taker_need[0]
-        deficit = {"prefill": need.prefill - tcounts["prefill"], "decode": need.decode - tcounts["decode"]}
+        deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
         role = max(deficit, key=deficit.get)
         donor_rules, taker_rules = _roles(dspec, donor.actors), _roles(tspec, taker_obs.actors)
         for give in sorted(surplus, key=surplus.get, reverse=True):
@@ -292,8 +294,7 @@ class RatioController:
             for name in (donor.scenario, taker):
                 self._memory[name].last_change = now
             return Decision(now, donor.scenario, (Action("lend", a.actor_id, donor.scenario, role, taker),),
-                            (counts["prefill"], counts["decode"]),
-                            (counts["prefill"] - (give == "prefill"), counts["decode"] - (give == "decode")),
+                            (counts[P], counts[D]), (counts[P] - (give == P), counts[D] - (give == D)),
                             {"donor": _inputs(donor), "taker": _inputs(taker_obs)},
                             {"donor_needs": donor_need.total, "taker_needs": need.total, **taker_need[1]},
                             f"{taker} needs {need.total:.1f} actors and has {len(taker_obs.actors)}; "
@@ -302,7 +303,7 @@ class RatioController:
         return None
 
 
-def _least_loaded(actors: tuple[ActorView, ...], role: str) -> list[ActorView]:
+def _least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
     return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)
 
 

@@ -6,11 +6,10 @@ a bad file fails with the scenario, the field and what to fix.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Role = Literal["prefill", "decode"]
+from mesh.roles import MOVABLE, Role
 
 
 class SpecError(ValueError):
@@ -78,22 +77,29 @@ class ScenarioSpec(_Strict):
     model: str = Field(min_length=1)
     match: Match = Match()
     slo: SLO
-    hardware: dict[Role, Hardware] = Field(default_factory=lambda: {"prefill": Hardware(), "decode": Hardware()})
+    hardware: dict[Role, Hardware] = Field(default_factory=lambda: {Role.PREFILL: Hardware(), Role.DECODE: Hardware()})
     prefill: int = Field(1, ge=0, description="initial prefill actors")
     decode: int = Field(1, ge=0, description="initial decode actors")
-    limits: dict[Role, RoleLimits] = Field(default_factory=lambda: {"prefill": RoleLimits(),
-                                                                     "decode": RoleLimits()})
+    limits: dict[Role, RoleLimits] = Field(default_factory=lambda: {Role.PREFILL: RoleLimits(),
+                                                                     Role.DECODE: RoleLimits()})
     priority: int = Field(0, description="higher wins when scenarios compete for lent actors")
+
+    @field_validator("hardware", "limits")
+    @classmethod
+    def _movable_roles(cls, v: dict) -> dict:
+        if Role.BOTH in v:
+            raise ValueError("roles here are prefill and decode; an aggregated (both) actor is not planned for")
+        return v
 
     @field_validator("limits")
     @classmethod
     def _both_roles(cls, v: dict) -> dict:
-        return {"prefill": v.get("prefill", RoleLimits()), "decode": v.get("decode", RoleLimits())}
+        return {role: v.get(role, RoleLimits()) for role in MOVABLE}
 
     @model_validator(mode="after")
     def _initial_within_limits(self) -> "ScenarioSpec":
-        for role in ("prefill", "decode"):
-            n, lim = getattr(self, role), self.limits[role]
+        for role in MOVABLE:
+            n, lim = getattr(self, role.value), self.limits[role]
             if not lim.min <= n <= lim.max:
                 raise ValueError(f"initial {role} count {n} is outside its limits [{lim.min}, {lim.max}]")
         return self

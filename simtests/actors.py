@@ -15,16 +15,13 @@ import math
 from collections import OrderedDict, deque
 from typing import Callable
 
+from mesh.roles import Role
 from scenarios.perf_model import PerfModel
-
-PREFILL, DECODE, BOTH = 0, 1, 2
-ROLE_NAMES = ("prefill", "decode", "both")
-ROLES = {name: i for i, name in enumerate(ROLE_NAMES)}
 
 
 class Actor:
     __slots__ = (
-        "id", "role", "pool", "draining", "next_role", "next_pool", "model",
+        "id", "role", "pool", "draining", "next_role", "next_pool", "joined", "model",
         # prefill
         "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s", "cache",
         # decode
@@ -34,9 +31,10 @@ class Actor:
         "role_since", "role_s",
     )
 
-    def __init__(self, aid: int, role: int, pool: int, model: PerfModel, now: float = 0.0):
+    def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0):
         self.id, self.role, self.pool = aid, role, pool
         self.draining, self.next_role, self.next_pool = False, role, pool
+        self.joined = 0  # when it last joined a pool's serving actors (the simulator counts): ties in offer order
         self.model = model
         self.queue: deque[int] = deque()
         self.queued_tokens = self.queued_requests = 0
@@ -52,7 +50,11 @@ class Actor:
         self.capacity = model.kv_capacity_tokens
         self.kv_version = self.version = 0  # bumped when free KV / the batch changes: stale events skip
         self.da, self.db, self.dc = model.decode.coef
-        self.role_since, self.role_s = now, [0.0, 0.0, 0.0]
+        self.role_since, self.role_s = now, dict.fromkeys(Role, 0.0)
+
+    @property
+    def actor_id(self) -> int:  # what the router (mesh.routing) knows an actor by
+        return self.id
 
     @property
     def free(self) -> int:

@@ -1,7 +1,10 @@
 """A simulated pool's indexes, kept up to date as actors change, so that placing one request
 costs O(log n) rather than a sort of the pool:
 
-- the idle prefill actors (offers go to them first: an idle actor always accepts);
+- the serving prefill actors by queue (requests, then tokens, then when they joined the
+  pool), as a heap with stale entries dropped when they surface: the few that can come
+  first in the router's idle-first order, which `mesh.routing.ForwardOnRejection.prefill_order`
+  then orders for each offer as it does live;
 - the decode actors by free KV tokens, most first (`mesh.routing.ForwardOnRejection.decode_order`),
   as a heap with stale entries dropped when they surface;
 - for the central-scheduler baseline, the prefill actors by their last queue report plus
@@ -16,18 +19,18 @@ from simtests.actors import Actor
 
 
 class Pool:
-    __slots__ = ("index", "name", "members", "prefill", "idle", "decode", "free_heap", "waiting", "cursor",
+    __slots__ = ("index", "name", "members", "prefill", "queue_heap", "decode", "free_heap", "waiting", "admitting",
                  "estimates", "holders")
 
     def __init__(self, index: int, name: str):
         self.index, self.name = index, name
         self.members: set[int] = set()  # every actor in the pool or draining towards it
-        self.prefill: list[int] = []  # serving prefill (or both), not draining: offer order after the idle
-        self.idle: set[int] = set()  # ints: set order is the same in every run
+        self.prefill: list[int] = []  # serving prefill (or both), not draining
+        self.queue_heap: list[tuple[int, int, int, int]] = []  # (queued requests, tokens, joined, actor)
         self.decode: list[int] = []  # serving decode, not draining
         self.free_heap: list[tuple[int, int, int]] = []  # (-free KV tokens, kv_version, actor)
         self.waiting: deque[int] = deque()  # requests waiting for a decode reservation, in order
-        self.cursor = 0  # where the next round of offers to busy actors starts
+        self.admitting = False  # the simulator is admitting waiting requests (no re-entry)
         self.estimates: list[tuple[int, int]] = []  # central: (estimated queued tokens, actor)
         self.holders: dict[int, set[int]] = {}  # prefix block id -> prefill actors whose cache holds it
 
@@ -39,6 +42,27 @@ class Pool:
             if held:
                 return i + 1, sorted(held)
         return 0, []
+
+    # -- prefill by queue -----------------------------------------------------------------
+    def note_queue(self, a: Actor, actors: list[Actor]) -> None:
+        """After a's prefill queue changed (or it joined the pool): index it again."""
+        heapq.heappush(self.queue_heap, (a.queued_requests, a.queued_tokens, a.joined, a.id))
+        if len(self.queue_heap) > 4 * len(self.prefill) + 64:  # mostly stale entries: rebuild
+            self.queue_heap = [e for e in self.queue_heap if _current(e, actors[e[3]])]
+            heapq.heapify(self.queue_heap)
+
+    def least_queued(self, actors: list[Actor], k: int) -> list[Actor]:
+        """The k serving prefill actors with the least queue: any others come after them in
+        the router's idle-first order."""
+        heap, found, seen = self.queue_heap, [], set()
+        while heap and len(found) < k:
+            e = heapq.heappop(heap)
+            if e[3] not in seen and _current(e, actors[e[3]]):
+                seen.add(e[3])
+                found.append(e)
+        for e in found:
+            heapq.heappush(heap, e)
+        return [actors[e[3]] for e in found]
 
     # -- decode by free KV -----------------------------------------------------------------
     def note_kv(self, a: Actor, actors: list[Actor]) -> None:
@@ -78,3 +102,9 @@ class Pool:
             return a
         return None
 
+
+
+def _current(entry: tuple[int, int, int, int], a: Actor) -> bool:
+    """Whether a queue entry still describes its actor: not draining, in the same stay in a
+    pool (`joined` is new on every entry), with the same queue."""
+    return not a.draining and a.joined == entry[2] and (a.queued_requests, a.queued_tokens) == entry[:2]

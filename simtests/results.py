@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simtests.actors import BOTH, DECODE, PREFILL
+from mesh.roles import Role
 
 if TYPE_CHECKING:
     from simtests.sim import Simulator
@@ -89,15 +89,15 @@ class Run:
 
 def _utilisation(sim: "Simulator") -> dict[str, float]:
     """Busy share of the time actors spent in each role (decode: a non-empty batch)."""
-    busy = {PREFILL: 0.0, DECODE: 0.0, BOTH: 0.0}
-    held = {PREFILL: 0.0, DECODE: 0.0, BOTH: 0.0}
+    busy = dict.fromkeys(Role, 0.0)
+    held = dict.fromkeys(Role, 0.0)
     for a in sim.actors:
         for role in held:
-            held[role] += a.role_s[role] + (sim.now - a.role_since if a.role == role else 0.0)
-        if a.role == BOTH:
-            busy[BOTH] += a.prefill_busy_s + a.decode_busy_s
+            held[role] += a.role_s[role] + (sim.now - a.role_since if a.role is role else 0.0)
+        if a.role is Role.BOTH:
+            busy[Role.BOTH] += a.prefill_busy_s + a.decode_busy_s
         else:  # an actor that flipped was busy in both roles, each in its own time
-            busy[PREFILL] += a.prefill_busy_s
-            busy[DECODE] += a.decode_busy_s
-    names = {PREFILL: "prefill", DECODE: "decode", BOTH: "aggregated"}
+            busy[Role.PREFILL] += a.prefill_busy_s
+            busy[Role.DECODE] += a.decode_busy_s
+    names = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "aggregated"}
     return {names[r]: busy[r] / held[r] for r in held if held[r] > 0}

@@ -1,9 +1,9 @@
 """The discrete-event simulator: a request's path through a modelled pdmesh cluster.
 
 The policies are the live ones: prefill admission is `mesh.admission.PrefillAdmission`,
-the forwarding limits (offers per request, pause between passes, offers to prefix
-holders first) are `mesh.routing.ForwardOnRejection`, the ratio controller is `scenarios.controller`
-(see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
+the order of offers and the forwarding limits (offers per request, pause between passes)
+are `mesh.routing.ForwardOnRejection`, called as `mesh.dispatch` calls them, the ratio
+controller is `scenarios.controller` (see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
 the performance model.
 
 Speed: arrivals are read in order from the workload rather than pushed on the heap;
@@ -15,15 +15,21 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from operator import attrgetter
 
+from gateway.observe import LoadWindow
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.routing import ForwardOnRejection
-from simtests.actors import BOTH, DECODE, PREFILL, Actor
+from mesh.roles import Role
+from simtests.actors import Actor
 from simtests.cluster import Cluster, Variant
 from simtests.control import ControlLoop
 from simtests.pools import Pool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
+
+# what the router orders prefill actors by; ties go to the first to join, as in a live pool's member order
+_queue = attrgetter("queued_requests", "queued_tokens", "joined")
 
 # event kinds
 PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
@@ -32,9 +38,13 @@ PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range
 class Simulator:
     def __init__(self, cluster: Cluster, variant: Variant = Variant(),
                  admission: PrefillAdmission = PrefillAdmission(),
-                 forwarding: ForwardOnRejection = ForwardOnRejection()):
+                 forwarding: ForwardOnRejection = ForwardOnRejection(),
+                 offer_log: list[tuple[int, int, bool]] | None = None):
+        """offer_log: where to note every offer answered, as (request, actor, accepted): what
+        live dispatch reports as prefill_rejected / prefill_accepted events."""
         self.cluster, self.variant = cluster, variant
         self.admission, self.forwarding = admission, forwarding
+        self.offer_log = offer_log
         specs = cluster.specs
         self.names = [s.name for s in specs]
         self.aggregated = variant.serving == "aggregated"
@@ -53,11 +63,13 @@ class Simulator:
         self.ttft_target = [s.slo.ttft_s for s in specs]
         self.tpot_target = [s.slo.tpot_s for s in specs]
         self.now = 0.0
+        self.joins = 0  # actors that joined a pool's serving ones so far
         self.actors: list[Actor] = []
         for k, s in enumerate(specs):
             pool = self.pools[self.pool_of[k]]
             model = cluster.models[s.name]
-            roles = [BOTH] * (s.prefill + s.decode) if self.aggregated else [PREFILL] * s.prefill + [DECODE] * s.decode
+            roles = ([Role.BOTH] * (s.prefill + s.decode) if self.aggregated
+                     else [Role.PREFILL] * s.prefill + [Role.DECODE] * s.decode)
             for role in roles:
                 a = Actor(len(self.actors), role, pool.index, model)
                 self.actors.append(a)
@@ -67,6 +79,7 @@ class Simulator:
         self.seq = 0
         self.events = 0
         self.control: ControlLoop | None = None  # set by run() when the controller is on
+        self.window: LoadWindow | None = None  # the controller's: what the live gateway measures
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, w: Workload) -> "Run":
@@ -84,6 +97,7 @@ class Simulator:
         self.decode_of = [-1] * n
         self.offers = [0] * n
         self.hit = [0] * n  # prompt tokens found in the prefill actor's prefix cache
+        self.kv_short = [False] * n  # found no decode KV free on arrival
         self.prefix_of = w.prefix_ids if self.variant.prefix != "off" else None
         self.block_tokens = w.block_tokens
         self.state = [ACTIVE] * n
@@ -91,6 +105,7 @@ class Simulator:
         self.next_arrival = 0
         if self.variant.controller and self.variant.pools == "scenario" and not self.aggregated:
             self.control = ControlLoop(self)
+            self.window = self.control.window
             self._push(self.cluster.settings.interval_s, CONTROL, 0, 0)
         if self.central:
             for pool in self.pools:
@@ -130,15 +145,14 @@ class Simulator:
     def _arrive(self, rid: int) -> None:
         self.active += 1
         self.deadline[rid] = self.now + self.variant.admission_timeout_s
-        if self.control:
-            self.control.arrived(self.scen[rid], self.prompt[rid], self.output[rid])
+        if self.window:
+            self.window.arrived(self.names[self.scen[rid]], self.prompt[rid])
         self._place(self.pools[self.pool_of[self.scen[rid]]], rid)
 
     def _place(self, pool: Pool, rid: int) -> None:
         """Reserve decode KV (step 2 of the design), then find a prefill actor (step 3)."""
         if not self.aggregated and self.decode_of[rid] < 0 and not self._reserve(pool, rid):
-            if self.control:
-                self.control.kv_waited(self.scen[rid])
+            self.kv_short[rid] = True
             pool.waiting.append(rid)
             self._push(self.deadline[rid], EXPIRE, rid, 0)
             return
@@ -158,68 +172,48 @@ class Simulator:
         return True
 
     def _offer(self, pool: Pool, rid: int) -> None:
-        """Forward on rejection: idle actors first (they always accept), then the busy ones in
-        turn, each answering from its own state; a whole pass rejected: pause and try again."""
+        """Forward on rejection as live dispatch does it (`mesh.dispatch`): one pass over the pool in
+        the router's order (prefix holders, then idle-first), each actor answering from its own
+        state; a whole pass rejected: pause and try again."""
         fw, decide, actors = self.forwarding, self.admission.decide, self.actors
         now, p = self.now, self.prompt[rid]
         offers, time_left = self.offers[rid], self.deadline[rid] - now
-        offer = Offer(p, self.ttft_target[self.scen[rid]] - (now - self.arrival[rid]), time_left)
+        budget = self.ttft_target[self.scen[rid]] - (now - self.arrival[rid])
         need = p + self.output[rid] if self.aggregated else 0  # aggregated: KV on the prefill actor itself
+        cached = self._cached_tokens(pool, rid)
+        # at most max_forwards offers: only the least queued and the prefix holders can be offered
+        members = pool.least_queued(actors, fw.max_forwards - offers)
+        members += [actors[aid] for aid in cached if actors[aid] not in members]
         retry = math.inf
-        tried: set[int] = set()
-        if self.prefix_aware and self.prefix_of:  # first to whoever holds the longest prefix ...
-            blocks, holders = pool.longest_prefix_holders(self.prefix_of(rid))
-            # the offer names the cached tokens: a holder whose queue costs more than its cache
-            # saves rejects (mesh.admission); only `prefix_offers` of them, the least queued
-            held = Offer(p, offer.ttft_budget_s, time_left, cached_tokens=min(blocks * self.block_tokens, p - 1))
-            live = [actors[aid] for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index]
-            for a in sorted(live, key=lambda a: a.queued_tokens)[:fw.prefix_offers]:
-                if not fw.may_offer(offers, time_left):
-                    break
-                offers += 1
-                tried.add(a.id)
-                if a.free < need:
-                    continue
-                d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), held)
-                if d.accept:
-                    self._accept(pool, a, rid)
-                    return
-                retry = min(retry, d.retry_after_s)
-        no_room = []
-        while pool.idle and fw.may_offer(offers, time_left):
-            a = actors[pool.idle.pop()]
-            offers += 1
-            if a.free < need:
-                no_room.append(a.id)
-                continue
-            if decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), offer).accept:
-                pool.idle.update(no_room)
-                self._accept(pool, a, rid)
-                return
-        pool.idle.update(no_room)
-        members = pool.prefill
-        m, j = len(members), 0
-        while j < m and fw.may_offer(offers, time_left):
-            a = actors[members[(pool.cursor + j) % m]]
-            j += 1
-            if a.idle or a.id in tried:  # offered above
-                continue
+        for a in fw.prefill_order(members, cached, _queue):
+            if not fw.may_offer(offers, time_left):
+                break
             offers += 1
             if a.free < need:
                 continue
-            d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate), offer)
+            d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
+                       Offer(p, budget, time_left, cached.get(a.id, 0)))
+            if self.offer_log is not None:
+                self.offer_log.append((rid, a.id, d.accept))
             if d.accept:
-                pool.cursor = (pool.cursor + j) % m
                 self._accept(pool, a, rid)
                 return
             retry = min(retry, d.retry_after_s)
-        if m:
-            pool.cursor = (pool.cursor + j) % m
         self.offers[rid] = offers
         if fw.may_offer(offers, time_left):
             self._push(now + fw.pause_s(None if retry == math.inf else retry, time_left), RETRY, rid, 0)
         else:
             self._reject(rid)
+
+    def _cached_tokens(self, pool: Pool, rid: int) -> dict[int, int]:
+        """The prompt tokens each actor holding the longest prefix of rid's prompt would skip (the
+        live dispatcher's prefix index, exact here); the offer names them (mesh.admission)."""
+        if not (self.prefix_aware and self.prefix_of):
+            return {}
+        blocks, holders = pool.longest_prefix_holders(self.prefix_of(rid))
+        tokens = min(blocks * self.block_tokens, self.prompt[rid] - 1)  # the last token is always computed
+        actors = self.actors
+        return {aid: tokens for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index}
 
     def _central(self, pool: Pool, rid: int) -> None:
         """The baseline: the actor with the least queue by the last report (plus what was
@@ -238,13 +232,13 @@ class Simulator:
         a.queue.append(rid)
         a.queued_tokens += self.prompt[rid]
         a.queued_requests += 1
-        pool.idle.discard(a.id)
+        pool.note_queue(a, self.actors)
         if not a.busy:
             self._start_prefill(a)
 
     def _start_prefill(self, a: Actor) -> None:
         tokens, seconds = a.take_batch(self.prompt, self._cached if self.prefix_of else None)
-        if a.role == BOTH:  # the prompt shares steps with the decode batch: both slow down
+        if a.role is Role.BOTH:  # the prompt shares steps with the decode batch: both slow down
             a.advance(self.now)
             seconds = a.chunk(tokens, seconds, self.variant.chunk_tokens)
             self._schedule_decode(a)
@@ -253,7 +247,7 @@ class Simulator:
 
     def _prefill_done(self, aid: int, _: int) -> None:
         a, now = self.actors[aid], self.now
-        if a.role == BOTH:
+        if a.role is Role.BOTH:
             a.advance(now)  # while still busy: the shared time was the prefill's
         batch, a.batch, a.busy = a.batch, [], False
         prompt, t_first = self.prompt, self.t_first
@@ -261,7 +255,8 @@ class Simulator:
             t_first[rid] = now  # the first token is sampled by prefill and streamed at once
             a.queued_tokens -= prompt[rid]
         a.queued_requests -= len(batch)
-        if a.role == BOTH:
+        self.pools[a.pool].note_queue(a, self.actors)
+        if a.role is Role.BOTH:
             a.unchunk()
             for rid in batch:
                 self._join(a, rid)
@@ -272,8 +267,6 @@ class Simulator:
             self._start_prefill(a)
         elif a.draining:
             self._maybe_drained(a)
-        else:
-            self.pools[a.pool].idle.add(aid)
 
     def _cached(self, a: Actor, rid: int) -> int:
         """The prompt tokens a's prefix cache holds for rid; then its blocks are a's most
@@ -348,33 +341,41 @@ class Simulator:
         self.state[rid] = DONE
         a.reserved -= self.prompt[rid] + self.output[rid]
         self.active -= 1
-        if self.control:
-            s, out = self.scen[rid], self.output[rid]
-            tpot = (self.now - self.t_first[rid]) / (out - 1) if out > 1 else 0.0
-            self.control.finished(s, self.t_first[rid] - self.arrival[rid] <= self.ttft_target[s],
-                                  tpot <= self.tpot_target[s])
+        if self.window:
+            out = self.output[rid]
+            self.window.ended(self.names[self.scen[rid]], self.t_first[rid] - self.arrival[rid],
+                              (self.now - self.t_first[rid]) / (out - 1) if out > 1 else None, out,
+                              self.kv_short[rid])
 
     def _released(self, a: Actor) -> None:
         """a's KV was freed: index it again, admit waiting requests, end its drain if empty."""
         if a.draining:
             self._maybe_drained(a)
-        elif a.role == DECODE:
+        elif a.role is Role.DECODE:
             pool = self.pools[a.pool]
             pool.note_kv(a, self.actors)
             if pool.waiting:
                 self._admit_waiting(pool)
 
     def _admit_waiting(self, pool: Pool) -> None:
+        """In order, while decode KV lasts. A request rejected here frees its reservation, which
+        calls this again: that call returns and this loop goes on (no recursion per request)."""
+        if pool.admitting:
+            return
+        pool.admitting = True
         waiting = pool.waiting
-        while waiting:
-            rid = waiting[0]
-            if self.state[rid] != ACTIVE:  # expired while waiting
-                waiting.popleft()
-            elif self._reserve(pool, rid):
-                waiting.popleft()
-                self._central(pool, rid) if self.central else self._offer(pool, rid)
-            else:
-                return
+        try:
+            while waiting:
+                rid = waiting[0]
+                if self.state[rid] != ACTIVE:  # expired while waiting
+                    waiting.popleft()
+                elif self._reserve(pool, rid):
+                    waiting.popleft()
+                    self._central(pool, rid) if self.central else self._offer(pool, rid)
+                else:
+                    return
+        finally:
+            pool.admitting = False
 
     def _expire(self, rid: int, _: int) -> None:
         """The admission window closed on a request still waiting for decode KV."""
@@ -394,12 +395,12 @@ class Simulator:
             a = self.actors[d]
             a.reserved -= self.prompt[rid] + self.output[rid]
             self._released(a)
-        if self.control:
-            self.control.finished(self.scen[rid], False, True)
+        if self.window:  # no first token: a TTFT miss, as the live gateway counts a refusal
+            self.window.ended(self.names[self.scen[rid]], None, None, 0, self.kv_short[rid])
 
     # -- timers ---------------------------------------------------------------------------
     def _control(self, _: int, __: int) -> None:
-        self.control.tick(self.now)
+        self.control.tick()
         if self._more_to_come():
             self._push(self.now + self.cluster.settings.interval_s, CONTROL, 0, 0)
 
@@ -410,7 +411,7 @@ class Simulator:
             self._push(self.now + self.variant.report_interval_s, REPORT, 0, 0)
 
     # -- moving actors (the controller's connector calls these) ------------------------------
-    def move(self, a: Actor, role: int, pool: int) -> None:
+    def move(self, a: Actor, role: Role, pool: int) -> None:
         """Drain a, then switch it to `role` in `pool`: it takes no new work from now."""
         self._leave(a)
         self.pools[a.pool].members.discard(a.id)
@@ -420,12 +421,11 @@ class Simulator:
 
     def _leave(self, a: Actor) -> None:
         pool = self.pools[a.pool]
-        if a.role == DECODE:
+        if a.role is Role.DECODE:
             pool.decode.remove(a.id)
             a.kv_version += 1  # its entries in the free-KV heap are stale from now
         else:
             pool.prefill.remove(a.id)
-            pool.idle.discard(a.id)
 
     def _maybe_drained(self, a: Actor) -> None:
         if a.draining and a.empty:
@@ -438,12 +438,13 @@ class Simulator:
 
     def _enter(self, a: Actor) -> None:
         pool = self.pools[a.pool]
-        if a.role == DECODE:
+        self.joins += 1
+        a.joined = self.joins
+        if a.role is Role.DECODE:
             pool.decode.append(a.id)
             pool.note_kv(a, self.actors)
             if pool.waiting:
                 self._admit_waiting(pool)
         else:
             pool.prefill.append(a.id)
-            if a.idle:
-                pool.idle.add(a.id)
+            pool.note_queue(a, self.actors)

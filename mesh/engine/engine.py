@@ -15,7 +15,7 @@ from mesh.engine.detokenizer import Detokenizer
 from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
 from mesh.engine.errors import EngineError, RequestError, SequenceError
 from mesh.engine.faults import StepFaults
-from mesh.engine.kv_cache import KVCache, KVShape
+from mesh.engine.kv_cache import Allocator, KVCache, KVShape, zeros
 from mesh.engine.linear import should_pack
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import ModelRunner
@@ -54,7 +54,8 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, allocate_kv: Allocator = zeros):
+        """allocate_kv: the KV pool's memory (kv_cache.KVCache)."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -73,7 +74,7 @@ class Engine:
         shape = KVShape(mc.num_layers, 0, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // shape.bytes_per_block)
         self.kv = KVCache(KVShape(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                                  mc.head_dim, self.dtype), self.device)
+                                  mc.head_dim, self.dtype), self.device, allocate_kv)
         manager = BlockManager(num_blocks, config.block_size)
         self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager
         # Accelerators need bigger steps to fill (and their steps cost launches, not just work).

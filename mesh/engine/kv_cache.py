@@ -7,10 +7,9 @@ pool is one region for the transport to register once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-
-from transport.memory import pool_zeros
 
 
 @dataclass(frozen=True)
@@ -32,12 +31,21 @@ class KVShape:
         return self.bytes_per_block // self.block_size
 
 
+# allocate(shape, dtype, device) -> a zeroed contiguous tensor
+Allocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class KVCache:
-    def __init__(self, shape: KVShape, device: torch.device):
+    def __init__(self, shape: KVShape, device: torch.device, allocate: Allocator = zeros):
+        """allocate: where the pool's memory comes from; an actor whose KV the transport moves
+        passes the transport's allocator (on CPU: huge pages, which it copies faster)."""
         self.shape = shape
         dims = (shape.num_layers, 2, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        # Touched now, and on CPU in huge pages, which the KV transport copies faster.
-        self.pool = pool_zeros(dims, shape.dtype, device)
+        self.pool = allocate(dims, shape.dtype, device)  # touched now, not on the first request
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer viewed as [num_blocks * block_size, kv_heads, head_dim] token slots."""

@@ -1,5 +1,6 @@
 """A pool's indexes stay right as actors' KV and roles change."""
-from simtests.actors import DECODE, PREFILL, Actor
+from mesh.roles import Role
+from simtests.actors import Actor
 from simtests.pools import Pool
 
 from .conftest import profile
@@ -7,7 +8,7 @@ from .conftest import profile
 
 def decode_pool(n, capacity=1000):
     pool, model = Pool(0, "p"), profile(capacity=capacity)
-    actors = [Actor(i, DECODE, 0, model) for i in range(n)]
+    actors = [Actor(i, Role.DECODE, 0, model) for i in range(n)]
     for a in actors:
         pool.decode.append(a.id)
         pool.note_kv(a, actors)
@@ -41,7 +42,7 @@ def test_the_free_heap_is_rebuilt_before_stale_entries_pile_up():
 
 def test_central_estimates_add_what_was_placed_since_the_report():
     pool, model = Pool(0, "p"), profile()
-    actors = [Actor(i, PREFILL, 0, model) for i in range(2)]
+    actors = [Actor(i, Role.PREFILL, 0, model) for i in range(2)]
     pool.prefill = [0, 1]
     actors[0].queued_tokens = 500
     pool.report(actors)

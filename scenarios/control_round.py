@@ -1,0 +1,49 @@
+"""One round of the ratio controller, the same live (`gateway.control`) and simulated
+(`simtests.control`): close the load window into one observation per controlled scenario,
+step the controller on the clock, apply each decision through a connector, and record
+what became of it.
+
+What differs between the two is injected: the window (the gateway's `LoadWindow`, which
+the simulator feeds too), the clock (wall time, or simulated time), the connector (live
+pools, or modelled actors) and the actors' views. Decisions are applied one at a time,
+in the controller's order; a failed action does not stop the others.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from scenarios.connector import Connector, apply_all
+from scenarios.controller import ActorView, Decision, Observation, RatioController
+
+
+class Window(Protocol):
+    """The load over the current interval (`gateway.observe.LoadWindow`)."""
+
+    def close(self, actors: dict[str, tuple[ActorView, ...]]) -> list[Observation]: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decision and what became of it."""
+    decision: Decision
+    failures: tuple[str, ...]  # "flip a1 -> decode: why", for each action that could not be applied
+
+
+class ControlRound:
+    def __init__(self, controller: RatioController, window: Window, connector: Connector,
+                 clock: Callable[[], float], log_size: int = 1000):
+        self.controller, self.window, self.connector, self.clock = controller, window, connector, clock
+        self.records: deque[Record] = deque(maxlen=log_size)
+
+    async def round(self, views: dict[str, tuple[ActorView, ...]]) -> list[Record]:
+        """One interval of the scenarios in `views` (those under control): observe, decide, apply."""
+        observations = self.window.close(views)
+        return [await self.apply(decision) for decision in self.controller.step(observations, self.clock())]
+
+    async def apply(self, decision: Decision) -> Record:
+        failed = await apply_all(self.connector, [decision])
+        record = Record(decision, tuple(f"{a.kind} {a.actor_id} -> {a.role}: {e}" for a, e in failed))
+        self.records.append(record)
+        return record

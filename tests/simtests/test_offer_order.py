@@ -1,0 +1,162 @@
+"""The simulator offers requests to prefill actors in the same order as live dispatch.
+
+One request sequence runs through the live `mesh.dispatch.Dispatcher` (stand-in actors that
+answer offer, reserve, prefill and decode at once, each offer from `mesh.admission` on the
+actor's queue) and through the simulator; the (request, actor, accepted) sequence of offers
+must be the same. The sequence arrives at one instant, so no prefill ends while it is placed
+and both sides see the same queues; its prompts are sized so that busy actors reject some
+offers and the request is forwarded, but no pass over the whole pool is rejected (that would
+pause, and time would pass differently on the two sides). With more actors than offers per
+request, a request runs out of offers instead, and the simulator looks only at the least
+queued actors of its pool (`simtests.pools.Pool.least_queued`).
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+from mesh.dispatch import Dispatcher, Request
+from mesh.errors import MeshError
+from mesh.roles import Role
+from mesh.routing import ForwardOnRejection
+from simtests.cluster import Variant
+from simtests.sim import Simulator
+from simtests.workload import Workload
+
+from .conftest import profile, scenario
+
+RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
+TTFT_S = 0.6  # the scenario's TTFT budget: 6000 tokens of queue and prompt
+DEADLINE_S = 10.0
+ADMISSION = PrefillAdmission()
+
+
+class _Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+    def options(self, **_):
+        return self
+
+
+async def _value(v):
+    return v
+
+
+async def _stream(*items):
+    for item in items:
+        yield _value(item)
+
+
+class PrefillStandIn:
+    """A prefill actor's calls, answered at once; an accepted prefill stays queued (none ends)."""
+
+    def __init__(self, actor_id: str):
+        self.actor_id, self.role = actor_id, Role.PREFILL
+        self.queued_requests = self.queued_tokens = 0
+        self.handle = self
+        self.offer = _Call(self._offer)
+        self.prefill = _Call(self._prefill)
+
+    @property
+    def info(self) -> dict:  # the report live dispatch orders by, always up to date here
+        return {"block_size": 16, "load": {"queued_requests": self.queued_requests,
+                                           "queued_prompt_tokens": self.queued_tokens}}
+
+    def _offer(self, prompt_tokens, ttft_budget_s, time_left_s, cached_tokens):
+        d = ADMISSION.decide(PrefillLoad(self.queued_tokens, self.queued_requests, RATE),
+                             Offer(prompt_tokens, ttft_budget_s, time_left_s, cached_tokens))
+        return _value({"accept": d.accept, "reason": d.reason, "retry_after_s": d.retry_after_s,
+                       "predicted_ttft_s": d.predicted_ttft_s})
+
+    def _prefill(self, step, lease):
+        self.queued_requests += 1
+        self.queued_tokens += len(step["prompt_token_ids"])
+        return _stream({"token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},
+                       {"transfer": {"bytes": 0}})
+
+
+class DecodeStandIn:
+    def __init__(self, actor_id: str):
+        self.actor_id, self.role = actor_id, Role.DECODE
+        self.info = {"block_size": 16, "load": {"free_blocks": 10**6}}
+        self.handle = self
+        self.reserve = _Call(lambda ids, align: _value({"lease_id": "l", "prefix_tokens": 0, "prefix_blocks": 0}))
+        self.decode = _Call(lambda lease_id, req: _stream(
+            {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length"}))
+        self.release_lease = _Call(lambda lease_id: _value(True))
+
+
+class StandInPool:
+    def __init__(self, members):
+        self.members = members
+
+    def by_role(self, role: Role) -> list:
+        return [m for m in self.members if m.role is role]
+
+
+def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
+    prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]
+    dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=lambda: 0.0)
+    index = {a.actor_id: k for k, a in enumerate(prefill)}  # the simulator numbers prefill actors first
+    rng = np.random.default_rng(0)
+    offers = []
+
+    async def run():
+        for rid, n in enumerate(prompts):
+            events = []
+            # random tokens: no prompt shares a prefix with another, as the simulator's have none
+            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), {"max_tokens": 2},
+                          deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
+            try:
+                async for _ in dispatcher.generate(req, events):
+                    pass
+            except MeshError as e:  # out of offers: the simulator rejects it too
+                assert e.code == "resource_exhausted", e
+            offers.extend((rid, index[e.attributes["actor"]], e.name == "prefill_accepted") for e in events
+                          if e.name in ("prefill_accepted", "prefill_rejected"))
+
+    asyncio.run(run())
+    return offers
+
+
+def simulated_offers(make_cluster, prompts: list[int], actors: int,
+                     forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
+    cluster = make_cluster(scenario(p=actors, d=1, ttft=TTFT_S),
+                           model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6))
+    offers = []
+    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=DEADLINE_S), ADMISSION, forwarding,
+                    offer_log=offers)
+    for a in sim.actors:  # measured already, as the stand-ins' is
+        a.rate = RATE
+    n = len(prompts)
+    sim.run(Workload(np.zeros(n), np.array(prompts), np.full(n, 2), np.zeros(n, dtype=np.int64), "sequence"))
+    return offers
+
+
+@pytest.mark.parametrize("actors, max_forwards, seed, size", [
+    (4, 8, 3, (500, 3000, 14)),  # forwarded until accepted, every request within its first pass
+    (10, 3, 0, (1500, 5000, 30)),  # more actors than offers: some requests run out of offers
+])
+def test_live_dispatch_and_the_simulator_offer_in_the_same_order(make_cluster, actors, max_forwards, seed, size):
+    forwarding = ForwardOnRejection(max_forwards=max_forwards)
+    low, high, n = size
+    prompts = np.random.default_rng(seed).integers(low, high, n).tolist()
+    live = live_offers(prompts, actors, forwarding)
+    assert simulated_offers(make_cluster, prompts, actors, forwarding) == live
+    # the sequence crosses every branch of the order: idle actors first, busy ones forwarded to
+    # by their queues, and rejections
+    assert [rid for rid, _, ok in live[:actors]] == list(range(actors))
+    assert sum(not ok for _, _, ok in live) >= 5
+    assert len({a for rid, a, ok in live if ok and rid >= actors}) >= 2
+    placed = {rid for rid, _, ok in live if ok}
+    if actors <= max_forwards:
+        assert placed == set(range(n))
+    else:
+        assert len(placed) < n

@@ -31,6 +31,7 @@ from mesh.errors import MeshError, RequestMoved
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
+from transport.address import for_node
 from transport.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,10 @@ class MeshActor:
         kv = engine.kv.shape
         self.layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
                                kv.dtype, engine.device.type)
-        self.transport = TransportConfig(**self.spec.transport)
+        import ray
+
+        # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
+        self.transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
         if self.role is not Role.PREFILL:
             await self._open_receiver()
         if self.spec.warmup:

@@ -245,7 +245,7 @@ class MeshActor:
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.blocks": len(blocks),
-                                     "kv.skipped_tokens": skip})
+                                     "kv.skipped_tokens": skip, "kv.peer": f"{desc.host}:{desc.port}"})
             yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": skip},
                    "seconds": time.perf_counter() - start}
         except RequestError as e:

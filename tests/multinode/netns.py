@@ -12,23 +12,27 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 from transport.netns import Host, NamespaceNet, unavailable
 
 __all__ = ["NamespaceCluster", "RAY_PORT", "unavailable"]
 
 RAY_PORT = 6380  # inside the head's own namespace: no other process can hold it
+ROOT = Path(__file__).resolve().parents[2]  # this checkout: what every node's workers import
 
 
 class NamespaceCluster(NamespaceNet):
-    def __init__(self, roles: dict[str, dict], cpus: dict[str, int] | None = None):
-        """roles: node name -> its custom Ray resources; the first is the head."""
+    def __init__(self, roles: dict[str, dict], cpus: dict[str, int] | None = None, env: dict | None = None):
+        """roles: node name -> its custom Ray resources; the first is the head. env: for
+        every node's Ray (and so its actors) and every command run here."""
         super().__init__(list(roles))
         self.resources = roles
         self.cpus = cpus or {}
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                    "RAY_USAGE_STATS_ENABLED": "0", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "UCX_WARN_UNUSED_ENV_VARS": "n",
+                    "PYTHONPATH": str(ROOT), **(env or {})}
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.env.pop("RAY_ADDRESS", None)
 
@@ -68,14 +72,14 @@ class NamespaceCluster(NamespaceNet):
 
     def run(self, node: Host, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(node, argv), capture_output=True, text=True, timeout=timeout,
-                              env=kw.pop("env", self.env), **kw)
+                              env=kw.pop("env", self.env), cwd=ROOT, **kw)
 
     def popen(self, node: Host, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.command(node, argv), env=kw.pop("env", self.env), **kw)
+        return subprocess.Popen(self.command(node, argv), env=kw.pop("env", self.env), cwd=ROOT, **kw)
 
-    def python(self, node: Host, code: str, timeout: float = 180) -> dict:
+    def python(self, node: Host, code: str, timeout: float = 180, args: tuple[str, ...] = ()) -> object:
         """Runs code in the node's namespace; its last stdout line is JSON."""
-        proc = self.run(node, ["python3", "-c", code], timeout=timeout)
+        proc = self.run(node, ["python3", "-c", code, *args], timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"on {node.name}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])

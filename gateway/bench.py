@@ -57,8 +57,10 @@ class InstantActor:
         self.offer = _Call(lambda *a: _value({"accept": True, "reason": "idle", "retry_after_s": 0.0,
                                               "predicted_ttft_s": 0.0}))
         self.reserve = _Call(lambda prompt_token_ids, align_tokens=1: _value(
-            {"lease_id": "lease", "prefix_tokens": 0, "prefix_blocks": 0}))
+            {"lease_id": "lease", "prefix_tokens": 0, "prefix_blocks": 0, "ttl_s": 30.0}))
+        self.renew_lease = _Call(lambda lease_id: _value(True))
         self.release_lease = _Call(lambda lease_id: _value(True))
+        self.until_stopped = _Call(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch
         self.shutdown = _Call(lambda: _value(None))
         self.prefill = _Call(lambda step, lease: _refs([
             {"type": "first", "token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},

@@ -148,7 +148,7 @@ class Chaos:
             await self._admin("FlipActor", admin_pb2.FlipActorRequest(actor_id=actor, role=role,
                                                                       drain_timeout_s=timeout))
             return Applied(fault, at, actor, True,
-                           f"{role} drained ({len(drained.aborted_request_ids)} requests left), serving again")
+                           f"{role} drained ({len(drained.moved_request_ids)} requests moved), serving again")
         except OpsError as e:
             return Applied(fault, at, actor, False, f"{e.status}: {e.message}")
 

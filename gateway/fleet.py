@@ -1,5 +1,6 @@
-"""The scenarios one gateway serves: for each, its pool of actors, the dispatcher that runs
-requests across it, and the model's tokenizer, chat template and context length."""
+"""The scenarios one gateway serves: for each, its pool of actors, the supervisor that keeps
+the pool whole, the dispatcher that runs requests across it, and the model's tokenizer, chat
+template and context length."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gateway.chat import ChatTemplate
 from gateway.config import ServeConfig
@@ -16,6 +18,7 @@ from mesh.dispatch import Dispatcher
 from mesh.engine.tokenizer import Tokenizer
 from mesh.pool import Hardware, Member, Pool, PoolSpec
 from mesh.routing import ForwardOnRejection
+from mesh.supervisor import RestartPolicy, Supervisor
 from scenarios.spec import ScenarioSpec
 
 log = logging.getLogger(__name__)
@@ -47,9 +50,11 @@ def _hardware(spec: ScenarioSpec) -> dict[str, Hardware]:
 
 
 class Fleet:
-    def __init__(self, config: ServeConfig, transport_secret: str):
+    def __init__(self, config: ServeConfig, transport_secret: str, restart: RestartPolicy = RestartPolicy()):
         self.config = config
+        self.restart = restart
         self.scenarios: dict[str, Scenario] = {}
+        self.supervisors: list[Supervisor] = []
         router = ForwardOnRejection(max_forwards=config.gateway.max_forwards)
         for spec in config.scenarios:
             engine = {**config.engine, "model": spec.model}
@@ -60,10 +65,14 @@ class Fleet:
                                                  tokenizer, ChatTemplate(tokenizer),
                                                  _context_length(spec.model, engine))
 
-    async def start(self) -> None:
-        """Starts every scenario's actors, all at once."""
+    async def start(self, on_change: Callable[[], None] | None = None) -> None:
+        """Starts every scenario's actors, all at once, then supervises them; on_change is
+        called after each death and replacement."""
         await asyncio.gather(*(s.pool.scale(prefill=s.spec.prefill, decode=s.spec.decode)
                                for s in self.scenarios.values()))
+        self.supervisors = [Supervisor(s.pool, self.restart, on_change) for s in self.scenarios.values()]
+        for supervisor in self.supervisors:
+            supervisor.start()
 
     def get(self, scenario: str) -> Scenario:
         try:
@@ -83,16 +92,33 @@ class Fleet:
         await asyncio.gather(*(s.pool.refresh() for s in self.scenarios.values()))
 
     def actor_infos(self) -> dict[str, list[dict]]:
-        return {name: [m.info for m in s.pool.members.values()] for name, s in self.scenarios.items()}
+        """Every actor of every scenario, those starting and dead included (state says which)."""
+        return {name: [m.info for m in (*s.pool.members.values(), *s.pool.offline.values())]
+                for name, s in self.scenarios.items()}
 
     def not_ready(self) -> list[str]:
-        """What keeps the fleet from serving: each scenario needs a serving prefill and decode actor."""
+        """The scenarios that cannot serve at all, and why: each needs a serving prefill and a
+        serving decode actor, or a serving actor that does both."""
         problems = []
         for s in self.scenarios.values():
+            if _serving(s.pool, Role.BOTH):
+                continue
             for role in (Role.PREFILL, Role.DECODE):
-                if not any(m.info.get("state") == "serving" for m in s.pool.by_role(role)):
-                    problems.append(f"scenario {s.name!r} has no serving {role.value} actor")
+                if not _serving(s.pool, role):
+                    problems.append(f"scenario {s.name!r} has no serving {role.value} actor{_offline(s.pool, role)}")
         return problems
 
     async def close(self) -> None:
+        await asyncio.gather(*(supervisor.close() for supervisor in self.supervisors))
         await asyncio.gather(*(s.pool.close() for s in self.scenarios.values()), return_exceptions=True)
+
+
+def _serving(pool: Pool, role: Role) -> bool:
+    return any(m.info.get("state") == "serving" for m in pool.by_role(role))
+
+
+def _offline(pool: Pool, role: Role) -> str:
+    """Why not: the role's actors that are starting or dead."""
+    states = [f"{m.actor_id} {m.info['state']}" + (f" ({m.info['reason']})" if m.info.get("reason") else "")
+              for m in pool.offline.values() if m.role is role]
+    return f": {'; '.join(states)}" if states else ""

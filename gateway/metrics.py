@@ -73,19 +73,22 @@ class _ActorCollector:
                                           labels=labels)
         used = GaugeMetricFamily("pdmesh_kv_blocks_used", "KV blocks in use on an actor", labels=labels)
         total = GaugeMetricFamily("pdmesh_kv_blocks", "KV blocks on an actor", labels=labels)
-        actors = GaugeMetricFamily("pdmesh_actors", "actors per scenario, role and state",
+        actors = GaugeMetricFamily("pdmesh_actors", "actors per scenario, role and state (serving, draining, "
+                                   "starting, dead)",
                                    labels=["scenario", "role", "state"])
         counts: dict[tuple[str, str, str], int] = {}
         for scenario, infos in self.actor_infos().items():
             for info in infos:
+                state = (scenario, info.get("role", ""), info.get("state", ""))
+                counts[state] = counts.get(state, 0) + 1
+                if info.get("state") in ("starting", "dead"):
+                    continue  # no load to report: counted by state only
                 load = info.get("load", {})
                 key = [scenario, info.get("actor_id", ""), info.get("role", "")]
                 queue.add_metric(key, load.get("queued_requests", 0))
                 queued_tokens.add_metric(key, load.get("queued_prompt_tokens", 0))
                 used.add_metric(key, load.get("num_blocks", 0) - load.get("free_blocks", 0))
                 total.add_metric(key, load.get("num_blocks", 0))
-                state = (scenario, info.get("role", ""), info.get("state", ""))
-                counts[state] = counts.get(state, 0) + 1
         for state, n in counts.items():
             actors.add_metric(list(state), n)
         return [queue, queued_tokens, used, total, actors]

@@ -45,6 +45,7 @@ class Gateway:
         self.control = ControlLoop(self.fleet, self.service.load, self.metrics, config.controller)
         self.grpc_port = self.http_port = 0
         self._tasks: list[asyncio.Task] = []
+        self._problems: list[str] = []  # why some scenario cannot serve, as last logged
 
     async def start(self) -> None:
         """Listens at once (health says NOT_SERVING / 503 until every pool has serving actors),
@@ -62,9 +63,9 @@ class Gateway:
         self.http = await http_server.start(api.app, self.listen.host, self.listen.http_port, self._ssl_context(tls),
                                             limits)
         self.http_port = self.http.addresses[0][1]
-        await self.fleet.start()
+        await self.fleet.start(on_change=self._health_changed)
         await self.fleet.refresh()
-        await set_health(self.health, not self.fleet.not_ready())
+        await self._set_health()
         self._tasks = [asyncio.create_task(self._refresh()), asyncio.create_task(self.control.run())]
 
     @property
@@ -74,14 +75,29 @@ class Gateway:
                 "http": f"{scheme}://{self.listen.host}:{self.http_port}"}
 
     async def _refresh(self) -> None:
-        """The actors' load for the router's offer order, readiness and the gauges."""
+        """The actors' load for the router's offer order, readiness and the gauges; a missed
+        report tells the supervisor."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.fleet.refresh()
-                await set_health(self.health, not self.fleet.not_ready())
+                await self._set_health()
             except Exception:  # one failed round; the next one tries again
                 log.exception("refreshing the actors' load failed")
+
+    async def _set_health(self) -> None:
+        """NOT_SERVING (and /health 503, with the reasons) only while some scenario cannot serve at all."""
+        problems = self.fleet.not_ready()
+        if problems != self._problems:
+            log.log(logging.WARNING if problems else logging.INFO, "health: %s",
+                    "; ".join(problems) or "every scenario serves")
+            self._problems = problems
+        await set_health(self.health, not problems and not self.service.closing)
+
+    def _health_changed(self) -> None:
+        """An actor died or a replacement serves: the gRPC health answer follows at once."""
+        self._tasks.append(asyncio.create_task(self._set_health()))
+        self._tasks = [t for t in self._tasks if not t.done()]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """New requests get UNAVAILABLE; those in flight get `grace_s` to finish, then end

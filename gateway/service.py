@@ -140,10 +140,10 @@ class InferenceService:
             self.metrics.in_flight.labels(label).inc()
             self.load.arrived(label, len(prep.prompt_token_ids))
             events = telemetry.SpanEvents(span)
-            request = Request(prep.request_id, prep.prompt_token_ids, prep.params,
-                              deadline=self.deadlines.admission(start, call.time_left_s),
-                              ttft_budget_s=prep.scenario.spec.slo.ttft_s, trace_context=tracing.carrier_of(span))
             end = self.deadlines.end(start, call.time_left_s)
+            request = Request(prep.request_id, prep.prompt_token_ids, prep.params, deadline=end,
+                              admission_deadline=self.deadlines.admission(start, call.time_left_s),
+                              ttft_budget_s=prep.scenario.spec.slo.ttft_s, trace_context=tracing.carrier_of(span))
             try:
                 async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock,
                                           self._streaming):

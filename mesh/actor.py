@@ -28,6 +28,7 @@ from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError, RequestMoved
+from mesh.faults import FaultPoints
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
@@ -64,6 +65,8 @@ class ActorSpec:
     warmup: bool = True
     otel_env: dict = field(default_factory=dict)  # the driver's OTEL_* settings: where spans go
     prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # granularity of the prefix report (rounded up to blocks)
+    faults: str = ""  # armed fault-injection points (mesh.faults), for tests
+    fault_log: str = ""  # where a fault that fires is recorded
 
 
 def _params_from(d: dict) -> SamplingParams:
@@ -99,6 +102,8 @@ class MeshActor:
         self._senders: dict[str, object] = {}
         self._idle = asyncio.Event()
         self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
+        self._stopped = asyncio.Event()
+        self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log or None)
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> dict:
@@ -177,7 +182,14 @@ class MeshActor:
     async def ping(self) -> str:
         return self.spec.actor_id
 
+    async def until_stopped(self) -> str:
+        """Returns when the actor shuts down. The supervisor keeps one such call open per actor:
+        Ray fails it the moment the actor's process dies, which is how a death is noticed at once."""
+        await self._stopped.wait()
+        return self.spec.actor_id
+
     async def shutdown(self) -> None:
+        self._stopped.set()
         tracing.flush()
         await self._close_receiver()
         for sender in self._senders.values():
@@ -215,6 +227,7 @@ class MeshActor:
         self.active.add(rid)
         queued = True
         try:
+            self.faults.reached("prefill", rid)
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True)):
                 last = outs[-1]
@@ -240,8 +253,7 @@ class MeshActor:
                                 f"{eng.blocks.block_size}: reserve with this actor's block size as alignment")
             blocks = (await self.engine.call(eng.held_blocks, rid))[skip // eng.blocks.block_size:]
             start = time.perf_counter()
-            stats = await self._sender(desc.backend).send(desc, eng.kv.pool, self.layout, blocks,
-                                                          timeout_s=self.transport.timeout_s)
+            stats = await self._send(rid, desc, blocks)
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.blocks": len(blocks),
@@ -266,6 +278,20 @@ class MeshActor:
                 self.queued_requests -= 1
             await self.engine.call(eng.abort, rid)  # frees held blocks; a no-op once released
             self._done(rid)
+
+    async def _send(self, rid: str, desc: LeaseDescriptor, blocks: list[int]):
+        """The KV that is computed already, layer by layer (a fault point after each layer)."""
+        transfer = await self._sender(desc.backend).start(desc, self.engine.engine.kv.pool, self.layout, blocks)
+        try:
+            for layer in range(transfer.num_layers):
+                transfer.layer_ready(layer)
+                if self.faults.faults:
+                    await asyncio.sleep(0.05)  # the layer goes on the wire before a fault here kills the actor
+                    self.faults.reached("transfer_after_layers", rid, layer + 1)
+            return await transfer.finish(self.transport.timeout_s)
+        except BaseException:  # cancelled: the receiver frees the lease once the connection closes
+            await transfer.abort()
+            raise
 
     def _sender(self, backend: str):
         if backend not in self._senders:
@@ -293,6 +319,10 @@ class MeshActor:
                             retry_after_s=0.1) from None
         self.holds.hold(desc.lease_id, hits, self.receiver.wait(desc.lease_id))
         return {**desc.to_wire(), "prefix_tokens": skip, "prefix_blocks": len(hits)}
+
+    async def renew_lease(self, lease_id: str) -> bool:
+        """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""
+        return self.receiver.renew(lease_id) if self.receiver else False
 
     async def release_lease(self, lease_id: str) -> bool:
         if self.holds is not None:
@@ -351,8 +381,12 @@ class MeshActor:
         self.active.add(rid)
         try:
             add = await prepare()
+            sent = 0
             async for outs in self.engine.stream(add):
                 chunk = _merge(outs)
+                if self.faults.faults:
+                    self.faults.reached("decode_step", rid, sent + len(chunk["token_ids"]))
+                sent += len(chunk["token_ids"])
                 yield chunk
             span.set_attribute("pdmesh.output_tokens", chunk["num_output_tokens"])
         except RequestError as e:

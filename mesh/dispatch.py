@@ -9,6 +9,14 @@ prefill is retried on another prefill actor; a lost decode is re-prefilled
 from the prompt plus every token already sent, so the stream just continues.
 Which actors to try, in which order, and when to give up is the router's choice
 (mesh.routing, a policy object without Ray).
+
+Not every failed attempt is a death: a failed KV transfer, or an actor giving the request
+back (RequestMoved, a drain that ran out of time), is retried without counting the actor as
+lost. A death is reported to the pool (its supervisor replaces the actor), and while a role
+has no live actor but a replacement is on its way, the request waits for it until its own
+deadline. Each retry runs under its own id (`<id>.<attempt>`): nothing an actor still holds
+for an earlier attempt can clash with it. The first attempt's offers stop at the admission
+deadline; retries and waits only at the request's end.
 """
 from __future__ import annotations
 
@@ -36,9 +44,10 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: dict  # SamplingParams fields
-    deadline: float = float("inf")  # on the dispatcher's clock
+    deadline: float = float("inf")  # the request's end, on the dispatcher's clock
     ttft_budget_s: float | None = None
     trace_context: dict | None = None  # W3C headers of the caller's span: the actors' spans hang under it
+    admission_deadline: float = float("inf")  # the first attempt's offers stop here (or at `deadline`)
 
 
 @dataclass
@@ -53,12 +62,15 @@ _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErro
 
 class Dispatcher:
     def __init__(self, pool: Pool, router: ForwardOnRejection | None = None, max_attempts: int = 4,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, margin_s: float = 0.1):
         self.pool = pool
         self.router = router or ForwardOnRejection()
         self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
-        self.max_attempts = max_attempts  # tries of one request, each after losing an actor
+        self.max_attempts = max_attempts  # tries of one request, each after a failed one
         self.clock = clock
+        # A wait for a replacement ends this long before the request's end, so that the
+        # caller hears UNAVAILABLE rather than its deadline passing.
+        self.margin_s = margin_s
 
     async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[dict]:
         """Yields chunks {"token_ids", "text", "finished", "finish_reason", ...} until finished."""
@@ -68,7 +80,7 @@ class Dispatcher:
         for attempt in range(self.max_attempts):
             if attempt:
                 events.append(Event("retry", {"attempt": attempt, "tokens_sent": len(sent)}))
-            step = self._continuation(req, sent)
+            step = self._continuation(req, sent, attempt)
             try:
                 if self.pool.by_role(Role.BOTH) and not self.pool.by_role(Role.PREFILL):
                     stream = self._aggregated(step, lost, events)
@@ -80,34 +92,56 @@ class Dispatcher:
                         yield chunk
                         if chunk["finished"]:
                             return
-            except _Lost as e:
-                lost.add(e.actor_id)
-                events.append(Event("actor_lost", {"actor": e.actor_id, "phase": e.phase}))
-                continue
-            except RequestMoved as e:  # a drain or flip gave it back; that actor is fine
-                events.append(Event("moved", {"reason": e.message}))
+            except _Again as e:
+                if e.lost:
+                    lost.add(e.actor_id)
+                events.append(Event(e.event, {"actor": e.actor_id, "phase": e.phase, "reason": e.reason}))
                 continue
         raise MeshError("unavailable", f"request {req.request_id} failed on {self.max_attempts} attempts; "
                         f"lost actors: {sorted(lost)}")
 
-    def _continuation(self, req: Request, sent: list[int]) -> dict:
+    def _continuation(self, req: Request, sent: list[int], attempt: int) -> dict:
         """The request as it stands: prompt plus the tokens already sent, and what is left to make."""
         params = dict(req.params)
         params["max_tokens"] = params.get("max_tokens", 16) - len(sent)
         params["min_tokens"] = max(0, params.get("min_tokens", 0) - len(sent))
-        return {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids + sent,
-                "params": params, "deadline": req.deadline, "ttft_budget_s": req.ttft_budget_s,
-                "trace_context": req.trace_context}
+        return {"request_id": req.request_id if not attempt else f"{req.request_id}.{attempt}",
+                "prompt_token_ids": req.prompt_token_ids + sent, "params": params,
+                "deadline": min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
+                "end": req.deadline, "ttft_budget_s": req.ttft_budget_s, "trace_context": req.trace_context}
+
+    def _lost(self, member: Member, phase: str, error: Exception) -> "_Again":
+        """A call failed as if the actor died: the pool's supervisor hears of it."""
+        certain = not isinstance(error, ray.exceptions.ActorUnavailableError)
+        self.pool.report_lost(member.actor_id, f"a call during {phase} failed: {type(error).__name__}", certain)
+        return _Again(member.actor_id, phase, "actor_lost", type(error).__name__, lost=True)
 
     def _live(self, role: Role, lost: set[str]) -> list[Member]:
         return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
 
+    async def _members(self, role: Role, lost: set[str], step: dict, events: list[Event]) -> list[Member]:
+        """The role's live actors. While there are none but one is starting (a replacement, for
+        one), waits for it, up to the request's end; raises UNAVAILABLE when none comes."""
+        waiting = False
+        while True:
+            live = self._live(role, lost)
+            if live:
+                return live
+            time_left = step["end"] - self.margin_s - self.clock()
+            if not self.pool.replacing(role):
+                raise MeshError("unavailable", f"no live {role.value} actor in the pool, and none is starting")
+            if time_left <= 0:
+                raise MeshError("unavailable", f"no live {role.value} actor in the pool: one is starting, but not "
+                                "in time for the request's deadline; retry later")
+            if not waiting:
+                waiting = True
+                events.append(Event("waiting_for_actor", {"role": role.value}))
+            await self.pool.changed(time_left)
+
     async def _aggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
+        live = await self._members(Role.BOTH, lost, step, events)
         cached = self._cached_tokens(Role.BOTH, step)
-        members = self.router.prefill_order(self._live(Role.BOTH, lost), cached)
-        if not members:
-            raise MeshError("unavailable", "no live actor in the pool")
-        member = members[0]
+        member = self.router.prefill_order(live, cached)[0]
         events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
         self.prefixes.placed(member.actor_id, step["prompt_token_ids"])
         gen = member.handle.generate.options(num_returns="streaming").remote(step)
@@ -117,8 +151,10 @@ class Dispatcher:
                 if chunk["finished"]:
                     gen = None
                 yield chunk
-        except _ACTOR_LOST:
-            raise _Lost(member.actor_id, "generate") from None
+        except _ACTOR_LOST as e:
+            raise self._lost(member, "generate", e) from None
+        except RequestMoved as e:
+            raise _moved(member, "generate", e) from None
         finally:
             _cancel(gen)
 
@@ -127,13 +163,16 @@ class Dispatcher:
         decode, lease = await self._reserve(step, lost, events)
         committed = False
         pstream = dstream = None  # Ray calls still running: cancelled if the request ends early
+        keeper = asyncio.create_task(self._keep_lease(decode, lease))
         try:
             prefill = await self._offer(step, lost, events)
             pstream = prefill.handle.prefill.options(num_returns="streaming").remote(step, lease)
             try:
                 first = await (await pstream.__anext__())
-            except _ACTOR_LOST:
-                raise _Lost(prefill.actor_id, "prefill") from None
+            except _ACTOR_LOST as e:
+                raise self._lost(prefill, "prefill", e) from None
+            except RequestMoved as e:
+                raise _moved(prefill, "prefill", e) from None
             events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
             self.prefixes.placed(prefill.actor_id, step["prompt_token_ids"])
             if first["finish_reason"] is not None:
@@ -149,13 +188,16 @@ class Dispatcher:
             dstream = decode.handle.decode.options(num_returns="streaming").remote(lease["lease_id"], dreq)
             try:
                 commit = await (await pstream.__anext__())
-            except _ACTOR_LOST:
-                raise _Lost(prefill.actor_id, "transfer") from None
-            except MeshError as e:  # the prefill side is fine; the lease's side failed or went away
+            except _ACTOR_LOST as e:
+                raise self._lost(prefill, "transfer", e) from None
+            except RequestMoved as e:
+                raise _moved(prefill, "transfer", e) from None
+            except MeshError as e:  # both actors may be fine: try the transfer again, same actors or others
                 log.warning("request %s: %s", step["request_id"], e)
-                raise _Lost(decode.actor_id, "transfer") from None
+                raise _Again(decode.actor_id, "transfer", "transfer_failed", e.message) from None
             pstream = None
             committed = True
+            keeper.cancel()
             events.append(Event("kv_transfer", {**commit["transfer"], "prefill": prefill.actor_id,
                                                 "decode": decode.actor_id}))
             try:
@@ -164,9 +206,12 @@ class Dispatcher:
                     if chunk["finished"]:
                         dstream = None
                     yield chunk
-            except _ACTOR_LOST:
-                raise _Lost(decode.actor_id, "decode") from None
+            except _ACTOR_LOST as e:
+                raise self._lost(decode, "decode", e) from None
+            except RequestMoved as e:
+                raise _moved(decode, "decode", e) from None
         finally:
+            keeper.cancel()
             _cancel(pstream)
             _cancel(dstream)
             if not committed or dstream is not None:
@@ -174,28 +219,42 @@ class Dispatcher:
                 # release frees whatever no decode call took (a no-op once one has).
                 await _quietly(decode.handle.release_lease.remote(lease["lease_id"]))
 
-    async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:
-        last_error = None
-        # Whichever prefill actor takes the request sends whole blocks of its own after the prefix
-        # the decode actor already holds.
-        align = math.lcm(*(m.info.get("block_size") or 1 for m in self._live(Role.PREFILL, lost)))
-        for member in self.router.decode_order(self._live(Role.DECODE, lost)):
+    async def _keep_lease(self, decode: Member, lease: dict) -> None:
+        """Renews the lease while its prefill waits in queues or runs: a long prompt under load
+        may take longer than one time to live. Stops once the lease ended or was committed."""
+        while True:
+            await asyncio.sleep(lease["ttl_s"] / 3)
             try:
-                # The lease holds the prompt's KV; the decode actor grows it from there.
-                lease = await member.handle.reserve.remote(step["prompt_token_ids"], align)
-                events.append(Event("decode_reserved", {"actor": member.actor_id,
-                                                        "prefix_tokens": lease["prefix_tokens"],
-                                                        "prefix_blocks": lease["prefix_blocks"]}))
-                return member, lease
-            except MeshError as e:
-                last_error = e
-                events.append(Event("decode_rejected", {"actor": member.actor_id, "reason": e.message}))
-            except _ACTOR_LOST:
-                lost.add(member.actor_id)
-        if last_error is not None:
-            raise MeshError("resource_exhausted", "no decode actor has room for the request's KV",
-                            retry_after_s=last_error.retry_after_s)
-        raise MeshError("unavailable", "no live decode actor in the pool")
+                if not await decode.handle.renew_lease.remote(lease["lease_id"]):
+                    return
+            except Exception:  # the decode actor is gone: the request learns it from its own calls
+                return
+
+    async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:
+        while True:
+            members = await self._members(Role.DECODE, lost, step, events)
+            # Whichever prefill actor takes the request sends whole blocks of its own after the
+            # prefix the decode actor already holds.
+            align = math.lcm(*(m.info.get("block_size") or 1 for m in self._live(Role.PREFILL, lost)))
+            last_error = None
+            for member in self.router.decode_order(members):
+                try:
+                    # The lease holds the prompt's KV; the decode actor grows it from there.
+                    lease = await member.handle.reserve.remote(step["prompt_token_ids"], align)
+                    events.append(Event("decode_reserved", {"actor": member.actor_id,
+                                                            "prefix_tokens": lease["prefix_tokens"],
+                                                            "prefix_blocks": lease["prefix_blocks"]}))
+                    return member, lease
+                except MeshError as e:
+                    last_error = e
+                    events.append(Event("decode_rejected", {"actor": member.actor_id, "reason": e.message}))
+                except _ACTOR_LOST as e:
+                    lost.add(member.actor_id)
+                    self._lost(member, "reserve", e)
+            if last_error is not None:
+                raise MeshError("resource_exhausted", "no decode actor has room for the request's KV",
+                                retry_after_s=last_error.retry_after_s)
+            # every one was dead: wait for their replacements, if any come
 
     async def _offer(self, step: dict, lost: set[str], events: list[Event]) -> Member:
         """Offers to prefill actors idle-first, forwarding on each rejection; when every actor
@@ -205,9 +264,7 @@ class Dispatcher:
         offers = 0
         cached = self._cached_tokens(Role.PREFILL, step)
         while True:
-            candidates = self.router.prefill_order(self._live(Role.PREFILL, lost), cached)
-            if not candidates:
-                raise MeshError("unavailable", "no live prefill actor in the pool")
+            candidates = self.router.prefill_order(await self._members(Role.PREFILL, lost, step, events), cached)
             for member in candidates:
                 time_left = step["deadline"] - self.clock()
                 if not self.router.may_offer(offers, time_left):
@@ -215,8 +272,9 @@ class Dispatcher:
                 try:
                     d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
                                                          time_left, cached.get(member.actor_id, 0))
-                except _ACTOR_LOST:
+                except _ACTOR_LOST as e:
                     lost.add(member.actor_id)
+                    self._lost(member, "offer", e)
                     continue
                 offers += 1
                 if d["accept"]:
@@ -244,10 +302,18 @@ def _prefix_choice(cached: dict[str, int], member: Member) -> dict:
     return {"order": "prefix" if expected else "idle", "expected_prefix_tokens": expected}
 
 
-class _Lost(Exception):
-    def __init__(self, actor_id: str, phase: str):
-        super().__init__(f"actor {actor_id} lost during {phase}")
-        self.actor_id, self.phase = actor_id, phase
+class _Again(Exception):
+    """An attempt failed and the request goes on with the next: the actor died (lost), a
+    transfer failed, or the actor gave the request back. `event` names the span event."""
+
+    def __init__(self, actor_id: str, phase: str, event: str, reason: str, lost: bool = False):
+        super().__init__(f"{event}: actor {actor_id} during {phase}: {reason}")
+        self.actor_id, self.phase, self.event, self.reason, self.lost = actor_id, phase, event, reason, lost
+
+
+def _moved(member: Member, phase: str, error: RequestMoved) -> _Again:
+    """The actor gave the request back unfinished (drained): it is alive and well."""
+    return _Again(member.actor_id, phase, "moved", error.message)
 
 
 def _cancel(stream) -> None:

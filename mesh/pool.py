@@ -1,15 +1,24 @@
-"""Pools: each scenario's actors, placed on hardware by Ray resources, replaced when they die."""
+"""Pools: each scenario's actors, placed on hardware by Ray resources.
+
+`members` are the actors that started: the dispatcher routes to them alone. `offline` are
+those starting or dead, shown in status and metrics and never routed; a death moves an actor
+from `members` to `offline` at once (`lose`), and its replacement (mesh.supervisor) goes from
+`offline` to `members` once it serves. Every change of either wakes those waiting in `changed`.
+"""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 
-from mesh import tracing
+from mesh import faults, tracing
 from mesh.actor import MeshActor, Role, State
 from mesh.errors import MeshError
 from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_for, device_kind
@@ -54,6 +63,8 @@ class PoolSpec:
     otel_env: dict = field(default_factory=tracing.otel_env)  # actors export spans where the driver does
     # each role's [min, max] serving actors (mesh.role_limits); the defaults are a scenario file's
     limits: dict[str, Limits] = field(default_factory=lambda: {"prefill": Bounds(1), "decode": Bounds(1)})
+    faults: str = field(default_factory=lambda: os.environ.get(faults.ENV, ""))  # test hooks (mesh.faults)
+    fault_log: str = field(default_factory=lambda: os.environ.get(faults.LOG_ENV, ""))
 
 
 @dataclass
@@ -61,31 +72,64 @@ class Member:
     actor_id: str
     role: Role
     handle: "ray.actor.ActorHandle"
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # its last report, with `life` merged in
+    hardware: Hardware | None = None  # what it runs on: a replacement asks Ray for the same
+    # When it was started, began serving, died, and which actor it replaced (wall clock, time.time()):
+    # kept across reports, so that status shows how long a replacement took.
+    life: dict = field(default_factory=dict)
+    missed_reports: int = 0  # load reports in a row that failed or timed out
+
+    def report(self, info: dict) -> None:
+        self.info = {**info, **self.life}
 
 
 class Pool:
     def __init__(self, spec: PoolSpec):
         self.spec = spec
-        self.members: dict[str, Member] = {}
+        self.members: dict[str, Member] = {}  # started: routed to
+        self.offline: dict[str, Member] = {}  # starting or dead: shown, never routed
+        # The supervisor's ear (mesh.supervisor): lost(actor_id, reason, certain) for a failed call.
+        self.on_lost: Callable[[str, str, bool], None] | None = None
+        self._waiters: list[asyncio.Future] = []
 
     def by_role(self, role: Role) -> list[Member]:
         return [m for m in self.members.values() if m.role is role]
 
-    async def add(self, role: Role | str) -> Member:
+    async def add(self, role: Role | str, hardware: Hardware | None = None, replaces: Member | None = None,
+                  start_timeout_s: float | None = None) -> Member:
+        """Starts one actor of the role (on `hardware`, else the role's); `offline` shows it as
+        starting until it serves. A start that fails or times out kills what Ray started."""
         role = Role(role)
-        hw = self.spec.hardware.get(role.value, Hardware())
+        hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
         engine = {**self.spec.engine, "device": hw.device}
         actor_spec = dict(actor_id=actor_id, scenario=self.spec.scenario, role=role.value, engine=engine,
                           transport=self.spec.transport, ttft_budget_s=self.spec.ttft_budget_s,
-                          warmup=self.spec.warmup, otel_env=self.spec.otel_env)
+                          warmup=self.spec.warmup, otel_env=self.spec.otel_env, faults=self.spec.faults,
+                          fault_log=self.spec.fault_log)
         cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
                                             **hw.options())
         handle = cls.remote(actor_spec)
-        member = Member(actor_id, role, handle)
-        member.info = await handle.start.remote()
+        life = {"starting_at": time.time()}
+        if replaces is not None:
+            life.update(replaces=replaces.actor_id, dead_at=replaces.life.get("dead_at"))
+        member = Member(actor_id, role, handle, hardware=hw, life=life)
+        member.info = {"actor_id": actor_id, "scenario": self.spec.scenario, "role": role.value,
+                       "state": "starting", **life}
+        self.offline[actor_id] = member
+        self._changed()
+        try:
+            info = await asyncio.wait_for(handle.start.remote(), start_timeout_s)
+        except BaseException:
+            _kill(handle)
+            raise
+        finally:
+            self.offline.pop(actor_id, None)
+            self._changed()
+        member.life["serving_at"] = time.time()
+        member.report(info)
         self.members[actor_id] = member
+        self._changed()
         log.info("pool %s: added %s", self.spec.scenario, member.info)
         return member
 
@@ -105,7 +149,7 @@ class Pool:
         warning = self.guard(f"flip {actor_id} to {role.value}", self._change(member, role), force)
         result = await self._stopping(member, member.handle.set_role.remote(role.value, drain_timeout_s))
         member.role = role
-        member.info = result
+        member.report(result)
         return {**result, "warning": warning}
 
     async def drain(self, actor_id: str, timeout_s: float | None = None, force: bool = False) -> dict:
@@ -114,7 +158,7 @@ class Pool:
         member = self.members[actor_id]
         warning = self.guard(f"drain {actor_id}", self._change(member, None), force)
         result = await self._stopping(member, member.handle.drain.remote(timeout_s))
-        member.info = await member.handle.info.remote()
+        member.report(await member.handle.info.remote())
         return {**result, **member.info, "warning": warning}
 
     async def lend(self, actor_id: str, other: "Pool", role: Role | str | None = None,
@@ -132,7 +176,8 @@ class Pool:
         info = await self._stopping(member, member.handle.join.remote(other.spec.scenario, role.value,
                                                                       other.spec.ttft_budget_s, drain_timeout_s))
         del self.members[actor_id]
-        member.role, member.info = role, info
+        member.role = role
+        member.report(info)
         other.members[actor_id] = member
         return {**info, "warning": warning}
 
@@ -183,30 +228,78 @@ class Pool:
             raise MeshError("unavailable", f"actor {member.actor_id} is dead: nothing was changed "
                                            f"(`pdmesh status` lists the pool's actors)") from None
 
-    async def check(self, timeout_s: float = 5.0) -> list[str]:
-        """Pings every actor; replaces the dead ones with fresh actors of the same role."""
-        dead = []
-        for m in list(self.members.values()):
-            try:
-                await asyncio.wait_for(m.handle.ping.remote(), timeout_s)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                dead.append(m)
-        for m in dead:
-            self.members.pop(m.actor_id, None)
-            log.warning("pool %s: actor %s is dead, replacing it", self.spec.scenario, m.actor_id)
-            await self.add(m.role)
-        return [m.actor_id for m in dead]
+    def lose(self, actor_id: str, reason: str) -> Member | None:
+        """The actor is dead (or hung): out of routing at once, shown as dead, its process
+        killed in case it still runs. None when it is no member (already lost, or removed)."""
+        member = self.members.pop(actor_id, None)
+        if member is None:
+            return None
+        member.life["dead_at"] = time.time()
+        member.report({**member.info, "state": "dead", "reason": reason})
+        self.offline[actor_id] = member
+        self._changed()
+        _kill(member.handle)
+        return member
 
-    async def refresh(self) -> list[dict]:
-        """Every live actor's info (role, state, load)."""
-        infos = await asyncio.gather(*(m.handle.info.remote() for m in self.members.values()),
+    def forget(self, actor_id: str) -> None:
+        """A dead actor leaves the status (its replacement serves, or nothing will replace it)."""
+        if self.offline.pop(actor_id, None) is not None:
+            self._changed()
+
+    def give_up(self, actor_id: str) -> None:
+        """Nothing will replace this dead actor: it stays in the status, and requests stop
+        waiting for it."""
+        member = self.offline.get(actor_id)
+        if member is not None:
+            member.info["given_up"] = True
+            self._changed()
+
+    def report_lost(self, actor_id: str, reason: str, certain: bool = True) -> None:
+        """A call to the actor failed as if it were dead (certain: Ray says it died)."""
+        if self.on_lost is not None:
+            self.on_lost(actor_id, reason, certain)
+
+    def replacing(self, role: Role) -> bool:
+        """Whether an actor of the role is on its way: starting, or dead with a replacement to come."""
+        return any(m.role is role and not m.info.get("given_up") for m in self.offline.values())
+
+    async def changed(self, timeout_s: float) -> None:
+        """Returns when `members` or `offline` changed, or after timeout_s."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def refresh(self, timeout_s: float = 5.0) -> list[dict]:
+        """Every live actor's info (role, state, load). A report that fails or times out is a
+        missed one; the supervisor hears of it (a dead actor at once, a hung one after a few)."""
+        members = list(self.members.values())
+        infos = await asyncio.gather(*(asyncio.wait_for(m.handle.info.remote(), timeout_s) for m in members),
                                      return_exceptions=True)
-        for m, info in zip(list(self.members.values()), infos):
+        for m, info in zip(members, infos):
             if isinstance(info, dict):
-                m.info = info
+                m.missed_reports = 0
+                m.report(info)
+            elif isinstance(info, Exception):
+                died = isinstance(info, ray.exceptions.RayActorError) and not isinstance(
+                    info, ray.exceptions.ActorUnavailableError)
+                self.report_lost(m.actor_id, f"its load report failed: {type(info).__name__}", died)
         return [m.info for m in self.members.values()]
 
     async def close(self) -> None:
+        for actor_id in list(self.offline):
+            _kill(self.offline.pop(actor_id).handle)
         for actor_id in list(self.members):
             member = self.members.pop(actor_id)
             try:
@@ -214,3 +307,10 @@ class Pool:
             except ray.exceptions.RayActorError:
                 pass
             ray.kill(member.handle)
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone
+        pass

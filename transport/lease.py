@@ -88,6 +88,13 @@ class LeaseTable:
         lease.state = LeaseState.WRITING
         return lease
 
+    def renew(self, lease_id: str, ttl_s: float) -> None:
+        """Another ``ttl_s`` from now for a lease not yet being written (its sender is still
+        computing the KV); a lease being written keeps the expiry its writer was told."""
+        lease = self.get(lease_id)
+        if lease.state is LeaseState.RESERVED:
+            lease.expires_at = max(lease.expires_at, self._clock() + ttl_s)
+
     def remaining_s(self, lease_id: str) -> float:
         return max(0.0, self.get(lease_id).expires_at - self._clock())
 

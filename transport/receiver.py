@@ -55,6 +55,14 @@ class LeasingReceiver(KVReceiver):
             if fut.done():
                 self._waiters.pop(lease_id, None)
 
+    def renew(self, lease_id: str) -> bool:
+        """Another time to live for a lease whose KV is still being computed; False once it ended."""
+        try:
+            self.leases.renew(lease_id, self._ttl_s)
+        except LeaseError:
+            return False
+        return True
+
     def abort(self, lease_id: str) -> bool:
         return self.leases.abort(lease_id)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -24,11 +25,13 @@ def make_pool(ray_cluster, checkpoint):
 
     pools = []
 
-    def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, **engine):
+    def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, faults="", fault_log="", **engine):
+        """faults, fault_log: armed fault-injection points (mesh.faults) of every actor, replacements too."""
         engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
                   "block_size": 4, "threads": 1, **engine}
         transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
-        pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0))
+        pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0, faults=faults,
+                             fault_log=fault_log))
         asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
         pools.append(pool)
         return pool
@@ -65,3 +68,30 @@ async def assert_no_blocks_held(pool, wait_s: float = 5.0):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"KV blocks still held: {held}")
         await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def supervised(pool, policy=None):
+    """The pool under a Supervisor (quick retries) for the block; closed after it."""
+    from mesh.supervisor import RestartPolicy, Supervisor
+
+    supervisor = Supervisor(pool, policy or RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, start_timeout_s=60),
+                            sync_s=0.2)
+    supervisor.start()
+    try:
+        yield supervisor
+    finally:
+        await supervisor.close()
+
+
+async def replaced(pool, dead_id: str, timeout_s: float = 120) -> dict:
+    """The info of the actor that replaced `dead_id`, once it serves."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        for m in pool.members.values():
+            if m.info.get("replaces") == dead_id:
+                return m.info
+        await pool.changed(deadline - loop.time())
+    raise AssertionError(f"no replacement of {dead_id} within {timeout_s}s; offline: "
+                         f"{[m.info for m in pool.offline.values()]}")

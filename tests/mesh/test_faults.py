@@ -1,5 +1,10 @@
-"""Actors killed at each phase of a request: the request completes (or fails cleanly), the pool
-replaces the dead actor, and no KV block stays allocated anywhere."""
+"""Actors killed at a named point of a request (mesh.faults): during prefill, after one layer
+of KV went on the wire, at a decode step, and every decode actor at once. The request
+completes with every token exactly once (or fails cleanly by its deadline), the supervisor
+replaces the dead actor, and no KV block stays allocated anywhere.
+
+Each fault is scoped to one request id; the dispatcher's retries run under ids of their own,
+so a fault fires once, and the fault log says where."""
 from __future__ import annotations
 
 import asyncio
@@ -12,16 +17,25 @@ from mesh.dispatch import Dispatcher, Request
 from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
-from tests.mesh.conftest import assert_no_blocks_held
+from mesh.errors import MeshError
+from mesh.faults import Fired, read_log
+from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
-PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens: long enough to be killed mid-way
+PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens
 MAX_TOKENS = 24
+FAULTS = ";".join(["kill:prefill@request=f-prefill", "kill:transfer_after_layers=1@request=f-transfer",
+                   "kill:decode_step=3@request=f-decode", "kill:decode_step=3@request=f-late"])
 
 
 @pytest.fixture(scope="module")
-def pool(make_pool):
-    return make_pool(prefill=2, decode=2, max_num_batched_tokens=16)
+def fault_log(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("faults") / "fired.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pool(make_pool, fault_log):
+    return make_pool(prefill=2, decode=2, max_num_batched_tokens=16, faults=FAULTS, fault_log=fault_log)
 
 
 @pytest.fixture(scope="module")
@@ -30,70 +44,79 @@ def expected(checkpoint):
     return engine.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, **GREEDY))[0].token_ids
 
 
-def kill(pool, actor_id):
-    ray.kill(pool.members[actor_id].handle, no_restart=True)
-
-
-async def run_killing(pool, when: str, victim: str, after_chunks: int = 1):
-    """Runs one request and kills the `victim` ("prefill" or "decode") actor when the event
-    `when` appears, or after `after_chunks` chunks when `when` is "chunks"."""
-    events, tokens, chunks = [], [], 0
-    dispatcher = Dispatcher(pool)
-    killed = None
-
-    async def watch():
-        nonlocal killed
-        while killed is None:
-            for e in events:
-                if e.name == when:
-                    killed = e.attributes[victim]
-                    kill(pool, killed)
-                    return
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch()) if when != "chunks" else None
-    async for chunk in dispatcher.generate(Request(f"kill-{when}-{victim}", PROMPT,
-                                                   {"max_tokens": MAX_TOKENS, **GREEDY}), events):
+async def run(pool, rid: str, deadline: float = float("inf")) -> tuple[list[int], list]:
+    events, tokens = [], []
+    async for chunk in Dispatcher(pool).generate(Request(rid, PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY},
+                                                         deadline=deadline), events):
         tokens += chunk["token_ids"]
-        chunks += 1
-        if when == "chunks" and chunks == after_chunks and killed is None:
-            killed = next(e for e in events if e.name == "first_token").attributes[victim]
-            kill(pool, killed)
-    if watcher:
-        watcher.cancel()
-    return tokens, killed, events
+    return tokens, events
 
 
-async def finish_checks(pool, killed):
-    assert killed is not None
-    replaced = await pool.check()
-    assert killed in replaced
+def fired(fault_log: str, rid: str) -> Fired:
+    [hit] = [f for f in read_log(fault_log) if f.request == rid]
+    return hit
+
+
+@pytest.mark.parametrize("rid, point, role, phase", [
+    ("f-prefill", "prefill", Role.PREFILL, "prefill"),
+    ("f-transfer", "transfer_after_layers", Role.PREFILL, "transfer"),
+    ("f-decode", "decode_step", Role.DECODE, "decode"),
+])
+async def test_killed_at_a_fault_point(pool, expected, fault_log, rid, point, role, phase):
+    async with supervised(pool):
+        tokens, events = await run(pool, rid)
+        assert tokens == expected  # a retry re-prefills from prompt + tokens sent: no gap, no repeat
+        hit = fired(fault_log, rid)
+        assert hit.point == point and hit.actor.startswith(f"{pool.spec.scenario}-{role.value[0]}")
+        [lost] = [e for e in events if e.name == "actor_lost"]
+        assert lost.attributes["actor"] == hit.actor and lost.attributes["phase"] == phase
+        if point == "decode_step":
+            assert hit.n >= 3  # killed before sending its 3rd token: the tokens before it came once
+        if point == "transfer_after_layers":
+            assert hit.n == 1
+        await replaced(pool, hit.actor)
     assert len(pool.by_role(Role.PREFILL)) == 2 and len(pool.by_role(Role.DECODE)) == 2
     await assert_no_blocks_held(pool)
 
 
-async def test_prefill_killed_mid_prefill(pool, expected):
-    # the offer's acceptance comes right before the 8-step prefill starts
-    tokens, killed, events = await run_killing(pool, "prefill_accepted", "actor")
-    assert tokens == expected
-    assert any(e.name == "actor_lost" for e in events)
-    await finish_checks(pool, killed)
+async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fault_log):
+    """The retry after a decode loss comes long after the first attempt's admission deadline
+    (here: the clock jumps a minute once the first token is out); it is offered to the prefill
+    actors all the same, within the request's own deadline."""
+    now = [1000.0]
+    dispatcher = Dispatcher(pool, clock=lambda: now[0])
+    request = Request("f-late", PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY}, deadline=now[0] + 3600,
+                      admission_deadline=now[0] + 5)
+    events, tokens = [], []
+    async with supervised(pool):
+        async for chunk in dispatcher.generate(request, events):
+            tokens += chunk["token_ids"]
+            now[0] = 1060.0
+        assert tokens == expected
+        assert fired(fault_log, "f-late").point == "decode_step"
+        assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]
+        await replaced(pool, fired(fault_log, "f-late").actor)
+    await assert_no_blocks_held(pool)
 
 
-async def test_prefill_killed_mid_transfer(pool, expected):
-    tokens, killed, _ = await run_killing(pool, "first_token", "prefill")
-    assert tokens == expected
-    await finish_checks(pool, killed)
-
-
-async def test_decode_killed_mid_transfer(pool, expected):
-    tokens, killed, _ = await run_killing(pool, "first_token", "decode")
-    assert tokens == expected
-    await finish_checks(pool, killed)
-
-
-async def test_decode_killed_mid_decode(pool, expected):
-    tokens, killed, events = await run_killing(pool, "chunks", "decode", after_chunks=3)
-    assert tokens == expected  # re-prefilled elsewhere from prompt + tokens sent: no gap, no repeat
-    assert any(e.name == "actor_lost" and e.attributes["phase"] == "decode" for e in events)
-    await finish_checks(pool, killed)
+async def test_every_decode_actor_dead_at_once(pool, expected):
+    async with supervised(pool):
+        dead = pool.by_role(Role.DECODE)
+        for member in dead:
+            ray.kill(member.handle, no_restart=True)
+        while any(m.actor_id in pool.members for m in dead):
+            await pool.changed(30)
+        assert not pool.by_role(Role.DECODE) and pool.replacing(Role.DECODE)
+        # a request whose deadline comes before any replacement serves fails cleanly, in time
+        loop = asyncio.get_running_loop()
+        with pytest.raises(MeshError) as failed:
+            await run(pool, "too-soon", deadline=loop.time() + 0.5)
+        assert failed.value.code == "unavailable" and "no live decode actor" in failed.value.message
+        # the others wait for the replacements and finish
+        results = await asyncio.gather(*(run(pool, f"waits{i}") for i in range(3)))
+        for tokens, events in results:
+            assert tokens == expected
+            assert any(e.name == "waiting_for_actor" and e.attributes["role"] == "decode" for e in events)
+        for member in dead:
+            await replaced(pool, member.actor_id)
+    await assert_no_blocks_held(pool)

@@ -87,20 +87,28 @@ class NamespaceNet:
         """Plugs a host's cable in or out at the bridge."""
         _ip("-n", self.bridge, "link", "set", f"{host.veth}b", "up" if up else "down")
 
+    def kill(self, host: Host) -> None:
+        """Kills every process in a host: it goes down as a machine that lost power."""
+        _kill_all(host.netns)
+
     def close(self) -> None:
         for name in reversed(self._made):
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
+            _kill_all(name)
         for name in reversed(self._made):
             for _ in range(20):  # a killed process may hold the namespace for a moment
                 if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
                     break
                 time.sleep(0.1)
         self._made.clear()
+
+
+def _kill_all(netns: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
 
 
 def _ip(*args: str) -> None:

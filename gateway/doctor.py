@@ -115,14 +115,28 @@ def ray_cluster(address: str | None) -> list[Finding]:
 def network() -> list[Finding]:
     import ray
 
-    from transport import TransportConfig
+    from transport.address import ENV_HOST, ENV_INTERFACE, AddressError, interface_of, resolve_host
 
-    advertised = TransportConfig.host
     node_ip = ray.util.get_node_ip_address()
-    level = "warn" if advertised.startswith("127.") else "ok"
-    return [Finding("network", "node address", node_ip),
-            Finding("network", "KV receivers advertise", advertised, level,
-                    "loopback: prefill and decode actors must share one host" if level == "warn" else "")]
+    found = [Finding("network", "node address", node_ip)]
+    try:
+        # An actor on this host resolves its receiver's address the same way (transport.address).
+        advertised = resolve_host("", "", node_ip)
+    except AddressError as e:
+        return found + [Finding("network", "KV receivers advertise", str(e), "error",
+                                f"fix {ENV_HOST} / {ENV_INTERFACE} in this node's environment")]
+    why = (f"from {ENV_HOST}" if os.environ.get(ENV_HOST) else
+           f"from {ENV_INTERFACE}" if os.environ.get(ENV_INTERFACE) else "the node's address")
+    nic = interface_of(advertised)
+    value = f"{advertised} ({why}; NIC {nic or 'not on this host'})"
+    if advertised.startswith("127."):
+        return found + [Finding("network", "KV receivers advertise", value, "warn",
+                                "loopback: prefill and decode actors must share one host; on a cluster, "
+                                f"start Ray with --node-ip-address or set {ENV_HOST} / {ENV_INTERFACE}")]
+    if nic is None:
+        return found + [Finding("network", "KV receivers advertise", value, "error",
+                                "no NIC of this host holds that address: receivers cannot listen on it")]
+    return found + [Finding("network", "KV receivers advertise", value)]
 
 
 def config_check(path: str) -> list[Finding]:

@@ -46,7 +46,7 @@ def _context_length(model: str, engine: dict) -> int:
 
 
 def _hardware(spec: ScenarioSpec) -> dict[str, Hardware]:
-    return {role: Hardware(hw.num_cpus, hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()}
+    return {role: Hardware(hw.num_cpus, hw.num_gpus, hw.npus, dict(hw.resources)) for role, hw in spec.hardware.items()}
 
 
 class Fleet:

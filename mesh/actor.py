@@ -33,6 +33,7 @@ from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_f
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from mesh.roles import Role  # re-exported: the mesh's public name for it
 from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
+from transport.address import for_node
 from transport.layout import KVLayout
 from transport.memory import pool_zeros
 
@@ -119,7 +120,10 @@ class MeshActor:
         kv = engine.kv.shape
         self.layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
                                kv.dtype, engine.device.type)
-        self.transport = TransportConfig(**self.spec.transport)
+        import ray
+
+        # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
+        self.transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
         if self.role is not Role.PREFILL:
             await self._open_receiver()
         if self.spec.warmup:
@@ -250,7 +254,7 @@ class MeshActor:
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.blocks": len(blocks),
-                                     "kv.skipped_tokens": skip})
+                                     "kv.skipped_tokens": skip, "kv.peer": f"{desc.host}:{desc.port}"})
             yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": skip},
                    "seconds": time.perf_counter() - start}
         except RequestError as e:

@@ -30,17 +30,20 @@ _ids = itertools.count()
 
 @dataclass
 class Hardware:
-    """What one actor of a role asks Ray for: CPUs, GPUs, or the custom NPU resource."""
+    """What one actor of a role asks Ray for: CPUs, GPUs, the custom NPU resource, and
+    any other custom resources that place it on particular nodes."""
     num_cpus: float = 1
     num_gpus: float = 0
     npus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources: where actors go
 
     def options(self) -> dict:
         opts: dict = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             opts["num_gpus"] = self.num_gpus
-        if self.npus:
-            opts["resources"] = {"NPU": self.npus}
+        resources = {**self.resources, **({"NPU": self.npus} if self.npus else {})}
+        if resources:
+            opts["resources"] = resources
         return opts
 
     @property

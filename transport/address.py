@@ -3,15 +3,20 @@
 In order: the node's environment (PDMESH_KV_HOST, or PDMESH_KV_INTERFACE naming a NIC:
 for hosts whose NICs differ, set per node as UCX_NET_DEVICES would be), the config's
 `host`, the config's `interface`, and last the node's own address as the cluster knows
-it (Ray's node IP, passed in by the caller: transport knows nothing of Ray).
+it (Ray's node IP, passed in by the caller: transport knows nothing of Ray). Outside a
+cluster (benchmarks, tests) that is loopback.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
+from .config import TransportConfig
+
 ENV_HOST = "PDMESH_KV_HOST"
 ENV_INTERFACE = "PDMESH_KV_INTERFACE"
+LOOPBACK = "127.0.0.1"
 
 
 class AddressError(ValueError):
@@ -54,3 +59,15 @@ def resolve_host(host: str, interface: str, node_address: str) -> str:
     if not node_address:
         raise AddressError("no address for the KV receiver: set transport.host or transport.interface")
     return node_address
+
+
+def for_node(config: TransportConfig, node_address: str) -> TransportConfig:
+    """The config with this node's receiver address filled in. A NIC named by the operator
+    (transport.interface or PDMESH_KV_INTERFACE) also pins UCX to it (UCX_NET_DEVICES, unless
+    already set), before ucxx starts in this process. A NIC found only from the address does
+    not: on an RDMA host the address is often an Ethernet NIC's while UCX should use the HCA."""
+    host = resolve_host(config.host, config.interface, node_address)
+    named = os.environ.get(ENV_INTERFACE) or config.interface
+    if config.backend == "ucx" and named:
+        os.environ.setdefault("UCX_NET_DEVICES", named)
+    return dataclasses.replace(config, host=host)

@@ -6,6 +6,11 @@ that noise from a shared machine hits all of them alike; figures are medians.
 Every pool and buffer is touched right before it is measured: this VM gives
 idle pages back to its host (kdamond), and touching them again runs at about
 0.5 GB/s, which measured 20x slower memcpy when buffers idled between rounds.
+
+--across-namespaces puts the receiver and the sender on two hosts made of network
+namespaces (transport/netns.py: veth links to a bridge, root needed) and measures UCX
+over TCP and the tcp backend beside a plain socket copy of the same bytes over the same
+link: what the network gives without pdmesh.
 """
 
 from __future__ import annotations
@@ -20,26 +25,51 @@ import click
 import numpy as np
 import torch
 
+from .address import ENV_HOST
 from .config import TransportConfig
 from .layout import KVLayout
+from .netns import NamespaceNet, unavailable
 from .peer import ListReserver, PeerProcess
 
 # Backends as run here: UCX over shared memory, UCX forced onto TCP, the TCP
 # backend, and the in-process copy.
 BACKENDS = {"ucx": ("ucx", {}), "ucx-tcp": ("ucx", {"UCX_TLS": "tcp"}), "tcp": ("tcp", {}),
             "local": ("local", {})}
+# Across namespaces only the network counts: UCX's shared memory would reach across them.
+ACROSS = ("ucx-tcp", "tcp")
 # From ../shared/BASELINES.md (same kind of machine, other runs): what this run is set against.
 REFERENCE_GBPS = {"memcpy 64 MiB (numpy)": 20.6,
                   "ucxx shm 1 x 64 MiB": 8.4, "ucxx shm 4096 x 16 KiB concurrently": 0.6,
                   "asyncio TCP (uvloop), 64 MiB": 4.0}
 
 
+class Places:
+    """Where the two peers run: this host (loopback), or two namespace hosts."""
+
+    def __init__(self, net: NamespaceNet | None = None) -> None:
+        self.net = net
+
+    def peers(self, backend: str, env: dict[str, str]) -> tuple[PeerProcess, PeerProcess]:
+        if self.net is None:
+            return PeerProcess(env), PeerProcess(env)
+        recv, send = self.net.hosts["receiver"], self.net.hosts["sender"]
+        # The receiver advertises its namespace's address; UCX uses each side's link.
+        pin = (lambda host: {"UCX_NET_DEVICES": host.veth}) if backend == "ucx" else (lambda host: {})
+        return (PeerProcess({**env, ENV_HOST: recv.address, **pin(recv)}, self.net.command(recv, [])),
+                PeerProcess({**env, **pin(send)}, self.net.command(send, [])))
+
+    @property
+    def receiver_host(self) -> str:
+        return self.net.hosts["receiver"].address if self.net else "127.0.0.1"
+
+
 class PeerPair:
     """A receiver and a sender, each in its own process."""
 
-    def __init__(self, backend: str, env: dict[str, str], layout: KVLayout, fragmented: bool) -> None:
+    def __init__(self, backend: str, env: dict[str, str], layout: KVLayout, fragmented: bool,
+                 places: Places) -> None:
         config = {"backend": backend, "secret": secrets.token_hex(16), "timeout_s": 60.0}
-        self.recv, self.send = PeerProcess(env), PeerProcess(env)
+        self.recv, self.send = places.peers(backend, env)
         self.recv.submit("init", role="receiver", config=config, layout=layout.to_wire())
         self.send.submit("init", role="sender", config=config, layout=layout.to_wire(), seed=1)
         self.recv.result(), self.send.result()
@@ -55,6 +85,31 @@ class PeerPair:
         sent = self.send.call("send", lease=lease, strategy=strategy, timeout_s=120.0)
         self.recv.call("free", block_ids=self.recv.result()["block_ids"])
         return sent["stats"]
+
+    def close(self) -> None:
+        self.recv.close()
+        self.send.close()
+
+
+class SocketPair:
+    """A plain TCP socket copy between the same two places: the link's own speed."""
+
+    def __init__(self, layout: KVLayout, places: Places, max_tokens: int) -> None:
+        self.layout = layout
+        self.recv, self.send = places.peers("socket", {})
+        self.host = places.receiver_host
+        self.port = self.recv.call("raw_listen", host=self.host, nbytes=self._bytes(max_tokens))["port"]
+
+    def _bytes(self, tokens: int) -> int:
+        return tokens * self.layout.num_layers * 2 * self.layout.token_bytes
+
+    def transfer(self, tokens: int, strategy: str) -> dict:
+        nbytes = self._bytes(tokens)
+        self.recv.call("raw_warm")
+        self.recv.submit("raw_recv", nbytes=nbytes)
+        sent = self.send.call("raw_send", host=self.host, port=self.port, nbytes=nbytes)
+        self.recv.result()
+        return {**sent, "strategy": None}
 
     def close(self) -> None:
         self.recv.close()
@@ -103,9 +158,12 @@ def memcpy_gbps(src: np.ndarray, dst: np.ndarray) -> float:
 
 
 def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: list[str],
-        rounds: int, fragmented: bool) -> dict:
+        rounds: int, fragmented: bool, places: Places | None = None) -> dict:
+    places = places or Places()
     pairs = {name: LocalPair(layout, fragmented) if BACKENDS[name][0] == "local"
-             else PeerPair(*BACKENDS[name], layout, fragmented) for name in backends}
+             else PeerPair(*BACKENDS[name], layout, fragmented, places) for name in backends}
+    if places.net is not None:
+        pairs["socket"] = SocketPair(layout, places, max(sizes))
     biggest = max(sizes) * layout.num_layers * 2 * layout.token_bytes
     src, dst = np.ones(biggest, np.uint8), np.ones(biggest, np.uint8)
     gbps: dict[tuple[int, str, str], list[float]] = {}
@@ -118,7 +176,7 @@ def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: lis
                 if round_:
                     gbps.setdefault((tokens, "memcpy", ""), []).append(copied)
                 for name, pair in pairs.items():
-                    for strategy in strategies:
+                    for strategy in strategies if name != "socket" else ["-"]:
                         stats = pair.transfer(tokens, strategy)
                         if round_:
                             gbps.setdefault((tokens, name, strategy), []).append(stats["gbps"])
@@ -137,16 +195,19 @@ def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: lis
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """contiguous vs blocks and vs the in-memory copy, per size and backend."""
+    """contiguous vs blocks, vs the in-memory copy and (across namespaces) vs the plain
+    socket copy over the same link, per size and backend."""
     by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in rows}
     out = []
     for (tokens, backend, strategy), value in by.items():
         if strategy != "contiguous":
             continue
         blocks = by.get((tokens, backend, "blocks"))
+        sock = by.get((tokens, "socket", "-"))
         out.append({"tokens": tokens, "backend": backend,
                     "contiguous_over_blocks": value / blocks if blocks else None,
-                    "contiguous_over_memcpy": value / by[tokens, "memcpy", "-"]})
+                    "contiguous_over_memcpy": value / by[tokens, "memcpy", "-"],
+                    "contiguous_over_socket": value / sock if sock else None})
     return out
 
 
@@ -165,10 +226,10 @@ def _names(allowed):
 
 
 @click.command("transport")
-@click.option("--tokens", default="512,2048,8192", show_default=True, callback=lambda c, p, v: _ints(v),
-              help="request sizes in tokens")
-@click.option("--backends", default="ucx,ucx-tcp,tcp,local", show_default=True,
-              callback=_names(list(BACKENDS)))
+@click.option("--tokens", default=None, callback=lambda c, p, v: v and _ints(v),
+              help="request sizes in tokens  [default: 512,2048,8192; across namespaces 2048,8192]")
+@click.option("--backends", default=None, callback=lambda c, p, v: v and _names(list(BACKENDS))(c, p, v),
+              help=f"of {', '.join(BACKENDS)}  [default: all; across namespaces {','.join(ACROSS)}]")
 @click.option("--strategies", default="contiguous,blocks", show_default=True,
               callback=_names(["contiguous", "blocks", "gather"]))
 @click.option("--layers", type=int, default=16, show_default=True)
@@ -179,22 +240,38 @@ def _names(allowed):
               show_default=True)
 @click.option("--rounds", type=int, default=5, show_default=True)
 @click.option("--fragmented", is_flag=True, help="shuffle both pools' free lists")
+@click.option("--across-namespaces", is_flag=True,
+              help="receiver and sender on two network namespaces joined by veth (root), beside a plain "
+                   "socket copy over the same link")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(tokens, backends, strategies, layers, kv_heads, head_dim, block_size, dtype, rounds,
-            fragmented, output):
+            fragmented, across_namespaces, output):
     """GB/s moving one request's KV (default: a 1B-class model, Llama-3.2-1B's KV shape, bf16)."""
+    if across_namespaces:
+        tokens, backends = tokens or [2048, 8192], backends or list(ACROSS)
+        wrong = [b for b in backends if b not in ACROSS]
+        if wrong:
+            raise click.BadParameter(f"{', '.join(wrong)} cannot cross namespaces (shared memory reaches across "
+                                     f"them); choose from {', '.join(ACROSS)}", param_hint="--backends")
+        reason = unavailable()
+        if reason:
+            raise click.UsageError(f"--across-namespaces: {reason}")
+    tokens, backends = tokens or [512, 2048, 8192], backends or list(BACKENDS)
     # One thread, as in each peer process: OpenMP workers that wait on cores busy
     # with the peers made the in-process copies 10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     num_blocks = -(-max(tokens) // block_size) + 8
     layout = KVLayout(layers, num_blocks, block_size, kv_heads, head_dim, getattr(torch, dtype))
+    net = NamespaceNet(["receiver", "sender"], tag="pdmb").start() if across_namespaces else None
     try:
-        result = run(layout, tokens, backends, strategies, rounds, fragmented)
+        result = run(layout, tokens, backends, strategies, rounds, fragmented, Places(net))
     finally:
         torch.set_num_threads(threads)
+        if net is not None:
+            net.close()
     result.update(layout=layout.to_wire(), rounds=rounds, fragmented=fragmented,
-                  reference_gbps=REFERENCE_GBPS)
+                  across_namespaces=across_namespaces, reference_gbps=REFERENCE_GBPS)
     if output == "json":
         click.echo(json.dumps(result))
         return
@@ -209,7 +286,8 @@ def _print(result: dict) -> None:
     console = Console()
     table = Table(title=f"pdmesh bench transport: {lay['num_layers']} layers x {lay['kv_heads']} KV heads "
                         f"x {lay['head_dim']}, {lay['dtype']}, blocks of {lay['block_size']}"
-                        f"{', fragmented pools' if result['fragmented'] else ''}; "
+                        f"{', fragmented pools' if result['fragmented'] else ''}"
+                        f"{', across two network namespaces (veth)' if result['across_namespaces'] else ''}; "
                         f"median of {result['rounds']} interleaved rounds")
     for col in ("tokens", "MiB", "backend", "strategy", "used", "runs", "ops", "GB/s"):
         table.add_column(col, justify="right")
@@ -218,12 +296,15 @@ def _print(result: dict) -> None:
                       r["used"] or "-", str(r["runs"] or "-"), str(r["ops"] or "-"), f"{r['gbps']:.2f}")
     console.print(table)
     ratios = Table(title="ratios within this run")
-    for col in ("tokens", "backend", "contiguous / blocks", "contiguous / memcpy"):
+    across = result["across_namespaces"]
+    for col in ("tokens", "backend", "contiguous / blocks", "contiguous / memcpy",
+                *(["contiguous / socket"] if across else [])):
         ratios.add_column(col, justify="right")
     for r in sorted(result["ratios"], key=lambda r: (r["tokens"], r["backend"])):
         cb = r["contiguous_over_blocks"]
         ratios.add_row(str(r["tokens"]), r["backend"], "-" if cb is None else f"{cb:.1f}x",
-                       f"{r['contiguous_over_memcpy']:.0%}")
+                       f"{r['contiguous_over_memcpy']:.0%}",
+                       *([f"{r['contiguous_over_socket']:.0%}"] if across else []))
     console.print(ratios)
     by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in result["rows"]}
     refs = Table(title="against ../shared/BASELINES.md (other runs: figures moved up to 2x)")

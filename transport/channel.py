@@ -1,5 +1,6 @@
 """A TCP control channel: framed wire messages, raw bytes straight into target
-buffers (``sock_recv_into``), and a timeout on every wait."""
+buffers (``sock_recv_into``), and a timeout on every wait. Its errors name the peer's
+address: across nodes, which one went away is the first thing an operator needs."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ class Channel:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        try:
+            host, port = sock.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except OSError:  # already reset by the peer
+            self.peer = "a peer that left"
         self.timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
 
@@ -60,9 +66,9 @@ class Channel:
         except wire.WireError as e:
             raise TransferError("wire", str(e)) from None
         if msg["t"] == "error":
-            raise TransferError(msg["code"], f"peer: {msg['message']}")
+            raise TransferError(msg["code"], f"peer {self.peer}: {msg['message']}")
         if msg["t"] != expect:
-            raise TransferError("wire", f"expected {expect}, got {msg['t']}")
+            raise TransferError("wire", f"expected {expect}, got {msg['t']} from {self.peer}")
         return msg
 
     async def until_closed(self) -> None:
@@ -82,19 +88,19 @@ class Channel:
             while got < len(buf):
                 n = await self._loop.sock_recv_into(self.sock, buf[got:])
                 if n == 0:
-                    raise TransferError("peer", "peer closed the connection")
+                    raise TransferError("peer", f"{self.peer} closed the connection")
                 got += n
         try:
-            await wait_for(fill(), timeout_s, "waiting for the peer")
+            await wait_for(fill(), timeout_s, f"waiting for {self.peer}")
         except (ConnectionError, OSError) as e:
-            raise TransferError("peer", f"connection lost: {e}") from None
+            raise TransferError("peer", f"connection to {self.peer} lost: {e}") from None
 
     async def _sendall(self, buf: memoryview) -> None:
         try:
             await wait_for(self._loop.sock_sendall(self.sock, buf), self.timeout_s,
-                           "sending to the peer")
+                           f"sending to {self.peer}")
         except (ConnectionError, OSError) as e:
-            raise TransferError("peer", f"connection lost: {e}") from None
+            raise TransferError("peer", f"connection to {self.peer} lost: {e}") from None
 
     async def try_send_error(self, err: TransferError) -> None:
         """Tell the peer why, if it is still there; the error stands either way."""

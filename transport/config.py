@@ -14,7 +14,9 @@ BACKENDS = ("ucx", "tcp", "local")
 class TransportConfig:
     backend: str = "ucx"
     secret: str = ""           # the mesh's shared token; required by ucx and tcp
-    host: str = "127.0.0.1"    # where the receiver listens for control connections
+    host: str = ""             # where the receiver listens and what senders dial; "": this
+                               # node's address (transport/address.py), loopback outside a cluster
+    interface: str = ""        # or a NIC whose address to use (also pins UCX to it)
     port: int = 0              # 0: any free port
     lease_ttl_s: float = 30.0
     timeout_s: float = 10.0    # bound on every network wait

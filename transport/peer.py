@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgpack
@@ -169,6 +171,45 @@ class _Peer:
         self.now += seconds
         return {"expired": self.receiver.expire()}
 
+    async def raw_listen(self, host: str, nbytes: int) -> dict:
+        """A plain TCP socket for the benchmark's baseline (what the link gives without pdmesh),
+        and a buffer for up to nbytes."""
+        self.raw = socket.create_server((host, 0))
+        self.raw_buf = np.ones(nbytes, np.uint8)
+        self.raw_conn: socket.socket | None = None
+        return {"port": self.raw.getsockname()[1]}
+
+    async def raw_warm(self) -> dict:
+        self.raw_buf.fill(1)  # touched again, as ``warm`` does the pool
+        return {}
+
+    async def raw_recv(self, nbytes: int) -> dict:
+        """Reads nbytes, then answers one byte. One connection for every copy, as the
+        backends keep theirs: a new one would pay TCP's slow start each time."""
+        if self.raw_conn is None:
+            self.raw_conn, _ = self.raw.accept()
+        buf = memoryview(self.raw_buf[:nbytes])
+        got = 0
+        while got < nbytes:
+            n = self.raw_conn.recv_into(buf[got:])
+            if n == 0:
+                raise EOFError(f"the sender left after {got} of {nbytes} bytes")
+            got += n
+        self.raw_conn.sendall(b"k")
+        return {}
+
+    async def raw_send(self, host: str, port: int, nbytes: int) -> dict:
+        """GB/s from the first byte sent to the receiver's answer, as a KV transfer is timed."""
+        if getattr(self, "raw_out", None) is None:
+            self.raw_out = socket.create_connection((host, port))
+        data = np.ones(nbytes, np.uint8)
+        start = time.perf_counter()
+        self.raw_out.sendall(memoryview(data))
+        if self.raw_out.recv(1) != b"k":
+            raise EOFError("the receiver left before answering")
+        seconds = time.perf_counter() - start
+        return {"gbps": nbytes / seconds / 1e9, "duration_s": seconds}
+
     async def die(self) -> None:
         os._exit(17)  # a peer that dies mid-transfer, without closing anything
 
@@ -215,10 +256,11 @@ class PeerError(Exception):
 class PeerProcess:
     """A peer process and the calls it answers (one at a time, or in order)."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+        """prefix: what runs the peer elsewhere, e.g. ip netns exec NAME."""
         root = Path(__file__).resolve().parent.parent
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "transport.peer"], cwd=root,
+            [*prefix, sys.executable, "-m", "transport.peer"], cwd=root,
             env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 

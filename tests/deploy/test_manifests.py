@@ -479,3 +479,58 @@ def test_the_compose_stack_listens_on_loopback():
     assert all(v.split(":")[0] in LOOPBACK for k, v in jaeger.items() if k.endswith("HOST_PORT"))
     tempo = support.load_yaml(DEPLOY / "observability/tempo.yaml")[0]
     assert tempo["server"]["http_listen_address"] in LOOPBACK
+
+
+# -- RDMA: images with a UCX that has verbs and rdmacm, pods that can use an RDMA NIC -------------
+@pytest.mark.parametrize("name", ["worker-cuda", "worker-ascend"])
+def test_worker_images_give_ucxx_a_ucx_with_rdma(name):
+    from importlib.metadata import version
+
+    text = (DEPLOY / f"docker/{name}.Dockerfile").read_text()
+    assert re.search(r"apt-get install[^\n]*\brdma-core\b", text) and "librdmacm1" in text and "libibverbs1" in text
+    assert re.search(r'build-ucx\.sh "\$\{UCX_VERSION\}" /opt/ucx', text)
+    assert re.search(r"^\s*RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true", text, re.M)
+    assert "/opt/ucx/lib" in text and "ucxx did not load /opt/ucx" in text  # the build checks what ucxx loads
+    # the UCX built is the one the ucxx wheel was made for (its libucx wheel's version)
+    wheel = next(version(d) for d in ("libucx-cu12", "libucx-cu13", "libucx") if _installed(d))
+    assert _arg_default(text, "UCX_VERSION") == wheel
+    build = (DEPLOY / "docker/build-ucx.sh").read_text()
+    assert "--with-verbs" in build and "--with-rdmacm" in build and "libuct_${module}.so" in build
+    assert re.search(r"for module in ib rdmacm", build)
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return bool(version(dist))
+    except PackageNotFoundError:
+        return False
+
+
+def test_accelerator_workers_may_lock_memory_for_rdma():
+    groups = _groups()
+    for name in ("gpu-workers", "npu-workers"):
+        caps = groups[name]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        assert "IPC_LOCK" in caps, name
+
+
+def test_the_rdma_component_gives_accelerator_workers_a_device_and_host_networking(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its kustomize) is missing")
+    shutil.copytree(DEPLOY / "k8s", tmp_path / "k8s")
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay/kustomization.yaml").write_text("resources: [../k8s]\ncomponents: [../k8s/rdma]\n")
+    out = subprocess.run([kubectl, "kustomize", str(tmp_path / "overlay")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    cluster = next(d for d in yaml.safe_load_all(out.stdout) if d["kind"] == "RayCluster")
+    groups = {g["groupName"]: g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
+    for name in ("gpu-workers", "npu-workers"):
+        spec = groups[name]
+        resources = spec["containers"][0]["resources"]
+        assert resources["requests"]["rdma/hca"] == resources["limits"]["rdma/hca"] == 1, name
+        assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet", name
+        assert "IPC_LOCK" in spec["containers"][0]["securityContext"]["capabilities"]["add"]
+    assert "hostNetwork" not in groups["cpu-workers"] and "rdma/hca" not in str(groups["cpu-workers"])

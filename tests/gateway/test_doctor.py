@@ -91,3 +91,24 @@ def test_context_info_is_parsed():
             "#      resource 2  :  md 2  dev 2  flags -- cuda_ipc/cuda\n")
     assert parse_context_info(text) == (UcxResource("self", "memory"), UcxResource("rc_mlx5", "mlx5_0:1"),
                                         UcxResource("cuda_ipc", "cuda"))
+
+
+def test_kv_receivers_advertise_what_an_actor_here_would(live):
+    from transport.address import interface_of
+
+    # This host's address as Ray finds it outside a cluster (this process is in the loopback one).
+    node_ip = subprocess.run([sys.executable, "-c", "import ray.util; print(ray.util.get_node_ip_address())"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    assert value(live, "network", "node address") == node_ip
+    shown = next(f for f in live["findings"] if f["name"] == "KV receivers advertise")
+    assert shown["value"].startswith(f"{node_ip} (") and f"NIC {interface_of(node_ip)}" in shown["value"]
+    assert shown["level"] == ("warn" if node_ip.startswith("127.") else "ok")
+
+
+def test_a_node_override_is_what_receivers_advertise():
+    env = {**os.environ, "PDMESH_KV_INTERFACE": "lo"}
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "doctor", "--output", "json", "--ray-address",
+                           "127.0.0.1:1"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).parents[2])
+    shown = next(f for f in json.loads(proc.stdout)["findings"] if f["name"] == "KV receivers advertise")
+    assert shown["value"] == "127.0.0.1 (from PDMESH_KV_INTERFACE; NIC lo)" and shown["level"] == "warn"

@@ -1,130 +1,85 @@
-"""A Ray cluster whose nodes are Linux network namespaces: a real network between them.
-
-Each node is a namespace with one veth link to a bridge that lives in a namespace of
-its own, on a private subnet that exists only inside these namespaces: nothing is
-added to the host's own namespace, no traffic leaves them, and loopback in one node
-does not reach another. A Ray node runs in each (the first is the head). Taking a
-node's link down cuts it off as a dead switch port would.
-
-Clean-up kills every process inside the namespaces and deletes them, also when a
-test fails and at interpreter exit.
+"""A Ray cluster whose nodes are hosts of a NamespaceNet (transport/netns.py): a real
+network between them. A Ray node runs in each (the first is the head), with token
+authentication as a real cluster has it: every `ray start` and every driver gets the
+cluster's token in its environment. Clean-up is the NamespaceNet's, plus Ray's files.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
+
+from transport.netns import Host, NamespaceNet, unavailable
+
+__all__ = ["NamespaceCluster", "RAY_PORT", "unavailable"]
 
 RAY_PORT = 6380  # inside the head's own namespace: no other process can hold it
+ROOT = Path(__file__).resolve().parents[2]  # this checkout: what every node's workers import
 
 
-def unavailable() -> str:
-    """Why namespaces cannot be made here ("" when they can)."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is missing"
-    name = f"pdmt-probe-{os.getpid()}"
-    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if probe.returncode:
-        return f"cannot create a network namespace: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ""
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str  # role in the test: head, prefill, decode
-    netns: str
-    address: str
-    veth: str  # its end of the link; the bridge's end is veth + "b"
-    resources: dict = field(default_factory=dict)
-
-
-class NamespaceCluster:
-    def __init__(self, roles: dict[str, dict], cpus: dict[str, int] | None = None):
-        """roles: node name -> its custom Ray resources; the first is the head."""
-        tag = f"{os.getpid() % 100000}"
-        self.prefix = f"pdmt{tag}"
-        subnet = 10 + os.getpid() % 200  # one /24 per concurrent run: 10.231.<subnet>.0/24
-        self.bridge = f"{self.prefix}-br"
-        self.nodes = {name: Node(name, f"{self.prefix}-{name}", f"10.231.{subnet}.{i + 1}", f"{self.prefix}v{i}", res)
-                      for i, (name, res) in enumerate(roles.items())}
+class NamespaceCluster(NamespaceNet):
+    def __init__(self, roles: dict[str, dict], cpus: dict[str, int] | None = None, env: dict | None = None):
+        """roles: node name -> its custom Ray resources; the first is the head. env: for
+        every node's Ray (and so its actors) and every command run here."""
+        super().__init__(list(roles))
+        self.resources = roles
         self.cpus = cpus or {}
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    "UCX_WARN_UNUSED_ENV_VARS": "n"}
-        self._made: list[str] = []
-        atexit.register(self.close)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0", "UCX_WARN_UNUSED_ENV_VARS": "n",
+                    "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
+        self.env.pop("RAY_ADDRESS", None)
 
     @property
-    def head(self) -> Node:
-        return next(iter(self.nodes.values()))
+    def nodes(self) -> dict[str, Host]:
+        return self.hosts
+
+    @property
+    def head(self) -> Host:
+        return next(iter(self.hosts.values()))
 
     @property
     def ray_address(self) -> str:
         return f"{self.head.address}:{RAY_PORT}"
 
-    # -- set-up -----------------------------------------------------------------------------
     def start(self) -> "NamespaceCluster":
+        super().start()
         try:
-            self._ns(self.bridge)
-            _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.bridge, "link", "set", "br0", "up")
-            for node in self.nodes.values():
-                self._ns(node.netns)
-                inner, outer = node.veth, f"{node.veth}b"
-                _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
-                _ip("link", "set", inner, "netns", node.netns)
-                _ip("link", "set", outer, "netns", self.bridge)
-                _ip("-n", self.bridge, "link", "set", outer, "master", "br0")
-                _ip("-n", self.bridge, "link", "set", outer, "up")
-                _ip("-n", node.netns, "link", "set", "lo", "up")
-                _ip("-n", node.netns, "addr", "add", f"{node.address}/24", "dev", inner)
-                _ip("-n", node.netns, "link", "set", inner, "up")
-            for node in self.nodes.values():
-                self._ray_start(node)
-            self.wait_nodes(len(self.nodes))
+            for node in self.hosts.values():
+                self.start_ray(node)
+            self.wait_nodes(len(self.hosts))
         except BaseException:
             self.close()
             raise
         return self
 
-    def _ns(self, name: str) -> None:
-        _ip("netns", "add", name)
-        self._made.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-
-    def _ray_start(self, node: Node) -> None:
+    def start_ray(self, node: Host) -> None:
         head = node is self.head
         args = ["ray", "start", "--node-ip-address", node.address, "--temp-dir", f"{self.tmp}/{node.name}",
                 "--num-cpus", str(self.cpus.get(node.name, 0 if head else 2)), "--disable-usage-stats",
-                "--resources", json.dumps(node.resources)]
+                "--resources", json.dumps(self.resources[node.name])]
         args += (["--head", "--port", str(RAY_PORT), "--include-dashboard", "false"] if head
                  else ["--address", self.ray_address])
         proc = self.run(node, args, timeout=120)
         if proc.returncode:
             raise RuntimeError(f"ray start on {node.name} failed:\n{proc.stdout}\n{proc.stderr}")
 
-    # -- use --------------------------------------------------------------------------------
-    def command(self, node: Node, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", node.netns, *argv]
-
-    def run(self, node: Node, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    def run(self, node: Host, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(node, argv), capture_output=True, text=True, timeout=timeout,
-                              env=kw.pop("env", self.env), **kw)
+                              env=kw.pop("env", self.env), cwd=ROOT, **kw)
 
-    def popen(self, node: Node, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.command(node, argv), env=kw.pop("env", self.env), **kw)
+    def popen(self, node: Host, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.command(node, argv), env=kw.pop("env", self.env), cwd=ROOT, **kw)
 
-    def python(self, node: Node, code: str, timeout: float = 180) -> dict:
+    def python(self, node: Host, code: str, timeout: float = 180, args: tuple[str, ...] = ()) -> object:
         """Runs code in the node's namespace; its last stdout line is JSON."""
-        proc = self.run(node, ["python3", "-c", code], timeout=timeout)
+        proc = self.run(node, ["python3", "-c", code, *args], timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"on {node.name}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -142,29 +97,6 @@ class NamespaceCluster:
                 raise RuntimeError(f"{len(alive)} of {n} Ray nodes alive after {timeout_s} s: {alive}")
             time.sleep(1)
 
-    def link(self, node: Node, up: bool) -> None:
-        """Plugs a node's cable in or out at the bridge."""
-        _ip("-n", self.bridge, "link", "set", f"{node.veth}b", "up" if up else "down")
-
-    # -- clean-up ---------------------------------------------------------------------------
     def close(self) -> None:
-        for name in reversed(self._made):
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-        for name in reversed(self._made):
-            for _ in range(20):  # a killed process may hold the namespace for a moment
-                if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.1)
-        self._made.clear()
+        super().close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")

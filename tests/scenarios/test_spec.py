@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import yaml
 
 from scenarios.classify import Classifier, NoScenario, RequestInfo
 from scenarios.spec import SpecError, load_specs, parse_specs
@@ -111,3 +112,21 @@ def test_a_text_prefix_and_a_prefix_hash_both_hold_when_both_given():
     assert c.classify(RequestInfo(8, prompt_text="You are kind", prompt_token_ids=ids)) == "a"
     with pytest.raises(NoScenario):
         c.classify(RequestInfo(8, prompt_text="Hi", prompt_token_ids=ids))
+
+
+def test_hardware_may_name_custom_ray_resources_which_reach_ray():
+    from gateway.fleet import _hardware
+
+    text = GOOD.replace("decode: {accelerator: h100, num_gpus: 1}}",
+                        "decode: {accelerator: h100, num_gpus: 1, resources: {pdmesh_decode: 1}}}")
+    spec = parse_specs(yaml.safe_load(text))[0]
+    assert spec.hardware["decode"].resources == {"pdmesh_decode": 1}
+    assert _hardware(spec)["decode"].options() == {"num_cpus": 1, "num_gpus": 1, "resources": {"pdmesh_decode": 1}}
+
+
+@pytest.mark.parametrize("resources", ["{GPU: 1}", "{pdmesh_decode: -1}"])
+def test_bad_custom_resources_say_what_to_fix(resources):
+    text = GOOD.replace("decode: {accelerator: h100, num_gpus: 1}}",
+                        f"decode: {{accelerator: h100, resources: {resources}}}}}")
+    with pytest.raises(SpecError, match="name a custom Ray resource"):
+        parse_specs(yaml.safe_load(text))

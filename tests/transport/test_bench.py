@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+
+import pytest
 
 from click.testing import CliRunner
 
@@ -34,3 +38,27 @@ def test_table_output():
 def test_unknown_backend_is_refused():
     result = CliRunner().invoke(command, ["--backends", "local,rdma"])
     assert result.exit_code != 0 and "unknown rdma" in result.output
+
+
+def test_across_namespaces_sets_both_backends_beside_a_socket_copy():
+    from transport.netns import unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"needs network namespaces: {reason}")
+    args = ["--tokens", "16,48", "--strategies", "contiguous", "--layers", "2", "--kv-heads", "2",
+            "--head-dim", "8", "--block-size", "4", "--rounds", "1", "--across-namespaces", "--output", "json"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    rows = {(r["tokens"], r["backend"], r["strategy"]) for r in out["rows"]}
+    assert rows == {(t, b, s) for t in (16, 48) for b, s in (("memcpy", "-"), ("ucx-tcp", "contiguous"),
+                                                             ("tcp", "contiguous"), ("socket", "-"))}
+    assert all(r["contiguous_over_socket"] > 0 for r in out["ratios"]) and out["across_namespaces"]
+    made_here = f"pdmb{os.getpid() % 100000}-"  # NamespaceNet's names: they are gone again
+    assert made_here not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_shared_memory_backends_cannot_cross_namespaces():
+    result = CliRunner().invoke(command, ["--across-namespaces", "--backends", "ucx,tcp"])
+    assert result.exit_code != 0 and "ucx cannot cross namespaces" in result.output

@@ -39,7 +39,10 @@ def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
     if config.backend == "local":
         from .local import LocalReceiver
         return LocalReceiver(pool, layout, reserver, config.lease_ttl_s, clock)
+    from ..address import LOOPBACK, for_node
     from ..session import SocketReceiver
+    if not config.host:  # not placed on a node by its caller: loopback unless the environment says
+        config = for_node(config, LOOPBACK)
     return SocketReceiver(_plane(config), pool, layout, reserver, config.secret_bytes,
                           config.host, config.port, config.lease_ttl_s, config.timeout_s, clock,
                           limits=config.limits, handshake_timeout_s=config.handshake_timeout_s)

@@ -9,6 +9,7 @@ cluster (benchmarks, tests) that is loopback.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 
@@ -63,11 +64,14 @@ def resolve_host(host: str, interface: str, node_address: str) -> str:
 
 def for_node(config: TransportConfig, node_address: str) -> TransportConfig:
     """The config with this node's receiver address filled in. A NIC named by the operator
-    (transport.interface or PDMESH_KV_INTERFACE) also pins UCX to it (UCX_NET_DEVICES, unless
-    already set), before ucxx starts in this process. A NIC found only from the address does
+    (transport.interface or PDMESH_KV_INTERFACE), or loopback for a loopback address, also
+    pins UCX to it (UCX_NET_DEVICES, unless already set), before ucxx starts in this process. A NIC found only from the address does
     not: on an RDMA host the address is often an Ethernet NIC's while UCX should use the HCA."""
     host = resolve_host(config.host, config.interface, node_address)
     named = os.environ.get(ENV_INTERFACE) or config.interface
-    if config.backend == "ucx" and named:
-        os.environ.setdefault("UCX_NET_DEVICES", named)
+    # A receiver on loopback serves this host alone: UCX's TCP transport would otherwise
+    # listen on every NIC of it.
+    pin = named or (interface_of(host) if ipaddress.ip_address(host).is_loopback else None)
+    if config.backend == "ucx" and pin:
+        os.environ.setdefault("UCX_NET_DEVICES", pin)
     return dataclasses.replace(config, host=host)

@@ -97,7 +97,7 @@ def ray_cluster(otlp):
             "OTEL_BSP_SCHEDULE_DELAY": "50"}
     saved = {k: os.environ.get(k) for k in otel}
     os.environ.update(otel)
-    connect(num_cpus=8)
+    connect(num_cpus=16)  # logical CPUs: tiny actors ask for one each and mostly wait
     yield
     disconnect()
     for k, v in saved.items():

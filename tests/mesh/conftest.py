@@ -13,7 +13,7 @@ SECRET = "mesh-test-secret-0123456789"
 def ray_cluster():
     from mesh.cluster import connect, disconnect
 
-    connect(num_cpus=8)  # logical CPUs: tiny actors ask for one each and mostly wait
+    connect(num_cpus=16)  # logical CPUs: tiny actors ask for one each and mostly wait
     yield
     disconnect()
 

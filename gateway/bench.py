@@ -25,7 +25,9 @@ from mesh.bench import percentile
 OUTPUT_TOKENS = 2  # the first token from prefill, one more from decode: every phase is crossed
 
 
-class _Call:
+class InstantCall:
+    """A stand-in for a Ray actor method: `.remote(...)` runs fn at once (fn returns an awaitable)."""
+
     def __init__(self, fn):
         self.fn = fn
 
@@ -36,13 +38,14 @@ class _Call:
         return self
 
 
-async def _value(v):
+async def ready(v):
+    """v as an awaitable, as a Ray object ref would give it."""
     return v
 
 
 async def _refs(items):
     for item in items:
-        yield _value(item)
+        yield ready(item)
 
 
 class InstantActor:
@@ -52,20 +55,20 @@ class InstantActor:
         self.role = role
         self.info_dict = {"actor_id": actor_id, "scenario": "bench", "role": role, "state": "serving", "pid": 0,
                           "node": "", "device": "none", "model": "", "load": {"free_blocks": 1, "num_blocks": 1}}
-        self.info = _Call(lambda: _value(self.info_dict))
-        self.ping = _Call(lambda: _value(actor_id))
-        self.offer = _Call(lambda *a: _value({"accept": True, "reason": "idle", "retry_after_s": 0.0,
+        self.info = InstantCall(lambda: ready(self.info_dict))
+        self.ping = InstantCall(lambda: ready(actor_id))
+        self.offer = InstantCall(lambda *a: ready({"accept": True, "reason": "idle", "retry_after_s": 0.0,
                                               "predicted_ttft_s": 0.0}))
-        self.reserve = _Call(lambda prompt_token_ids, align_tokens=1: _value(
+        self.reserve = InstantCall(lambda prompt_token_ids, align_tokens=1: ready(
             {"lease_id": "lease", "prefix_tokens": 0, "prefix_blocks": 0, "ttl_s": 30.0}))
-        self.renew_lease = _Call(lambda lease_id: _value(True))
-        self.release_lease = _Call(lambda lease_id: _value(True))
-        self.until_stopped = _Call(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch
-        self.shutdown = _Call(lambda: _value(None))
-        self.prefill = _Call(lambda step, lease: _refs([
+        self.renew_lease = InstantCall(lambda lease_id: ready(True))
+        self.release_lease = InstantCall(lambda lease_id: ready(True))
+        self.until_stopped = InstantCall(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch
+        self.shutdown = InstantCall(lambda: ready(None))
+        self.prefill = InstantCall(lambda step, lease: _refs([
             {"type": "first", "token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},
             {"type": "committed", "transfer": {"bytes": 0, "backend": "none", "duration_s": 0.0}, "seconds": 0.0}]))
-        self.decode = _Call(lambda lease_id, req: _refs([
+        self.decode = InstantCall(lambda lease_id, req: _refs([
             {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length",
              "num_prompt_tokens": len(req["prompt_token_ids"]), "num_output_tokens": OUTPUT_TOKENS}]))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -95,16 +94,12 @@ def ray_cluster(otlp):
 
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    saved = {k: os.environ.get(k) for k in otel}
-    os.environ.update(otel)
-    connect(num_cpus=16)  # logical CPUs: tiny actors ask for one each and mostly wait
-    yield
-    disconnect()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in otel.items():
+            env.setenv(key, value)
+        connect(num_cpus=16)  # logical CPUs: tiny actors ask for one each and mostly wait
+        yield
+        disconnect()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ the only decode actor dead the request waits for its replacement; the retry is a
 although its admission timeout (0.5 s here) passed while the replacement started."""
 from __future__ import annotations
 
-import os
 
 import openai
 import pytest
@@ -33,25 +32,15 @@ def failover(checkpoint, ray_cluster, fault_log):
 
     config = default(checkpoint("llama", "float32"), engine=ENGINE, transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
                      gateway=Limits(admission_timeout_s=0.5), controller=Control(enabled=False))
-    saved = {k: os.environ.get(k) for k in ("PDMESH_FAULT", "PDMESH_FAULT_LOG")}
-    os.environ.update(PDMESH_FAULT=FAULTS, PDMESH_FAULT_LOG=fault_log)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDMESH_FAULT", FAULTS)
+        env.setenv("PDMESH_FAULT_LOG", fault_log)
         gateway = serving(config)
         running = gateway.__enter__()  # the pools read the faults when made: nothing else here may
-    finally:
-        _restore(saved)
     try:
         yield running
     finally:
         gateway.__exit__(None, None, None)
-
-
-def _restore(saved: dict) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

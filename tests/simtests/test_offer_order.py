@@ -17,6 +17,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from gateway.bench import InstantCall, ready
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
@@ -34,24 +35,9 @@ DEADLINE_S = 10.0
 ADMISSION = PrefillAdmission()
 
 
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-    def options(self, **_):
-        return self
-
-
-async def _value(v):
-    return v
-
-
 async def _stream(*items):
     for item in items:
-        yield _value(item)
+        yield ready(item)
 
 
 class PrefillStandIn:
@@ -61,8 +47,8 @@ class PrefillStandIn:
         self.actor_id, self.role = actor_id, Role.PREFILL
         self.queued_requests = self.queued_tokens = 0
         self.handle = self
-        self.offer = _Call(self._offer)
-        self.prefill = _Call(self._prefill)
+        self.offer = InstantCall(self._offer)
+        self.prefill = InstantCall(self._prefill)
 
     @property
     def info(self) -> dict:  # the report live dispatch orders by, always up to date here
@@ -72,7 +58,7 @@ class PrefillStandIn:
     def _offer(self, prompt_tokens, ttft_budget_s, time_left_s, cached_tokens):
         d = ADMISSION.decide(PrefillLoad(self.queued_tokens, self.queued_requests, RATE),
                              Offer(prompt_tokens, ttft_budget_s, time_left_s, cached_tokens))
-        return _value({"accept": d.accept, "reason": d.reason, "retry_after_s": d.retry_after_s,
+        return ready({"accept": d.accept, "reason": d.reason, "retry_after_s": d.retry_after_s,
                        "predicted_ttft_s": d.predicted_ttft_s})
 
     def _prefill(self, step, lease):
@@ -87,10 +73,10 @@ class DecodeStandIn:
         self.actor_id, self.role = actor_id, Role.DECODE
         self.info = {"block_size": 16, "load": {"free_blocks": 10**6}}
         self.handle = self
-        self.reserve = _Call(lambda ids, align: _value({"lease_id": "l", "prefix_tokens": 0, "prefix_blocks": 0}))
-        self.decode = _Call(lambda lease_id, req: _stream(
+        self.reserve = InstantCall(lambda ids, align: ready({"lease_id": "l", "prefix_tokens": 0, "prefix_blocks": 0}))
+        self.decode = InstantCall(lambda lease_id, req: _stream(
             {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length"}))
-        self.release_lease = _Call(lambda lease_id: _value(True))
+        self.release_lease = InstantCall(lambda lease_id: ready(True))
 
 
 class StandInPool:

@@ -214,21 +214,23 @@ class MeshActor:
         message carries the trace context of the KV transfer, the decode span's parent."""
         self._require(Role.PREFILL, Role.BOTH)
         rid, ids = request["request_id"], list(request["prompt_token_ids"])
+        sent = list(request.get("output_token_ids", []))  # generated before the request moved here
         params = _params_from(request["params"])
         eng = self.engine.engine
         span = tracing.start_span("prefill", request.get("trace_context"), {
             "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid, "pdmesh.prompt_tokens": len(ids)})
         transfer = error = None
-        self.queued_tokens += len(ids)
+        self.queued_tokens += len(ids) + len(sent)
         self.queued_requests += 1
         self.active.add(rid)
         queued = True
         try:
             self.faults.reached("prefill", rid)
             last = None
-            async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True)):
+            async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
+                                                                          output_ids=sent)):
                 last = outs[-1]
-            self.queued_tokens -= len(ids)
+            self.queued_tokens -= len(ids) + len(sent)
             self.queued_requests -= 1
             queued = False
             self.prefixes.touch(ids)
@@ -271,7 +273,7 @@ class MeshActor:
                 if open_span is not None:
                     tracing.end(open_span, error)
             if queued:
-                self.queued_tokens -= len(ids)
+                self.queued_tokens -= len(ids) + len(sent)
                 self.queued_requests -= 1
             await self.engine.call(eng.abort, rid)  # frees held blocks; a no-op once released
             self._done(rid)
@@ -363,7 +365,7 @@ class MeshActor:
 
         async def add():
             self.prefixes.touch(ids)  # at once: its prefix is cached here as it computes
-            return lambda: eng.add_request(ids, params, rid)
+            return lambda: eng.add_request(ids, params, rid, output_ids=request.get("output_token_ids", []))
 
         async for chunk in self._traced("generate", request, add):
             yield chunk

@@ -101,12 +101,12 @@ class Dispatcher:
                         f"lost actors: {sorted(lost)}")
 
     def _continuation(self, req: Request, sent: list[int], attempt: int) -> dict:
-        """The request as it stands: prompt plus the tokens already sent, and what is left to make."""
-        params = dict(req.params)
-        params["max_tokens"] = params.get("max_tokens", 16) - len(sent)
-        params["min_tokens"] = max(0, params.get("min_tokens", 0) - len(sent))
+        """The request as it stands: its prompt and the tokens already sent, which the next
+        actor computes with the prompt and goes on from exactly as if the request never moved
+        (max/min_tokens count them, text held back for stop strings is not lost, seeded draws
+        go on); `_tokens(step)` is what its KV covers."""
         return {"request_id": req.request_id if not attempt else f"{req.request_id}.{attempt}",
-                "prompt_token_ids": req.prompt_token_ids + sent, "params": params,
+                "prompt_token_ids": req.prompt_token_ids, "output_token_ids": list(sent), "params": req.params,
                 "deadline": min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
                 "end": req.deadline, "ttft_budget_s": req.ttft_budget_s, "trace_context": req.trace_context}
 
@@ -143,7 +143,7 @@ class Dispatcher:
         cached = self._cached_tokens(Role.BOTH, step)
         member = self.router.prefill_order(live, cached)[0]
         events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
-        self.prefixes.placed(member.actor_id, step["prompt_token_ids"])
+        self.prefixes.placed(member.actor_id, _tokens(step))
         gen = member.handle.generate.options(num_returns="streaming").remote(step)
         try:
             async for ref in gen:
@@ -174,16 +174,16 @@ class Dispatcher:
             except RequestMoved as e:
                 raise _moved(prefill, "prefill", e) from None
             events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
-            self.prefixes.placed(prefill.actor_id, step["prompt_token_ids"])
+            self.prefixes.placed(prefill.actor_id, _tokens(step))
             if first["finish_reason"] is not None:
                 pstream = None  # the prefill call ends with its first message
             yield {**first, "finished": first["finish_reason"] is not None,
-                   "num_prompt_tokens": n, "num_output_tokens": len(first["token_ids"])}
+                   "num_prompt_tokens": n, "num_output_tokens": len(step["output_token_ids"]) + len(first["token_ids"])}
             if first["finish_reason"] is not None:
                 return
             # the decode span hangs under the transfer span the prefill actor opened
             dreq = {"request_id": step["request_id"], "prompt_token_ids": step["prompt_token_ids"],
-                    "output_token_ids": first["token_ids"], "params": step["params"],
+                    "output_token_ids": step["output_token_ids"] + first["token_ids"], "params": step["params"],
                     "trace_context": first.get("trace_context", step["trace_context"])}
             dstream = decode.handle.decode.options(num_returns="streaming").remote(lease["lease_id"], dreq)
             try:
@@ -240,7 +240,7 @@ class Dispatcher:
             for member in self.router.decode_order(members):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
-                    lease = await member.handle.reserve.remote(step["prompt_token_ids"], align)
+                    lease = await member.handle.reserve.remote(_tokens(step), align)
                     events.append(Event("decode_reserved", {"actor": member.actor_id,
                                                             "prefix_tokens": lease["prefix_tokens"],
                                                             "prefix_blocks": lease["prefix_blocks"]}))
@@ -270,7 +270,7 @@ class Dispatcher:
                 if not self.router.may_offer(offers, time_left):
                     raise self.router.give_up(offers, retry_after)
                 try:
-                    d = await member.handle.offer.remote(len(step["prompt_token_ids"]), step["ttft_budget_s"],
+                    d = await member.handle.offer.remote(len(_tokens(step)), step["ttft_budget_s"],
                                                          time_left, cached.get(member.actor_id, 0))
                 except _ACTOR_LOST as e:
                     lost.add(member.actor_id)
@@ -293,7 +293,12 @@ class Dispatcher:
         from where this dispatcher placed prompts since."""
         members = self.pool.by_role(role)
         self.prefixes.sync({m.actor_id: m.info.get("prefix") for m in members})
-        return self.prefixes.expected_tokens(step["prompt_token_ids"], [m.actor_id for m in members])
+        return self.prefixes.expected_tokens(_tokens(step), [m.actor_id for m in members])
+
+
+def _tokens(step: dict) -> list[int]:
+    """The tokens whose KV a step's actors compute and move: the prompt and those already sent."""
+    return step["prompt_token_ids"] + step["output_token_ids"]
 
 
 def _prefix_choice(cached: dict[str, int], member: Member) -> dict:

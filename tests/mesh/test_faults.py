@@ -25,7 +25,8 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens
 MAX_TOKENS = 24
 FAULTS = ";".join(["kill:prefill@request=f-prefill", "kill:transfer_after_layers=1@request=f-transfer",
-                   "kill:decode_step=3@request=f-decode", "kill:decode_step=3@request=f-late"])
+                   "kill:decode_step=3@request=f-decode", "kill:decode_step=3@request=f-late",
+                   "kill:decode_step=3@request=f-move"])
 
 
 @pytest.fixture(scope="module")
@@ -119,4 +120,24 @@ async def test_every_decode_actor_dead_at_once(pool, expected):
             assert any(e.name == "waiting_for_actor" and e.attributes["role"] == "decode" for e in events)
         for member in dead:
             await replaced(pool, member.actor_id)
+    await assert_no_blocks_held(pool)
+
+
+async def test_a_request_goes_on_after_failover_as_if_it_never_moved(pool, checkpoint, fault_log):
+    """Its decode actor killed at step 3 with a stop string (its last characters held back) and
+    seeded sampling: the retry computes the sent tokens with the prompt and goes on from them,
+    so text and tokens equal one engine's."""
+    params = {"max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 7, "stop": ["zzzz"], "ignore_eos": True}
+    engine = Engine(EngineConfig(model=str(checkpoint("llama", "float32")), dtype="float32", num_blocks=128))
+    [want] = engine.generate([PROMPT], SamplingParams(**params))
+    events, tokens, text = [], [], ""
+    async with supervised(pool):
+        async for chunk in Dispatcher(pool).generate(Request("f-move", PROMPT, params), events):
+            tokens += chunk["token_ids"]
+            text += chunk["text"]
+        hit = fired(fault_log, "f-move")
+        assert hit.point == "decode_step"
+        assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]
+        assert (tokens, text) == (want.token_ids, want.text)
+        await replaced(pool, hit.actor)
     await assert_no_blocks_held(pool)

@@ -99,7 +99,7 @@ async def test_dispatcher_forwards_each_rejection_then_gives_up_with_a_retry_hin
     dispatcher = Dispatcher(_Pool([a, b]), ForwardOnRejection(max_forwards=4, min_retry_pause_s=0.0),
                             clock=lambda: float(clock()))
     events = []
-    step = {"prompt_token_ids": [1, 2, 3], "ttft_budget_s": 1.0, "deadline": 1e9}
+    step = {"prompt_token_ids": [1, 2, 3], "output_token_ids": [], "ttft_budget_s": 1.0, "deadline": 1e9}
     chosen = await dispatcher._offer(step, set(), events)
     assert chosen.actor_id == "a" and (a.offers, b.offers) == (2, 1)
     assert [e.name for e in events] == ["prefill_rejected", "prefill_rejected", "prefill_accepted"]

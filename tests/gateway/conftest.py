@@ -142,3 +142,17 @@ def replacement_of(running: Running, dead_id: str, scenario: str = "default") ->
     from tests.mesh.conftest import replaced
 
     return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id))["actor_id"]
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    """The real openai client on the shared gateway."""
+    import openai
+
+    with openai.OpenAI(base_url=gateway.http_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

@@ -13,17 +13,6 @@ from tests.gateway.conftest import API_KEY, MAX_MESSAGE_BYTES
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def client(gateway):
-    with openai.OpenAI(base_url=gateway.http_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_models_lists_the_served_checkpoint(client, checkpoint):
     assert [m.id for m in client.models.list().data] == [checkpoint("llama", "float32").name]
 

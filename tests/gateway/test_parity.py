@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import openai
 import pytest
 
-from tests.gateway.conftest import API_KEY, ENGINE
+from tests.gateway.conftest import ENGINE
 
 MAX_TOKENS = 8
 PROMPT = "Hello"
@@ -21,17 +20,6 @@ class Output:
     tokens: list[int] | None  # when logprobs were asked for (the API reports token ids with them)
     logprobs: list[float] | None
     finish_reason: str
-
-
-@pytest.fixture(scope="module")
-def client(gateway):
-    with openai.OpenAI(base_url=gateway.http_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
 TTFT_S = 0.6  # the scenario's TTFT budget: 6000 tokens of queue and prompt

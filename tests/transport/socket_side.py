@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transport import KVReceiver, KVSender, TransportConfig, make_receiver, make_sender, wire
 from transport.peer import ListReserver
-from tests.transport.conftest import SECRET, assert_same_kv, filled, make_layout
+from tests.transport.support import SECRET, assert_same_kv, filled, make_layout
 
 LAYOUT = make_layout()
 TOKENS = 20

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transport import TransferError, TransferState, TransportConfig, make_receiver, make_sender
-from tests.transport.conftest import assert_same_kv, filled, make_layout
+from tests.transport.support import assert_same_kv, filled, make_layout
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,18 +3,13 @@ bad operations answered with their status and a message, the role limits (refusa
 with a warning), and one-line answers about dead actors."""
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
-import ray
 
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, replacement_of
-
-ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
+from tests.gateway.support import ADMIN, API_KEY, kill, replacement_of
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +60,6 @@ def test_bad_admin_calls(admin):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert (info.value.code(), message in info.value.details()) == (code, True), info.value.details()
-
-
-def kill(handle) -> None:
-    """Kills an actor and waits until Ray answers calls to it as dead (a kill lands a moment later)."""
-    ray.kill(handle, no_restart=True)
-    for _ in range(600):
-        try:
-            ray.get(handle.ping.remote(), timeout=10)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the killed actor still answers")
 
 
 def _actors(admin) -> list:

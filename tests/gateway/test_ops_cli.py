@@ -15,8 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, replacement_of
-from tests.gateway.test_admin import kill
+from tests.gateway.support import ADMIN_KEY, API_KEY, kill, replacement_of
 
 
 @pytest.fixture(scope="module")

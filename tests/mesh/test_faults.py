@@ -19,7 +19,7 @@ from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import MeshError
 from mesh.faults import Fired, read_log
-from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
+from tests.mesh.support import assert_no_blocks_held, replaced, supervised
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens

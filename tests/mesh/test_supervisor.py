@@ -10,7 +10,7 @@ from mesh.actor import Role
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.supervisor import RestartPolicy
-from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
+from tests.mesh.support import assert_no_blocks_held, replaced, supervised
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

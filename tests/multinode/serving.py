@@ -15,7 +15,7 @@ import json, sys
 from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from tests.gateway.conftest import OtlpReceiver
+from tests.support.otlp import OtlpReceiver
 receiver, server = OtlpReceiver(), grpc.server(futures.ThreadPoolExecutor(2))
 trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
 print(server.add_insecure_port(sys.argv[1] + ":0"), flush=True)

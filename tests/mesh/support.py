@@ -1,0 +1,46 @@
+"""What the mesh tests share besides fixtures: waits on a live pool (no KV block held, the
+replacement of a dead actor) and the pool under a supervisor."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def assert_no_blocks_held(pool, wait_s: float = 5.0):
+    """Every live actor has every KV block free (leases of dead senders expire in lease_ttl_s)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        infos = await pool.refresh()
+        held = {i["actor_id"]: i["load"]["num_blocks"] - i["load"]["free_blocks"] for i in infos}
+        if not any(held.values()):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"KV blocks still held: {held}")
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def supervised(pool, policy=None):
+    """The pool under a Supervisor (quick retries) for the block; closed after it."""
+    from mesh.supervisor import RestartPolicy, Supervisor
+
+    supervisor = Supervisor(pool, policy or RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, start_timeout_s=60),
+                            sync_s=0.2)
+    supervisor.start()
+    try:
+        yield supervisor
+    finally:
+        await supervisor.close()
+
+
+async def replaced(pool, dead_id: str, timeout_s: float = 120) -> dict:
+    """The info of the actor that replaced `dead_id`, once it serves."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        for m in pool.members.values():
+            if m.info.get("replaces") == dead_id:
+                return m.info
+        await pool.changed(deadline - loop.time())
+    raise AssertionError(f"no replacement of {dead_id} within {timeout_s}s; offline: "
+                         f"{[m.info for m in pool.offline.values()]}")

@@ -20,6 +20,7 @@ from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import MeshError
 from mesh.faults import Fired, read_log
 from tests.mesh.support import assert_no_blocks_held, replaced, supervised
+from tests.support.clock import FakeClock
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens
@@ -84,15 +85,15 @@ async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fa
     """The retry after a decode loss comes long after the first attempt's admission deadline
     (here: the clock jumps a minute once the first token is out); it is offered to the prefill
     actors all the same, within the request's own deadline."""
-    now = [1000.0]
-    dispatcher = Dispatcher(pool, clock=lambda: now[0])
-    request = Request("f-late", PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY}, deadline=now[0] + 3600,
-                      admission_deadline=now[0] + 5)
+    clock = FakeClock(1000.0)
+    dispatcher = Dispatcher(pool, clock=clock)
+    request = Request("f-late", PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY}, deadline=clock.now + 3600,
+                      admission_deadline=clock.now + 5)
     events, tokens = [], []
     async with supervised(pool):
         async for chunk in dispatcher.generate(request, events):
             tokens += chunk["token_ids"]
-            now[0] = 1060.0
+            clock.now = 1060.0
         assert tokens == expected
         assert fired(fault_log, "f-late").point == "decode_step"
         assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]

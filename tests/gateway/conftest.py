@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.gateway.shared_state import baseline, restore
 from tests.gateway.support import API_KEY, MAX_MESSAGE_BYTES, serving, tiny_config
 
 
@@ -31,3 +32,12 @@ def client(gateway):
 @pytest.fixture(scope="module")
 def model(client):
     return client.models.list().data[0].id
+
+
+@pytest.fixture
+def restored(gateway):
+    """The shared gateway for a test that changes it: its actors, their roles and the ratio
+    controller's state are put back when the test ends, pass or fail (tests/gateway/shared_state.py)."""
+    before = gateway.run(baseline(gateway.gateway))
+    yield gateway
+    gateway.run(restore(gateway.gateway, before), timeout_s=300)

@@ -12,9 +12,10 @@ from gateway.proto import admin_pb2_grpc
 from tests.gateway.support import ADMIN, API_KEY, kill, replacement_of
 
 
-@pytest.fixture(scope="module")
-def admin(gateway):
-    with grpc.insecure_channel(gateway.grpc_address) as channel:
+@pytest.fixture
+def admin(restored):
+    """The admin client of the shared gateway, which is put back as it was after each test."""
+    with grpc.insecure_channel(restored.grpc_address) as channel:
         yield admin_pb2_grpc.AdminStub(channel)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import ray
+
 
 async def assert_no_blocks_held(pool, wait_s: float = 5.0):
     """Every live actor has every KV block free (leases of dead senders expire in lease_ttl_s)."""
@@ -17,6 +19,17 @@ async def assert_no_blocks_held(pool, wait_s: float = 5.0):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"KV blocks still held: {held}")
         await asyncio.sleep(0.2)
+
+
+async def killed(pool, role) -> list:
+    """Kills every actor of the role (no restart by Ray); returns them once they have left
+    routing (their open until_stopped calls fail at once, so each shows as dead)."""
+    dead = pool.by_role(role)
+    for member in dead:
+        ray.kill(member.handle, no_restart=True)
+    while any(m.actor_id in pool.members for m in dead):
+        await pool.changed(30)
+    return dead
 
 
 @contextlib.asynccontextmanager

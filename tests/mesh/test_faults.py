@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import ray
 
 from mesh.actor import Role
 from mesh.dispatch import Dispatcher, Request
@@ -19,7 +18,7 @@ from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import MeshError
 from mesh.faults import Fired, read_log
-from tests.mesh.support import assert_no_blocks_held, replaced, supervised
+from tests.mesh.support import assert_no_blocks_held, killed, replaced, supervised
 from tests.support.clock import FakeClock
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -103,11 +102,7 @@ async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fa
 
 async def test_every_decode_actor_dead_at_once(pool, expected):
     async with supervised(pool):
-        dead = pool.by_role(Role.DECODE)
-        for member in dead:
-            ray.kill(member.handle, no_restart=True)
-        while any(m.actor_id in pool.members for m in dead):
-            await pool.changed(30)
+        dead = await killed(pool, Role.DECODE)
         assert not pool.by_role(Role.DECODE) and pool.replacing(Role.DECODE)
         # a request whose deadline comes before any replacement serves fails cleanly, in time
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import uuid
 
 from aiohttp import web
 
@@ -57,7 +58,8 @@ class _Refusal(asyncio.Protocol):
                                             "(gateway.max_connections); retry later")
         body = json.dumps(error_body(error)).encode()
         self.reply = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode() + body
+                      f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nX-Request-Id: {uuid.uuid4().hex}\r\n"
+                      "Connection: close\r\n\r\n").encode() + body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.write(self.reply)

@@ -3,7 +3,8 @@ distribution's externally managed Python (PEP 668) gets a new .venv, which `. de
 first on PATH and a second run reuses; an active virtual environment, or a Python that takes
 installs, is used as it is. Its `--python` mode makes the environment and installs nothing;
 pip in the new .venv then resolves torch==2.13.0 from this machine's local wheels and indexes
-alone (offline). The whole install into a new .venv takes minutes: it was run by hand."""
+alone (offline). The whole `deploy/install.sh test && . deploy/env && ...` on Debian's Python
+was run by hand (75 s; it needs PyPI here, which alone has ray>=2.59): too slow for each run."""
 from __future__ import annotations
 
 import os

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
@@ -78,10 +78,18 @@ class ServeConfig(BaseModel):
     transport: dict = Field(default_factory=dict, description="TransportConfig fields (backend, ...)")
     gateway: Limits = Limits()
     controller: Control = Control()
+    served_model_name: str = Field("", description="the model name clients ask for (one model only); "
+                                                   "default: the checkpoint folder's name")
+
+    @model_validator(mode="after")
+    def _one_served_name(self):
+        if self.served_model_name and len({s.model for s in self.scenarios}) > 1:
+            raise ValueError("served_model_name names one model, and these scenarios serve several: leave it out")
+        return self
 
     def served_name(self, spec: ScenarioSpec) -> str:
-        """The model name clients ask for: the checkpoint folder's name."""
-        return Path(spec.model).name
+        """The model name clients ask for: served_model_name, else the checkpoint folder's name."""
+        return self.served_model_name or Path(spec.model).name
 
 
 def parse(data: object, source: str = "config") -> ServeConfig:

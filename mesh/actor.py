@@ -235,6 +235,7 @@ class MeshActor:
             queued = False
             self.prefixes.touch(ids)
             first = {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
+                     "top_logprobs": last.top_logprobs,
                      "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
             if last.finish_reason == "prefilled" and lease is not None:
                 transfer = tracing.start_span("kv_transfer", tracing.carrier_of(span),
@@ -498,6 +499,8 @@ def _merge(outs) -> dict:
     """One message per burst of engine steps."""
     last = outs[-1]
     logprobs = [lp for o in outs for lp in (o.logprobs or [])]
+    top = [t for o in outs for t in (o.top_logprobs or [])]
     return {"token_ids": [t for o in outs for t in o.token_ids], "text": "".join(o.text for o in outs),
-            "logprobs": logprobs or None, "finished": last.finished, "finish_reason": last.finish_reason,
+            "logprobs": logprobs or None, "top_logprobs": top or None, "finished": last.finished,
+            "finish_reason": last.finish_reason,
             "num_prompt_tokens": last.num_prompt_tokens, "num_output_tokens": last.num_output_tokens}

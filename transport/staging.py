@@ -145,7 +145,8 @@ class LayerSource(_Side):
 
     async def ready(self, layer: int, staged: object | None) -> list[torch.Tensor]:
         """The layer's op buffers, once ``stage`` has finished with them."""
-        await self.staging.stream.wait(staged)
+        if staged is not None:
+            await self.staging.stream.wait(staged)
         return self._bufs.pop(layer)
 
 

@@ -125,11 +125,6 @@ class UcxRecvLink(RecvLink):
 
     async def run(self, ch: Channel, plan: TransferPlan, bufs: list[list[torch.Tensor]],
                   on_layer: Callable[[int], None], timeout_s: float) -> dict:
-        # The commit comes once the sender posted its last send: the data may still
-        # be on the wire. The sender is silent until told "committed", so a closed
-        # connection meanwhile means it died (UCX itself would wait forever).
-        commit = await ch.recv("commit", timeout_s)
-
         async def land() -> None:
             for layer, recvs in enumerate(self._recvs):
                 try:
@@ -138,7 +133,18 @@ class UcxRecvLink(RecvLink):
                     raise _as_transfer_error(e, "receive")
                 on_layer(layer)
 
-        await wait_for(guarded(land(), ch.until_closed()), timeout_s, "UCX receives")
+        # Layers are handed on as they land, while the sender is still sending (or
+        # computing) the rest. The commit comes once the sender posted its last send:
+        # the data may still be on the wire. The sender is silent until told
+        # "committed", so a closed connection meanwhile means it died (UCX itself
+        # would wait forever).
+        landing = asyncio.ensure_future(land())
+        try:
+            commit = await ch.recv("commit", timeout_s)
+            await wait_for(guarded(landing, ch.until_closed()), timeout_s, "UCX receives")
+        finally:
+            landing.cancel()
+            await asyncio.gather(landing, return_exceptions=True)  # retrieved: the first error met is raised
         self._done = True
         return commit
 

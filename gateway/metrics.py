@@ -30,10 +30,11 @@ class Metrics:
         self.rejections = Counter("pdmesh_prefill_rejections", "prefill offers rejected", ["scenario"], registry=r)
         self.forwards = Counter("pdmesh_forwards", "requests admitted after one or more rejections, "
                                 "counted per forward", ["scenario"], registry=r)
+        # path: direct (device or host memory on the wire as it is) or staged (through host buffers)
         self.kv_bytes = Counter("pdmesh_kv_transfer_bytes", "KV cache bytes moved prefill -> decode",
-                                ["scenario", "backend"], registry=r)
+                                ["scenario", "backend", "path"], registry=r)
         self.kv_seconds = Histogram("pdmesh_kv_transfer_seconds", "KV transfer time per request",
-                                    ["scenario", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+                                    ["scenario", "backend", "path"], buckets=LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("pdmesh_controller_decisions", "ratio controller actions, by the scenario the "
                                  "actor was in, the action (flip, lend) and the role it serves afterwards",
                                  ["scenario", "action", "role"], registry=r)
@@ -52,9 +53,9 @@ class Metrics:
             elif e.name == "prefill_accepted" and e.attributes.get("forwards"):
                 self.forwards.labels(scenario).inc(e.attributes["forwards"])
             elif e.name == "kv_transfer":
-                backend = e.attributes.get("backend", "")
-                self.kv_bytes.labels(scenario, backend).inc(e.attributes.get("bytes", 0))
-                self.kv_seconds.labels(scenario, backend).observe(e.attributes.get("duration_s", 0.0))
+                labels = (scenario, e.attributes.get("backend", ""), e.attributes.get("path", ""))
+                self.kv_bytes.labels(*labels).inc(e.attributes.get("bytes", 0))
+                self.kv_seconds.labels(*labels).observe(e.attributes.get("duration_s", 0.0))
 
     def expose(self) -> bytes:
         return generate_latest(self.registry)

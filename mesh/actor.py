@@ -256,7 +256,8 @@ class MeshActor:
             stats = await self._send(rid, desc, blocks)
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
-                                     "kv.strategy": stats.strategy, "kv.blocks": len(blocks),
+                                     "kv.strategy": stats.strategy, "kv.path": stats.path,
+                                     "kv.blocks": len(blocks),
                                      "kv.skipped_tokens": skip, "kv.peer": f"{desc.host}:{desc.port}"})
             yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": skip},
                    "seconds": time.perf_counter() - start}

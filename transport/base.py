@@ -46,6 +46,7 @@ class TransferStats:
     runs: int
     layers: int
     duration_s: float
+    path: str = "direct"  # direct: both sides' data planes moved the pools' own memory (path.py)
 
     @property
     def gbps(self) -> float:

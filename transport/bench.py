@@ -11,6 +11,11 @@ idle pages back to its host (kdamond), and touching them again runs at about
 namespaces (transport/netns.py: veth links to a bridge, root needed) and measures UCX
 over TCP and the tcp backend beside a plain socket copy of the same bytes over the same
 link: what the network gives without pdmesh.
+
+--path direct,staged measures both paths (transport/path.py) in one run, each on its own
+pair of peers, and prints staged / direct. --device cuda puts the pools on the GPU and
+sets them against a device-to-device copy on that GPU; without CUDA it says so and
+measures nothing.
 """
 
 from __future__ import annotations
@@ -64,11 +69,11 @@ class Places:
 
 
 class PeerPair:
-    """A receiver and a sender, each in its own process."""
+    """A receiver and a sender, each in its own process, both on one path."""
 
     def __init__(self, backend: str, env: dict[str, str], layout: KVLayout, fragmented: bool,
-                 places: Places) -> None:
-        config = {"backend": backend, "secret": secrets.token_hex(16), "timeout_s": 60.0}
+                 places: Places, path: str = "direct") -> None:
+        config = {"backend": backend, "secret": secrets.token_hex(16), "timeout_s": 60.0, "path": path}
         self.recv, self.send = places.peers(backend, env)
         self.recv.submit("init", role="receiver", config=config, layout=layout.to_wire())
         self.send.submit("init", role="sender", config=config, layout=layout.to_wire(), seed=1)
@@ -157,57 +162,98 @@ def memcpy_gbps(src: np.ndarray, dst: np.ndarray) -> float:
     return src.nbytes / (time.perf_counter() - start) / 1e9
 
 
+def device_copy_gbps(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """A device-to-device copy on one GPU: what the GPU's own memory gives."""
+    dst.copy_(src)
+    torch.cuda.synchronize(src.device)
+    start = time.perf_counter()
+    dst.copy_(src)
+    torch.cuda.synchronize(src.device)
+    return src.numel() * src.element_size() / (time.perf_counter() - start) / 1e9
+
+
+def cuda_missing() -> str | None:
+    """None when the pools can go on a CUDA GPU here, else why not."""
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU here (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    return None
+
+
+def _pairs(layout: KVLayout, backends: list[str], paths: list[str], fragmented: bool,
+           places: Places) -> dict[tuple[str, str], object]:
+    """One pair per backend and path; the local backend has no wire, so no staged path."""
+    pairs: dict[tuple[str, str], object] = {}
+    for name in backends:
+        backend, env = BACKENDS[name]
+        for path in paths:
+            if backend == "local":
+                if path == "direct":
+                    pairs[name, path] = LocalPair(layout, fragmented)
+            else:
+                pairs[name, path] = PeerPair(backend, env, layout, fragmented, places, path)
+    return pairs
+
+
 def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: list[str],
-        rounds: int, fragmented: bool, places: Places | None = None) -> dict:
+        rounds: int, fragmented: bool, places: Places | None = None,
+        paths: list[str] = ("direct",)) -> dict:
     places = places or Places()
-    pairs = {name: LocalPair(layout, fragmented) if BACKENDS[name][0] == "local"
-             else PeerPair(*BACKENDS[name], layout, fragmented, places) for name in backends}
+    pairs = _pairs(layout, backends, list(paths), fragmented, places)
     if places.net is not None:
-        pairs["socket"] = SocketPair(layout, places, max(sizes))
+        pairs["socket", "-"] = SocketPair(layout, places, max(sizes))
     biggest = max(sizes) * layout.num_layers * 2 * layout.token_bytes
-    src, dst = np.ones(biggest, np.uint8), np.ones(biggest, np.uint8)
-    gbps: dict[tuple[int, str, str], list[float]] = {}
-    meta: dict[tuple[int, str, str], dict] = {}
+    on_gpu = torch.device(layout.device).type == "cuda"
+    if on_gpu:
+        src = torch.ones(biggest, dtype=torch.uint8, device=layout.device)
+        dst = torch.ones_like(src)
+    else:
+        src, dst = np.ones(biggest, np.uint8), np.ones(biggest, np.uint8)
+    gbps: dict[tuple[int, str, str, str], list[float]] = {}
+    meta: dict[tuple[int, str, str, str], dict] = {}
     try:
         for round_ in range(rounds + 1):  # round 0 warms up: connections, endpoints, buffers
             for tokens in sizes:
                 n = tokens * layout.num_layers * 2 * layout.token_bytes
-                copied = memcpy_gbps(src[:n], dst[:n])
+                copied = (device_copy_gbps if on_gpu else memcpy_gbps)(src[:n], dst[:n])
                 if round_:
-                    gbps.setdefault((tokens, "memcpy", ""), []).append(copied)
-                for name, pair in pairs.items():
+                    gbps.setdefault((tokens, "memcpy", "", ""), []).append(copied)
+                for (name, path), pair in pairs.items():
                     for strategy in strategies if name != "socket" else ["-"]:
                         stats = pair.transfer(tokens, strategy)
                         if round_:
-                            gbps.setdefault((tokens, name, strategy), []).append(stats["gbps"])
-                            meta[tokens, name, strategy] = stats
+                            gbps.setdefault((tokens, name, strategy, path), []).append(stats["gbps"])
+                            meta[tokens, name, strategy, path] = stats
     finally:
         for pair in pairs.values():
             pair.close()
     rows = []
-    for (tokens, name, strategy), values in gbps.items():
-        stats = meta.get((tokens, name, strategy), {})
-        rows.append({"tokens": tokens, "backend": name, "strategy": strategy or "-",
+    for (tokens, name, strategy, path), values in gbps.items():
+        stats = meta.get((tokens, name, strategy, path), {})
+        rows.append({"tokens": tokens, "backend": name, "strategy": strategy or "-", "path": path or "-",
                      "mib": tokens * layout.num_layers * 2 * layout.token_bytes / 2**20,
                      "gbps": statistics.median(values), "ops": stats.get("ops"),
-                     "runs": stats.get("runs"), "used": stats.get("strategy")})
+                     "runs": stats.get("runs"), "used": stats.get("strategy"),
+                     "used_path": stats.get("path")})
     return {"rows": rows, "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """contiguous vs blocks, vs the in-memory copy and (across namespaces) vs the plain
-    socket copy over the same link, per size and backend."""
-    by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in rows}
+    """Per size, backend and path: contiguous vs blocks, vs the in-memory (or on-GPU) copy
+    and (across namespaces) vs the plain socket copy over the same link; and staged vs
+    direct, contiguous, where both paths ran."""
+    by = {(r["tokens"], r["backend"], r["strategy"], r["path"]): r["gbps"] for r in rows}
     out = []
-    for (tokens, backend, strategy), value in by.items():
+    for (tokens, backend, strategy, path), value in by.items():
         if strategy != "contiguous":
             continue
-        blocks = by.get((tokens, backend, "blocks"))
-        sock = by.get((tokens, "socket", "-"))
-        out.append({"tokens": tokens, "backend": backend,
+        blocks = by.get((tokens, backend, "blocks", path))
+        sock = by.get((tokens, "socket", "-", "-"))
+        direct = by.get((tokens, backend, "contiguous", "direct"))
+        out.append({"tokens": tokens, "backend": backend, "path": path,
                     "contiguous_over_blocks": value / blocks if blocks else None,
-                    "contiguous_over_memcpy": value / by[tokens, "memcpy", "-"],
-                    "contiguous_over_socket": value / sock if sock else None})
+                    "contiguous_over_memcpy": value / by[tokens, "memcpy", "-", "-"],
+                    "contiguous_over_socket": value / sock if sock else None,
+                    "staged_over_direct": value / direct if path == "staged" and direct else None})
     return out
 
 
@@ -243,10 +289,20 @@ def _names(allowed):
 @click.option("--across-namespaces", is_flag=True,
               help="receiver and sender on two network namespaces joined by veth (root), beside a plain "
                    "socket copy over the same link")
+@click.option("--path", "paths", default="direct", show_default=True,
+              callback=_names(["direct", "staged"]),
+              help="direct (the data plane moves the pools' own memory), staged (through host buffers "
+                   "on copy streams) or both, each on its own peers, with staged / direct")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where the pools are; cuda is set against a device-to-device copy on the GPU")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(tokens, backends, strategies, layers, kv_heads, head_dim, block_size, dtype, rounds,
-            fragmented, across_namespaces, output):
+            fragmented, across_namespaces, paths, device, output):
     """GB/s moving one request's KV (default: a 1B-class model, Llama-3.2-1B's KV shape, bf16)."""
+    if device == "cuda" and cuda_missing():
+        reason = f"bench transport --device cuda skipped: {cuda_missing()}; nothing was measured"
+        click.echo(json.dumps({"skipped": reason}) if output == "json" else reason)
+        return
     if across_namespaces:
         tokens, backends = tokens or [2048, 8192], backends or list(ACROSS)
         wrong = [b for b in backends if b not in ACROSS]
@@ -256,21 +312,24 @@ def command(tokens, backends, strategies, layers, kv_heads, head_dim, block_size
         reason = unavailable()
         if reason:
             raise click.UsageError(f"--across-namespaces: {reason}")
-    tokens, backends = tokens or [512, 2048, 8192], backends or list(BACKENDS)
+    # On the GPU: UCX as it is (cuda_ipc between the two processes) and the in-process copy.
+    tokens, backends = tokens or [512, 2048, 8192], backends or (
+        ["ucx", "local"] if device == "cuda" else list(BACKENDS))
     # One thread, as in each peer process: OpenMP workers that wait on cores busy
     # with the peers made the in-process copies 10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     num_blocks = -(-max(tokens) // block_size) + 8
-    layout = KVLayout(layers, num_blocks, block_size, kv_heads, head_dim, getattr(torch, dtype))
+    layout = KVLayout(layers, num_blocks, block_size, kv_heads, head_dim, getattr(torch, dtype),
+                      "cuda:0" if device == "cuda" else "cpu")
     net = NamespaceNet(["receiver", "sender"], tag="pdmb").start() if across_namespaces else None
     try:
-        result = run(layout, tokens, backends, strategies, rounds, fragmented, Places(net))
+        result = run(layout, tokens, backends, strategies, rounds, fragmented, Places(net), paths)
     finally:
         torch.set_num_threads(threads)
         if net is not None:
             net.close()
-    result.update(layout=layout.to_wire(), rounds=rounds, fragmented=fragmented,
+    result.update(layout=layout.to_wire(), rounds=rounds, fragmented=fragmented, device=device,
                   across_namespaces=across_namespaces, reference_gbps=REFERENCE_GBPS)
     if output == "json":
         click.echo(json.dumps(result))
@@ -287,26 +346,33 @@ def _print(result: dict) -> None:
     table = Table(title=f"pdmesh bench transport: {lay['num_layers']} layers x {lay['kv_heads']} KV heads "
                         f"x {lay['head_dim']}, {lay['dtype']}, blocks of {lay['block_size']}"
                         f"{', fragmented pools' if result['fragmented'] else ''}"
-                        f"{', across two network namespaces (veth)' if result['across_namespaces'] else ''}; "
+                        f"{', across two network namespaces (veth)' if result['across_namespaces'] else ''}"
+                        f"{', pools on the GPU (memcpy: a device-to-device copy)' if result['device'] == 'cuda' else ''}; "
                         f"median of {result['rounds']} interleaved rounds")
-    for col in ("tokens", "MiB", "backend", "strategy", "used", "runs", "ops", "GB/s"):
+    for col in ("tokens", "MiB", "backend", "strategy", "used", "path", "runs", "ops", "GB/s"):
         table.add_column(col, justify="right")
-    for r in sorted(result["rows"], key=lambda r: (r["tokens"], r["backend"] != "memcpy")):
+    for r in sorted(result["rows"], key=lambda r: (r["tokens"], r["backend"] != "memcpy", r["path"])):
         table.add_row(str(r["tokens"]), f"{r['mib']:.0f}", r["backend"], r["strategy"],
-                      r["used"] or "-", str(r["runs"] or "-"), str(r["ops"] or "-"), f"{r['gbps']:.2f}")
+                      r["used"] or "-", r["used_path"] or "-", str(r["runs"] or "-"),
+                      str(r["ops"] or "-"), f"{r['gbps']:.2f}")
     console.print(table)
     ratios = Table(title="ratios within this run")
     across = result["across_namespaces"]
-    for col in ("tokens", "backend", "contiguous / blocks", "contiguous / memcpy",
-                *(["contiguous / socket"] if across else [])):
+    both = any(r["staged_over_direct"] is not None for r in result["ratios"])
+    for col in ("tokens", "backend", "path", "contiguous / blocks", "contiguous / memcpy",
+                *(["contiguous / socket"] if across else []), *(["staged / direct"] if both else [])):
         ratios.add_column(col, justify="right")
-    for r in sorted(result["ratios"], key=lambda r: (r["tokens"], r["backend"])):
-        cb = r["contiguous_over_blocks"]
-        ratios.add_row(str(r["tokens"]), r["backend"], "-" if cb is None else f"{cb:.1f}x",
+    for r in sorted(result["ratios"], key=lambda r: (r["tokens"], r["backend"], r["path"])):
+        cb, sd = r["contiguous_over_blocks"], r["staged_over_direct"]
+        ratios.add_row(str(r["tokens"]), r["backend"], r["path"], "-" if cb is None else f"{cb:.1f}x",
                        f"{r['contiguous_over_memcpy']:.0%}",
-                       *([f"{r['contiguous_over_socket']:.0%}"] if across else []))
+                       *([f"{r['contiguous_over_socket']:.0%}"] if across else []),
+                       *([("-" if sd is None else f"{sd:.0%}")] if both else []))
     console.print(ratios)
-    by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in result["rows"]}
+    if result["device"] == "cuda":
+        return  # BASELINES.md holds host figures only
+    by = {(r["tokens"], r["backend"], r["strategy"]): r["gbps"] for r in result["rows"]
+          if r["path"] in ("direct", "-")}
     refs = Table(title="against ../shared/BASELINES.md (other runs: figures moved up to 2x)")
     for col in ("this run", "GB/s", "reference", "GB/s", "ratio"):
         refs.add_column(col, justify="right")

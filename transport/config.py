@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .admission import ConnectionLimits
+from .path import Path
 from .plan import DEFAULT_GATHER_THRESHOLD
 
 BACKENDS = ("ucx", "tcp", "local")
@@ -21,6 +22,9 @@ class TransportConfig:
     lease_ttl_s: float = 30.0
     timeout_s: float = 10.0    # bound on every network wait
     gather_threshold: int = DEFAULT_GATHER_THRESHOLD
+    # auto: direct where the data plane reaches the pool's memory (host; CUDA where UCX has
+    # its CUDA transports), else staged through host buffers; direct or staged force it.
+    path: str = "auto"
     # The receiver's control connections (admission.py). Senders on one host share its
     # address: each keeps a few idle connections per receiver and opens one per
     # concurrent transfer, so the per-address bound is generous.
@@ -39,6 +43,12 @@ class TransportConfig:
                 or self.handshake_timeout_s <= 0):
             raise ValueError("lease_ttl_s, timeout_s, handshake_timeout_s and gather_threshold "
                              "must be positive")
+        if self.path not in {p.value for p in Path}:
+            raise ValueError(f"unknown transport path {self.path!r}; choose one of "
+                             f"{', '.join(p.value for p in Path)}")
+        if self.backend == "local" and self.path == Path.STAGED:
+            raise ValueError("the local backend copies within one process: path staged needs "
+                             "the ucx or tcp backend")
         _ = self.limits  # made here so that limits which cannot hold fail when the config is made
 
     @property

@@ -1,6 +1,7 @@
 """Moving a plan's bytes in memory: op views into a pool, and gather/scatter
-through reusable staging buffers (where dtypes or devices differ, or the
-allocation is too fragmented for one op per run).
+through reusable buffers (where dtypes differ, or the allocation is too
+fragmented for one op per run). Copies into or out of host memory are
+non-blocking: on an accelerator they run on the caller's current stream.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ import threading
 
 import torch
 
+from collections.abc import Callable
+
+import numpy as np
+
 from .layout import byte_view, layer_tokens
-from .memory import pool_zeros
+from .memory import host_buffer
 from .plan import TransferPlan
 
 
@@ -20,27 +25,39 @@ def op_views(plan: TransferPlan, pool: torch.Tensor, layer: int, side: str) -> l
     return [flat[off:off + n] for off, n in plan.byte_ranges(layer, side)]
 
 
-def gather_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torch.Tensor) -> None:
-    """K then V of the request's tokens, in the receiver's dtype, into ``stage``."""
+def split(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive slices of a flat buffer, one per size (views)."""
+    return list(torch.split(buf[:sum(sizes)], sizes)) if sizes else []
+
+
+def slot_index(slots: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(slots).to(device)
+
+
+def gather_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torch.Tensor,
+                 index: torch.Tensor) -> None:
+    """K then V of the request's tokens (``index``: their source slots), in the receiver's
+    dtype, into ``stage`` (on the pool's device or in pinned host memory)."""
     dst = plan.dst_layout
     out = stage.view(dst.dtype).view(2, plan.num_tokens, dst.kv_heads, dst.head_dim)
-    index = torch.from_numpy(plan.src_slots).to(pool.device)
     for kv in (0, 1):
-        out[kv].copy_(layer_tokens(pool, layer, kv).index_select(0, index))
+        out[kv].copy_(layer_tokens(pool, layer, kv).index_select(0, index), non_blocking=True)
 
 
-def scatter_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torch.Tensor) -> None:
+def scatter_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torch.Tensor,
+                  index: torch.Tensor) -> None:
+    """The inverse of gather_layer; ``index``: the destination slots."""
     dst = plan.dst_layout
     staged = stage.view(dst.dtype).view(2, plan.num_tokens, dst.kv_heads, dst.head_dim)
-    index = torch.from_numpy(plan.dst_slots).to(pool.device)
     for kv in (0, 1):
-        layer_tokens(pool, layer, kv).index_copy_(0, index, staged[kv].to(pool.device))
+        layer_tokens(pool, layer, kv).index_copy_(0, index, staged[kv].to(pool.device, non_blocking=True))
 
 
 class StagingPool:
-    """Host buffers reused across transfers: fresh pages are slow to touch."""
+    """Buffers reused across transfers: fresh pages are slow to touch, and pinning is slower."""
 
-    def __init__(self, max_free: int = 64) -> None:
+    def __init__(self, allocate: Callable[[int], torch.Tensor] = host_buffer, max_free: int = 64) -> None:
+        self._allocate = allocate
         self._free: dict[int, list[torch.Tensor]] = {}
         self._max_free = max_free
         self._lock = threading.Lock()
@@ -50,7 +67,7 @@ class StagingPool:
             bufs = self._free.get(nbytes)
             if bufs:
                 return bufs.pop()
-        return pool_zeros((nbytes,), torch.uint8)
+        return self._allocate(nbytes)
 
     def give(self, bufs: list[torch.Tensor]) -> None:
         with self._lock:

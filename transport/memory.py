@@ -38,3 +38,18 @@ def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype,
     out = base[offset:offset + nbytes].view(dtype).view(shape)
     out.zero_()
     return out
+
+
+def device_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A zeroed uint8 buffer on a pool's device (on the CPU, as ``host_buffer``)."""
+    if device.type == "cpu":
+        return host_buffer(nbytes)
+    return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+
+def host_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
+    """A zeroed uint8 host buffer. Pinned (page-locked) where an accelerator copies into or
+    out of it: only then does the copy run asynchronously, on its stream."""
+    if pinned:
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+    return pool_zeros((nbytes,), torch.uint8)

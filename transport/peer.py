@@ -148,7 +148,7 @@ class _Peer:
         return ids
 
     async def read(self, block_ids: list[int], num_tokens: int) -> dict:
-        kv = read_tokens(self.pool, self.layout, block_ids, num_tokens).float()
+        kv = read_tokens(self.pool, self.layout, block_ids, num_tokens).float().cpu()
         return {"data": kv.numpy().tobytes(), "shape": list(kv.shape)}
 
     async def free(self, block_ids: list[int]) -> dict:

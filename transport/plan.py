@@ -48,8 +48,8 @@ class TransferPlan:
     run_lengths: np.ndarray
 
     @property
-    def staged(self) -> bool:
-        """Whether data moves through staging buffers (gather, then scatter)."""
+    def gathers(self) -> bool:
+        """Whether each layer moves as one op: gathered on the sender, scattered on the receiver."""
         return self.strategy is Strategy.GATHER
 
     @property
@@ -58,7 +58,7 @@ class TransferPlan:
 
     @property
     def ops_per_layer(self) -> int:
-        return 1 if self.staged else 2 * self.runs
+        return 1 if self.gathers else 2 * self.runs
 
     @property
     def wire_token_bytes(self) -> int:
@@ -117,11 +117,11 @@ def build_plan(
         brk |= (t % src_layout.block_size == 0) | (t % dst_layout.block_size == 0)
     starts = np.flatnonzero(brk)
     lengths = np.diff(np.append(starts, num_tokens))
-    # A byte copy cannot convert dtypes, and devices other than the CPU are read
-    # through host staging (device memory is not always registrable, e.g. NPU HBM).
-    converts = src_layout.dtype != dst_layout.dtype or {src_layout.device, dst_layout.device} != {"cpu"}
+    # A byte copy cannot convert dtypes. Devices do not matter here: where each side's
+    # bytes sit when they move (its pool, or host staging) is its path (path.py).
+    converts = src_layout.dtype != dst_layout.dtype
     if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts):
         strategy = Strategy.GATHER
     if strategy is Strategy.BLOCKS and converts:
-        raise ValueError("the blocks strategy moves raw bytes: layouts must share dtype and device")
+        raise ValueError("the blocks strategy moves raw bytes: layouts must share dtype")
     return TransferPlan(strategy, num_tokens, src_layout, dst_layout, src, dst, starts, lengths)

@@ -7,8 +7,8 @@ The handshake has its own short deadline, and a connection in it holds no authen
 slot (admission.py); a connection the receiver will not keep gets an error that says
 why (code busy: a limit; timeout: the handshake took too long) before it is closed.
 Per transfer, on an idle connection (one round trip before data, one after):
-  sender:   begin(lease, layout, block ids, plan)
-  receiver: ready(tag base, data-plane address, lease time left)
+  sender:   begin(lease, layout, block ids, plan, its path)
+  receiver: ready(tag base, data-plane address, lease time left, its path)
   ... data: layer by layer, by the data plane ...
   sender:   commit(bytes)           receiver: committed, once every byte landed (or error)
 Any failure closes the connection; the sender reconnects for the next transfer.
@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -38,11 +39,12 @@ from .aio import together, wait_for
 from .base import (KVSender, LeaseDescriptor, Transfer, TransferError, TransferState,
                    TransferStats)
 from .channel import Channel
-from .copy import StagingPool, gather_layer, op_views, scatter_layer
 from .layout import KVLayout
 from .lease import BlockReserver
+from .path import Path, choose, joined
 from .receiver import LeasingReceiver
 from .plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
+from .staging import LayerSink, LayerSource, Staging, StepHook
 from .wire import NONCE_BYTES, mac, verify
 
 # The sender stops writing this long before the receiver frees the lease (one-way latency).
@@ -91,6 +93,11 @@ class DataPlane(ABC):
         """What the peer needs to reach this side's data plane (empty when unused)."""
         return b""
 
+    def reaches(self, device: str) -> str | None:
+        """None when this data plane moves bytes in memory of this device type (cpu, cuda,
+        npu) itself, else why not: that side's KV is then staged through host memory."""
+        return None if device == "cpu" else f"the {self.name} data plane moves host memory only"
+
     @abstractmethod
     async def open_send(self, peer_address: bytes, tag_base: int) -> SendLink: ...
 
@@ -125,9 +132,12 @@ class SocketReceiver(LeasingReceiver):
                  reserver: BlockReserver, secret: bytes, host: str = "127.0.0.1", port: int = 0,
                  lease_ttl_s: float = 30.0, timeout_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, *, limits: ConnectionLimits,
-                 handshake_timeout_s: float, idle_s: float = 60.0) -> None:
+                 handshake_timeout_s: float, idle_s: float = 60.0, path: Path | str = Path.AUTO
+                 ) -> None:
         super().__init__(plane.name, pool, layout, reserver, host, port, lease_ttl_s, clock)
         self._plane = plane
+        # Raises ValueError (a bad config) where path direct cannot be.
+        self.path = choose(path, pool.device.type, plane.reaches(pool.device.type))
         self._secret = secret
         self._timeout_s = timeout_s
         self._handshake_timeout_s = handshake_timeout_s
@@ -136,7 +146,7 @@ class SocketReceiver(LeasingReceiver):
         self._keys = itertools.count()
         self._handlers: set[asyncio.Task] = set()
         self._sockets: dict[int, socket.socket] = {}  # by admission key, while served
-        self._staging = StagingPool()
+        self._staging = Staging(pool.device)
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -152,6 +162,7 @@ class SocketReceiver(LeasingReceiver):
         await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
+        self._staging.close()
         await super().close()
 
     async def _sweep(self) -> None:
@@ -216,8 +227,7 @@ class SocketReceiver(LeasingReceiver):
 
     async def _transfer(self, ch: Channel, begin: dict) -> None:
         lease_id = begin["lease_id"]
-        link = None
-        stages: list[torch.Tensor] = []
+        link = sink = None
         this_task = asyncio.current_task()
         # Raises for a lease that is unknown or already being written (left alone).
         block_ids = self.begin_writing(lease_id, lambda: _stop(link, this_task))
@@ -226,42 +236,39 @@ class SocketReceiver(LeasingReceiver):
                 plan = build_plan(KVLayout.from_wire(begin["layout"]), begin["block_ids"],
                                   self.layout, block_ids, begin["num_tokens"],
                                   begin["strategy"], begin["gather_threshold"])
+                path = joined(begin["path"], self.path)
             except (ValueError, KeyError, TypeError) as e:
                 raise TransferError("plan", str(e), lease_id) from None
             if begin["num_tokens"] != self.leases.get(lease_id).num_tokens:
                 raise TransferError("plan", "token count differs from the lease", lease_id)
             started = time.perf_counter()
             layers = self.layout.num_layers
-            if plan.staged:
-                stages = [self._staging.take(plan.layer_bytes) for _ in range(layers)]
-                bufs = [[s] for s in stages]
-            else:
-                bufs = [op_views(plan, self.pool, layer, "dst") for layer in range(layers)]
+            sink = LayerSink(plan, self.pool, self.path, self._staging)
             tag_base = secrets.randbits(31) << 32
-            link = await self._plane.open_recv(begin["address"], tag_base, bufs)
+            link = await self._plane.open_recv(begin["address"], tag_base, sink.buffers)
             await ch.send("ready", tag_base=tag_base, address=self._plane.address(),
-                          remaining_s=float(self.leases.remaining_s(lease_id)))
-
-            def on_layer(layer: int) -> None:
-                if plan.staged:
-                    scatter_layer(plan, self.pool, layer, stages[layer])
-
-            commit = await link.run(ch, plan, bufs, on_layer, self.leases.remaining_s(lease_id))
+                          remaining_s=float(self.leases.remaining_s(lease_id)), path=self.path.value)
+            commit = await link.run(ch, plan, sink.buffers, sink.landed,
+                                    self.leases.remaining_s(lease_id))
             if commit["nbytes"] != plan.total_bytes:
                 raise TransferError("wire", f"sender wrote {commit['nbytes']} bytes, "
                                     f"plan has {plan.total_bytes}", lease_id)
+            await sink.settled()
             self.complete(lease_id, TransferStats(
                 self.backend, plan.strategy.value, plan.total_bytes,
-                plan.ops_per_layer * layers, plan.runs, layers, time.perf_counter() - started))
+                plan.ops_per_layer * layers, plan.runs, layers, time.perf_counter() - started,
+                path.value))
             await ch.send("committed")
         except BaseException:
             _stop(link, None)
             settle_s = link.settle_s if link else 0.0
+            if sink is not None:
+                sink.drain()  # no copy into the pool may land once its blocks are freed
+                # its buffers too are reused only once nothing can land in them
+                asyncio.get_running_loop().call_later(settle_s, sink.release)
             self.fail(lease_id, settle_s)
-            # staging buffers too are reused only once nothing can land in them
-            asyncio.get_running_loop().call_later(settle_s, self._staging.give, stages)
             raise
-        self._staging.give(stages)
+        sink.release()
 
 
 def _tell(sock: socket.socket, err: TransferError) -> None:
@@ -290,18 +297,18 @@ def _stop(link: RecvLink | None, task: asyncio.Task | None) -> None:
 
 
 class SocketTransfer(Transfer):
-    def __init__(self, backend: str, ch: Channel, link: SendLink, plan: TransferPlan,
-                 pool: torch.Tensor, staging: StagingPool, timeout_s: float,
-                 deadline: float, reuse: Callable[[Channel], None]) -> None:
+    def __init__(self, backend: str, ch: Channel, link: SendLink, source: LayerSource, path: Path,
+                 timeout_s: float, deadline: float, reuse: Callable[[Channel], None]) -> None:
         self.state = TransferState.WAITING
         self._deadline = deadline
         self._reuse = reuse
         self._backend = backend
-        self._ch, self._link, self._plan, self._pool = ch, link, plan, pool
-        self._staging = staging
+        self._ch, self._link, self._plan = ch, link, source.plan
+        self._source, self._path = source, path
         self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
-        self._ready: asyncio.Queue[int] = asyncio.Queue(maxsize=plan.dst_layout.num_layers)
+        # (layer, the engine's compute mark when it said the layer was ready)
+        self._ready: asyncio.Queue[tuple[int, object]] = asyncio.Queue(maxsize=self.num_layers)
         self._seen: set[int] = set()
         self._seen_lock = threading.Lock()
         self._started = 0.0
@@ -316,28 +323,36 @@ class SocketTransfer(Transfer):
             if not 0 <= layer < self.num_layers or layer in self._seen:
                 raise ValueError(f"layer {layer} is out of range or already sent")
             self._seen.add(layer)
-        self._loop.call_soon_threadsafe(self._ready.put_nowait, layer)
+        computed = self._source.staging.mark()
+        self._loop.call_soon_threadsafe(self._ready.put_nowait, (layer, computed))
+
+    async def _next_ready(self) -> tuple[int, object]:
+        if not self._ready.empty():
+            return self._ready.get_nowait()
+        return await wait_for(self._ready.get(), self._timeout_s, "waiting for the engine's next layer")
 
     async def _run(self) -> TransferStats:
-        stages: list[torch.Tensor] = []
+        source = self._source
         try:
             plan = self._plan
-            for i in range(self.num_layers):
-                layer = (self._ready.get_nowait() if not self._ready.empty() else
-                         await wait_for(self._ready.get(), self._timeout_s,
-                                        "waiting for the engine's next layer"))
-                if i == 0:
-                    self.state = TransferState.TRANSFERRING
-                    self._started = time.perf_counter()
+            staging: deque[tuple[int, object]] = deque()  # (layer, its staging), in the order ready
+            got = 0
+            for _ in range(self.num_layers):
+                # Every layer ready by now starts staging at once; the oldest goes on the
+                # wire as soon as it is staged, while the rest are still being copied.
+                while got < self.num_layers and (not staging or not self._ready.empty()):
+                    layer, computed = await self._next_ready()
+                    if got == 0:
+                        self.state = TransferState.TRANSFERRING
+                        self._started = time.perf_counter()
+                    got += 1
+                    staging.append((layer, source.stage(layer, computed)))
+                layer, staged = staging.popleft()
+                bufs = await source.ready(layer, staged)
                 if time.monotonic() > self._deadline:
                     raise TransferError("lease", "the lease expires before the KV is written")
-                if plan.staged:
-                    stages.append(self._staging.take(plan.layer_bytes))
-                    gather_layer(plan, self._pool, layer, stages[-1])
-                    bufs = [stages[-1]]
-                else:
-                    bufs = op_views(plan, self._pool, layer, "src")
                 await self._link.send_layer(self._ch, layer, bufs)
+                source.step("wire", layer)
             # Commit while UCX may still be moving bytes: the receiver answers once
             # they landed, and a receiver that died shows at once as a closed
             # connection (UCX over shared memory never reports it).
@@ -347,12 +362,14 @@ class SocketTransfer(Transfer):
             self._reuse(self._ch)
             return TransferStats(self._backend, plan.strategy.value, plan.total_bytes,
                                  plan.ops_per_layer * self.num_layers, plan.runs,
-                                 self.num_layers, time.perf_counter() - self._started)
+                                 self.num_layers, time.perf_counter() - self._started,
+                                 self._path.value)
         except BaseException:
             self.state = TransferState.FAILED
+            source.drain()
             raise
         finally:
-            self._staging.give(stages)
+            source.release()
             self._link.close()
             if self.state is not TransferState.DONE:
                 self._ch.close()
@@ -378,13 +395,17 @@ class SocketTransfer(Transfer):
 
 class SocketSender(KVSender):
     def __init__(self, plane: DataPlane, secret: bytes, timeout_s: float = 10.0,
-                 gather_threshold: int = DEFAULT_GATHER_THRESHOLD) -> None:
+                 gather_threshold: int = DEFAULT_GATHER_THRESHOLD, path: Path | str = Path.AUTO
+                 ) -> None:
         self.backend = plane.name
         self._plane = plane
         self._secret = secret
         self._timeout_s = timeout_s
         self._gather_threshold = gather_threshold
-        self._staging = StagingPool()
+        self._path = Path(path)
+        # Tests observe each transfer's steps here (staging.StepHook).
+        self.on_step: StepHook | None = None
+        self._staging: dict[torch.device, Staging] = {}  # by the pool's device
         # Authenticated control connections between transfers, by receiver (host, port).
         self._idle: dict[tuple[str, int], list[Channel]] = {}
 
@@ -412,6 +433,10 @@ class SocketSender(KVSender):
                     block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
                     ) -> Transfer:
         plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold)
+        try:
+            path = choose(self._path, pool.device.type, self._plane.reaches(pool.device.type))
+        except ValueError as e:
+            raise TransferError("plan", str(e), lease.lease_id) from None
         while True:
             ch, reused = await self._channel(lease.host, lease.port)
             try:
@@ -419,7 +444,7 @@ class SocketSender(KVSender):
                               block_ids=[int(b) for b in block_ids], num_tokens=lease.num_tokens,
                               strategy=Strategy(strategy).value,
                               gather_threshold=self._gather_threshold,
-                              address=self._plane.address())
+                              address=self._plane.address(), path=path.value)
                 ready = await ch.recv("ready")
                 link = await self._plane.open_send(ready["address"], ready["tag_base"])
                 break
@@ -433,11 +458,17 @@ class SocketSender(KVSender):
                 raise
         # Stop writing before the receiver frees the lease (margin: one-way latency).
         deadline = time.monotonic() + ready["remaining_s"] - _LEASE_MARGIN_S
-        return SocketTransfer(self.backend, ch, link, plan, pool, self._staging, self._timeout_s,
-                              deadline, lambda done: self._keep(lease.host, lease.port, done))
+        if pool.device not in self._staging:
+            self._staging[pool.device] = Staging(pool.device)
+        source = LayerSource(plan, pool, path, self._staging[pool.device], self.on_step)
+        return SocketTransfer(self.backend, ch, link, source, joined(path, ready["path"]),
+                              self._timeout_s, deadline, lambda done: self._keep(lease.host, lease.port, done))
 
     async def close(self) -> None:
         for idle in self._idle.values():
             for ch in idle:
                 ch.close()
         self._idle.clear()
+        for staging in self._staging.values():
+            staging.close()
+        self._staging.clear()

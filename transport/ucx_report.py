@@ -50,6 +50,20 @@ class UcxReport:
         return bool(self.rdma_nics) and not self.has_ib
 
 
+def unreachable(resources: tuple[UcxResource, ...], device: str) -> str | None:
+    """None when UCX with these resources moves memory of this device type (cpu, cuda, npu)
+    itself, else why not. CUDA memory needs cuda_copy (UCX cannot even tell device
+    pointers apart without it); cuda_ipc and gdr_copy only speed it up."""
+    if device == "cpu":
+        return None
+    if device != "cuda":
+        return f"UCX has no transport for {device} memory"
+    if any(r.transport == "cuda_copy" for r in resources):
+        return None
+    have = ", ".join(sorted({r.transport for r in resources})) or "none"
+    return f"this UCX has no cuda_copy transport (no CUDA, or UCX_TLS leaves it out); it has {have}"
+
+
 def parse_context_info(text: str) -> tuple[UcxResource, ...]:
     """The resources of `ucp_context_print_info` output (ucxx.get_ucp_context_info())."""
     return tuple(UcxResource(m.group(1), m.group(2)) for m in _RESOURCE.finditer(text))

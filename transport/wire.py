@@ -12,7 +12,9 @@ import struct
 
 import msgpack
 
-VERSION = 2  # 2: ready carries the lease time left; no abort frame (a closed connection aborts)
+# 2: ready carries the lease time left; no abort frame (a closed connection aborts)
+# 3: begin and ready carry each side's path (direct or staged)
+VERSION = 3
 HEADER = struct.Struct("!I")
 # Control messages are small; the largest is a begin with one id per block.
 MAX_MESSAGE_BYTES = 1 << 20
@@ -24,8 +26,8 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"nonce": bytes, "mac": bytes},
     "welcome": {"mac": bytes},
     "begin": {"lease_id": str, "layout": dict, "block_ids": list, "num_tokens": int,
-              "strategy": str, "gather_threshold": int, "address": bytes},
-    "ready": {"tag_base": int, "address": bytes, "remaining_s": float},
+              "strategy": str, "gather_threshold": int, "address": bytes, "path": str},
+    "ready": {"tag_base": int, "address": bytes, "remaining_s": float, "path": str},
     "layer": {"layer": int, "nbytes": int},
     "commit": {"nbytes": int},
     "committed": {},

@@ -84,3 +84,5 @@ def test_malformed_json_missing_key_and_open_endpoints(gateway, client, model):
                  "pdmesh_kv_transfer_bytes_total", "pdmesh_kv_blocks", "pdmesh_queue_depth", "pdmesh_actors"):
         assert name in text, name
     assert 'pdmesh_actors{role="prefill",scenario="default",state="serving"} 1.0' in text
+    assert any(line.startswith("pdmesh_kv_transfer_bytes_total{") and 'path="direct"' in line
+               for line in text.splitlines())

@@ -90,5 +90,5 @@ class RawClient:
     def begin(self, lease, **changes) -> None:
         fields = {"lease_id": lease.lease_id, "layout": LAYOUT.to_wire(), "block_ids": [0, 1, 2],
                   "num_tokens": lease.num_tokens, "strategy": "contiguous", "gather_threshold": 32,
-                  "address": b"", **changes}
+                  "address": b"", "path": "direct", **changes}
         self.send("begin", **fields)

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 from click.testing import CliRunner
 
@@ -62,3 +63,39 @@ def test_across_namespaces_sets_both_backends_beside_a_socket_copy():
 def test_shared_memory_backends_cannot_cross_namespaces():
     result = CliRunner().invoke(command, ["--across-namespaces", "--backends", "ucx,tcp"])
     assert result.exit_code != 0 and "ucx cannot cross namespaces" in result.output
+
+
+def test_both_paths_in_one_run_with_their_ratio():
+    args = ["--tokens", "48", "--backends", "tcp,local", "--strategies", "contiguous", "--path", "direct,staged",
+            "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--block-size", "4", "--rounds", "1",
+            "--output", "json"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    rows = {(r["backend"], r["path"]): r for r in out["rows"]}
+    # the local backend has no wire to stage for: direct only
+    assert set(rows) == {("memcpy", "-"), ("tcp", "direct"), ("tcp", "staged"), ("local", "direct")}
+    assert all(r["used_path"] == r["path"] for r in out["rows"] if r["backend"] != "memcpy")
+    ratio = {(r["backend"], r["path"]): r["staged_over_direct"] for r in out["ratios"]}
+    assert ratio[("tcp", "staged")] > 0 and ratio[("tcp", "direct")] is None
+    table = CliRunner().invoke(command, args[:-2])
+    assert table.exit_code == 0 and "staged /" in table.output, table.output  # its column
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the cuda run is tested below")
+def test_device_cuda_without_a_gpu_says_so_and_measures_nothing():
+    for output in ("table", "json"):
+        result = CliRunner().invoke(command, ["--device", "cuda", "--output", output])
+        assert result.exit_code == 0, result.output
+        assert "--device cuda skipped: no CUDA GPU here" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_device_cuda_against_a_copy_on_the_gpu():
+    args = ["--device", "cuda", "--tokens", "64", "--strategies", "contiguous", "--path", "direct,staged",
+            "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--rounds", "1", "--output", "json"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["device"] == "cuda" and out["layout"]["device"] == "cuda:0"
+    assert {(r["backend"], r["path"]) for r in out["rows"]} >= {("ucx", "staged"), ("local", "direct")}

@@ -15,6 +15,8 @@ from transport.backends.ucx import load_ucxx
     ({"backend": "ucx"}, "shared secret of 16"),
     ({"backend": "local", "lease_ttl_s": 0}, "must be positive"),
     ({"backend": "local", "gather_threshold": 0}, "must be positive"),
+    ({"backend": "tcp", "secret": "x" * 16, "path": "gpu"}, "unknown transport path 'gpu'"),
+    ({"backend": "local", "path": "staged"}, "path staged needs the ucx or tcp backend"),
 ])
 def test_bad_config(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transport.layout import KVLayout
-from transport.peer import PeerError, PeerProcess
-from tests.transport.support import SECRET, make_layout
+from transport.peer import PeerError
+from tests.transport.support import make_layout
+from tests.transport.peer_side import Side
+from tests.transport.peer_side import transfer as transfer_checked
 
-KINDS = {"ucx-shm": ("ucx", {"UCX_TLS": "sm,self"}),
-         "ucx-tcp": ("ucx", {"UCX_TLS": "tcp"}),
-         "tcp": ("tcp", {})}
 # Runs of 100+ tokens are 25+ KiB per op: over UCX's eager limit, so rendezvous moves them.
 RECV = make_layout(block_size=16, num_blocks=128, kv_heads=4)
 SEND = make_layout(block_size=16, num_blocks=128, kv_heads=4)
@@ -22,34 +20,7 @@ SEND_FP32_SMALL_BLOCKS = make_layout(block_size=4, num_blocks=512, kv_heads=4, d
 TOKENS = 300
 
 
-class Side:
-    """One peer process and what it was started with."""
-
-    def __init__(self, role: str, kind: str, layout: KVLayout, seed: int = 0, **config) -> None:
-        backend, env = KINDS[kind]
-        self.kind, self.layout = kind, layout
-        self.proc = PeerProcess(env)
-        self.config = {"backend": backend, "secret": SECRET, "timeout_s": 5.0, **config}
-        # started in the background: peers import torch and UCX side by side
-        self.proc.submit("init", role=role, config=self.config, layout=layout.to_wire(),
-                         seed=seed, fake_clock=True)
-
-    def started(self) -> Side:
-        self.proc.result()
-        return self
-
-    def call(self, cmd: str, **args):
-        return self.proc.call(cmd, **args)
-
-    def kv(self, block_ids: list[int]) -> torch.Tensor:
-        got = self.call("read", block_ids=block_ids, num_tokens=TOKENS)
-        return torch.frombuffer(bytearray(got["data"]), dtype=torch.float32).view(got["shape"])
-
-    def assert_clean(self) -> None:
-        assert self.call("status") == {"free_blocks": self.layout.num_blocks, "leases": 0}
-
-
-@pytest.fixture(scope="module", params=list(KINDS))
+@pytest.fixture(scope="module", params=["ucx-shm", "ucx-tcp", "tcp"])
 def kind(request):
     return request.param
 
@@ -74,16 +45,10 @@ def recv(sides):
 
 
 def transfer(recv: Side, send: Side, strategy: str = "contiguous") -> dict:
-    """A whole transfer that must succeed, checked byte for byte; returns its stats."""
-    lease = recv.call("reserve", num_tokens=TOKENS)
-    recv.proc.submit("wait", lease_id=lease["lease_id"], timeout_s=10)
-    sent = send.call("send", lease=lease, strategy=strategy)
-    got = recv.proc.result()
-    want = send.kv(sent["block_ids"]).to(recv.layout.dtype).float()
-    assert torch.equal(recv.kv(got["block_ids"]), want)
-    recv.call("free", block_ids=got["block_ids"])
-    assert got["stats"]["bytes"] == sent["stats"]["bytes"] == RECV.num_layers * 2 * TOKENS * RECV.token_bytes
-    return sent["stats"]
+    """A whole transfer that must succeed, checked byte for byte; returns the sender's stats."""
+    sent, got = transfer_checked(recv, send, TOKENS, strategy)
+    assert sent["path"] == got["path"] == "direct"  # host memory: the data plane moves the pools' own
+    return sent
 
 
 @pytest.mark.parametrize("fragmented, strategy, want", [

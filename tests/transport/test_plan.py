@@ -45,14 +45,17 @@ def test_fragmentation_past_the_threshold_gathers():
     ids = list(range(0, 64, 2))  # 32 runs of one token
     assert build_plan(lay, ids, lay, ids, 32, gather_threshold=32).strategy is Strategy.CONTIGUOUS
     plan = build_plan(lay, ids, lay, ids, 32, gather_threshold=31)
-    assert plan.strategy is Strategy.GATHER and plan.staged and plan.ops_per_layer == 1
+    assert plan.strategy is Strategy.GATHER and plan.gathers and plan.ops_per_layer == 1
 
 
-def test_dtype_or_device_change_goes_through_staging():
+def test_a_dtype_change_gathers_a_device_change_does_not():
     plan = build_plan(make_layout(), [0], make_layout(dtype=torch.float32), [0], 8)
-    assert plan.staged
+    assert plan.gathers
     assert plan.wire_token_bytes == make_layout(dtype=torch.float32).token_bytes
-    assert build_plan(make_layout(device="npu"), [0], make_layout(), [0], 8).staged
+    # where each side's bytes sit when they move is its path (path.py), not the plan's
+    for src, dst in (("npu", "cpu"), ("cuda", "cuda"), ("cuda", "npu")):
+        plan = build_plan(make_layout(device=src), [0], make_layout(device=dst), [0], 8)
+        assert plan.strategy is Strategy.CONTIGUOUS and plan.ops_per_layer == 2
 
 
 @pytest.mark.parametrize("change, args, message", [

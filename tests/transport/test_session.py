@@ -13,10 +13,11 @@ from transport import TransferError, TransportConfig, make_sender, wire
 from tests.transport.socket_side import LAYOUT, TOKENS, RawClient, close_side, open_side, transfer_ok
 
 
-@pytest.fixture
-async def side(reserver):
-    """A started receiver on a fake clock and a sender, both over TCP."""
-    s = await open_side(reserver)
+@pytest.fixture(params=["auto", "staged"])
+async def side(reserver, request):
+    """A started receiver on a fake clock and a sender, both over TCP; their pools' bytes
+    move directly (auto, on the CPU) or through host staging on copy streams."""
+    s = await open_side(reserver, path=request.param)
     yield s
     await close_side(s)
 

@@ -21,7 +21,7 @@ def test_round_trip():
 @pytest.mark.parametrize("raw, message", [
     (b"\xc1", "malformed"),
     (msgpack.packb([1, 2]), "not a map"),
-    (msgpack.packb({"v": 1, "t": "commit", "nbytes": 1}), "wire version 1, expected 2"),
+    (msgpack.packb({"v": 1, "t": "commit", "nbytes": 1}), "wire version 1, expected 3"),
     (msgpack.packb({"t": "commit", "nbytes": 1}), "wire version None"),
     (msgpack.packb({"v": wire.VERSION, "t": "pickle", "nbytes": 1}), "unknown message type"),
     (msgpack.packb({"v": wire.VERSION, "t": "commit"}), "commit.nbytes must be int"),
@@ -37,7 +37,7 @@ def test_bad_messages_are_refused(raw, message):
 
 def test_block_ids_must_be_ints():
     fields = {"lease_id": "x", "layout": {}, "num_tokens": 1, "strategy": "contiguous",
-              "gather_threshold": 1, "address": b""}
+              "gather_threshold": 1, "address": b"", "path": "direct"}
     with pytest.raises(WireError, match="block_ids must be ints"):
         wire.encode("begin", block_ids=[1, "2"], **fields)
     with pytest.raises(WireError, match="block_ids must be ints"):

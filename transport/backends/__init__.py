@@ -29,13 +29,14 @@ def make_sender(config: TransportConfig) -> KVSender:
         return LocalSender(config.gather_threshold)
     from ..session import SocketSender
     return SocketSender(_plane(config), config.secret_bytes, config.timeout_s,
-                        config.gather_threshold)
+                        config.gather_threshold, config.path)
 
 
 def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
                   reserver: BlockReserver, clock: Callable[[], float] = time.monotonic
                   ) -> KVReceiver:
-    """A receiver for this actor's pool; ``await receiver.start()`` before use."""
+    """A receiver for this actor's pool; ``await receiver.start()`` before use. Raises
+    ValueError where the config's path cannot serve this pool (direct, unreachable)."""
     if config.backend == "local":
         from .local import LocalReceiver
         return LocalReceiver(pool, layout, reserver, config.lease_ttl_s, clock)
@@ -45,7 +46,8 @@ def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
         config = for_node(config, LOOPBACK)
     return SocketReceiver(_plane(config), pool, layout, reserver, config.secret_bytes,
                           config.host, config.port, config.lease_ttl_s, config.timeout_s, clock,
-                          limits=config.limits, handshake_timeout_s=config.handshake_timeout_s)
+                          limits=config.limits, handshake_timeout_s=config.handshake_timeout_s,
+                          path=config.path)
 
 
 def available(backend: str) -> str | None:

@@ -1,5 +1,6 @@
 """Same-process backend: copies straight from the sender's pool into the
-receiver's, with the same plans and leases (tests, single-actor mode)."""
+receiver's, with the same plans and leases (tests, single-actor mode). Its path
+is always direct: torch copies between any two devices, with no wire to stage for."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import weakref
 import torch
 
 from ..base import KVSender, LeaseDescriptor, Transfer, TransferError, TransferState, TransferStats
-from ..copy import StagingPool, gather_layer, op_views, scatter_layer
+from ..copy import StagingPool, gather_layer, op_views, scatter_layer, slot_index
 from ..layout import KVLayout
 from ..plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan
+from ..memory import device_buffer
 from ..receiver import LeasingReceiver
 
 # Receivers of this process, by the "port" their descriptors carry.
@@ -62,10 +64,10 @@ class LocalTransfer(Transfer):
             self.state = TransferState.TRANSFERRING
             self._started = time.perf_counter()
         plan, dst = self._plan, self._receiver.pool
-        if plan.staged:
+        if plan.gathers:  # through a buffer on the source's device
             stage = self._staging.take(plan.layer_bytes)
-            gather_layer(plan, self._pool, layer, stage)
-            scatter_layer(plan, dst, layer, stage)
+            gather_layer(plan, self._pool, layer, stage, slot_index(plan.src_slots, self._pool.device))
+            scatter_layer(plan, dst, layer, stage, slot_index(plan.dst_slots, dst.device))
             self._staging.give([stage])
         else:
             for s, d in zip(op_views(plan, self._pool, layer, "src"),
@@ -97,7 +99,7 @@ class LocalSender(KVSender):
 
     def __init__(self, gather_threshold: int = DEFAULT_GATHER_THRESHOLD) -> None:
         self._gather_threshold = gather_threshold
-        self._staging = StagingPool()
+        self._staging: dict[torch.device, StagingPool] = {}  # by the pool's device
 
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
                     block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
@@ -106,6 +108,8 @@ class LocalSender(KVSender):
         receiver = _RECEIVERS.get(lease.port)
         if receiver is None:
             raise TransferError("peer", "no local receiver for this lease", lease.lease_id)
-        transfer = LocalTransfer(receiver, lease.lease_id, plan, pool, self._staging)
+        if pool.device not in self._staging:
+            self._staging[pool.device] = StagingPool(lambda n: device_buffer(n, pool.device))
+        transfer = LocalTransfer(receiver, lease.lease_id, plan, pool, self._staging[pool.device])
         receiver.begin_writing(lease.lease_id, transfer._stop)
         return transfer

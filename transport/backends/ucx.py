@@ -20,6 +20,7 @@ from ..base import TransferError
 from ..channel import Channel
 from ..plan import TransferPlan
 from ..session import DataPlane, RecvLink, SendLink
+from ..ucx_report import UcxResource, parse_context_info, unreachable
 
 # How long closing an endpoint may wait for UCX (ns); a dead peer never answers.
 _ABORT_PERIOD_NS = 100_000_000
@@ -70,6 +71,8 @@ def _rearm_blocking_progress() -> None:
 
 
 def _array(buf: torch.Tensor):
+    """What ucxx posts: a CUDA tensor as itself (its __cuda_array_interface__ makes UCX
+    treat it as device memory: cuda_copy / cuda_ipc / GPUDirect), host memory as numpy."""
     return buf if buf.device.type == "cuda" else buf.numpy()
 
 
@@ -122,11 +125,6 @@ class UcxRecvLink(RecvLink):
 
     async def run(self, ch: Channel, plan: TransferPlan, bufs: list[list[torch.Tensor]],
                   on_layer: Callable[[int], None], timeout_s: float) -> dict:
-        # The commit comes once the sender posted its last send: the data may still
-        # be on the wire. The sender is silent until told "committed", so a closed
-        # connection meanwhile means it died (UCX itself would wait forever).
-        commit = await ch.recv("commit", timeout_s)
-
         async def land() -> None:
             for layer, recvs in enumerate(self._recvs):
                 try:
@@ -135,7 +133,18 @@ class UcxRecvLink(RecvLink):
                     raise _as_transfer_error(e, "receive")
                 on_layer(layer)
 
-        await wait_for(guarded(land(), ch.until_closed()), timeout_s, "UCX receives")
+        # Layers are handed on as they land, while the sender is still sending (or
+        # computing) the rest. The commit comes once the sender posted its last send:
+        # the data may still be on the wire. The sender is silent until told
+        # "committed", so a closed connection meanwhile means it died (UCX itself
+        # would wait forever).
+        landing = asyncio.ensure_future(land())
+        try:
+            commit = await ch.recv("commit", timeout_s)
+            await wait_for(guarded(landing, ch.until_closed()), timeout_s, "UCX receives")
+        finally:
+            landing.cancel()
+            await asyncio.gather(landing, return_exceptions=True)  # retrieved: the first error met is raised
         self._done = True
         return commit
 
@@ -161,9 +170,16 @@ class UcxPlane(DataPlane):
         # Endpoints by peer address, reused across transfers: made once per peer.
         self._eps: dict[bytes, object] = {}
         self._recv_eps: dict[bytes, object] = {}
+        self._resources: tuple[UcxResource, ...] | None = None
 
     def address(self) -> bytes:
         return bytes(self._ucxx.get_worker_address())
+
+    def reaches(self, device: str) -> str | None:
+        """From the transports this process's UCX context loaded (UCX_TLS, the build, the host)."""
+        if self._resources is None:
+            self._resources = parse_context_info(self._ucxx.get_ucp_context_info())
+        return unreachable(self._resources, device)
 
     async def _endpoint(self, cache: dict[bytes, object], address: bytes):
         ep = cache.get(address)

@@ -67,7 +67,7 @@ class Engine:
         self.max_model_len = context_length(config, mc)
         # Tensor parallelism: the workers build their shards while this process builds rank 0's.
         tp = config.tensor_parallel_size
-        self.ranks = LocalRanks(config, self.device) if tp > 1 else None
+        self.ranks = LocalRanks(config, mc, self.device) if tp > 1 else None
         try:
             self.model, self.kv = build_rank(config, mc, self.device, self.dtype, Shard(0, tp),
                                              self.ranks and self.ranks.comm, allocate_kv)

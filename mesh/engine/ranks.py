@@ -24,9 +24,11 @@ import torch
 
 from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError
+from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import StepInputs
 from mesh.engine.parallel import Collectives, TensorParallelError, host_store, process_group
 from mesh.engine.rank import RankMemory
+from mesh.engine.shard import Shard
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # a stopped worker's time to exit before it is killed
@@ -47,9 +49,10 @@ class Failed:
 
 
 class LocalRanks:
-    def __init__(self, config: EngineConfig, device: torch.device):
+    def __init__(self, config: EngineConfig, cfg: ModelConfig, device: torch.device):
         """Starts the workers; `connect` waits for them once rank 0's own shard is built."""
         self.size = config.tensor_parallel_size
+        Shard(0, self.size).check(cfg)  # before starting processes that would fail alike
         self.device = device
         self.timeout = datetime.timedelta(seconds=config.collective_timeout_s)
         self.comm = Collectives(0, self.size)
@@ -150,7 +153,9 @@ class LocalRanks:
         return self.broken
 
     def close(self) -> None:
-        """Stops the workers (an empty message), killing those that do not exit in time."""
+        """Stops the workers: those in the group with an empty message (killed if they do not exit in
+        time); those still starting, or all after a failure, at once (they hold nothing to finish)."""
+        grace = STOP_GRACE_S if self.comm.group is not None and self.broken is None else 0
         for conn in self._conns.values():
             try:
                 conn.send_bytes(b"")
@@ -158,9 +163,10 @@ class LocalRanks:
                 pass  # already gone
         for rank, proc in self._procs.items():
             try:
-                proc.wait(STOP_GRACE_S if rank in self._conns else 0)
+                proc.wait(grace)
             except subprocess.TimeoutExpired:
-                log.warning("tensor-parallel rank %d did not stop: killing it", rank)
+                if grace:
+                    log.warning("tensor-parallel rank %d did not stop in %.0f s: killing it", rank, grace)
                 proc.kill()
                 proc.wait()
         for conn in self._conns.values():

@@ -9,6 +9,7 @@ with TensorParallelError, never blocks the engine.
 from __future__ import annotations
 
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,24 +65,30 @@ class Collectives:
     def __init__(self, rank: int, size: int):
         self.rank, self.size = rank, size
         self.group: dist.ProcessGroup | None = None
+        # Collectives run and the time spent in them (transfer, and waiting for the slowest
+        # rank), for benchmarks to show what tensor parallelism costs.
+        self.calls, self.seconds = 0, 0.0
 
     def bind(self, group: dist.ProcessGroup) -> None:
         self.group = group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks, in place."""
-        self._wait(self.group.allreduce([x]), "all-reduce")
+        self._run(lambda: self.group.allreduce([x]), "all-reduce")
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x, concatenated along the last dim in rank order."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        self._wait(self.group.allgather([parts], [x.contiguous()]), "all-gather")
+        self._run(lambda: self.group.allgather([parts], [x.contiguous()]), "all-gather")
         return torch.cat(parts, dim=-1)
 
-    def _wait(self, work, what: str) -> None:
+    def _run(self, collective, what: str) -> None:
+        start = time.perf_counter()
         try:
-            work.wait()
+            collective().wait()
+            self.calls += 1
+            self.seconds += time.perf_counter() - start
         except RuntimeError as e:
             raise TensorParallelError(f"tensor-parallel {what} failed on rank {self.rank} of {self.size}: {e}") \
                 from None

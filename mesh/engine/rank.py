@@ -38,12 +38,17 @@ def weight_bytes(model: CausalLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def rank_threads(config: EngineConfig, device: torch.device) -> int | None:
+    """Torch threads of each rank (None: torch's default). Ranks on one CPU split its cores: each
+    rank waits for the others at every collective, so threads beyond its share only contend."""
+    if config.threads is None and device.type == "cpu" and config.tensor_parallel_size > 1:
+        return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+    return config.threads
+
+
 def prepare_process(config: EngineConfig, device: torch.device) -> None:
-    """Threads and allocator settings. Ranks on one CPU split its cores: each rank waits for the
-    others at every collective, so threads beyond its share only contend."""
-    threads = config.threads
-    if threads is None and device.type == "cpu" and config.tensor_parallel_size > 1:
-        threads = max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+    """Threads and allocator settings."""
+    threads = rank_threads(config, device)
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cpu":

@@ -11,6 +11,9 @@ import signal
 
 import pytest
 import torch
+from click.testing import CliRunner
+
+from gateway.cli import main
 
 from mesh.engine import checkpoint as loader
 from mesh.engine.errors import CheckpointError
@@ -161,3 +164,13 @@ def test_a_hung_rank_fails_the_engine_at_the_collective_timeout(checkpoint, tp_e
         engine.step()
     assert worker.wait(5) == -signal.SIGKILL, "the hung rank was not stopped"
     engine.abort(rid)
+
+
+def test_generate_command_at_tp2_prints_what_tp1_prints(checkpoint):
+    folder = str(checkpoint("llama"))
+    args = ["generate", "def add(a, b):", "--model", folder, "--dtype", "float32", "--device", "cpu",
+            "--kv-cache-gb", "0.01", "--max-tokens", "12", "--ignore-eos"]
+    one, two = (CliRunner().invoke(main, args + ["--tensor-parallel-size", n], catch_exceptions=False)
+                for n in ("1", "2"))
+    assert one.exit_code == two.exit_code == 0, two.output
+    assert two.stdout == one.stdout and "[12 tokens, finish: length" in two.stderr

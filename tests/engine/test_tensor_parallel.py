@@ -6,6 +6,7 @@ the weights and KV; a rank that dies or hangs must fail the engine with a clear 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -174,3 +175,21 @@ def test_generate_command_at_tp2_prints_what_tp1_prints(checkpoint):
                 for n in ("1", "2"))
     assert one.exit_code == two.exit_code == 0, two.output
     assert two.stdout == one.stdout and "[12 tokens, finish: length" in two.stderr
+
+
+def test_bench_engine_at_tp2_reports_both_degrees_and_what_tp_costs(checkpoint):
+    folder = checkpoint("llama")
+    result = CliRunner().invoke(main, ["bench", "engine", "--model", str(folder), "--dtype", "float32",
+                                       "--tensor-parallel-size", "2", "--repeats", "1", "--batches", "1,2",
+                                       "--kv-cache-gb", "0.01", "--output", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert set(figures["prefill_tokens_per_s"]) == {"TP=1", "TP=2"}
+    layers = ModelConfig.from_folder(folder).num_layers
+    for b in ("1", "2"):
+        decode = figures["decode"][b]
+        assert decode["ms_per_step"]["TP=1"] > 0 and decode["ms_per_step"]["TP=2"] > 0
+        # o and down per layer, the embedding, the logits
+        assert decode["collectives_per_step"] == 2 * layers + 2 and decode["collective_ms_per_step"] > 0
+    whole, ranks = figures["memory"]["TP=1"], figures["memory"]["TP=2"]
+    assert [r["kv_bytes"] * 2 for r in ranks] == [whole["kv_bytes"]] * 2

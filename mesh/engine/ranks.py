@@ -17,6 +17,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
@@ -67,6 +68,8 @@ class LocalRanks:
             server.settimeout(POLL_S)
             port = server.getsockname()[1]
             self._procs = {rank: self._spawn(rank, port, key, env) for rank in range(1, self.size)}
+            # An engine dropped without close() takes its workers with it.
+            weakref.finalize(self, _kill, list(self._procs.values()))
             try:
                 while len(self._conns) < self.size - 1:
                     self._accept(server, key, config)
@@ -154,8 +157,11 @@ class LocalRanks:
 
     def close(self) -> None:
         """Stops the workers: those in the group with an empty message (killed if they do not exit in
-        time); those still starting, or all after a failure, at once (they hold nothing to finish)."""
+        time); those still starting, or all after a failure, at once (they hold nothing to finish).
+        The engine cannot step afterwards."""
         grace = STOP_GRACE_S if self.comm.group is not None and self.broken is None else 0
+        if self.broken is None:
+            self.broken = TensorParallelError("the engine was closed: its worker ranks are stopped")
         for conn in self._conns.values():
             try:
                 conn.send_bytes(b"")
@@ -172,3 +178,10 @@ class LocalRanks:
         for conn in self._conns.values():
             conn.close()
         self._conns = {}
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

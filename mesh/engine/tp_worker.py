@@ -24,7 +24,7 @@ from mesh.engine.device import resolve_device, resolve_dtype
 from mesh.engine.kv_cache import zeros
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import StepInputs, run_model
-from mesh.engine.parallel import Collectives, join_store, process_group, rank_device
+from mesh.engine.parallel import Collectives, TensorParallelError, join_store, process_group, rank_device
 from mesh.engine.rank import RankMemory, build_rank, prepare_process
 from mesh.engine.ranks import Failed, Ready
 from mesh.engine.shard import Shard
@@ -37,6 +37,8 @@ def run(config: EngineConfig, rank: int, store_port: int, conn: Connection) -> N
     try:
         cfg = ModelConfig.from_folder(config.model)
         device = rank_device(resolve_device(config.device), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL works on the current device
         dtype = resolve_dtype(config.dtype, cfg.dtype, device)
         prepare_process(config, device)
         comm = Collectives(rank, size)
@@ -56,7 +58,11 @@ def run(config: EngineConfig, rank: int, store_port: int, conn: Connection) -> N
                 return
             if not data:
                 return
-            run_model(model, kv, StepInputs.decode(data, device))
+            try:
+                run_model(model, kv, StepInputs.decode(data, device))
+            except TensorParallelError as e:  # another rank died: rank 0 reports it and stops the rest
+                log.warning("%s; exiting", e)
+                sys.exit(1)
 
 
 def main() -> None:

@@ -193,3 +193,12 @@ def test_bench_engine_at_tp2_reports_both_degrees_and_what_tp_costs(checkpoint):
         assert decode["collectives_per_step"] == 2 * layers + 2 and decode["collective_ms_per_step"] > 0
     whole, ranks = figures["memory"]["TP=1"], figures["memory"]["TP=2"]
     assert [r["kv_bytes"] * 2 for r in ranks] == [whole["kv_bytes"]] * 2
+
+
+def test_a_closed_engine_refuses_to_step_instead_of_waiting_for_its_ranks(checkpoint, tp_engine):
+    engine, rid, worker = _stepped_engine(tp_engine, checkpoint("llama"))
+    engine.close()
+    assert worker.returncode == 0, "the worker did not stop cleanly on close"
+    with pytest.raises(TensorParallelError, match="the engine was closed"):
+        engine.step()
+    engine.abort(rid)

@@ -6,8 +6,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
@@ -70,7 +68,7 @@ class Engine:
         self.ranks = LocalRanks(config, mc, self.device) if tp > 1 else None
         try:
             self.model, self.kv = build_rank(config, mc, self.device, self.dtype, Shard(0, tp),
-                                             self.ranks and self.ranks.comm, allocate_kv)
+                                             None if self.ranks is None else self.ranks.comm, allocate_kv)
             if self.ranks is not None:
                 self.ranks.connect(RankMemory.of(self.model, self.kv))
         except BaseException:

@@ -105,6 +105,9 @@ class MeshActor:
     async def start(self) -> dict:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
+        if self.spec.engine.get("tensor_parallel_size", 1) > 1:  # transfers would move rank 0's KV heads only
+            raise MeshError("invalid_argument", "mesh actors run tensor_parallel_size 1 only: KV transfer between "
+                            "sharded engines is not built yet (issue 21); `pdmesh generate` runs TP engines")
         tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import click
 import torch
 
-from mesh.engine.cli import build_engine_config, engine_options
+from mesh.engine.cli import build_engine_config, engine_options, tensor_parallel_option
 from mesh.engine.sampling_params import SamplingParams
 
 PREFILL_SHAPE = (8, 512)  # prompts x tokens, as in BASELINES.md
@@ -205,6 +205,7 @@ def decode_step_ms(runners: dict, batch: list[list[int]], repeats: int) -> dict[
 
 @click.command("engine")
 @engine_options
+@tensor_parallel_option
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--batches", default=",".join(map(str, DECODE_BATCHES)), show_default=True,
               help="decode batch sizes")
@@ -218,14 +219,19 @@ def decode_step_ms(runners: dict, batch: list[list[int]], repeats: int) -> dict[
               help="also measure vLLM on the same checkpoint: the Python of a virtual environment "
                    "with vLLM's CPU build (run before pdmesh, not beside it)")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(model, device, dtype, kv_cache_gb, repeats, batches, threads, skip_transformers, prefix_share,
-            vllm_python, output):
-    """Prefill and decode speed of the engine vs transformers, and the decode floor."""
+def command(model, device, dtype, kv_cache_gb, tensor_parallel_size, repeats, batches, threads, skip_transformers,
+            prefix_share, vllm_python, output):
+    """Prefill and decode speed of the engine vs transformers, and the decode floor; with
+    --tensor-parallel-size N, the engine at TP=N vs TP=1 instead."""
     from mesh.engine.engine import Engine
 
     batch_sizes = tuple(int(b) for b in batches.split(","))
     config = build_engine_config(model, device, dtype, kv_cache_gb, max_num_seqs=max(batch_sizes + (64,)),
                                  threads=threads)
+    if tensor_parallel_size > 1:
+        from mesh.engine import bench_tp
+        bench_tp.report(bench_tp.figures(config, tensor_parallel_size, batch_sizes, repeats), output)
+        return
     engine = Engine(config)
     vocab = engine.model_config.vocab_size
     vllm = vllm_figures(vllm_python, engine.config.model, engine.dtype, vocab) if vllm_python else None

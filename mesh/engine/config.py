@@ -22,7 +22,13 @@ class EngineConfig(BaseModel):
                                         "the weights for steps of 4-256 tokens (batched decode about 1.2x faster, "
                                         "twice the weight memory); default: when the weights take at most "
                                         "a quarter of the host's memory")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (per rank); default: torch's, "
+                                "or with several ranks on a CPU its cores split between them")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="ranks the model is split across (tensor "
+                                      "parallelism): rank 0 runs in this process, the others as processes "
+                                      "on this host; each holds 1/n of the weights and of the KV heads")
+    collective_timeout_s: float = Field(60.0, gt=0, description="with several ranks: how long a rank waits "
+                                        "for the others at a collective before the engine fails")
     fail_steps: dict[str, int] = Field(default_factory=dict, description="fault injection, for tests: request "
                                        "id -> output tokens after which each step of that request raises "
                                        "(0: its prefill already)")

@@ -6,23 +6,22 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from mesh.engine.block_manager import BlockManager
-from mesh.engine.checkpoint import load_model
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
-from mesh.engine.device import keep_freed_host_memory, resolve_device, resolve_dtype
+from mesh.engine.device import resolve_device, resolve_dtype
 from mesh.engine.errors import EngineError, RequestError, SequenceError
 from mesh.engine.faults import StepFaults
-from mesh.engine.kv_cache import Allocator, KVCache, KVShape, zeros
-from mesh.engine.linear import should_pack
+from mesh.engine.kv_cache import Allocator, zeros
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import ModelRunner
 from mesh.engine.prefix_cache import PrefixCache
+from mesh.engine.rank import RankMemory, build_rank, context_length, prepare_process
+from mesh.engine.ranks import LocalRanks
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.scheduler import ScheduledBatch, Scheduler
 from mesh.engine.sequence import Sequence, Status
+from mesh.engine.shard import Shard
 from mesh.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,24 +57,25 @@ class Engine:
     def __init__(self, config: EngineConfig, allocate_kv: Allocator = zeros):
         """allocate_kv: the KV pool's memory (kv_cache.KVCache)."""
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = Tokenizer(config.model)
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_host_memory()
+        prepare_process(config, self.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         mc = self.model_config
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        self.model = load_model(config.model, mc, self.max_model_len, self.dtype, self.device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if should_pack(config.packed_weights, self.device, self.dtype, weight_bytes):
-            self.model.pack()
-        shape = KVShape(mc.num_layers, 0, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
-        num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // shape.bytes_per_block)
-        self.kv = KVCache(KVShape(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                                  mc.head_dim, self.dtype), self.device, allocate_kv)
+        self.max_model_len = context_length(config, mc)
+        # Tensor parallelism: the workers build their shards while this process builds rank 0's.
+        tp = config.tensor_parallel_size
+        self.ranks = LocalRanks(config, mc, self.device) if tp > 1 else None
+        try:
+            self.model, self.kv = build_rank(config, mc, self.device, self.dtype, Shard(0, tp),
+                                             None if self.ranks is None else self.ranks.comm, allocate_kv)
+            if self.ranks is not None:
+                self.ranks.connect(RankMemory.of(self.model, self.kv))
+        except BaseException:
+            self.close()
+            raise
+        num_blocks = self.kv.shape.num_blocks
         manager = BlockManager(num_blocks, config.block_size)
         self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager
         # Accelerators need bigger steps to fill (and their steps cost launches, not just work).
@@ -85,7 +85,7 @@ class Engine:
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
         self.runner = ModelRunner(self.model, self.kv, self.eos_ids,
-                                  StepFaults(config.fail_steps) if config.fail_steps else None)
+                                  StepFaults(config.fail_steps) if config.fail_steps else None, self.ranks)
         self._requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._held: dict[str, Sequence] = {}  # prefilled, KV kept until release()
         # Outputs waiting for the `stream`/`generate` caller of each request, so that several
@@ -183,6 +183,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel worker ranks, if any (they also stop when this process ends)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

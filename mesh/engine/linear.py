@@ -63,3 +63,18 @@ class Linear(nn.Linear):
         if uses_packed(x, self.packed):
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(Linear):
+    """A projection whose input features are split across tensor-parallel ranks: each rank
+    multiplies its slice, the partial products are summed over the ranks (one all-reduce),
+    and the bias, whole on every rank, is added once after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, all_reduce):
+        super().__init__(in_features, out_features, bias=bias)
+        self.all_reduce = all_reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_linear(x, self.packed, None) if uses_packed(x, self.packed) else F.linear(x, self.weight)
+        y = self.all_reduce(y)
+        return y if self.bias is None else y + self.bias

@@ -5,12 +5,18 @@ alone; only those fail. Running a step again is safe: it writes the same KV into
 the same slots (no sequence's computed count moves before the engine commits the
 step), copy-on-write copies are redone only into the re-run sequences' blocks, and
 a seeded draw depends on the seed and the position only.
+
+With tensor parallelism this runner is rank 0's: it prepares each step's inputs,
+hands the same inputs to the worker ranks (which run `run_model` on their shards),
+runs its own shard, and samples from the logits gathered from all ranks. A failed
+collective (a rank died or timed out) is not a request's failure: it ends the engine.
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -19,11 +25,44 @@ from mesh.engine.errors import SequenceError
 from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache
 from mesh.engine.model import CausalLM
+from mesh.engine.parallel import TensorParallelError
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import ScheduledBatch
 from mesh.engine.sequence import Sequence
 
+if TYPE_CHECKING:
+    from mesh.engine.ranks import LocalRanks
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One step's model inputs, the same on every rank."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_at: list[int]  # rows of the step whose logits are sampled
+    copies: list[tuple[int, int]]  # copy-on-write block copies to do first
+
+    def encode(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self, buf)
+        return buf.getvalue()
+
+    @staticmethod
+    def decode(data: bytes, device: torch.device) -> "StepInputs":
+        """The inputs, their tensors on this rank's device."""
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def run_model(model: CausalLM, kv: KVCache, inputs: StepInputs,
+              on_layer: Callable[[int], None] | None = None) -> torch.Tensor | None:
+    """Runs the model (or one rank's shard) on a step's inputs; the sampled rows' logits, if any."""
+    if inputs.copies:
+        kv.copy_blocks(inputs.copies)
+    hidden = model(inputs.input_ids, inputs.positions, inputs.meta, kv, on_layer)
+    return model.logits(hidden[inputs.sample_at]) if inputs.sample_at else None
 
 
 @dataclass
@@ -38,8 +77,11 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, eos_ids: tuple[int, ...], faults: StepFaults | None = None):
+    def __init__(self, model: CausalLM, kv: KVCache, eos_ids: tuple[int, ...], faults: StepFaults | None = None,
+                 ranks: LocalRanks | None = None):
+        """ranks: the other tensor-parallel ranks, run in step with this one (None: one rank)."""
         self.model = model
+        self.ranks = ranks
         self.kv = kv
         self.block_size = kv.shape.block_size
         self.window = model.cfg.sliding_window
@@ -53,6 +95,8 @@ class ModelRunner:
         layers again, for the part of the batch it runs."""
         try:
             return self._execute(batch, layer_hook)
+        except TensorParallelError as e:
+            raise self.ranks.failure(e) from None  # a rank is gone: no request can run any more
         except Exception as e:
             seqs = batch.sequences
             if len(seqs) == 1:
@@ -64,20 +108,29 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, batch: ScheduledBatch, layer_hook: Callable[[int, ScheduledBatch], None] | None
                  ) -> StepOutput:
-        if batch.copies:
-            self.kv.copy_blocks(batch.copies)
-        ids, positions, meta, sample_at, sample_seqs = self._prepare(batch)
+        inputs, sample_seqs = self._prepare(batch)
+        if self.ranks is not None:
+            self.ranks.send(inputs)
+        failed: list[Exception] = []
 
         def on_layer(i: int) -> None:
-            if i == 0 and self.faults is not None:
-                self.faults.check(batch.sequences)  # part-way: layer 0's KV is written already
-            if layer_hook is not None:
-                layer_hook(i, batch)
+            if failed:
+                return
+            try:
+                if i == 0 and self.faults is not None:
+                    self.faults.check(batch.sequences)  # part-way: layer 0's KV is written already
+                if layer_hook is not None:
+                    layer_hook(i, batch)
+            except Exception as e:
+                if self.ranks is None:
+                    raise
+                failed.append(e)  # the other ranks wait in this step's collectives: finish it with them
 
-        hidden = self.model(ids, positions, meta, self.kv, on_layer)
+        logits = run_model(self.model, self.kv, inputs, on_layer)
+        if failed:
+            raise failed[0]
         if not sample_seqs:
             return StepOutput([], [], None)
-        logits = self.model.logits(hidden[sample_at])
         out = sample(logits, sample_seqs, self.eos_ids)
         ok = [i for i in range(len(sample_seqs)) if i not in out.failed]
         return StepOutput([sample_seqs[i] for i in ok], [out.tokens[i] for i in ok],
@@ -86,7 +139,7 @@ class ModelRunner:
                            for i, why in out.failed.items()],
                           None if out.top_logprobs is None else [out.top_logprobs[i] for i in ok])
 
-    def _prepare(self, batch: ScheduledBatch):
+    def _prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
         bs, dev = self.block_size, self.device
         ids: list[int] = []
         pos_parts: list[torch.Tensor] = []
@@ -137,8 +190,8 @@ class ModelRunner:
                 sample_seqs.append(seq)
 
         meta.slot_mapping = torch.cat(slot_parts)
-        input_ids = torch.tensor(ids, device=dev)
-        return input_ids, torch.cat(pos_parts), meta, sample_at, sample_seqs
+        inputs = StepInputs(torch.tensor(ids, device=dev), torch.cat(pos_parts), meta, sample_at, batch.copies)
+        return inputs, sample_seqs
 
 
 def _merged(parts: list[StepOutput]) -> StepOutput:

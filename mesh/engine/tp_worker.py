@@ -1,0 +1,83 @@
+"""A worker rank of a tensor-parallel engine: a process (`python -m mesh.engine.tp_worker`)
+that builds its shard, then runs each step it is sent, in step with rank 0.
+
+It connects back to rank 0's control socket (authenticated with a key read from stdin),
+says which rank it is, builds its shard and reports Ready or Failed. Rank 0 sends each step's inputs over a pipe (torch-serialized, so they land on this rank's
+device); the ranks then meet in the step's collectives. The pipe is the control channel,
+not a collective, so a worker may idle for as long as the engine does; it ends when rank 0
+sends an empty message (stop) or closes the pipe (rank 0 died), and on any error, which
+the other ranks then see as a failed collective.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import pickle
+import sys
+from multiprocessing.connection import Client, Connection
+
+import torch
+
+from mesh.engine.config import EngineConfig
+from mesh.engine.device import resolve_device, resolve_dtype
+from mesh.engine.kv_cache import zeros
+from mesh.engine.model_config import ModelConfig
+from mesh.engine.model_runner import StepInputs, run_model
+from mesh.engine.parallel import Collectives, TensorParallelError, join_store, process_group, rank_device
+from mesh.engine.rank import RankMemory, build_rank, prepare_process
+from mesh.engine.ranks import Failed, Ready
+from mesh.engine.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+def run(config: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:
+    size = config.tensor_parallel_size
+    try:
+        cfg = ModelConfig.from_folder(config.model)
+        device = rank_device(resolve_device(config.device), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL works on the current device
+        dtype = resolve_dtype(config.dtype, cfg.dtype, device)
+        prepare_process(config, device)
+        comm = Collectives(rank, size)
+        model, kv = build_rank(config, cfg, device, dtype, Shard(rank, size), comm, zeros)
+    except Exception as e:
+        conn.send_bytes(pickle.dumps(Failed(f"rank {rank}: {e}")))
+        return
+    conn.send_bytes(pickle.dumps(Ready(RankMemory.of(model, kv))))
+    timeout = datetime.timedelta(seconds=config.collective_timeout_s)
+    comm.bind(process_group(join_store(store_port, size, timeout), rank, size, device, timeout))
+    with torch.inference_mode():
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                log.warning("rank %d: rank 0 is gone; exiting", rank)
+                return
+            if not data:
+                return
+            try:
+                run_model(model, kv, StepInputs.decode(data, device))
+            except TensorParallelError as e:  # another rank died: rank 0 reports it and stops the rest
+                log.warning("%s; exiting", e)
+                sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="a worker rank of a tensor-parallel pdmesh engine")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--control-port", type=int, required=True)
+    parser.add_argument("--store-port", type=int, required=True)
+    args = parser.parse_args()
+    key = sys.stdin.buffer.read()  # rank 0 writes the control socket's key and closes stdin
+    logging.basicConfig(level=logging.WARNING, format=f"[tp rank {args.rank}] %(levelname)s %(message)s")
+    with Client(("127.0.0.1", args.control_port), authkey=key) as conn:
+        conn.send_bytes(pickle.dumps(args.rank))
+        config = EngineConfig.model_validate_json(conn.recv_bytes())
+        run(config, args.rank, args.store_port, conn)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """The engine on an asyncio loop: steps run in one worker thread, requests stream out.
 
-Every change to the engine (add, abort, release) is queued and applied by the
-worker thread between steps, so the engine is only ever touched by one thread
-and the event loop stays free to answer offers while a step computes.
+Every change to the engine (add, abort, release, and the KV connector's block
+reservations and frees) is queued and applied by the worker thread between steps,
+so the engine and its block manager are only ever touched by one thread and the
+event loop stays free to answer offers while a step computes.
 
 A request that fails in a step (the engine isolates it) ends its own stream with
 an "internal" MeshError; the others go on. Only a step that fails outside any one
@@ -72,6 +73,18 @@ class AsyncEngine:
         self._commands.append(run)
         self._wake.set()
         return await fut
+
+    def post(self, fn: Callable, *args) -> None:
+        """Queues fn(*args) for the engine's thread without waiting for it (a free from a
+        callback that cannot wait); a failure is logged. Call it from the event loop."""
+        def run():
+            try:
+                fn(*args)
+            except Exception:  # nobody waits for it: the log says what went wrong
+                log.exception("engine command %r failed", fn)
+
+        self._commands.append(run)
+        self._wake.set()
 
     async def stream(self, add: Callable[[], str]) -> AsyncIterator[list[RequestOutput]]:
         """Adds a request with add() (on the engine thread) and yields its outputs, one list

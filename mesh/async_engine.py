@@ -146,10 +146,15 @@ class AsyncEngine:
                     queue.put_nowait(out)
             if error is not None:
                 self._fail_all(error)
+        # What was queued before the close still happens (blocks of ended leases go back).
+        await self._loop.run_in_executor(self._pool, self._apply_commands)
 
-    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
+    def _apply_commands(self) -> None:
         while self._commands:
             self._commands.popleft()()
+
+    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
+        self._apply_commands()
         if not self.engine.has_unfinished():
             return [], None
         start = time.perf_counter()

@@ -234,14 +234,14 @@ class MeshActor:
                 return
             desc = LeaseDescriptor.from_wire(lease)
             # the decode actor holds the lease's skipped prefix already
-            sent = await self.kv.send(rid, desc, lease.get("prefix_tokens", 0))
-            stats = sent.stats
+            written = await self.kv.send(rid, desc, lease.get("prefix_tokens", 0))
+            stats = written.stats
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
-                                     "kv.strategy": stats.strategy, "kv.blocks": sent.blocks,
-                                     "kv.skipped_tokens": sent.skipped_tokens, "kv.peer": f"{desc.host}:{desc.port}"})
-            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": sent.skipped_tokens},
-                   "seconds": sent.seconds}
+                                     "kv.strategy": stats.strategy, "kv.blocks": written.blocks,
+                                     "kv.skipped_tokens": written.skipped_tokens, "kv.peer": f"{desc.host}:{desc.port}"})
+            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": written.skipped_tokens},
+                   "seconds": written.seconds}
         except RequestError as e:
             error = e
             raise MeshError("invalid_argument", str(e)) from None

@@ -2,7 +2,8 @@
 
 Decode role: reserve a lease (skipping the prefix held here), renew or release it, and take
 its blocks for the decode batch once the prefill committed. Prefill role: send a prefilled
-request's KV into a lease, then let its blocks go. The scheduler side decides and is the only
+request's KV into a lease (with `layerwise`, each layer as its prefill computes it: `stream`
+before the request is added), then let its blocks go. The scheduler side decides and is the only
 path to the block manager (on the engine's thread); the worker side moves the bytes.
 Results are small typed values; the actor turns them into its messages at its edge.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from mesh.async_engine import AsyncEngine
 from mesh.errors import MeshError
 from mesh.faults import FaultPoints
+from mesh.kv.layer_stream import LayerStreams
 from mesh.kv.scheduler_side import KVScheduler, Reservation
 from mesh.kv.worker_side import KVWorker
 from transport import KVReceiver, LeaseDescriptor, TransferStats, TransportConfig
@@ -31,10 +33,15 @@ class Sent:
 
 
 class KVConnector:
-    def __init__(self, engine: AsyncEngine, transport: TransportConfig, layout: KVLayout, faults: FaultPoints):
+    def __init__(self, engine: AsyncEngine, transport: TransportConfig, layout: KVLayout, faults: FaultPoints,
+                 layerwise: bool = False):
+        """layerwise: prefills send each layer as soon as it is computed (the engine's layer_hook)."""
         self.transport = transport
         self.scheduler = KVScheduler(engine)
         self.worker = KVWorker(engine.engine.kv.pool, layout, transport, faults)
+        self.streams = LayerStreams(self.worker.start) if layerwise else None
+        if self.streams is not None:
+            engine.engine.layer_hook = self.streams.on_layer  # set before any step runs
 
     @property
     def receiving(self) -> bool:
@@ -75,12 +82,30 @@ class KVConnector:
         return self.worker.receiver
 
     # -- prefill role ----------------------------------------------------------------------------
+    @property
+    def layerwise(self) -> bool:
+        return self.streams is not None
+
+    def stream(self, request_id: str, lease: LeaseDescriptor, skip_tokens: int) -> None:
+        """Before a prefill is added (layerwise only): its layers go into the lease as computed."""
+        self.streams.open(request_id, lease, self.scheduler.skipped_blocks(skip_tokens))
+
     async def send(self, request_id: str, lease: LeaseDescriptor, skip_tokens: int) -> Sent:
-        """Writes a prefilled request's KV past the lease's skipped prefix and waits for the commit."""
-        blocks = await self.scheduler.outgoing_blocks(request_id, skip_tokens)
+        """Writes a prefilled request's KV past the lease's skipped prefix (or, when it streamed,
+        what is left of it) and waits for the commit."""
         start = time.perf_counter()
-        stats = await self.worker.send(request_id, lease, blocks)
-        return Sent(stats, len(blocks), skip_tokens, time.perf_counter() - start)
+        if self.streams is not None and request_id in self.streams:
+            transfer, blocks = await self.streams.transfer_of(request_id)
+            stats = await self.worker.finish(transfer)
+        else:
+            sent = await self.scheduler.outgoing_blocks(request_id, skip_tokens)
+            blocks, start = len(sent), time.perf_counter()
+            stats = await self.worker.send(request_id, lease, sent)
+        return Sent(stats, blocks, skip_tokens, time.perf_counter() - start)
 
     async def request_finished(self, request_id: str) -> None:
+        """The request is done here (sent, failed or cancelled): a stream still running stops, then
+        its blocks go back."""
+        if self.streams is not None:
+            await self.streams.close(request_id)
         await self.scheduler.request_finished(request_id)

@@ -125,13 +125,18 @@ class KVScheduler:
         return adopt
 
     # -- prefill side --------------------------------------------------------------------------
-    async def outgoing_blocks(self, request_id: str, skip_tokens: int) -> list[int]:
-        """The blocks of a prefilled request past the prefix the lease skips."""
+    def skipped_blocks(self, skip_tokens: int) -> int:
+        """How many of a prefilled request's blocks the lease skips (whole blocks only)."""
         bs = self.block_size
         if skip_tokens % bs:
             raise MeshError("invalid_argument", f"the lease skips {skip_tokens} tokens, not whole blocks of {bs}: "
                             "reserve with this actor's block size as alignment")
-        return (await self._engine.call(self._engine.engine.held_blocks, request_id))[skip_tokens // bs:]
+        return skip_tokens // bs
+
+    async def outgoing_blocks(self, request_id: str, skip_tokens: int) -> list[int]:
+        """The blocks of a prefilled request past the prefix the lease skips."""
+        skip = self.skipped_blocks(skip_tokens)
+        return (await self._engine.call(self._engine.engine.held_blocks, request_id))[skip:]
 
     async def request_finished(self, request_id: str) -> None:
         """The request is done here (sent, failed or cancelled): its blocks go back."""

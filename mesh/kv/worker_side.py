@@ -13,8 +13,8 @@ import dataclasses
 import torch
 
 from mesh.faults import FaultPoints
-from transport import (BlockReserver, KVReceiver, KVSender, LeaseDescriptor, TransferStats, TransportConfig,
-                       make_receiver, make_sender)
+from transport import (BlockReserver, KVReceiver, KVSender, LeaseDescriptor, Transfer, TransferStats,
+                       TransportConfig, make_receiver, make_sender)
 from transport.layout import KVLayout
 
 
@@ -41,13 +41,25 @@ class KVWorker:
 
     async def send(self, request_id: str, lease: LeaseDescriptor, blocks: list[int]) -> TransferStats:
         """The KV that is computed already, layer by layer (a fault point after each layer)."""
-        transfer = await self._sender(lease.backend).start(lease, self.pool, self.layout, blocks)
+        transfer = await self.start(lease, blocks)
         try:
             for layer in range(transfer.num_layers):
                 transfer.layer_ready(layer)
                 if self.faults.faults:
                     await asyncio.sleep(0.05)  # the layer goes on the wire before a fault here kills the actor
                     self.faults.reached("transfer_after_layers", request_id, layer + 1)
+        except BaseException:
+            await transfer.abort()
+            raise
+        return await self.finish(transfer)
+
+    async def start(self, lease: LeaseDescriptor, blocks: list[int]) -> Transfer:
+        """A transfer of these blocks into the lease, agreed with its receiver; layers follow."""
+        return await self._sender(lease.backend).start(lease, self.pool, self.layout, blocks)
+
+    async def finish(self, transfer: Transfer) -> TransferStats:
+        """Waits for the commit of a transfer that got every layer."""
+        try:
             return await transfer.finish(self.transport.timeout_s)
         except BaseException:  # cancelled: the receiver frees the lease once the connection closes
             await transfer.abort()

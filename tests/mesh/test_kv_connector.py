@@ -1,7 +1,8 @@
 """The KV connector (mesh.kv) on real tiny engines and real UCX on loopback, without Ray: a lease
 skips the prefix the decode engine holds, releases and aborts give every block back, a
 reservation cancelled while queued takes nothing, and only the engine's thread ever calls the
-block manager (make_engine checks every block is free when a test ends)."""
+block manager (make_engine checks every block is free when a test ends). Layer-wise: a layer
+lands on the decode side before the prefill step that computes the next one has finished."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from mesh.async_engine import AsyncEngine
 from mesh.engine.sampling_params import SamplingParams
@@ -43,7 +45,7 @@ def watch_block_manager(*engines) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def actor_side(engine, lease_ttl_s: float = 5.0):
+async def actor_side(engine, lease_ttl_s: float = 5.0, layerwise: bool = False):
     """An engine on its thread with its KV connector receiving over UCX, as in an actor."""
     aengine = AsyncEngine(engine)
     aengine.start()
@@ -51,7 +53,7 @@ async def actor_side(engine, lease_ttl_s: float = 5.0):
     layout = KVLayout(s.num_layers, s.num_blocks, s.block_size, s.num_kv_heads, s.head_dim, s.dtype,
                       engine.device.type)
     kv = KVConnector(aengine, TransportConfig(backend="ucx", secret=SECRET, lease_ttl_s=lease_ttl_s,
-                                              timeout_s=5.0), layout, FaultPoints("", "test"))
+                                              timeout_s=5.0), layout, FaultPoints("", "test"), layerwise)
     await kv.open_receiver()
     try:
         yield aengine, kv
@@ -183,3 +185,54 @@ async def test_a_lease_of_no_tokens_and_one_past_the_free_blocks_are_refused_cle
             await kv.reserve(list(range(80)))  # 20 blocks of 4
         assert e.value.code == "resource_exhausted" and e.value.retry_after_s
         assert await all_free(aengine)
+
+
+async def test_layerwise_a_layer_lands_before_the_prefill_computed_the_last_one(engines, checkpoint, make_engine):
+    prompt = list(range(100, 160))  # 15 blocks, one prefill step
+    expected = make_engine(checkpoint()).generate([prompt], GREEDY)[0].token_ids
+    pengine, dengine = engines()
+    last = pengine.model_config.num_layers - 1
+    landed_early = []
+    async with actor_side(pengine, layerwise=True) as (paengine, pkv), actor_side(dengine) as (daengine, dkv):
+        reservation = await dkv.reserve(prompt)
+        lease_blocks = list(reservation.lease.block_ids)
+        send_layer = pengine.layer_hook
+
+        def hold_the_last_layer(layer, batch):
+            """On the engine's thread, before the last layer goes out: wait (bounded) for layer 0's
+            KV of this request to be in the decode pool."""
+            if layer == last and batch.prefills:
+                src = pengine.kv.pool[0][:, batch.prefills[0][0].block_ids]
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not torch.equal(dengine.kv.pool[0][:, lease_blocks], src):
+                    time.sleep(0.01)
+                landed_early.append(torch.equal(dengine.kv.pool[0][:, lease_blocks], src))
+            send_layer(layer, batch)
+        pengine.layer_hook = hold_the_last_layer
+
+        pkv.stream("s", reservation.lease, reservation.prefix_tokens)
+        first = await prefill(paengine, "s", prompt)
+        assert landed_early == [True]  # layer 0 was on the wire while the prefill step still ran
+        sent = await pkv.send("s", reservation.lease, reservation.prefix_tokens)
+        await pkv.request_finished("s")
+        assert sent.blocks == 15 and sent.stats.layers == last + 1
+        add = await dkv.take(reservation.lease.lease_id, lambda blocks: dengine.add_prefilled(
+            prompt, first, GREEDY, blocks, "s"))
+        outs = await run(daengine, add)
+        assert first + [t for o in outs for t in o.token_ids] == expected
+        assert await all_free(daengine) and await all_free(paengine)
+
+
+async def test_layerwise_a_request_that_ends_at_its_first_token_stops_its_stream(engines):
+    pengine, dengine = engines()
+    async with actor_side(pengine, layerwise=True) as (paengine, pkv), actor_side(dengine) as (daengine, dkv):
+        prompt = list(range(100, 160))
+        reservation = await dkv.reserve(prompt)
+        pkv.stream("one", reservation.lease, 0)
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        outs = await run(paengine, lambda: pengine.add_request(prompt, params, "one", prefill_only=True))
+        assert outs[-1].finish_reason == "length"  # nothing left for a decode actor
+        await pkv.request_finished("one")  # the started transfer stops: the decode side frees the lease
+        with pytest.raises(MeshError, match="KV never arrived"):
+            await dkv.take(reservation.lease.lease_id, lambda blocks: pytest.fail("no KV to add"))
+        assert await all_free(daengine) and await all_free(paengine)

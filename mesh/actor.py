@@ -63,6 +63,7 @@ class ActorSpec:
     prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # granularity of the prefix report (rounded up to blocks)
     faults: str = ""  # armed fault-injection points (mesh.faults), for tests
     fault_log: str = ""  # where a fault that fires is recorded
+    layerwise_kv: bool = False  # a prefill sends each layer's KV as soon as it is computed (mesh.kv)
 
 
 def _params_from(d: dict) -> SamplingParams:
@@ -122,7 +123,7 @@ class MeshActor:
 
         # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
         transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
-        self.kv = KVConnector(self.engine, transport, layout, self.faults)
+        self.kv = KVConnector(self.engine, transport, layout, self.faults, self.spec.layerwise_kv)
         if self.role is not Role.PREFILL:
             await self.kv.open_receiver()
         if self.spec.warmup:
@@ -213,6 +214,8 @@ class MeshActor:
         queued = True
         try:
             self.faults.reached("prefill", rid)
+            if lease is not None and self.kv.layerwise:
+                self.kv.stream(rid, LeaseDescriptor.from_wire(lease), lease.get("prefix_tokens", 0))
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
                                                                           output_ids=sent)):
@@ -240,7 +243,9 @@ class MeshActor:
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.blocks": written.blocks,
                                      "kv.skipped_tokens": written.skipped_tokens, "kv.peer": f"{desc.host}:{desc.port}"})
-            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": written.skipped_tokens},
+            # exposed_s: how long the transfer ran past the first token (not hidden behind the prefill)
+            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": written.skipped_tokens,
+                                                     "exposed_s": written.seconds},
                    "seconds": written.seconds}
         except RequestError as e:
             error = e

@@ -29,10 +29,10 @@ from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
+from mesh.kv import KVConnector
 from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
-from mesh.prefix_lease import PrefixHolds, acquire_prefix
 from mesh.roles import Role  # re-exported: the mesh's public name for it
-from transport import LeaseDescriptor, TransferError, TransportConfig, make_receiver, make_sender
+from transport import LeaseDescriptor, TransferError, TransportConfig
 from transport.address import for_node
 from transport.layout import KVLayout
 from transport.memory import pool_zeros
@@ -63,6 +63,7 @@ class ActorSpec:
     prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # granularity of the prefix report (rounded up to blocks)
     faults: str = ""  # armed fault-injection points (mesh.faults), for tests
     fault_log: str = ""  # where a fault that fires is recorded
+    layerwise_kv: bool = False  # a prefill sends each layer's KV as soon as it is computed (mesh.kv)
 
 
 def _params_from(d: dict) -> SamplingParams:
@@ -93,9 +94,7 @@ class MeshActor:
         self.queued_requests = 0
         self.active: set[str] = set()  # requests in flight on this actor
         self.engine: AsyncEngine | None = None
-        self.receiver = None
-        self.holds: PrefixHolds | None = None  # decode side: each lease's KV until the decode call takes it
-        self._senders: dict[str, object] = {}
+        self.kv: KVConnector | None = None  # leases, prefix holds and transfers: all KV beyond a request's own
         self._idle = asyncio.Event()
         self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
         self._stopped = asyncio.Event()
@@ -121,37 +120,27 @@ class MeshActor:
         cached = engine.blocks.num_blocks * bs if isinstance(engine.blocks, PrefixCache) else 0
         self.prefixes = PrefixRecord(chunk_tokens_for(bs, self.spec.prefix_chunk_tokens), cached)
         kv = engine.kv.shape
-        self.layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
-                               kv.dtype, engine.device.type)
+        layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
+                          kv.dtype, engine.device.type)
         import ray
 
         # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
-        self.transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
+        transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
+        self.kv = KVConnector(self.engine, transport, layout, self.faults, self.spec.layerwise_kv)
         if self.role is not Role.PREFILL:
-            await self._open_receiver()
+            await self.kv.open_receiver()
         if self.spec.warmup:
             await self._warmup()
         self.state = State.SERVING
         return await self.info()
 
-    async def _open_receiver(self) -> None:
-        eng = self.engine.engine
-        self.receiver = make_receiver(self.transport, eng.kv.pool, self.layout, eng.blocks)
-        self.holds = PrefixHolds(eng.blocks.free)
-        await self.receiver.start()
-
-    async def _close_receiver(self) -> None:
-        if self.receiver is not None:
-            await self.receiver.close()
-            self.receiver = None
-
     async def _warmup(self) -> None:
         """One prefill and a few decode steps: first-call costs land here, and the
         admission policy starts from a measured prefill speed."""
-        vocab = self.engine.engine.model_config.vocab_size
-        prompt = [i % vocab for i in range(1, min(256, self.engine.engine.max_model_len // 2))]
-        add = lambda: self.engine.engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True,
-                                                                            temperature=0))
+        eng = self.engine.engine
+        vocab = eng.model_config.vocab_size
+        prompt = [i % vocab for i in range(1, min(256, eng.max_model_len // 2))]
+        add = lambda: eng.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))
         async for _ in self.engine.stream(add):
             pass
 
@@ -191,9 +180,8 @@ class MeshActor:
     async def shutdown(self) -> None:
         self._stopped.set()
         tracing.flush()
-        await self._close_receiver()
-        for sender in self._senders.values():
-            await sender.close()
+        if self.kv:
+            await self.kv.close()
         if self.engine:
             await self.engine.close()
 
@@ -229,6 +217,8 @@ class MeshActor:
         queued = True
         try:
             self.faults.reached("prefill", rid)
+            if lease is not None and self.kv.layerwise:
+                self.kv.stream(rid, LeaseDescriptor.from_wire(lease), lease.get("prefix_tokens", 0))
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
                                                                           output_ids=sent)):
@@ -250,20 +240,17 @@ class MeshActor:
             if transfer is None:
                 return
             desc = LeaseDescriptor.from_wire(lease)
-            skip = lease.get("prefix_tokens", 0)  # the decode actor holds these already
-            if skip % eng.blocks.block_size:
-                raise MeshError("invalid_argument", f"the lease skips {skip} tokens, not whole blocks of "
-                                f"{eng.blocks.block_size}: reserve with this actor's block size as alignment")
-            blocks = (await self.engine.call(eng.held_blocks, rid))[skip // eng.blocks.block_size:]
-            start = time.perf_counter()
-            stats = await self._send(rid, desc, blocks)
+            # the decode actor holds the lease's skipped prefix already
+            written = await self.kv.send(rid, desc, lease.get("prefix_tokens", 0))
+            stats = written.stats
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
-                                     "kv.strategy": stats.strategy, "kv.path": stats.path,
-                                     "kv.blocks": len(blocks),
-                                     "kv.skipped_tokens": skip, "kv.peer": f"{desc.host}:{desc.port}"})
-            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": skip},
-                   "seconds": time.perf_counter() - start}
+                                     "kv.strategy": stats.strategy, "kv.path": stats.path, "kv.blocks": written.blocks,
+                                     "kv.skipped_tokens": written.skipped_tokens, "kv.peer": f"{desc.host}:{desc.port}"})
+            # exposed_s: how long the transfer ran past the first token (not hidden behind the prefill)
+            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": written.skipped_tokens,
+                                                     "exposed_s": written.seconds},
+                   "seconds": written.seconds}
         except RequestError as e:
             error = e
             raise MeshError("invalid_argument", str(e)) from None
@@ -280,28 +267,8 @@ class MeshActor:
             if queued:
                 self.queued_tokens -= len(ids) + len(sent)
                 self.queued_requests -= 1
-            await self.engine.call(eng.abort, rid)  # frees held blocks; a no-op once released
+            await self.kv.request_finished(rid)  # its blocks go back; a no-op once released
             self._done(rid)
-
-    async def _send(self, rid: str, desc: LeaseDescriptor, blocks: list[int]):
-        """The KV that is computed already, layer by layer (a fault point after each layer)."""
-        transfer = await self._sender(desc.backend).start(desc, self.engine.engine.kv.pool, self.layout, blocks)
-        try:
-            for layer in range(transfer.num_layers):
-                transfer.layer_ready(layer)
-                if self.faults.faults:
-                    await asyncio.sleep(0.05)  # the layer goes on the wire before a fault here kills the actor
-                    self.faults.reached("transfer_after_layers", rid, layer + 1)
-            return await transfer.finish(self.transport.timeout_s)
-        except BaseException:  # cancelled: the receiver frees the lease once the connection closes
-            await transfer.abort()
-            raise
-
-    def _sender(self, backend: str):
-        if backend not in self._senders:
-            cfg = dataclasses.replace(self.transport, backend=backend)
-            self._senders[backend] = make_sender(cfg)
-        return self._senders[backend]
 
     # -- decode role -----------------------------------------------------------------------
     async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> dict:
@@ -309,29 +276,17 @@ class MeshActor:
         actor's prefix cache holds, in whole blocks of `align_tokens` (the prefill side's block
         size), is held here and left out of the lease: "prefix_tokens" and "prefix_blocks" say
         how much, and the prefill side sends only what follows."""
-        if self.state is not State.SERVING or self.role is Role.PREFILL or self.receiver is None:
+        if self.state is not State.SERVING or self.role is Role.PREFILL or not self.kv.receiving:
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
-        ids = list(prompt_token_ids)
-        blocks = self.engine.engine.blocks
-        hits = acquire_prefix(blocks, ids, align_tokens) if isinstance(blocks, PrefixCache) and ids else []
-        skip = len(hits) * blocks.block_size
-        try:
-            desc = self.receiver.reserve(len(ids) - skip)
-        except Exception as e:  # the block manager or lease table said no
-            blocks.free(hits)
-            raise MeshError("resource_exhausted", f"no room for {len(ids) - skip} tokens of KV: {e}",
-                            retry_after_s=0.1) from None
-        self.holds.hold(desc.lease_id, hits, self.receiver.wait(desc.lease_id))
-        return {**desc.to_wire(), "prefix_tokens": skip, "prefix_blocks": len(hits)}
+        r = await self.kv.reserve(list(prompt_token_ids), align_tokens)
+        return {**r.lease.to_wire(), "prefix_tokens": r.prefix_tokens, "prefix_blocks": r.prefix_blocks}
 
     async def renew_lease(self, lease_id: str) -> bool:
         """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""
-        return self.receiver.renew(lease_id) if self.receiver else False
+        return self.kv.renew_lease(lease_id) if self.kv else False
 
     async def release_lease(self, lease_id: str) -> bool:
-        if self.holds is not None:
-            self.holds.release(lease_id)  # committed but never taken: its blocks go too
-        return self.receiver.abort(lease_id) if self.receiver else False
+        return self.kv.release_lease(lease_id) if self.kv else False
 
     @_movable
     async def decode(self, lease_id: str, request: dict) -> AsyncIterator[dict]:
@@ -342,20 +297,8 @@ class MeshActor:
         eng = self.engine.engine
 
         async def wait_and_add():
-            try:
-                blocks = await self.holds.take(lease_id, self.transport.lease_ttl_s)
-            except TransferError as e:
-                self.receiver.abort(lease_id)  # not committed in time: free its blocks now
-                raise MeshError("unavailable", f"KV never arrived: {e}") from None
-
-            def add():
-                try:
-                    return eng.add_prefilled(request["prompt_token_ids"], request["output_token_ids"], params,
-                                             blocks, rid)
-                except Exception:
-                    eng.blocks.free(blocks)  # the held prefix and the received blocks are ours since the commit
-                    raise
-            return add
+            return await self.kv.take(lease_id, lambda blocks: eng.add_prefilled(
+                request["prompt_token_ids"], request["output_token_ids"], params, blocks, rid))
 
         async for chunk in self._traced("decode", request, wait_and_add):
             yield chunk
@@ -422,7 +365,7 @@ class MeshActor:
         """Whether, within timeout_s, every request here ended and every lease reserved here was
         taken by its decode call or ended (its prefill may still be writing the KV)."""
         deadline = time.monotonic() + timeout_s
-        while self.active or self.holds:
+        while self.active or self.kv.pending_leases:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -438,9 +381,9 @@ class MeshActor:
         new = Role(role)
         result = await self.drain(drain_timeout_s)
         if new is Role.PREFILL:
-            await self._close_receiver()
-        elif self.receiver is None:
-            await self._open_receiver()
+            await self.kv.close_receiver()
+        else:
+            await self.kv.open_receiver()
         self.role = new
         self._give_back.clear()
         self.state = State.SERVING

@@ -1,8 +1,9 @@
 """The engine on an asyncio loop: steps run in one worker thread, requests stream out.
 
-Every change to the engine (add, abort, release) is queued and applied by the
-worker thread between steps, so the engine is only ever touched by one thread
-and the event loop stays free to answer offers while a step computes.
+Every change to the engine (add, abort, release, and the KV connector's block
+reservations and frees) is queued and applied by the worker thread between steps,
+so the engine and its block manager are only ever touched by one thread and the
+event loop stays free to answer offers while a step computes.
 
 A request that fails in a step (the engine isolates it) ends its own stream with
 an "internal" MeshError; the others go on. Only a step that fails outside any one
@@ -73,6 +74,18 @@ class AsyncEngine:
         self._wake.set()
         return await fut
 
+    def post(self, fn: Callable, *args) -> None:
+        """Queues fn(*args) for the engine's thread without waiting for it (a free from a
+        callback that cannot wait); a failure is logged. Call it from the event loop."""
+        def run():
+            try:
+                fn(*args)
+            except Exception:  # nobody waits for it: the log says what went wrong
+                log.exception("engine command %r failed", fn)
+
+        self._commands.append(run)
+        self._wake.set()
+
     async def stream(self, add: Callable[[], str]) -> AsyncIterator[list[RequestOutput]]:
         """Adds a request with add() (on the engine thread) and yields its outputs, one list
         per burst of steps; aborts the request if the consumer stops early."""
@@ -133,10 +146,15 @@ class AsyncEngine:
                     queue.put_nowait(out)
             if error is not None:
                 self._fail_all(error)
+        # What was queued before the close still happens (blocks of ended leases go back).
+        await self._loop.run_in_executor(self._pool, self._apply_commands)
 
-    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
+    def _apply_commands(self) -> None:
         while self._commands:
             self._commands.popleft()()
+
+    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
+        self._apply_commands()
         if not self.engine.has_unfinished():
             return [], None
         start = time.perf_counter()

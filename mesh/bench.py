@@ -1,5 +1,9 @@
 """`pdmesh bench mesh`: one request set served by one actor doing both phases, then
-disaggregated 1P:1D, on an embedded local Ray, in one run."""
+disaggregated 1P:1D with the KV sent after the prefill and sent layer by layer as it is
+computed (layer-wise), on an embedded local Ray, in one run.
+
+The KV transfer's exposed time is the part of it that runs past the first token (not hidden
+behind the prefill); time to the second token is when the decode side produced its first."""
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +27,7 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
     from mesh.dispatch import Dispatcher, Request
 
     dispatcher = Dispatcher(pool)
-    ttft, tpot, transfer_s, transfer_gbps = [], [], [], []
+    ttft, second, tpot, transfer_s, transfer_gbps, exposed_s = [], [], [], [], [], []
     queue = list(enumerate(requests))
     produced = 0
 
@@ -33,32 +37,39 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
             i, prompt = queue.pop(0)
             events, n = [], 0
             start = time.perf_counter()
-            first = last = None
+            first = last = second_at = None
             async for chunk in dispatcher.generate(
                     Request(f"bench{i}", prompt, {"max_tokens": output_tokens, "temperature": 0, "ignore_eos": True}),
                     events):
                 last = time.perf_counter()
                 first = first or last
                 n += len(chunk["token_ids"])
+                second_at = second_at or (last if n > 1 else None)
             produced += n
             ttft.append(first - start)
+            if second_at is not None:
+                second.append(second_at - start)
             if n > 1:
                 tpot.append((last - first) / (n - 1))
             for e in events:
                 if e.name == "kv_transfer":
                     transfer_s.append(e.attributes["duration_s"])
                     transfer_gbps.append(e.attributes["gbps"])
+                    exposed_s.append(e.attributes["exposed_s"])
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return {
         "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "second_token_p50_ms": percentile(second, 50) * 1e3,
         "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
         "output_tokens_per_s": produced / wall,
         "transfer_p50_ms": percentile(transfer_s, 50) * 1e3 if transfer_s else None,
         "transfer_gbps_p50": statistics.median(transfer_gbps) if transfer_gbps else None,
         "transfer_share_of_ttft": (statistics.median(transfer_s) / statistics.median(ttft)) if transfer_s else None,
+        "exposed_transfer_p50_ms": percentile(exposed_s, 50) * 1e3 if exposed_s else None,
+        "exposed_share_of_transfer": (sum(exposed_s) / sum(transfer_s)) if transfer_s else None,
     }
 
 
@@ -66,10 +77,12 @@ async def run(engine: dict, transport: dict, requests, output_tokens, concurrenc
     from mesh.pool import Pool, PoolSpec
 
     results = {}
-    for label, counts, threads in (("aggregated 1 actor", {"both": 1}, 2),
-                                   ("disaggregated 1P:1D", {"prefill": 1, "decode": 1}, 1)):
-        # the same cores in both set-ups: one actor with two threads, or two with one each
-        pool = Pool(PoolSpec("bench", {**engine, "threads": threads}, transport, ttft_budget_s=60.0))
+    for label, counts, threads, layerwise in (("aggregated 1 actor", {"both": 1}, 2, False),
+                                              ("disaggregated 1P:1D", {"prefill": 1, "decode": 1}, 1, False),
+                                              ("1P:1D layer-wise", {"prefill": 1, "decode": 1}, 1, True)):
+        # the same cores in every set-up: one actor with two threads, or two with one each
+        pool = Pool(PoolSpec("bench", {**engine, "threads": threads}, transport, ttft_budget_s=60.0,
+                             layerwise_kv=layerwise))
         try:
             await pool.scale(**counts)
             results[label] = await serve_set(pool, requests, output_tokens, concurrency)
@@ -122,8 +135,9 @@ def command(model, dtype, num_requests, prompt_tokens, output_tokens, concurrenc
     table.add_column("figure")
     for label in results:
         table.add_column(label, justify="right")
-    for c in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tokens_per_s",
-              "transfer_p50_ms", "transfer_gbps_p50", "transfer_share_of_ttft"):
+    for c in ("ttft_p50_ms", "ttft_p99_ms", "second_token_p50_ms", "tpot_p50_ms", "tpot_p99_ms",
+              "output_tokens_per_s", "transfer_p50_ms", "transfer_gbps_p50", "transfer_share_of_ttft",
+              "exposed_transfer_p50_ms", "exposed_share_of_transfer"):
         table.add_row(c.replace("_", " "), *(_figure(r[c]) for r in results.values()))
     Console().print(table)
 

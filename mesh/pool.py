@@ -65,6 +65,7 @@ class PoolSpec:
     limits: dict[str, Limits] = field(default_factory=lambda: {"prefill": Bounds(1), "decode": Bounds(1)})
     faults: str = field(default_factory=lambda: os.environ.get(faults.ENV, ""))  # test hooks (mesh.faults)
     fault_log: str = field(default_factory=lambda: os.environ.get(faults.LOG_ENV, ""))
+    layerwise_kv: bool = False  # prefills send each layer's KV as soon as it is computed
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Pool:
         actor_spec = dict(actor_id=actor_id, scenario=self.spec.scenario, role=role.value, engine=engine,
                           transport=self.spec.transport, ttft_budget_s=self.spec.ttft_budget_s,
                           warmup=self.spec.warmup, otel_env=self.spec.otel_env, faults=self.spec.faults,
-                          fault_log=self.spec.fault_log)
+                          fault_log=self.spec.fault_log, layerwise_kv=self.spec.layerwise_kv)
         cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
                                             **hw.options())
         handle = cls.remote(actor_spec)

@@ -9,7 +9,8 @@ released exactly once, by whichever comes first:
 - the decode call gives up waiting (or is cancelled), or the gateway releases the lease
   before any decode call took it (a request cancelled between its commit and its decode
   call): whatever lands is dropped.
-A dead actor takes its blocks with it.
+A dead actor takes its blocks with it. `free` hands blocks to the engine's thread (the KV
+connector's), which alone touches the block manager.
 
 The end of a lease is seen by waiting on its commit from the reservation on: the lease
 table's on_end callbacks fire on a commit and on an abort alike, and only the commit's
@@ -35,15 +36,14 @@ def skippable_tokens(num_tokens: int, block_size: int, align_tokens: int) -> int
 
 def acquire_prefix(cache: PrefixCache, token_ids: list[int], align_tokens: int) -> list[int]:
     """Holds the cached blocks of the longest skippable prefix of the prompt (one reference each);
-    the caller releases them with cache.free."""
+    the caller releases them with cache.free. On the thread that owns the cache (the engine's),
+    so a block matched is held before any allocation can evict it."""
     bs = cache.block_size
     limit = skippable_tokens(len(token_ids), bs, align_tokens)
-    hashes = block_hashes(token_ids[:limit], bs)  # hashed before the lock: the engine's step waits on it
     unit_blocks = math.lcm(bs, max(1, align_tokens)) // bs
-    with cache.lock:  # a block matched is held before an allocation can evict it
-        hits = cache.match(hashes)
-        hits = hits[:len(hits) // unit_blocks * unit_blocks]
-        cache.acquire(hits)
+    hits = cache.match(block_hashes(token_ids[:limit], bs))
+    hits = hits[:len(hits) // unit_blocks * unit_blocks]
+    cache.acquire(hits)
     return hits
 
 

@@ -160,8 +160,10 @@ class KVReceiver(ABC):
     backend: str
 
     @abstractmethod
-    def reserve(self, num_tokens: int, ttl_s: float | None = None) -> LeaseDescriptor:
-        """Reserve blocks for one request's KV; they are freed if not committed in time."""
+    def reserve(self, num_tokens: int, ttl_s: float | None = None,
+                block_ids: list[int] | None = None) -> LeaseDescriptor:
+        """Reserve blocks for one request's KV (``block_ids``: blocks the caller allocated for
+        it, else the receiver's reserver allocates); they are freed if not committed in time."""
 
     @abstractmethod
     async def wait(self, lease_id: str, timeout_s: float | None = None) -> ReceivedKV:

@@ -1,7 +1,8 @@
 """Leases: blocks a receiver reserves for one incoming request.
 
 The receiver reserves blocks through the engine's block manager (a
-``BlockReserver``) and hands out a descriptor; the sender writes and commits;
+``BlockReserver``), or takes blocks its owner already allocated on the thread
+that owns the block manager, and hands out a descriptor; the sender writes and commits;
 the receiver then hands the blocks to the engine. Abort or expiry gives them
 back, so a sender that dies mid-transfer leaves nothing reserved once its
 lease expires. A lease that ends while being written keeps its blocks until
@@ -25,9 +26,12 @@ class BlockReserver(Protocol):
     """What the engine's block manager offers the transport."""
 
     def allocate(self, n: int) -> list[int]:
-        """n free block ids (preferring contiguous runs); raise when not enough are free."""
+        """n free block ids (preferring contiguous runs); raise when not enough are free.
+        Not called for a lease reserved with the blocks its owner allocated."""
 
-    def free(self, block_ids: list[int]) -> None: ...
+    def free(self, block_ids: list[int]) -> None:
+        """Gives an ended lease's blocks back; it may hand them to the thread that owns
+        the blocks and return at once (it is called from the event loop)."""
 
 
 class LeaseError(Exception):
@@ -66,10 +70,15 @@ class LeaseTable:
     def draining(self) -> int:
         return len(self._draining)
 
-    def reserve(self, num_tokens: int, ttl_s: float) -> Lease:
+    def reserve(self, num_tokens: int, ttl_s: float, block_ids: list[int] | None = None) -> Lease:
+        """block_ids: blocks the caller allocated for this lease (else the reserver allocates);
+        from here on the lease gives them back like its own when it ends without a commit."""
         if num_tokens <= 0 or ttl_s <= 0:
             raise LeaseError("a lease needs a positive token count and time to live")
-        blocks = self._reserver.allocate(-(-num_tokens // self._block_size))
+        need = -(-num_tokens // self._block_size)
+        if block_ids is not None and len(block_ids) != need:
+            raise LeaseError(f"{len(block_ids)} blocks given for {num_tokens} tokens: a lease needs {need}")
+        blocks = self._reserver.allocate(need) if block_ids is None else block_ids
         lease = Lease(secrets.token_hex(8), list(blocks), num_tokens, self._clock() + ttl_s)
         self._leases[lease.lease_id] = lease
         return lease

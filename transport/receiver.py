@@ -36,9 +36,10 @@ class LeasingReceiver(KVReceiver):
         # lease id -> what stops its transfer (called before its blocks are freed)
         self._stoppers: dict[str, Callable[[], None]] = {}
 
-    def reserve(self, num_tokens: int, ttl_s: float | None = None) -> LeaseDescriptor:
+    def reserve(self, num_tokens: int, ttl_s: float | None = None,
+                block_ids: list[int] | None = None) -> LeaseDescriptor:
         ttl_s = ttl_s or self._ttl_s
-        lease = self.leases.reserve(num_tokens, ttl_s)
+        lease = self.leases.reserve(num_tokens, ttl_s, block_ids)
         self._waiters[lease.lease_id] = asyncio.get_running_loop().create_future()
         lease.on_end.append(self._ended)
         return LeaseDescriptor(lease.lease_id, self.backend, self.host, self.port, self.layout,

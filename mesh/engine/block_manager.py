@@ -9,26 +9,16 @@ other room is left. Freed blocks merge with free neighbours at once.
 """
 from __future__ import annotations
 
-import functools
-import threading
 
 
 class OutOfBlocks(Exception):
     """Fewer free blocks than asked for; the caller waits, preempts or rejects."""
 
 
-def _locked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
 class BlockManager:
-    """Thread-safe: the engine's step thread and the transport's lease table (on the
-    actor's event loop) both take and give back blocks. Hold `lock` to make several
-    calls atomic."""
+    """Not thread-safe, by design: one thread owns it, the engine's. In an actor, leases
+    and prefix holds reach it through the KV connector (mesh.kv), which runs their
+    allocations and frees on the engine's thread between steps."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
@@ -41,7 +31,6 @@ class BlockManager:
         # First free block after a growing request -> blocks it still expects to append.
         self._headroom: dict[int, int] = {}
         self.num_free = num_blocks
-        self.lock = threading.RLock()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -49,7 +38,6 @@ class BlockManager:
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
-    @_locked
     def allocate(self, n: int, expected_total: int | None = None) -> list[int]:
         """n block ids, as few runs as possible.
 
@@ -70,7 +58,6 @@ class BlockManager:
             self._keep_headroom(ids[-1] + 1, want - n)
         return ids
 
-    @_locked
     def append(self, block_ids: list[int]) -> int:
         """One more block for a growing request, right after its last block when free."""
         if self.num_free == 0:
@@ -85,7 +72,6 @@ class BlockManager:
         block_ids.append(new)
         return new
 
-    @_locked
     def free(self, block_ids: list[int]) -> None:
         seen: set[int] = set()
         for b in block_ids:
@@ -100,7 +86,6 @@ class BlockManager:
             self._insert_run(b, 1)
         self.num_free += len(block_ids)
 
-    @_locked
     def runs(self) -> list[tuple[int, int]]:
         """The free runs as (start, length), in id order (for tests and stats)."""
         return sorted(self._runs.items())

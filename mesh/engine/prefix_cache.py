@@ -18,7 +18,7 @@ from array import array
 from collections import OrderedDict
 from typing import Iterable
 
-from mesh.engine.block_manager import BlockManager, OutOfBlocks, _locked
+from mesh.engine.block_manager import BlockManager, OutOfBlocks
 
 ROOT_HASH = 0
 
@@ -51,7 +51,6 @@ class PrefixCache:
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.num_blocks = blocks.num_blocks
-        self.lock = blocks.lock
         self._by_hash: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
         self._refs: dict[int, int] = {}  # cached blocks only; others have exactly one owner
@@ -72,7 +71,6 @@ class PrefixCache:
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
-    @_locked
     def match(self, hashes: list[int]) -> list[int]:
         """The cached blocks holding the longest prefix of these block hashes; not yet held."""
         found = []
@@ -85,24 +83,20 @@ class PrefixCache:
         self.hits += len(found)
         return found
 
-    @_locked
     def acquire(self, block_ids: list[int]) -> None:
         """Takes a reference on cached blocks (from match)."""
         for b in block_ids:
             self._refs[b] += 1
             self._idle.pop(b, None)
 
-    @_locked
     def allocate(self, n: int, expected_total: int | None = None) -> list[int]:
         self._evict(n)
         return self.blocks.allocate(n, expected_total)
 
-    @_locked
     def append(self, block_ids: list[int]) -> int:
         self._evict(1)
         return self.blocks.append(block_ids)
 
-    @_locked
     def free(self, block_ids: list[int]) -> None:
         """Drops one reference on each block: cached ones stay as idle cache, others go free."""
         plain = []
@@ -118,7 +112,6 @@ class PrefixCache:
                     self._idle[b] = None
         self.blocks.free(plain)
 
-    @_locked
     def register(self, block_id: int, block_hash: int) -> None:
         """Makes a held, full block findable by its hash (a no-op when the hash or the block is
         already cached: the first copy of a context stays the cached one)."""
@@ -128,14 +121,12 @@ class PrefixCache:
         self._hash_of[block_id] = block_hash
         self._refs[block_id] = 1
 
-    @_locked
     def clear(self) -> int:
         """Evicts every cached block no request holds; returns how many."""
         n = len(self._idle)
         self._evict(self.blocks.num_free + n)
         return n
 
-    @_locked
     def runs(self) -> list[tuple[int, int]]:
         return self.blocks.runs()
 

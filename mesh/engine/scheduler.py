@@ -86,10 +86,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        with self.blocks.lock:  # free-block checks and allocations must not interleave with leases
-            return self._schedule()
-
-    def _schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         i = 0

@@ -23,7 +23,7 @@ from mesh.engine.parallel import Collectives, TensorParallelError
 from mesh.engine.rank import RankMemory
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.shard import Shard
-from tests.conftest import FAMILIES
+from tests.engine.helpers import FAMILIES
 from tests.engine.helpers import PROMPTS, hf_greedy
 from tests.engine.test_numerics_vs_hf import FP32_ATOL, greedy, run_and_compare
 

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.errors import STATUSES, GatewayError
 from gateway.openai_api import error_body
-from tests.gateway.conftest import API_KEY
+from tests.gateway.support import API_KEY
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 MESSAGES = [{"role": "user", "content": "Say hello."}]

@@ -55,13 +55,15 @@ def make_pool(ray_cluster, checkpoint):
 
     pools = []
 
-    def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, faults="", fault_log="", **engine):
-        """faults, fault_log: armed fault-injection points (mesh.faults) of every actor, replacements too."""
+    def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, faults="", fault_log="",
+             layerwise_kv=False, **engine):
+        """faults, fault_log: armed fault-injection points (mesh.faults) of every actor, replacements too.
+        layerwise_kv: prefills send each layer's KV as soon as it is computed."""
         engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
                   "block_size": 4, "threads": 1, **engine}
         transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
         pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0, faults=faults,
-                             fault_log=fault_log))
+                             fault_log=fault_log, layerwise_kv=layerwise_kv))
         asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
         pools.append(pool)
         return pool

@@ -24,7 +24,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from mesh.role_limits import Change, PoolRoles, device_for
+from mesh.role_limits import Change, PoolRoles
 from mesh.roles import MOVABLE, Role
 from scenarios.perf_model import PerfModel
 from scenarios.spec import ScenarioSpec
@@ -310,7 +310,7 @@ def _least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
 def _roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
     """What the role rule looks at for a scenario, as the controller sees it."""
     return PoolRoles(spec.name, Counter(a.role for a in actors), spec.limits,
-                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
+                     {role: hw.device for role, hw in spec.hardware.items()})
 
 
 def _inputs(o: Observation) -> dict:

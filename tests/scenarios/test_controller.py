@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from mesh.role_limits import Change, PoolRoles, device_for
+from mesh.role_limits import Change, PoolRoles
 from scenarios.controller import ActorView, Observation, RatioController, Settings
 from scenarios.perf_model import from_profile
 from scenarios.spec import parse_specs
@@ -201,7 +201,7 @@ def _rules(ctrl, cluster, name):
     """The role rule's view of a scenario of the cluster, as the pools would judge it."""
     spec = ctrl.specs[name]
     return PoolRoles(name, Counter(cluster.roles[name].values()), spec.limits,
-                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
+                     {role: hw.device for role, hw in spec.hardware.items()})
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -21,7 +21,7 @@ from scenarios.perf_model import PerfModel
 
 class Actor:
     __slots__ = (
-        "id", "role", "pool", "draining", "next_role", "next_pool", "joined", "model",
+        "id", "role", "device", "pool", "draining", "next_role", "next_pool", "joined", "model",
         # prefill
         "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s", "cache",
         # decode
@@ -31,8 +31,10 @@ class Actor:
         "role_since", "role_s",
     )
 
-    def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0):
-        self.id, self.role, self.pool = aid, role, pool
+    def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0, device: str = ""):
+        """device: the kind it runs on (mesh.hardware.Hardware.device): the role rule keeps it on its
+        roles' hardware."""
+        self.id, self.role, self.pool, self.device = aid, role, pool, device
         self.draining, self.next_role, self.next_pool = False, role, pool
         self.joined = 0  # when it last joined a pool's serving actors (the simulator counts): ties in offer order
         self.model = model

@@ -56,7 +56,7 @@ class Run:
         self.utilisation = _utilisation(sim)
         control = sim.control
         self.timeline = control.timeline if control else []
-        self.actions = dict(control.actions) if control else {"flip": 0, "lend": 0}
+        self.actions = dict(control.actions) if control else {"flip": 0, "lend": 0, "refused": 0}
 
     @property
     def events_per_s(self) -> float:

@@ -45,6 +45,7 @@ class Run:
         self.state = np.asarray(sim.state)
         arrival, first, done = (np.asarray(x, dtype=float) for x in (sim.arrival, sim.t_first, sim.t_done))
         out = np.asarray(sim.output)
+        self.done_at = done  # when each request ended (served or refused), simulated seconds
         self.ttft = first - arrival
         self.tpot = np.where(out > 1, (done - first) / np.maximum(out - 1, 1), 0.0)
         self.transfer_s = np.asarray(sim.xfer)

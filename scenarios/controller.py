@@ -155,10 +155,7 @@ class RatioController:
         cap = model.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
         p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
         d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
-        goal = spec.slo.percentile / 100
-        ttft_short = obs.ttft_attainment is not None and obs.ttft_attainment < goal
-        tpot_short = obs.tpot_attainment is not None and obs.tpot_attainment < goal
-        kv_short = obs.kv_short is not None and obs.kv_short > 1 - goal
+        ttft_short, tpot_short, kv_short = self._misses(obs)
         if kv_short or (tpot_short and not ttft_short):
             d *= s.attainment_boost
         elif ttft_short and not tpot_short:
@@ -166,6 +163,17 @@ class RatioController:
         prediction = {"prefill_rps_per_actor": cap.prefill_rps, "decode_rps_per_actor": cap.decode_rps,
                       "decode_batch": cap.decode_batch, "prefill_needed": p, "decode_needed": d}
         return Need(p, d), prediction
+
+    def _misses(self, obs: Observation) -> tuple[bool, bool, bool]:
+        """Whether the scenario misses its TTFT goal, its TPOT goal, and finds decode KV short."""
+        goal = self.specs[obs.scenario].slo.percentile / 100
+        return (obs.ttft_attainment is not None and obs.ttft_attainment < goal,
+                obs.tpot_attainment is not None and obs.tpot_attainment < goal,
+                obs.kv_short is not None and obs.kv_short > 1 - goal)
+
+    def _meets_slo(self, obs: Observation) -> bool:
+        known = obs.ttft_attainment is not None or obs.arrival_rps == 0
+        return known and not any(self._misses(obs))
 
     def step(self, observations: list[Observation], now: float) -> list[Decision]:
         """One control interval: returns the decisions (also appended to the log)."""
@@ -255,7 +263,9 @@ class RatioController:
         """A pool-wide reassignment among the scenarios of each model: every short one (higher
         priority first) takes what it lacks at once from those with room (most room first),
         as long as each donor keeps what its load needs and every move passes the role rule.
-        One decision per donor and taker, with all the actors it moves."""
+        A scenario missing its own SLOs, or with arrivals but none finished yet, lends nothing:
+        its measured need is then too low (the requests that finish are the short ones). One decision per donor and taker, with all
+        the actors it moves."""
         s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
         ready = [name for name in obs if name not in self.pins
                  and now - self._memory[name].last_change >= s.min_dwell_s]
@@ -265,7 +275,7 @@ class RatioController:
         for taker in short:
             model = self.specs[taker].model
             donors = sorted((n for n in ready if n != taker and n not in short and self.specs[n].model == model
-                             and room[n] >= 1.5), key=room.get, reverse=True)
+                             and room[n] >= 1.5 and self._meets_slo(obs[n])), key=room.get, reverse=True)
             for donor in donors:
                 want = min(round(-room[taker]), math.floor(room[donor] - 0.5))
                 d = self._lend_some(obs[donor], needs[donor][0], obs[taker], needs[taker], want, now)

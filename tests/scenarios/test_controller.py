@@ -37,7 +37,7 @@ class Cluster:
         roles = list(self.roles[name].values())
         return roles.count("prefill"), roles.count("decode")
 
-    def observe(self, name, load, attainment=(None, None)):
+    def observe(self, name, load, attainment=(1.0, 1.0)):  # every request within the SLOs unless told
         rate, prompt, output = load
         actors = tuple(ActorView(a, r, device=self.devices.get(a, "")) for a, r in sorted(self.roles[name].items()))
         return Observation(name, rate, prompt, output, *attainment, actors)
@@ -198,6 +198,16 @@ def test_a_short_scenario_takes_what_it_lacks_from_several_donors_at_once():
     assert {d.scenario for d in lends} == {"idle1", "idle2"} and max(len(d.actions) for d in lends) > 1
     assert abs(sum(h[0]["busy"]) - need) <= 0.5 + 1e-9
     assert all(sum(h[0][n]) >= 2 for n in ("idle1", "idle2"))
+
+
+@pytest.mark.parametrize("attainment", [(0.5, 1.0), (None, None)])
+def test_a_scenario_missing_its_slos_or_not_measured_yet_lends_nothing(attainment):
+    """Its measured need is too low then (only the short requests finish)."""
+    ctrl, cluster = make(scenario("busy", p=1, d=1), scenario("idle", p=4, d=4))
+    obs = [cluster.observe("busy", (25.0, 1500, 150)), cluster.observe("idle", (0.1, 1500, 150), attainment)]
+    assert not ctrl.step(obs, 0.0)
+    obs[1] = cluster.observe("idle", (0.1, 1500, 150))
+    assert [d.actions[0].kind for d in ctrl.step(obs, 10.0)] == ["lend"]
 
 
 def test_lending_never_takes_a_donor_below_its_minimum():

@@ -26,7 +26,7 @@ from typing import Literal
 
 from mesh.role_limits import Change, PoolRoles
 from mesh.roles import MOVABLE, Role
-from scenarios.perf_model import PerfModel
+from scenarios.perf_model import PerfModel, RoleModels
 from scenarios.spec import ScenarioSpec
 
 
@@ -111,14 +111,15 @@ class Need:
 
 
 class RatioController:
-    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel],
+    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel | RoleModels],
                  settings: Settings = Settings(), log_size: int = 10_000):
-        """models: the performance model per scenario name."""
+        """models: the performance model per scenario name; RoleModels where its prefill and
+        decode run on different hardware (scenarios.calibration keeps one per accelerator)."""
         missing = [s.name for s in specs if s.name not in models]
         if missing:
             raise ValueError(f"no performance model for scenarios {missing}")
         self.specs = {s.name: s for s in specs}
-        self.models = models
+        self.models = {name: m if isinstance(m, RoleModels) else RoleModels(m, m) for name, m in models.items()}
         self.settings = settings
         self.paused = False
         self.pins: dict[str, tuple[int, int]] = {}
@@ -146,13 +147,13 @@ class RatioController:
     def need(self, obs: Observation) -> tuple[Need, dict]:
         """Actors of each role the load needs, with the capacity prediction behind it."""
         spec, s = self.specs[obs.scenario], self.settings
-        model = self.models[obs.scenario]
+        models = self.models[obs.scenario]
         # a request's decode KV is leased before its prefill: held through the prefill and
         # the transfer (queueing before prefill shows up as attainment, and is boosted for)
-        prompt = obs.mean_prompt
-        hold = model.prefill_s(prompt, prompt * prompt) + model.transfer_s(
-            model.transfer_ops(int(prompt), True), prompt * model.kv_bytes_per_token)
-        cap = model.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
+        prompt, pm = obs.mean_prompt, models.prefill
+        hold = pm.prefill_s(prompt, prompt * prompt) + pm.transfer_s(
+            pm.transfer_ops(int(prompt), True), prompt * pm.kv_bytes_per_token)
+        cap = models.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
         p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
         d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
         ttft_short, tpot_short, kv_short = self._misses(obs)

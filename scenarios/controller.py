@@ -243,8 +243,8 @@ class RatioController:
         step = max(1, math.ceil(min(abs(delta), reach) / 2 ** damping))
         give = Role.DECODE if direction > 0 else Role.PREFILL
         take = Role.PREFILL if direction > 0 else Role.DECODE
-        chosen, rules = [], _roles(spec, obs.actors)
-        for a in _least_loaded(obs.actors, give):
+        chosen, rules = [], pool_roles(spec, obs.actors)
+        for a in least_loaded(obs.actors, give):
             change = Change(a.actor_id, give, take, a.device)
             if len(chosen) < step and rules.judge(change).allowed:
                 chosen.append(a)
@@ -300,13 +300,13 @@ class RatioController:
         need = taker_need[0]
         surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
         deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
-        donor_rules, taker_rules = _roles(dspec, donor.actors), _roles(tspec, taker_obs.actors)
+        donor_rules, taker_rules = pool_roles(dspec, donor.actors), pool_roles(tspec, taker_obs.actors)
         actions, gave, taken = [], Counter(), set()
         for _ in range(count):
             role = max(deficit, key=deficit.get)
             pick = None
             for give in sorted(surplus, key=surplus.get, reverse=True):
-                pick = next((a for a in _least_loaded(donor.actors, give) if a.actor_id not in taken
+                pick = next((a for a in least_loaded(donor.actors, give) if a.actor_id not in taken
                              and donor_rules.judge(Change(a.actor_id, give, None)).allowed
                              and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed), None)
                 if pick:
@@ -342,11 +342,11 @@ def _lent(donor: Observation, taker: Observation, actions: tuple[Action, ...]) -
             replace(taker, actors=taker.actors + joined))
 
 
-def _least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
+def least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
     return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)
 
 
-def _roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
+def pool_roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
     """What the role rule looks at for a scenario, as the controller sees it."""
     return PoolRoles(spec.name, Counter(a.role for a in actors), spec.limits,
                      {role: hw.device for role, hw in spec.hardware.items()})

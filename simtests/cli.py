@@ -38,8 +38,9 @@ def _mix(value: str) -> tuple[str, float, int, int]:
               help="performance model: a built-in profile name or a profile file")
 @click.option("--actors", type=int, help="scale the specs' initial counts to N actors in all")
 @click.option("--compare", "comparisons",
-              type=click.Choice(["pools", "placement", "transfer", "serving", "prefix", "all"]), multiple=True,
-              help="run pdmesh against a baseline on the same load (repeatable; all: the four of P/D-Serve)")
+              type=click.Choice(["pools", "placement", "transfer", "serving", "prefix", "autoscale", "all"]),
+              multiple=True, help="run pdmesh against a baseline on the same load (repeatable; all: the four of "
+              "P/D-Serve; autoscale: SLO attainment and actor-hours against the static fleet)")
 @click.option("--converge", is_flag=True,
               help="time for the controller to bring a swapped split (each scenario's P and D counts "
                    "exchanged) within 10%% of the goodput from the file's split, window by window")
@@ -98,7 +99,8 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
         _converge(cluster, workload, window, output)
         return
     four = ["pools", "placement", "transfer", "serving"]
-    names = list(dict.fromkeys(n for c in comparisons for n in (four if c == "all" else [c])))
+    groups = {"all": four, "autoscale": ["autoscale", "actor-hours"]}
+    names = list(dict.fromkeys(n for c in comparisons for n in groups.get(c, [c])))
     if names:
         outcomes = compare(names, cluster, workload, variant, lambda what: console.print(f"running {what} ..."))
         runs = {}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from gateway.observe import LoadWindow
 from mesh.role_limits import Change, RoleLimitError
 from mesh.roles import Role
+from scenarios.autoscale import Autoscaler, ScaleAction
 from scenarios.control_round import ControlRound, Record
 from scenarios.controller import Action, ActorView, Decision, RatioController
 
@@ -32,9 +33,19 @@ class SimConnector:
     def __init__(self, sim: "Simulator"):
         self.sim = sim
 
-    async def apply(self, action: Action) -> None:
+    async def apply(self, action: Action | ScaleAction) -> None:
         sim = self.sim
+        if action.kind == "add":  # serves once started: after the autoscaler's start-up time
+            sim.start_actor(sim.names.index(action.scenario), action.role, sim.cluster.scale.start_s)
+            return
         a = sim.actors[int(action.actor_id)]
+        if action.kind == "remove":
+            verdict = sim.pools[a.pool].roles(sim.actors, sim.cluster.specs[a.pool]).judge(
+                Change(action.actor_id, a.role, None, a.device))
+            if not verdict.allowed:
+                raise RoleLimitError(f"cannot remove {action.actor_id}: {verdict.reason}")
+            sim.move(a, a.role, None)
+            return
         to = sim.names.index(action.to_scenario) if action.kind == "lend" else a.pool
         what = f"{action.kind} {action.actor_id} to {sim.names[to]} as {action.role}"
         moves = ([Change(action.actor_id, a.role, action.role, a.device)] if to == a.pool else
@@ -54,16 +65,20 @@ class SimControl(ControlRound):
     def __init__(self, sim: "Simulator"):
         c = sim.cluster
         clock = lambda: sim.now  # noqa: E731
-        super().__init__(RatioController(c.specs, c.models, c.settings),
-                         LoadWindow({s.name: s.slo for s in c.specs}, clock), SimConnector(sim), clock)
+        controller = RatioController(c.specs, c.models, c.settings)
+        super().__init__(controller, LoadWindow({s.name: s.slo for s in c.specs}, clock), SimConnector(sim), clock,
+                         autoscaler=Autoscaler(controller, c.scale) if sim.variant.autoscale else None)
         self.sim = sim
         self.timeline: list[tuple[float, int, int, int]] = []  # (time, scenario, prefill, decode)
+        self.scale_timeline: list[tuple[float, int]] = []  # (time, actors started and not stopped)
         self.actions: Counter[str] = Counter({"flip": 0, "lend": 0, "refused": 0})
         self._record(0.0)
 
     def tick(self) -> None:
         asyncio.run(self.round({name: self._views(k) for k, name in enumerate(self.sim.names)}))
         self._record(self.sim.now)
+        if self.autoscaler is not None:
+            self.scale_timeline.append((self.sim.now, sum(a.retired_at is None for a in self.sim.actors)))
 
     async def apply(self, decision: Decision) -> Record:
         record = await super().apply(decision)

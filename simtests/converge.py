@@ -9,7 +9,7 @@ Goodput per window: requests that ended in the window within both SLOs, per seco
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def swapped(cluster: Cluster) -> Cluster:
         limits = {r: lim.model_copy(update={"min": min(lim.min, n), "max": max(lim.max, n)})
                   for (r, lim), n in zip(s.limits.items(), (p, d))}
         specs.append(s.model_copy(update={"prefill": p, "decode": d, "limits": limits}))
-    return Cluster(specs, cluster.models, cluster.settings)
+    return replace(cluster, specs=specs)
 
 
 def goodput_series(run: Run, window_s: float, until_s: float) -> np.ndarray:

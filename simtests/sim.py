@@ -32,7 +32,7 @@ from simtests.workload import Workload
 _queue = attrgetter("queued_requests", "queued_tokens", "joined")
 
 # event kinds
-PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
+PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT, STARTED = range(8)
 
 
 class Simulator:
@@ -113,7 +113,7 @@ class Simulator:
                 pool.report(self.actors)
             self._push(self.variant.report_interval_s, REPORT, 0, 0)
         handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._expire,
-                    self._control, self._report)
+                    self._control, self._report, self._started)
         arrival, heap, pop = self.arrival, self.heap, heapq.heappop
         start, cpu = time.perf_counter(), time.process_time()
         events = 0
@@ -412,13 +412,30 @@ class Simulator:
             self._push(self.now + self.variant.report_interval_s, REPORT, 0, 0)
 
     # -- moving actors (the controller's connector calls these) ------------------------------
-    def move(self, a: Actor, role: Role, pool: int) -> None:
-        """Drain a, then switch it to `role` in `pool`: it takes no new work from now."""
+    def move(self, a: Actor, role: Role, pool: int | None) -> None:
+        """Drain a, then switch it to `role` in `pool` (None: stop it): it takes no new work from now."""
         self._leave(a)
         self.pools[a.pool].members.discard(a.id)
-        self.pools[pool].members.add(a.id)
+        if pool is not None:
+            self.pools[pool].members.add(a.id)
         a.next_role, a.next_pool, a.draining = role, pool, True
         self._maybe_drained(a)
+
+    def start_actor(self, pool: int, role: Role, start_s: float) -> None:
+        """A new actor of `role` in `pool` (the scenario's hardware for it), serving after
+        start_s; until then a member that takes no work, as a live pool's starting actor."""
+        spec = self.cluster.specs[pool]
+        a = Actor(len(self.actors), role, pool, self.cluster.models[spec.name], self.now,
+                  device=spec.hardware[role].device)
+        a.draining = True
+        self.actors.append(a)
+        self.pools[pool].members.add(a.id)
+        self._push(self.now + start_s, STARTED, a.id, 0)
+
+    def _started(self, aid: int, _: int) -> None:
+        a = self.actors[aid]
+        a.draining = False
+        self._enter(a)
 
     def _leave(self, a: Actor) -> None:
         pool = self.pools[a.pool]
@@ -435,7 +452,8 @@ class Simulator:
                 self._forget(holders, a, h)
             a.cache.clear()
             a.switch(self.now)
-            self._enter(a)
+            if a.pool is not None:
+                self._enter(a)
 
     def _enter(self, a: Actor) -> None:
         pool = self.pools[a.pool]

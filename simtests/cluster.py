@@ -51,8 +51,10 @@ def load_cluster(specs_path: str | Path, profile: str, actors: int | None = None
     if actors is not None:
         specs = scaled(specs, actors)
     model = load_profile(profile) if Path(profile).suffix in (".yaml", ".yml", ".json") else builtin(profile)
-    # one PerfModel per scenario: the live controller refines each from its own pool's measurements
-    return Cluster(specs, {s.name: model for s in specs}, settings)
+    # one PerfModel per scenario: the live controller refines each from its own pool's measurements;
+    # the autoscaler's budget is the file's fleet, the static one it is compared with (sized for the peak)
+    return Cluster(specs, {s.name: model for s in specs}, settings,
+                   ScaleSettings(budget=sum(s.prefill + s.decode for s in specs)))
 
 
 def scaled(specs: list[ScenarioSpec], actors: int) -> list[ScenarioSpec]:

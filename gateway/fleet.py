@@ -16,7 +16,7 @@ from gateway.errors import GatewayError
 from mesh.actor import Role
 from mesh.dispatch import Dispatcher
 from mesh.engine.tokenizer import Tokenizer
-from mesh.pool import Hardware, Member, Pool, PoolSpec
+from mesh.pool import Member, Pool, PoolSpec
 from mesh.routing import ForwardOnRejection
 from mesh.supervisor import RestartPolicy, Supervisor
 from scenarios.spec import ScenarioSpec
@@ -45,10 +45,6 @@ def _context_length(model: str, engine: dict) -> int:
     return int(json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 2048))
 
 
-def _hardware(spec: ScenarioSpec) -> dict[str, Hardware]:
-    return {role: Hardware(hw.num_cpus, hw.num_gpus, hw.npus, dict(hw.resources)) for role, hw in spec.hardware.items()}
-
-
 class Fleet:
     def __init__(self, config: ServeConfig, transport_secret: str, restart: RestartPolicy = RestartPolicy()):
         self.config = config
@@ -59,7 +55,7 @@ class Fleet:
         for spec in config.scenarios:
             engine = {**config.engine, "model": spec.model}
             transport = {"backend": "ucx", **config.transport, "secret": transport_secret}
-            pool = Pool(PoolSpec(spec.name, engine, transport, _hardware(spec), ttft_budget_s=spec.slo.ttft_s,
+            pool = Pool(PoolSpec(spec.name, engine, transport, dict(spec.hardware), ttft_budget_s=spec.slo.ttft_s,
                                  limits=dict(spec.limits)))
             tokenizer = Tokenizer(spec.model)
             self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, Dispatcher(pool, router),

@@ -21,34 +21,12 @@ import ray
 from mesh import faults, tracing
 from mesh.actor import MeshActor, Role, State
 from mesh.errors import MeshError
-from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_for, device_kind
+from mesh.hardware import Hardware
+from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_kind
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count()
-
-
-@dataclass
-class Hardware:
-    """What one actor of a role asks Ray for: CPUs, GPUs, the custom NPU resource, and
-    any other custom resources that place it on particular nodes."""
-    num_cpus: float = 1
-    num_gpus: float = 0
-    npus: float = 0
-    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources: where actors go
-
-    def options(self) -> dict:
-        opts: dict = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            opts["num_gpus"] = self.num_gpus
-        resources = {**self.resources, **({"NPU": self.npus} if self.npus else {})}
-        if resources:
-            opts["resources"] = resources
-        return opts
-
-    @property
-    def device(self) -> str:
-        return device_for(self.num_gpus, self.npus)
 
 
 @dataclass

@@ -6,7 +6,9 @@ what became of it.
 What differs between the two is injected: the window (the gateway's `LoadWindow`, which
 the simulator feeds too), the clock (wall time, or simulated time), the connector (live
 pools, or modelled actors) and the actors' views. Decisions are applied one at a time,
-in the controller's order; a failed action does not stop the others.
+in the controller's order; a failed action does not stop the others. With an autoscaler
+(`scenarios.autoscale`), its scale decisions on the same observations follow, through the
+same connector (add and remove actions).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from scenarios.autoscale import Autoscaler, ScaleDecision
 from scenarios.connector import Connector, apply_all
 from scenarios.controller import ActorView, Decision, Observation, RatioController
 
@@ -27,23 +30,34 @@ class Window(Protocol):
 @dataclass(frozen=True)
 class Record:
     """A decision and what became of it."""
-    decision: Decision
+    decision: Decision | ScaleDecision
     failures: tuple[str, ...]  # "flip a1 -> decode: why", for each action that could not be applied
 
 
 class ControlRound:
     def __init__(self, controller: RatioController, window: Window, connector: Connector,
-                 clock: Callable[[], float], log_size: int = 1000):
+                 clock: Callable[[], float], log_size: int = 1000, autoscaler: Autoscaler | None = None):
         self.controller, self.window, self.connector, self.clock = controller, window, connector, clock
+        self.autoscaler = autoscaler
         self.records: deque[Record] = deque(maxlen=log_size)
+        self.scale_records: deque[Record] = deque(maxlen=log_size)
 
     async def round(self, views: dict[str, tuple[ActorView, ...]]) -> list[Record]:
-        """One interval of the scenarios in `views` (those under control): observe, decide, apply."""
-        observations = self.window.close(views)
-        return [await self.apply(decision) for decision in self.controller.step(observations, self.clock())]
+        """One interval of the scenarios in `views` (those under control): observe, decide, apply;
+        then scale, when an autoscaler is given."""
+        observations, now = self.window.close(views), self.clock()
+        records = [await self.apply(decision) for decision in self.controller.step(observations, now)]
+        if self.autoscaler is not None:
+            for decision in self.autoscaler.step(observations, now):
+                self.scale_records.append(await _applied(self.connector, decision))
+        return records
 
     async def apply(self, decision: Decision) -> Record:
-        failed = await apply_all(self.connector, [decision])
-        record = Record(decision, tuple(f"{a.kind} {a.actor_id} -> {a.role}: {e}" for a, e in failed))
+        record = await _applied(self.connector, decision)
         self.records.append(record)
         return record
+
+
+async def _applied(connector: Connector, decision: Decision | ScaleDecision) -> Record:
+    failed = await apply_all(connector, [decision])
+    return Record(decision, tuple(f"{a.kind} {a.actor_id} -> {a.role}: {e}" for a, e in failed))

@@ -24,9 +24,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from mesh.role_limits import Change, PoolRoles, device_for
+from mesh.role_limits import Change, PoolRoles
 from mesh.roles import MOVABLE, Role
-from scenarios.perf_model import PerfModel
+from scenarios.perf_model import PerfModel, RoleModels
 from scenarios.spec import ScenarioSpec
 
 
@@ -81,7 +81,8 @@ class Settings:
     min_dwell_s: float = 30.0  # since a scenario's last change
     confirm: int = 2  # consecutive intervals that must ask for the same direction
     band: float = 0.05  # dead band: ignore ideal splits within this share of the actors (at least one)
-    max_step: float = 0.25  # move at most this share of the actors per decision
+    max_step: float = 0.25  # move at most this share of the actors per decision...
+    far: float = 0.2  # ...unless the ideal split is farther than this share away: then all the way at once
     utilisation: float = 0.85  # plan each role to this utilisation: headroom for queueing
     smoothing: float = 0.5  # weight of the newest observation in the moving averages
     attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
@@ -110,14 +111,15 @@ class Need:
 
 
 class RatioController:
-    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel],
+    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel | RoleModels],
                  settings: Settings = Settings(), log_size: int = 10_000):
-        """models: the performance model per scenario name."""
+        """models: the performance model per scenario name; RoleModels where its prefill and
+        decode run on different hardware (scenarios.calibration keeps one per accelerator)."""
         missing = [s.name for s in specs if s.name not in models]
         if missing:
             raise ValueError(f"no performance model for scenarios {missing}")
         self.specs = {s.name: s for s in specs}
-        self.models = models
+        self.models = {name: m if isinstance(m, RoleModels) else RoleModels(m, m) for name, m in models.items()}
         self.settings = settings
         self.paused = False
         self.pins: dict[str, tuple[int, int]] = {}
@@ -145,19 +147,16 @@ class RatioController:
     def need(self, obs: Observation) -> tuple[Need, dict]:
         """Actors of each role the load needs, with the capacity prediction behind it."""
         spec, s = self.specs[obs.scenario], self.settings
-        model = self.models[obs.scenario]
+        models = self.models[obs.scenario]
         # a request's decode KV is leased before its prefill: held through the prefill and
         # the transfer (queueing before prefill shows up as attainment, and is boosted for)
-        prompt = obs.mean_prompt
-        hold = model.prefill_s(prompt, prompt * prompt) + model.transfer_s(
-            model.transfer_ops(int(prompt), True), prompt * model.kv_bytes_per_token)
-        cap = model.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
+        prompt, pm = obs.mean_prompt, models.prefill
+        hold = pm.prefill_s(prompt, prompt * prompt) + pm.transfer_s(
+            pm.transfer_ops(int(prompt), True), prompt * pm.kv_bytes_per_token)
+        cap = models.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
         p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
         d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
-        goal = spec.slo.percentile / 100
-        ttft_short = obs.ttft_attainment is not None and obs.ttft_attainment < goal
-        tpot_short = obs.tpot_attainment is not None and obs.tpot_attainment < goal
-        kv_short = obs.kv_short is not None and obs.kv_short > 1 - goal
+        ttft_short, tpot_short, kv_short = self._misses(obs)
         if kv_short or (tpot_short and not ttft_short):
             d *= s.attainment_boost
         elif ttft_short and not tpot_short:
@@ -165,6 +164,17 @@ class RatioController:
         prediction = {"prefill_rps_per_actor": cap.prefill_rps, "decode_rps_per_actor": cap.decode_rps,
                       "decode_batch": cap.decode_batch, "prefill_needed": p, "decode_needed": d}
         return Need(p, d), prediction
+
+    def _misses(self, obs: Observation) -> tuple[bool, bool, bool]:
+        """Whether the scenario misses its TTFT goal, its TPOT goal, and finds decode KV short."""
+        goal = self.specs[obs.scenario].slo.percentile / 100
+        return (obs.ttft_attainment is not None and obs.ttft_attainment < goal,
+                obs.tpot_attainment is not None and obs.tpot_attainment < goal,
+                obs.kv_short is not None and obs.kv_short > 1 - goal)
+
+    def _meets_slo(self, obs: Observation) -> bool:
+        known = obs.ttft_attainment is not None or obs.arrival_rps == 0
+        return known and not any(self._misses(obs))
 
     def step(self, observations: list[Observation], now: float) -> list[Decision]:
         """One control interval: returns the decisions (also appended to the log)."""
@@ -228,11 +238,13 @@ class RatioController:
             return None
         reversal = direction == -mem.last_direction and now - mem.last_change < s.reversal_window_s
         damping = mem.damping + 1 if reversal and not outside and not pin else 0
-        step = max(1, math.ceil(min(abs(delta), max(1, math.ceil(s.max_step * n))) / 2 ** damping))
+        # far from the ideal: the whole way in one (confirmed) move rather than max_step at a time
+        reach = abs(delta) if abs(want - p) > s.far * n else max(1, math.ceil(s.max_step * n))
+        step = max(1, math.ceil(min(abs(delta), reach) / 2 ** damping))
         give = Role.DECODE if direction > 0 else Role.PREFILL
         take = Role.PREFILL if direction > 0 else Role.DECODE
-        chosen, rules = [], _roles(spec, obs.actors)
-        for a in _least_loaded(obs.actors, give):
+        chosen, rules = [], pool_roles(spec, obs.actors)
+        for a in least_loaded(obs.actors, give):
             change = Change(a.actor_id, give, take, a.device)
             if len(chosen) < step and rules.judge(change).allowed:
                 chosen.append(a)
@@ -249,68 +261,95 @@ class RatioController:
 
     def _lend(self, obs: dict[str, Observation], needs: dict[str, tuple[Need, dict]],
               now: float) -> list[Decision]:
-        """Moves one actor per interval from the scenario with the most room to the most
-        short one of the same model (higher priority first), when the donor stays within
-        its needs and limits."""
-        s = self.settings
+        """A pool-wide reassignment among the scenarios of each model: every short one (higher
+        priority first) takes what it lacks at once from those with room (most room first),
+        as long as each donor keeps what its load needs and every move passes the role rule.
+        A scenario missing its own SLOs, or with arrivals but none finished yet, lends nothing:
+        its measured need is then too low (the requests that finish are the short ones). One decision per donor and taker, with all
+        the actors it moves."""
+        s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
         ready = [name for name in obs if name not in self.pins
                  and now - self._memory[name].last_change >= s.min_dwell_s]
-
-        def room(name: str) -> float:  # actors beyond what the load needs
-            return len(obs[name].actors) - needs[name][0].total
-
+        room = {name: len(obs[name].actors) - needs[name][0].total for name in ready}  # beyond the need
         decisions = []
-        short = sorted((n for n in ready if room(n) < -0.5),
-                       key=lambda n: (-self.specs[n].priority, room(n)))
+        short = sorted((n for n in ready if room[n] < -0.5), key=lambda n: (-self.specs[n].priority, room[n]))
         for taker in short:
             model = self.specs[taker].model
-            donors = sorted((n for n in ready if n != taker and self.specs[n].model == model
-                             and room(n) >= 1.5 and n not in {d.scenario for d in decisions}),
-                            key=room, reverse=True)
+            donors = sorted((n for n in ready if n != taker and n not in short and self.specs[n].model == model
+                             and room[n] >= 1.5 and self._meets_slo(obs[n])), key=room.get, reverse=True)
             for donor in donors:
-                d = self._lend_one(obs[donor], needs[donor][0], taker, obs[taker], needs[taker], now)
+                want = min(round(-room[taker]), math.floor(room[donor] - 0.5))
+                d = self._lend_some(obs[donor], needs[donor][0], obs[taker], needs[taker], want, now)
                 if d:
                     decisions.append(d)
+                    room[donor] -= len(d.actions)
+                    room[taker] += len(d.actions)
+                    obs[donor], obs[taker] = _lent(obs[donor], obs[taker], d.actions)
+                if room[taker] >= -0.5:
                     break
         return decisions
 
-    def _lend_one(self, donor: Observation, donor_need: Need, taker: str, taker_obs: Observation,
-                  taker_need: tuple[Need, dict], now: float) -> Decision | None:
-        dspec, tspec = self.specs[donor.scenario], self.specs[taker]
+    def _lend_some(self, donor: Observation, donor_need: Need, taker_obs: Observation,
+                   taker_need: tuple[Need, dict], count: int, now: float) -> Decision | None:
+        """Up to `count` actors from donor to taker: each from the donor's role with the most
+        surplus, to the taker's role with the most deficit, as the role rule allows."""
+        dspec, tspec, taker = self.specs[donor.scenario], self.specs[taker_obs.scenario], taker_obs.scenario
         P, D = MOVABLE
         counts = {r: sum(a.role == r for a in donor.actors) for r in MOVABLE}
-        surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
         tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in MOVABLE}
         need = taker_need[0]
+        surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
         deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
-        role = max(deficit, key=deficit.get)
-        donor_rules, taker_rules = _roles(dspec, donor.actors), _roles(tspec, taker_obs.actors)
-        for give in sorted(surplus, key=surplus.get, reverse=True):
-            a = next((a for a in _least_loaded(donor.actors, give)
-                      if donor_rules.judge(Change(a.actor_id, give, None)).allowed
-                      and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed), None)
-            if a is None:
-                continue
-            for name in (donor.scenario, taker):
-                self._memory[name].last_change = now
-            return Decision(now, donor.scenario, (Action("lend", a.actor_id, donor.scenario, role, taker),),
-                            (counts[P], counts[D]), (counts[P] - (give == P), counts[D] - (give == D)),
-                            {"donor": _inputs(donor), "taker": _inputs(taker_obs)},
-                            {"donor_needs": donor_need.total, "taker_needs": need.total, **taker_need[1]},
-                            f"{taker} needs {need.total:.1f} actors and has {len(taker_obs.actors)}; "
-                            f"{donor.scenario} needs {donor_need.total:.1f} of {len(donor.actors)}: "
-                            f"lend {a.actor_id} ({give}) to {taker} as {role}")
-        return None
+        donor_rules, taker_rules = pool_roles(dspec, donor.actors), pool_roles(tspec, taker_obs.actors)
+        actions, gave, taken = [], Counter(), set()
+        for _ in range(count):
+            role = max(deficit, key=deficit.get)
+            pick = None
+            for give in sorted(surplus, key=surplus.get, reverse=True):
+                pick = next((a for a in least_loaded(donor.actors, give) if a.actor_id not in taken
+                             and donor_rules.judge(Change(a.actor_id, give, None)).allowed
+                             and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed), None)
+                if pick:
+                    break
+            if pick is None:
+                break
+            taken.add(pick.actor_id)
+            donor_rules = donor_rules.after(Change(pick.actor_id, give, None))
+            taker_rules = taker_rules.after(Change(pick.actor_id, None, role, pick.device))
+            surplus[give] -= 1
+            deficit[role] -= 1
+            gave[give] += 1
+            actions.append(Action("lend", pick.actor_id, donor.scenario, role, taker))
+        if not actions:
+            return None
+        for name in (donor.scenario, taker):
+            self._memory[name].last_change = now
+        moved = ", ".join(f"{a.actor_id} as {a.role}" for a in actions)
+        return Decision(now, donor.scenario, tuple(actions), (counts[P], counts[D]),
+                        (counts[P] - gave[P], counts[D] - gave[D]),
+                        {"donor": _inputs(donor), "taker": _inputs(taker_obs)},
+                        {"donor_needs": donor_need.total, "taker_needs": need.total, **taker_need[1]},
+                        f"{taker} needs {need.total:.1f} actors and has {len(taker_obs.actors)}; "
+                        f"{donor.scenario} needs {donor_need.total:.1f} of {len(donor.actors)}: "
+                        f"lend {len(actions)} to {taker} ({moved})")
 
 
-def _least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
+def _lent(donor: Observation, taker: Observation, actions: tuple[Action, ...]) -> tuple[Observation, Observation]:
+    """Both scenarios once the lends are made: each actor draining toward its role in the taker."""
+    views = {a.actor_id: a for a in donor.actors}
+    joined = tuple(replace(views[a.actor_id], role=a.role, movable=False) for a in actions)
+    return (replace(donor, actors=tuple(v for v in donor.actors if v.actor_id not in {a.actor_id for a in actions})),
+            replace(taker, actors=taker.actors + joined))
+
+
+def least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
     return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)
 
 
-def _roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
+def pool_roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:
     """What the role rule looks at for a scenario, as the controller sees it."""
     return PoolRoles(spec.name, Counter(a.role for a in actors), spec.limits,
-                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
+                     {role: hw.device for role, hw in spec.hardware.items()})
 
 
 def _inputs(o: Observation) -> dict:

@@ -123,6 +123,20 @@ class PerfModel:
                 "transfer": _transfer_out(self.transfer.coef)}
 
 
+@dataclass(frozen=True)
+class RoleModels:
+    """A scenario's models when its roles run on different hardware: the prefill role's
+    (prefill batches, the KV transfers it sends) and the decode role's (decode steps)."""
+    prefill: PerfModel
+    decode: PerfModel
+
+    def capacity(self, mean_prompt: float, mean_output: float, tpot_s: float, hold_s: float = 0.0) -> Capacity:
+        """PerfModel.capacity with each role's rate from its own hardware's model."""
+        p = self.prefill.capacity(mean_prompt, mean_output, tpot_s, hold_s=hold_s)
+        d = self.decode.capacity(mean_prompt, mean_output, tpot_s, hold_s=hold_s)
+        return Capacity(p.prefill_rps, d.decode_rps, d.decode_batch)
+
+
 _PREFILL = ("intercept_s", "per_token_s", "per_token_sq_s")
 _DECODE = ("intercept_s", "per_seq_s", "per_context_token_s")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.hardware import Hardware
 from mesh.roles import MOVABLE, Role
 
 
@@ -51,26 +52,6 @@ class SLO(_Strict):
     ttft_s: float = Field(gt=0, description="time to first token target")
     tpot_s: float = Field(gt=0, description="time per output token target")
     percentile: float = Field(90.0, gt=0, le=100, description="share of requests that must meet both")
-
-
-class Hardware(_Strict):
-    """What one actor of a role runs on; `accelerator` names the perf-model profile's device."""
-    accelerator: str = "cpu"
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    npus: float = Field(0, ge=0)
-    # Custom Ray resources the node must offer, e.g. {"pdmesh_decode": 1} to place a role's
-    # actors on the nodes started with that resource (a NIC, a rack, a node pool).
-    resources: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("resources")
-    @classmethod
-    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if not name or name in ("CPU", "GPU", "NPU", "memory") or amount < 0:
-                raise ValueError(f"resource {name!r}: {amount}: name a custom Ray resource (CPU, GPU and NPU "
-                                 "have fields of their own) with an amount of 0 or more")
-        return v
 
 
 class RoleLimits(_Strict):

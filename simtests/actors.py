@@ -21,7 +21,7 @@ from scenarios.perf_model import PerfModel
 
 class Actor:
     __slots__ = (
-        "id", "role", "pool", "draining", "next_role", "next_pool", "joined", "model",
+        "id", "role", "device", "pool", "draining", "next_role", "next_pool", "joined", "model",
         # prefill
         "queue", "queued_tokens", "queued_requests", "batch", "busy", "rate", "link_free", "prefill_busy_s", "cache",
         # decode
@@ -29,10 +29,14 @@ class Actor:
         "decode_busy_s", "da", "db", "dc",
         # time spent in each role, for utilisation
         "role_since", "role_s",
+        # when it was started and stopped (autoscaling), for actor-hours
+        "born", "retired_at",
     )
 
-    def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0):
-        self.id, self.role, self.pool = aid, role, pool
+    def __init__(self, aid: int, role: Role, pool: int, model: PerfModel, now: float = 0.0, device: str = ""):
+        """device: the kind it runs on (mesh.hardware.Hardware.device): the role rule keeps it on its
+        roles' hardware."""
+        self.id, self.role, self.pool, self.device = aid, role, pool, device
         self.draining, self.next_role, self.next_pool = False, role, pool
         self.joined = 0  # when it last joined a pool's serving actors (the simulator counts): ties in offer order
         self.model = model
@@ -51,6 +55,7 @@ class Actor:
         self.kv_version = self.version = 0  # bumped when free KV / the batch changes: stale events skip
         self.da, self.db, self.dc = model.decode.coef
         self.role_since, self.role_s = now, dict.fromkeys(Role, 0.0)
+        self.born, self.retired_at = now, None
 
     @property
     def actor_id(self) -> int:  # what the router (mesh.routing) knows an actor by
@@ -73,9 +78,15 @@ class Actor:
         return self.queued_requests + self.size
 
     def switch(self, now: float) -> None:
-        """End a drain: take the new role and pool (same weights, no reload)."""
+        """End a drain: take the new role and pool (same weights, no reload), or stop (no pool)."""
         self.role_s[self.role] += now - self.role_since
         self.role, self.pool, self.role_since, self.draining = self.next_role, self.next_pool, now, False
+        if self.pool is None:  # stopped: takes no work, as while draining (the pools' indexes skip it)
+            self.retired_at, self.draining = now, True
+
+    def alive_s(self, end: float) -> float:
+        """Seconds it existed up to `end`: what actor-hours count."""
+        return (self.retired_at if self.retired_at is not None else end) - self.born
 
     # -- prefill -------------------------------------------------------------------------
     def take_batch(self, prompt: list[int], cached: Callable[["Actor", int], int] | None) -> tuple[int, float]:

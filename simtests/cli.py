@@ -38,8 +38,13 @@ def _mix(value: str) -> tuple[str, float, int, int]:
               help="performance model: a built-in profile name or a profile file")
 @click.option("--actors", type=int, help="scale the specs' initial counts to N actors in all")
 @click.option("--compare", "comparisons",
-              type=click.Choice(["pools", "placement", "transfer", "serving", "prefix", "all"]), multiple=True,
-              help="run pdmesh against a baseline on the same load (repeatable; all: the four of P/D-Serve)")
+              type=click.Choice(["pools", "placement", "transfer", "serving", "prefix", "autoscale", "all"]),
+              multiple=True, help="run pdmesh against a baseline on the same load (repeatable; all: the four of "
+              "P/D-Serve; autoscale: SLO attainment and actor-hours against the static fleet)")
+@click.option("--converge", is_flag=True,
+              help="time for the controller to bring a swapped split (each scenario's P and D counts "
+                   "exchanged) within 10%% of the goodput from the file's split, window by window")
+@click.option("--window", default=60.0, show_default=True, help="--converge: seconds per goodput window")
 @click.option("--pools", type=click.Choice(["scenario", "mixed"]), default="scenario", show_default=True)
 @click.option("--placement", type=click.Choice(["forward", "central"]), default="forward", show_default=True)
 @click.option("--transfer", type=click.Choice(["contiguous", "block"]), default="contiguous", show_default=True)
@@ -57,8 +62,8 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="write PNG plots to this folder")
 @click.option("--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
 def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed, scenarios_path, profile,
-            actors, comparisons, pools, placement, transfer, serving, chunk_tokens, prefix, controller, control_interval,
-            report_interval, admission_timeout, plot_dir, output) -> None:
+            actors, comparisons, converge, window, pools, placement, transfer, serving, chunk_tokens, prefix,
+            controller, control_interval, report_interval, admission_timeout, plot_dir, output) -> None:
     """Discrete-event simulation of a pdmesh cluster: the live admission, forwarding and
     ratio-controller code against modelled actors."""
     from rich.console import Console
@@ -90,8 +95,12 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
     title = (f"{workload.source} on {cluster.actors:,} actors in {len(cluster.specs)} scenarios, "
              f"model {model.name}")
     console.print(f"{title}\n(profile: {model.source})")
+    if converge:
+        _converge(cluster, workload, window, output)
+        return
     four = ["pools", "placement", "transfer", "serving"]
-    names = list(dict.fromkeys(n for c in comparisons for n in (four if c == "all" else [c])))
+    groups = {"all": four, "autoscale": ["autoscale", "actor-hours"]}
+    names = list(dict.fromkeys(n for c in comparisons for n in groups.get(c, [c])))
     if names:
         outcomes = compare(names, cluster, workload, variant, lambda what: console.print(f"running {what} ..."))
         runs = {}
@@ -118,6 +127,22 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
                 console.print(f"wrote {path}")
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None
+
+
+def _converge(cluster, workload, window_s, output) -> None:
+    from dataclasses import asdict
+
+    from simtests.converge import converge
+
+    c = converge(cluster, workload, window_s)
+    if output == "json":
+        click.echo(json.dumps(asdict(c), indent=2))
+        return
+    split = ", ".join(f"{name} {p}P:{d}D" for name, (p, d) in c.bad_split.items())
+    when = f"after {c.converged_s:.0f} s" if c.converged_s is not None else "never, to the end of the load"
+    click.echo(f"reference goodput {c.reference:.3f} req/s per actor (mean of {c.window_s:.0f} s windows); "
+               f"from the swapped split ({split}) within {c.tolerance:.0%} {when} "
+               f"({c.actions.get('flip', 0)} flips, {c.actions.get('lend', 0)} lends)")
 
 
 def _workload(specs, trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed):

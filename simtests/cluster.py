@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from scenarios.autoscale import ScaleSettings
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, builtin, load_profile
 from scenarios.spec import ScenarioSpec, SpecError, load_specs
@@ -23,6 +24,7 @@ class Variant:
     # best goodput on the Mooncake trace (of 256, 512, 1024, 2048: larger chunks break the TPOT target)
     chunk_tokens: int = 512
     controller: bool = True  # the live ratio controller (per-scenario pools only)
+    autoscale: bool = False  # the live autoscaling policy beside it (scenarios.autoscale)
     # prefix caching on prefill actors (workloads with prefix ids): "off", on with offers
     # idle-first as before, or on with offers first to the actors holding the longest prefix
     prefix: Literal["off", "idle-first", "prefix-aware"] = "off"
@@ -35,6 +37,7 @@ class Cluster:
     specs: list[ScenarioSpec]
     models: dict[str, PerfModel]  # by scenario name
     settings: Settings = field(default_factory=Settings)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)  # with Variant.autoscale
 
     @property
     def actors(self) -> int:
@@ -48,8 +51,10 @@ def load_cluster(specs_path: str | Path, profile: str, actors: int | None = None
     if actors is not None:
         specs = scaled(specs, actors)
     model = load_profile(profile) if Path(profile).suffix in (".yaml", ".yml", ".json") else builtin(profile)
-    # one PerfModel per scenario: the live controller refines each from its own pool's measurements
-    return Cluster(specs, {s.name: model for s in specs}, settings)
+    # one PerfModel per scenario: the live controller refines each from its own pool's measurements;
+    # the autoscaler's budget is the file's fleet, the static one it is compared with (sized for the peak)
+    return Cluster(specs, {s.name: model for s in specs}, settings,
+                   ScaleSettings(budget=sum(s.prefill + s.decode for s in specs)))
 
 
 def scaled(specs: list[ScenarioSpec], actors: int) -> list[ScenarioSpec]:

@@ -1,6 +1,7 @@
 """The comparisons: the four of issue 7, each pdmesh's way against one baseline on the same
 workload and cluster, with what P/D-Serve (arXiv 2408.08147) reports for it, and issue 9's
-prefix-aware forwarding against idle-first, both with prefix caches."""
+prefix-aware forwarding against idle-first, both with prefix caches, and issue 20's
+autoscaling against a static fleet."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,14 @@ COMPARISONS = {
     "prefix": Comparison("prefix-aware forwarding", "idle-first forwarding, prefix caches on",
                          {"prefix": "idle-first"}, "TTFT p50 (s)", lambda r: _all(r).ttft_p50_s, False,
                          "(Dynamo, SGLang: route by prefix)", "{:.2f}", {"prefix": "prefix-aware"}),
+    # issue 20: the autoscaling policy beside the controller against the fleet it starts from
+    # (the scenario file's counts, sized for the peak), on SLO attainment and on actor-hours
+    "autoscale": Comparison("autoscaling", "static fleet sized for the peak", {"autoscale": False},
+                            "SLO attainment", lambda r: _all(r).slo_attainment, True,
+                            "(target: at or above the static fleet)", "{:.1%}", {"autoscale": True}),
+    "actor-hours": Comparison("autoscaling", "static fleet sized for the peak", {"autoscale": False},
+                              "actor-hours", lambda r: r.actor_hours, False, "(target: at most 70%)", "{:.1f}",
+                              {"autoscale": True}),
 }
 
 

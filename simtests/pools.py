@@ -1,4 +1,5 @@
-"""A simulated pool's indexes, kept up to date as actors change, so that placing one request
+"""A simulated pool: the modelled counterpart of `mesh.pool.Pool`, judged by the same role rule
+(`roles()` is the `mesh.role_limits.PoolRoles` a live pool's `roles()` returns), and its indexes, kept up to date as actors change, so that placing one request
 costs O(log n) rather than a sort of the pool:
 
 - the serving prefill actors by queue (requests, then tokens, then when they joined the
@@ -13,12 +14,14 @@ costs O(log n) rather than a sort of the pool:
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import Counter, deque
 
+from mesh.role_limits import PoolRoles
+from scenarios.spec import ScenarioSpec
 from simtests.actors import Actor
 
 
-class Pool:
+class SimPool:
     __slots__ = ("index", "name", "members", "prefill", "queue_heap", "decode", "free_heap", "waiting", "admitting",
                  "estimates", "holders")
 
@@ -33,6 +36,13 @@ class Pool:
         self.admitting = False  # the simulator is admitting waiting requests (no re-entry)
         self.estimates: list[tuple[int, int]] = []  # central: (estimated queued tokens, actor)
         self.holders: dict[int, set[int]] = {}  # prefix block id -> prefill actors whose cache holds it
+
+    def roles(self, actors: list[Actor], spec: ScenarioSpec) -> PoolRoles:
+        """What the role rule looks at, as a live pool shows it: the actors serving each role
+        here (a draining one serves none), the scenario's limits and each role's device."""
+        serving = Counter(actors[aid].role for aid in self.members
+                          if not actors[aid].draining and actors[aid].pool == self.index)
+        return PoolRoles(self.name, serving, spec.limits, {role: hw.device for role, hw in spec.hardware.items()})
 
     def longest_prefix_holders(self, ids: list[int]) -> tuple[int, list[int]]:
         """How many leading blocks of `ids` some actors hold, and those actors in id order

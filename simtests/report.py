@@ -46,7 +46,8 @@ def run_line(run: Run) -> str:
         last[pool] = (p, d)
     ratios = ", ".join(f"{name} {first[k][0]}:{first[k][1]} -> {last[k][0]}:{last[k][1]}"
                        for k, name in enumerate(run.names))
-    return f"{line}; controller: {run.actions['flip']} flips, {run.actions['lend']} lends (P:D {ratios})"
+    refused = f", {run.actions['refused']} refused by the role rule" if run.actions.get("refused") else ""
+    return f"{line}; controller: {run.actions['flip']} flips, {run.actions['lend']} lends{refused} (P:D {ratios})"
 
 
 def comparison_rows(outcomes: list[Outcome]) -> list[list[str]]:

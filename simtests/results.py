@@ -39,12 +39,16 @@ class Run:
     def __init__(self, sim: "Simulator", w: "Workload", wall_s: float, cpu_s: float):
         self.names = list(sim.names)
         self.wall_s, self.cpu_s, self.events, self.end_s = wall_s, cpu_s, sim.events, sim.now
-        self.actors = len(sim.actors)
         self.span_s = w.duration_s or sim.now
+        self.actor_hours = sum(a.alive_s(sim.now) for a in sim.actors) / 3600
+        # goodput is per actor: a fleet that scaled counts its mean size over the run
+        scaled = any(a.born > 0 or a.retired_at is not None for a in sim.actors)
+        self.actors = self.actor_hours * 3600 / sim.now if scaled else len(sim.actors)
         self.scenario = np.asarray(sim.scen)
         self.state = np.asarray(sim.state)
         arrival, first, done = (np.asarray(x, dtype=float) for x in (sim.arrival, sim.t_first, sim.t_done))
         out = np.asarray(sim.output)
+        self.done_at = done  # when each request ended (served or refused), simulated seconds
         self.ttft = first - arrival
         self.tpot = np.where(out > 1, (done - first) / np.maximum(out - 1, 1), 0.0)
         self.transfer_s = np.asarray(sim.xfer)
@@ -56,7 +60,8 @@ class Run:
         self.utilisation = _utilisation(sim)
         control = sim.control
         self.timeline = control.timeline if control else []
-        self.actions = dict(control.actions) if control else {"flip": 0, "lend": 0}
+        self.actions = dict(control.actions) if control else {"flip": 0, "lend": 0, "refused": 0}
+        self.scale_timeline = control.scale_timeline if control else []
 
     @property
     def events_per_s(self) -> float:
@@ -83,7 +88,8 @@ class Run:
 
     def to_dict(self) -> dict:
         return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "events_per_s": self.events_per_s,
-                "simulated_s": self.end_s, "actors": self.actors, "utilisation": self.utilisation,
+                "simulated_s": self.end_s, "actors": self.actors, "actor_hours": self.actor_hours,
+                "utilisation": self.utilisation,
                 "actions": self.actions, "scenarios": [asdict(s) for s in self.stats()]}
 
 
@@ -93,7 +99,7 @@ def _utilisation(sim: "Simulator") -> dict[str, float]:
     held = dict.fromkeys(Role, 0.0)
     for a in sim.actors:
         for role in held:
-            held[role] += a.role_s[role] + (sim.now - a.role_since if a.role is role else 0.0)
+            held[role] += a.role_s[role] + (sim.now - a.role_since if a.role is role and a.retired_at is None else 0.0)
         if a.role is Role.BOTH:
             busy[Role.BOTH] += a.prefill_busy_s + a.decode_busy_s
         else:  # an actor that flipped was busy in both roles, each in its own time

@@ -3,7 +3,7 @@
 The policies are the live ones: prefill admission is `mesh.admission.PrefillAdmission`,
 the order of offers and the forwarding limits (offers per request, pause between passes)
 are `mesh.routing.ForwardOnRejection`, called as `mesh.dispatch` calls them, the ratio
-controller is `scenarios.controller` (see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
+controller runs in the live control round (`scenarios.control_round`, see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
 the performance model.
 
 Speed: arrivals are read in order from the workload rather than pushed on the heap;
@@ -23,8 +23,8 @@ from mesh.routing import ForwardOnRejection
 from mesh.roles import Role
 from simtests.actors import Actor
 from simtests.cluster import Cluster, Variant
-from simtests.control import ControlLoop
-from simtests.pools import Pool
+from simtests.control import SimControl
+from simtests.pools import SimPool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
 
@@ -32,7 +32,7 @@ from simtests.workload import Workload
 _queue = attrgetter("queued_requests", "queued_tokens", "joined")
 
 # event kinds
-PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT = range(7)
+PREFILL_DONE, TRANSFER_DONE, DECODE_NEXT, RETRY, EXPIRE, CONTROL, REPORT, STARTED = range(8)
 
 
 class Simulator:
@@ -55,10 +55,10 @@ class Simulator:
             models = {s.model for s in specs}
             if len(models) > 1:
                 raise ValueError(f"one mixed pool needs one model; the scenarios serve {sorted(models)}")
-            self.pools = [Pool(0, "mixed")]
+            self.pools = [SimPool(0, "mixed")]
             self.pool_of = [0] * len(specs)
         else:
-            self.pools = [Pool(i, s.name) for i, s in enumerate(specs)]
+            self.pools = [SimPool(i, s.name) for i, s in enumerate(specs)]
             self.pool_of = list(range(len(specs)))
         self.ttft_target = [s.slo.ttft_s for s in specs]
         self.tpot_target = [s.slo.tpot_s for s in specs]
@@ -70,15 +70,16 @@ class Simulator:
             model = cluster.models[s.name]
             roles = ([Role.BOTH] * (s.prefill + s.decode) if self.aggregated
                      else [Role.PREFILL] * s.prefill + [Role.DECODE] * s.decode)
-            for role in roles:
-                a = Actor(len(self.actors), role, pool.index, model)
+            for role in roles:  # an aggregated actor runs on the prefill hardware
+                hw = s.hardware[Role.PREFILL if role is Role.BOTH else role]
+                a = Actor(len(self.actors), role, pool.index, model, device=hw.device)
                 self.actors.append(a)
                 pool.members.add(a.id)
                 self._enter(a)
         self.heap: list[tuple] = []
         self.seq = 0
         self.events = 0
-        self.control: ControlLoop | None = None  # set by run() when the controller is on
+        self.control: SimControl | None = None  # set by run() when the controller is on
         self.window: LoadWindow | None = None  # the controller's: what the live gateway measures
 
     # -- the loop ---------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Simulator:
         self.active = 0
         self.next_arrival = 0
         if self.variant.controller and self.variant.pools == "scenario" and not self.aggregated:
-            self.control = ControlLoop(self)
+            self.control = SimControl(self)
             self.window = self.control.window
             self._push(self.cluster.settings.interval_s, CONTROL, 0, 0)
         if self.central:
@@ -112,7 +113,7 @@ class Simulator:
                 pool.report(self.actors)
             self._push(self.variant.report_interval_s, REPORT, 0, 0)
         handlers = (self._prefill_done, self._transfer_done, self._decode_next, self._retry, self._expire,
-                    self._control, self._report)
+                    self._control, self._report, self._started)
         arrival, heap, pop = self.arrival, self.heap, heapq.heappop
         start, cpu = time.perf_counter(), time.process_time()
         events = 0
@@ -149,7 +150,7 @@ class Simulator:
             self.window.arrived(self.names[self.scen[rid]], self.prompt[rid])
         self._place(self.pools[self.pool_of[self.scen[rid]]], rid)
 
-    def _place(self, pool: Pool, rid: int) -> None:
+    def _place(self, pool: SimPool, rid: int) -> None:
         """Reserve decode KV (step 2 of the design), then find a prefill actor (step 3)."""
         if not self.aggregated and self.decode_of[rid] < 0 and not self._reserve(pool, rid):
             self.kv_short[rid] = True
@@ -161,7 +162,7 @@ class Simulator:
         else:
             self._offer(pool, rid)
 
-    def _reserve(self, pool: Pool, rid: int) -> bool:
+    def _reserve(self, pool: SimPool, rid: int) -> bool:
         need = self.prompt[rid] + self.output[rid]
         a = pool.most_free(self.actors)
         if a is None or a.free < need:
@@ -171,7 +172,7 @@ class Simulator:
         self.decode_of[rid] = a.id
         return True
 
-    def _offer(self, pool: Pool, rid: int) -> None:
+    def _offer(self, pool: SimPool, rid: int) -> None:
         """Forward on rejection as live dispatch does it (`mesh.dispatch`): one pass over the pool in
         the router's order (prefix holders, then idle-first), each actor answering from its own
         state; a whole pass rejected: pause and try again."""
@@ -205,7 +206,7 @@ class Simulator:
         else:
             self._reject(rid)
 
-    def _cached_tokens(self, pool: Pool, rid: int) -> dict[int, int]:
+    def _cached_tokens(self, pool: SimPool, rid: int) -> dict[int, int]:
         """The prompt tokens each actor holding the longest prefix of rid's prompt would skip (the
         live dispatcher's prefix index, exact here); the offer names them (mesh.admission)."""
         if not (self.prefix_aware and self.prefix_of):
@@ -215,7 +216,7 @@ class Simulator:
         actors = self.actors
         return {aid: tokens for aid in holders if not actors[aid].draining and actors[aid].pool == pool.index}
 
-    def _central(self, pool: Pool, rid: int) -> None:
+    def _central(self, pool: SimPool, rid: int) -> None:
         """The baseline: the actor with the least queue by the last report (plus what was
         placed since); it always takes the request."""
         a = pool.least_reported(self.actors, self.prompt[rid])
@@ -224,7 +225,7 @@ class Simulator:
         else:
             self._accept(pool, a, rid)
 
-    def _accept(self, pool: Pool, a: Actor, rid: int) -> None:
+    def _accept(self, pool: SimPool, a: Actor, rid: int) -> None:
         if self.aggregated:
             need = self.prompt[rid] + self.output[rid]
             a.reserved += need
@@ -357,7 +358,7 @@ class Simulator:
             if pool.waiting:
                 self._admit_waiting(pool)
 
-    def _admit_waiting(self, pool: Pool) -> None:
+    def _admit_waiting(self, pool: SimPool) -> None:
         """In order, while decode KV lasts. A request rejected here frees its reservation, which
         calls this again: that call returns and this loop goes on (no recursion per request)."""
         if pool.admitting:
@@ -411,13 +412,30 @@ class Simulator:
             self._push(self.now + self.variant.report_interval_s, REPORT, 0, 0)
 
     # -- moving actors (the controller's connector calls these) ------------------------------
-    def move(self, a: Actor, role: Role, pool: int) -> None:
-        """Drain a, then switch it to `role` in `pool`: it takes no new work from now."""
+    def move(self, a: Actor, role: Role, pool: int | None) -> None:
+        """Drain a, then switch it to `role` in `pool` (None: stop it): it takes no new work from now."""
         self._leave(a)
         self.pools[a.pool].members.discard(a.id)
-        self.pools[pool].members.add(a.id)
+        if pool is not None:
+            self.pools[pool].members.add(a.id)
         a.next_role, a.next_pool, a.draining = role, pool, True
         self._maybe_drained(a)
+
+    def start_actor(self, pool: int, role: Role, start_s: float) -> None:
+        """A new actor of `role` in `pool` (the scenario's hardware for it), serving after
+        start_s; until then a member that takes no work, as a live pool's starting actor."""
+        spec = self.cluster.specs[pool]
+        a = Actor(len(self.actors), role, pool, self.cluster.models[spec.name], self.now,
+                  device=spec.hardware[role].device)
+        a.draining = True
+        self.actors.append(a)
+        self.pools[pool].members.add(a.id)
+        self._push(self.now + start_s, STARTED, a.id, 0)
+
+    def _started(self, aid: int, _: int) -> None:
+        a = self.actors[aid]
+        a.draining = False
+        self._enter(a)
 
     def _leave(self, a: Actor) -> None:
         pool = self.pools[a.pool]
@@ -434,7 +452,8 @@ class Simulator:
                 self._forget(holders, a, h)
             a.cache.clear()
             a.switch(self.now)
-            self._enter(a)
+            if a.pool is not None:
+                self._enter(a)
 
     def _enter(self, a: Actor) -> None:
         pool = self.pools[a.pool]

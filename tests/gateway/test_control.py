@@ -62,7 +62,7 @@ def make(enabled: bool):
     fleet, clock = FakeFleet(), FakeClock(1000.0)
     window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
     metrics = Metrics(lambda: {}, fleet.scenarios)
-    control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False))
+    control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False, far=1.0))
     return ControlLoop(fleet, window, metrics, control, clock), fleet, clock, window, metrics
 
 

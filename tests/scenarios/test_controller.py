@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from mesh.role_limits import Change, PoolRoles, device_for
+from mesh.role_limits import Change, PoolRoles
 from scenarios.controller import ActorView, Observation, RatioController, Settings
 from scenarios.perf_model import from_profile
 from scenarios.spec import parse_specs
@@ -34,7 +34,7 @@ class Cluster:
         roles = list(self.roles[name].values())
         return roles.count("prefill"), roles.count("decode")
 
-    def observe(self, name, load, attainment=(None, None)):
+    def observe(self, name, load, attainment=(1.0, 1.0)):  # every request within the SLOs unless told
         rate, prompt, output = load
         actors = tuple(ActorView(a, r, device=self.devices.get(a, "")) for a, r in sorted(self.roles[name].items()))
         return Observation(name, rate, prompt, output, *attainment, actors)
@@ -86,8 +86,24 @@ def test_shift_to_output_heavy_flips_toward_decode_and_back():
     assert "flip" in d.reason and d.actions and d.target[0] > d.current[0]
 
 
+def test_a_far_split_is_reached_in_one_confirmed_move():
+    """1P:9D under a load that needs about 9P:1D: the whole way at the second interval (the
+    confirmation), not 25% of the actors per dwell time."""
+    ctrl, cluster = make(scenario(p=1, d=9))
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 12)
+    assert h[1]["chat"][0] >= 8 and len(ctrl.log) == 1
+    assert all(x["chat"] == h[1]["chat"] for x in h[1:])  # and stays there
+
+
+def test_a_near_split_still_moves_by_max_step():
+    """Within `far` of the ideal, a move goes max_step of the actors at a time."""
+    ctrl, cluster = make(scenario(p=5, d=5), settings=Settings(interval_s=10, min_dwell_s=30, far=0.5))
+    h = run(ctrl, cluster, [PROMPT_HEAVY] * 3)  # ideal 8.9P: 3.9 away, under far x 10 actors
+    assert h[1]["chat"][0] == 8 and ctrl.log[0].target == (8, 2)  # ceil(0.25 x 10) = 3 actors
+
+
 def test_moves_respect_dwell_time():
-    ctrl, cluster = make(scenario(), settings=Settings(interval_s=10, min_dwell_s=30, max_step=0.1))
+    ctrl, cluster = make(scenario(), settings=Settings(interval_s=10, min_dwell_s=30, max_step=0.1, far=1.0))
     run(ctrl, cluster, [PROMPT_HEAVY] * 20)
     times = [d.time for d in ctrl.log]
     assert len(times) >= 2 and all(b - a >= SETTINGS.min_dwell_s for a, b in zip(times, times[1:]))
@@ -168,6 +184,29 @@ def test_lends_idle_actors_to_a_short_scenario_of_the_same_model():
     assert all(p >= 1 and d >= 1 for x in h for p, d in x.values())
 
 
+def test_a_short_scenario_takes_what_it_lacks_from_several_donors_at_once():
+    """A pool-wide reassignment: in the first interval the short scenario gets every actor it
+    lacks, from both donors, each keeping what its own load needs."""
+    ctrl, cluster = make(scenario("busy", p=1, d=1), scenario("idle1", p=4, d=4), scenario("idle2", p=4, d=4))
+    load = {"busy": (25.0, 1500, 150), "idle1": (0.1, 1500, 150), "idle2": (0.1, 1500, 150)}
+    need = ctrl.need(cluster.observe("busy", load["busy"]))[0].total
+    h = run(ctrl, cluster, [load])
+    lends = [d for d in ctrl.log if d.actions[0].kind == "lend"]
+    assert {d.scenario for d in lends} == {"idle1", "idle2"} and max(len(d.actions) for d in lends) > 1
+    assert abs(sum(h[0]["busy"]) - need) <= 0.5 + 1e-9
+    assert all(sum(h[0][n]) >= 2 for n in ("idle1", "idle2"))
+
+
+@pytest.mark.parametrize("attainment", [(0.5, 1.0), (None, None)])
+def test_a_scenario_missing_its_slos_or_not_measured_yet_lends_nothing(attainment):
+    """Its measured need is too low then (only the short requests finish)."""
+    ctrl, cluster = make(scenario("busy", p=1, d=1), scenario("idle", p=4, d=4))
+    obs = [cluster.observe("busy", (25.0, 1500, 150)), cluster.observe("idle", (0.1, 1500, 150), attainment)]
+    assert not ctrl.step(obs, 0.0)
+    obs[1] = cluster.observe("idle", (0.1, 1500, 150))
+    assert [d.actions[0].kind for d in ctrl.step(obs, 10.0)] == ["lend"]
+
+
 def test_lending_never_takes_a_donor_below_its_minimum():
     busy = scenario("busy", p=2, d=2)
     idle = scenario("idle", p=2, d=2, limits={"prefill": {"min": 2, "max": 4}, "decode": {"min": 2, "max": 4}})
@@ -198,7 +237,7 @@ def _rules(ctrl, cluster, name):
     """The role rule's view of a scenario of the cluster, as the pools would judge it."""
     spec = ctrl.specs[name]
     return PoolRoles(name, Counter(cluster.roles[name].values()), spec.limits,
-                     {role: device_for(hw.num_gpus, hw.npus) for role, hw in spec.hardware.items()})
+                     {role: hw.device for role, hw in spec.hardware.items()})
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -115,13 +115,12 @@ def test_a_text_prefix_and_a_prefix_hash_both_hold_when_both_given():
 
 
 def test_hardware_may_name_custom_ray_resources_which_reach_ray():
-    from gateway.fleet import _hardware
-
+    """The scenario's Hardware is what its pool asks Ray for (mesh.hardware)."""
     text = GOOD.replace("decode: {accelerator: h100, num_gpus: 1}}",
                         "decode: {accelerator: h100, num_gpus: 1, resources: {pdmesh_decode: 1}}}")
     spec = parse_specs(yaml.safe_load(text))[0]
     assert spec.hardware["decode"].resources == {"pdmesh_decode": 1}
-    assert _hardware(spec)["decode"].options() == {"num_cpus": 1, "num_gpus": 1, "resources": {"pdmesh_decode": 1}}
+    assert spec.hardware["decode"].options() == {"num_cpus": 1, "num_gpus": 1, "resources": {"pdmesh_decode": 1}}
 
 
 @pytest.mark.parametrize("resources", ["{GPU: 1}", "{pdmesh_decode: -1}"])

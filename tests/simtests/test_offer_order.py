@@ -8,7 +8,7 @@ and both sides see the same queues; its prompts are sized so that busy actors re
 offers and the request is forwarded, but no pass over the whole pool is rejected (that would
 pause, and time would pass differently on the two sides). With more actors than offers per
 request, a request runs out of offers instead, and the simulator looks only at the least
-queued actors of its pool (`simtests.pools.Pool.least_queued`).
+queued actors of its pool (`simtests.pools.SimPool.least_queued`).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """A pool's indexes stay right as actors' KV and roles change."""
 from mesh.roles import Role
 from simtests.actors import Actor
-from simtests.pools import Pool
+from simtests.pools import SimPool
 from tests.simtests.support import profile
 
 
 def decode_pool(n, capacity=1000):
-    pool, model = Pool(0, "p"), profile(capacity=capacity)
+    pool, model = SimPool(0, "p"), profile(capacity=capacity)
     actors = [Actor(i, Role.DECODE, 0, model) for i in range(n)]
     for a in actors:
         pool.decode.append(a.id)
@@ -40,7 +40,7 @@ def test_the_free_heap_is_rebuilt_before_stale_entries_pile_up():
 
 
 def test_central_estimates_add_what_was_placed_since_the_report():
-    pool, model = Pool(0, "p"), profile()
+    pool, model = SimPool(0, "p"), profile()
     actors = [Actor(i, Role.PREFILL, 0, model) for i in range(2)]
     pool.prefill = [0, 1]
     actors[0].queued_tokens = 500

@@ -1,0 +1,49 @@
+"""What one actor of a role runs on: the one value object the scenario file
+(`scenarios.spec`, validated on load), the pools (`mesh.pool`, which ask Ray for it) and the
+simulator share.
+
+Frozen and Ray-free, so every layer above the mesh can import it; `options()` is the Ray
+actor options it asks for, `device` the kind of device the role rule (mesh.role_limits)
+checks an actor against.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mesh.role_limits import device_for
+
+
+class Hardware(BaseModel):
+    """`accelerator` names the perf-model profile's device (what a role's times are modelled on)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerator: str = "cpu"
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    npus: float = Field(0, ge=0)
+    # Custom Ray resources the node must offer, e.g. {"pdmesh_decode": 1} to place a role's
+    # actors on the nodes started with that resource (a NIC, a rack, a node pool).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not name or name in ("CPU", "GPU", "NPU", "memory") or amount < 0:
+                raise ValueError(f"resource {name!r}: {amount}: name a custom Ray resource (CPU, GPU and NPU "
+                                 "have fields of their own) with an amount of 0 or more")
+        return v
+
+    def options(self) -> dict:
+        """The Ray actor options: CPUs, GPUs, and the custom NPU and placement resources."""
+        opts: dict = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        resources = {**self.resources, **({"NPU": self.npus} if self.npus else {})}
+        if resources:
+            opts["resources"] = resources
+        return opts
+
+    @property
+    def device(self) -> str:
+        return device_for(self.num_gpus, self.npus)

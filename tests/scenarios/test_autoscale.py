@@ -1,0 +1,102 @@
+"""The autoscaler on scripted loads, against a cluster that adds and removes actors at once."""
+import random
+
+import pytest
+
+from mesh.roles import Role
+from scenarios.autoscale import Autoscaler, ScaleSettings
+from scenarios.controller import ActorView, Observation, RatioController, Settings
+from scenarios.perf_model import from_profile
+from scenarios.spec import parse_specs
+
+PROFILE = {"name": "p", "source": "test figures", "kv_bytes_per_token": 1024, "kv_capacity_tokens": 100_000,
+           "layers": 4, "prefill": {"intercept_s": 0.01, "per_token_s": 1e-4},
+           "decode": {"intercept_s": 0.02, "per_seq_s": 1e-3, "per_context_token_s": 1e-7},
+           "transfer": {"per_op_s": 1e-5, "bytes_per_s": 1e9}}
+INTERVAL = 10.0
+
+
+def scenario(name="chat", p=1, d=1, max_each=20, priority=0):
+    return {"name": name, "model": "m", "slo": {"ttft_s": 2.0, "tpot_s": 0.05}, "prefill": p, "decode": d,
+            "limits": {"prefill": {"min": 1, "max": max_each}, "decode": {"min": 1, "max": max_each}},
+            "priority": priority}
+
+
+class Fleet:
+    def __init__(self, specs):
+        self.roles = {s.name: [Role.PREFILL] * s.prefill + [Role.DECODE] * s.decode for s in specs}
+        self.ids = 0
+
+    def observe(self, name, rate):
+        actors = tuple(ActorView(f"{name}-{i}", r) for i, r in enumerate(self.roles[name]))
+        return Observation(name, rate, 1500, 150, 1.0, 1.0, actors)
+
+    def apply(self, decisions):
+        for d in decisions:
+            for a in d.actions:
+                if a.kind == "add":
+                    self.roles[a.scenario].append(a.role)
+                else:
+                    del self.roles[a.scenario][int(a.actor_id.rsplit("-", 1)[1])]
+
+
+def make(*dicts, settings=ScaleSettings()):
+    specs = parse_specs({"scenarios": list(dicts or [scenario()])})
+    model = from_profile(PROFILE)
+    ctrl = RatioController(specs, {s.name: model for s in specs}, Settings(interval_s=INTERVAL))
+    return Autoscaler(ctrl, settings), Fleet(specs)
+
+
+def drive(scaler, fleet, rates):
+    """rates[i]: {scenario: arrivals/s} for interval i; returns the actor counts after each."""
+    history = []
+    for i, rate in enumerate(rates):
+        fleet.apply(scaler.step([fleet.observe(n, rate[n]) for n in fleet.roles], i * INTERVAL))
+        history.append({n: len(r) for n, r in fleet.roles.items()})
+    return history
+
+
+def need(scaler, rate, name="chat"):
+    return scaler.controller.need(Observation(name, rate, 1500, 150, None, None, ()))[0].total
+
+
+def test_a_rising_load_is_met_ahead_by_the_trend():
+    """Arrivals climb 0.5/s per interval: the fleet keeps up with the load one start-up ahead."""
+    scaler, fleet = make()
+    rates = [{"chat": 1.0 + 0.5 * i} for i in range(20)]
+    h = drive(scaler, fleet, rates)
+    assert all(h[i]["chat"] >= need(scaler, rates[i]["chat"]) for i in range(3, 20))
+    assert scaler.controller.specs["chat"] and h[-1]["chat"] > 2
+
+
+def test_an_idle_scenario_shrinks_by_drain_one_actor_at_a_time_to_its_minimum():
+    scaler, fleet = make(scenario(p=6, d=6))
+    h = drive(scaler, fleet, [{"chat": 0.1}] * 100)
+    counts = [x["chat"] for x in h]
+    assert counts[4] == 12 and counts[5] == 11  # after idle_intervals (6) of slack
+    assert all(a - b in (0, 1) for a, b in zip(counts, counts[1:]))
+    assert counts[-1] == 2  # one actor per role: the minimum
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noisy_steady_load_does_not_oscillate(seed):
+    rng = random.Random(seed)
+    scaler, fleet = make()
+    drive(scaler, fleet, [{"chat": 8.0}] * 10)
+    h = drive(scaler, fleet, [{"chat": 8.0 * rng.uniform(0.8, 1.2)} for _ in range(200)])
+    counts = [x["chat"] for x in h]
+    changes = sum(a != b for a, b in zip(counts, counts[1:]))
+    assert changes <= 4 and max(counts) - min(counts) <= 2
+
+
+def test_the_budget_goes_to_the_higher_priority_first():
+    scaler, fleet = make(scenario("low"), scenario("high", priority=1), settings=ScaleSettings(budget=10))
+    h = drive(scaler, fleet, [{"low": 10.0, "high": 10.0}] * 5)
+    assert sum(h[-1].values()) == 10
+    assert h[-1]["high"] >= need(scaler, 10.0, "high") - 1e-9 and h[-1]["low"] < h[-1]["high"]
+
+
+def test_every_scale_decision_says_why():
+    scaler, fleet = make()
+    d = scaler.step([fleet.observe("chat", 10.0)], 0.0)[0]
+    assert d.actions[0].kind == "add" and d.target > d.current and "forecast 10.00 req/s" in d.reason

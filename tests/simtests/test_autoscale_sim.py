@@ -9,7 +9,7 @@ from simtests.results import DONE, REJECTED
 from simtests.sim import Simulator
 from simtests.workload import Mix, synthetic
 
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 MODEL = profile(prefill=(0.01, 5e-4, 0.0), decode=(0.01, 1e-4, 0.0))
 

@@ -3,7 +3,7 @@ from scenarios.controller import Settings
 from simtests.converge import converge, swapped
 from simtests.workload import Mix, synthetic
 
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 MODEL = profile(prefill=(0.01, 5e-4, 0.0), decode=(0.01, 1e-4, 0.0))
 

@@ -9,7 +9,7 @@ import signal
 
 import click
 
-from mesh.engine.cli import engine_options
+from mesh import engine_options
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, ray_address, host, grp
     from gateway import config as serve_config
     from gateway.auth import Keys
     from gateway.server import Listen
-    from mesh.engine.random_checkpoint import default_model_dir
+    from mesh import default_model_dir
     from scenarios.spec import SpecError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,8 +59,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, ray_address, host, grp
 
 async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> None:
     from gateway.server import Gateway
-    from mesh import tracing
-    from mesh.cluster import connect, disconnect
+    from mesh import connect, disconnect, tracing
 
     connect(ray_address)
     stop = asyncio.Event()

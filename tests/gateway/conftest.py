@@ -141,7 +141,7 @@ def replacement_of(running: Running, dead_id: str, scenario: str = "default") ->
     """The id of the actor the pool's supervisor started in place of `dead_id`, once it serves."""
     from tests.mesh.conftest import replaced
 
-    return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id))["actor_id"]
+    return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id)).actor_id
 
 
 @pytest.fixture(scope="module")

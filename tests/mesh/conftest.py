@@ -21,7 +21,9 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def make_pool(ray_cluster, checkpoint):
     """make_pool(prefill=1, decode=1, both=0, **engine_changes) -> a started Pool; closed after the module."""
+    from mesh.api import EngineConfig
     from mesh.pool import Pool, PoolSpec
+    from transport import TransportConfig
 
     pools = []
 
@@ -30,8 +32,8 @@ def make_pool(ray_cluster, checkpoint):
         engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
                   "block_size": 4, "threads": 1, **engine}
         transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
-        pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0, faults=faults,
-                             fault_log=fault_log))
+        pool = Pool(PoolSpec(f"t{len(pools)}", EngineConfig(**engine), TransportConfig(**transport),
+                             ttft_budget_s=5.0, faults=faults, fault_log=fault_log or None))
         asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
         pools.append(pool)
         return pool
@@ -62,7 +64,7 @@ async def assert_no_blocks_held(pool, wait_s: float = 5.0):
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         infos = await pool.refresh()
-        held = {i["actor_id"]: i["load"]["num_blocks"] - i["load"]["free_blocks"] for i in infos}
+        held = {i.actor_id: i.load.used_blocks for i in infos}
         if not any(held.values()):
             return
         if asyncio.get_running_loop().time() > deadline:
@@ -84,14 +86,14 @@ async def supervised(pool, policy=None):
         await supervisor.close()
 
 
-async def replaced(pool, dead_id: str, timeout_s: float = 120) -> dict:
-    """The info of the actor that replaced `dead_id`, once it serves."""
+async def replaced(pool, dead_id: str, timeout_s: float = 120):
+    """The member that replaced `dead_id`, once it serves."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
         for m in pool.members.values():
-            if m.info.get("replaces") == dead_id:
-                return m.info
+            if m.life.replaces == dead_id:
+                return m
         await pool.changed(deadline - loop.time())
     raise AssertionError(f"no replacement of {dead_id} within {timeout_s}s; offline: "
                          f"{[m.info for m in pool.offline.values()]}")

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from transport import LeaseDescriptor, TransferStats, TransportConfig
 
 __all__ = [
-    "DEFAULT_CHUNK_TOKENS", "MOVABLE", "ActorReport", "ActorRequest", "ActorSpec", "ActorState", "Committed", "DrainResult",
-    "EngineConfig", "FirstToken", "Lease", "Life", "LoadReport", "OfferReply", "PrefixCacheStats",
-    "PrefixReport", "Role", "SamplingParams", "StreamChunk", "engine_config", "transport_config",
+    "DEFAULT_CHUNK_TOKENS", "MOVABLE", "ActorReport", "ActorRequest", "ActorSpec", "ActorState",
+    "Committed", "DrainResult", "EngineConfig", "FirstToken", "Lease", "Life", "LoadReport",
+    "OfferReply", "PrefixCacheStats", "PrefixReport", "Role", "SamplingParams", "StreamChunk",
+    "engine_config", "transport_config",
 ]
 
 

@@ -21,9 +21,17 @@ from scenarios.spec import parse_specs
 
 
 def test_policies_import_without_ray_or_grpc():
-    code = ("import sys, mesh.api, mesh.routing, gateway.router, gateway.errors; "
+    code = ("import sys, mesh.api, mesh.routing, gateway.cli, gateway.router, gateway.errors; "
             "print(sorted(m for m in ('ray', 'grpc', 'torch') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_the_mesh_package_has_every_name_it_exports():
+    import mesh
+
+    assert [name for name in mesh.__all__ if getattr(mesh, name, None) is None] == []
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        mesh.Nope
 
 
 @dataclass

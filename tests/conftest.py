@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random checkpoints on disk, the Hugging Face models on the same weights,
-and engines that are checked for leaked KV blocks when a test ends."""
+and engines that are checked for leaked KV blocks when a test ends; the session's one local Ray
+and pools on it come from tests/support/ray_fixtures.py."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+pytest_plugins = ["tests.support.ray_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ from collections import defaultdict
 
 import torch
 
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # every model family the tiny checkpoints come in
+
 # Prompts of clearly different lengths (about 3, 14, 30 and 42 tokens with the tiny tokenizers),
 # so a batch mixes short and chunked prefills, and sequences span many 4-token blocks.
 PROMPTS = (
@@ -87,6 +89,11 @@ def run_staggered(engine, prompts, params, join_after: int = 3) -> dict[str, lis
     return {rid: outputs[rid] for rid in rids}
 
 
+def prompt(n: int, start: int = 100) -> list[int]:
+    """A prompt of exactly n token ids."""
+    return list(range(start, start + n))
+
+
 def drain(engine, max_steps: int = 2000):
     """Steps the engine until no request is left; fails instead of hanging."""
     for _ in range(max_steps):
@@ -94,6 +101,16 @@ def drain(engine, max_steps: int = 2000):
             return
         yield from engine.step()
     raise AssertionError(f"engine still has unfinished requests after {max_steps} steps")
+
+
+def collect(engine, outputs: dict[str, list[int]], steps: int | None = None) -> None:
+    """Runs `steps` steps (or to the end), appending each request's new tokens."""
+    if steps is None:
+        outputs_of_steps = drain(engine)
+    else:
+        outputs_of_steps = (o for _ in range(steps) for o in engine.step())
+    for o in outputs_of_steps:
+        outputs.setdefault(o.request_id, []).extend(o.token_ids)
 
 
 @torch.inference_mode()

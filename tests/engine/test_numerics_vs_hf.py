@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mesh.engine.linear import packing_supported
 from mesh.engine.sampling_params import SamplingParams
-from tests.conftest import FAMILIES
-from tests.engine.helpers import PROMPTS, StepRecorder, hf_greedy, hf_logits, run_staggered
+from tests.engine.helpers import FAMILIES, PROMPTS, StepRecorder, hf_greedy, hf_logits, run_staggered
 
 FP32_ATOL = 1e-3
 

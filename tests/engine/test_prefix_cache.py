@@ -7,7 +7,7 @@ import pytest
 from mesh.engine.block_manager import BlockManager, OutOfBlocks
 from mesh.engine.prefix_cache import PrefixCache, block_hashes
 from mesh.engine.sampling_params import SamplingParams
-from tests.engine.test_scheduler_engine import collect, prompt
+from tests.engine.helpers import collect, prompt
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 

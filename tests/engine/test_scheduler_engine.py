@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mesh.engine.sampling_params import SamplingParams
-from tests.engine.helpers import drain
+from tests.engine.helpers import collect, drain, prompt
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-def prompt(n: int, start: int = 100) -> list[int]:
-    """A prompt of exactly n token ids."""
-    return list(range(start, start + n))
 
 
 def alone(make_engine, folder, prompt_ids, params) -> list[int]:
@@ -26,16 +21,6 @@ def waiting_ids(engine) -> set[str]:
 
 def running_ids(engine) -> set[str]:
     return {s.request_id for s in engine.scheduler.running}
-
-
-def collect(engine, outputs: dict[str, list[int]], steps: int | None = None) -> None:
-    """Runs `steps` steps (or to the end), appending each request's new tokens."""
-    if steps is None:
-        outputs_of_steps = drain(engine)
-    else:
-        outputs_of_steps = (o for _ in range(steps) for o in engine.step())
-    for o in outputs_of_steps:
-        outputs.setdefault(o.request_id, []).extend(o.token_ids)
 
 
 def test_requests_join_and_leave_between_steps(checkpoint, make_engine):

@@ -3,23 +3,19 @@ bad operations answered with their status and a message, the role limits (refusa
 with a warning), and one-line answers about dead actors."""
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
-import ray
 
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, replacement_of
-
-ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
+from tests.gateway.support import ADMIN, API_KEY, kill, replacement_of
 
 
-@pytest.fixture(scope="module")
-def admin(gateway):
-    with grpc.insecure_channel(gateway.grpc_address) as channel:
+@pytest.fixture
+def admin(restored):
+    """The admin client of the shared gateway, which is put back as it was after each test."""
+    with grpc.insecure_channel(restored.grpc_address) as channel:
         yield admin_pb2_grpc.AdminStub(channel)
 
 
@@ -65,18 +61,6 @@ def test_bad_admin_calls(admin):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert (info.value.code(), message in info.value.details()) == (code, True), info.value.details()
-
-
-def kill(handle) -> None:
-    """Kills an actor and waits until Ray answers calls to it as dead (a kill lands a moment later)."""
-    ray.kill(handle, no_restart=True)
-    for _ in range(600):
-        try:
-            ray.get(handle.ping.remote(), timeout=10)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the killed actor still answers")
 
 
 def _actors(admin) -> list:

@@ -20,18 +20,11 @@ from mesh.errors import MeshError
 from mesh.pool import Member
 from scenarios.controller import Settings
 from scenarios.spec import parse_specs
+from tests.support.clock import FakeClock
 
 SPECS = parse_specs({"scenarios": [
     {"name": name, "model": "m", "slo": {"ttft_s": 1.0, "tpot_s": 0.1}, "prefill": 1, "decode": 3,
      "limits": {"prefill": {"min": 1, "max": 3}, "decode": {"min": 1, "max": 3}}} for name in ("chat", "code")]})
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Pool:
@@ -70,14 +63,14 @@ class FakeFleet:
 
 
 def make(enabled: bool):
-    fleet, clock = FakeFleet(), Clock()
+    fleet, clock = FakeFleet(), FakeClock(1000.0)
     window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
     metrics = Metrics(lambda: {}, fleet.scenarios)
     control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False))
     return ControlLoop(fleet, window, metrics, control, clock), fleet, clock, window, metrics
 
 
-def prompt_heavy(window: LoadWindow, clock: Clock, scenario: str = "chat") -> None:
+def prompt_heavy(window: LoadWindow, clock: FakeClock, scenario: str = "chat") -> None:
     """One interval of long prompts whose TTFT mostly missed."""
     for i in range(20):
         window.arrived(scenario, 4000)
@@ -86,7 +79,7 @@ def prompt_heavy(window: LoadWindow, clock: Clock, scenario: str = "chat") -> No
 
 
 def test_window_counts_rates_and_attainment_and_keeps_means_over_quiet_intervals():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
     for ttft, tpot, short in ((0.5, 0.05, False), (2.0, 0.05, True), (None, None, False), (0.9, 0.2, False)):
         window.arrived("chat", 100)

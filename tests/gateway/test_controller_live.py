@@ -16,14 +16,13 @@ import grpc
 import pytest
 
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, assert_no_blocks_held, serving
+from tests.gateway.support import ADMIN, API_KEY, assert_no_blocks_held, serving
 
 CLIENTS = 6
 PROMPT_TOKENS = 1500  # prompt-heavy: long prompts, two output tokens
 OUTPUT_TOKENS = 2
 TTFT_S = 0.25
 BOUND_S = 180  # on each wait: a bound that turns a hang into a failure
-ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
 
 
 @dataclass

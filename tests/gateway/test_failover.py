@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from mesh.faults import read_log
-from tests.gateway.conftest import API_KEY, ENGINE, assert_no_blocks_held, serving
-from tests.mesh.conftest import replaced
+from tests.gateway.support import API_KEY, assert_no_blocks_held, serving, tiny_config
+from tests.mesh.support import replaced
 
 FAULTS = ";".join(["kill:prefill@request=fo-prefill", "kill:transfer_after_layers=1@request=fo-transfer",
                    "kill:decode_step=4@request=fo-decode"])
@@ -28,10 +28,9 @@ def fault_log(tmp_path_factory):
 def failover(checkpoint, ray_cluster, fault_log):
     """A gateway of its own (1 prefill + 1 decode actor) whose actors carry the faults above,
     handed over as `pdmesh serve` hands them: by PDMESH_FAULT in the gateway's environment."""
-    from gateway.config import Control, Limits, default
+    from gateway.config import Limits
 
-    config = default(checkpoint("llama", "float32"), engine=ENGINE, transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
-                     gateway=Limits(admission_timeout_s=0.5), controller=Control(enabled=False))
+    config = tiny_config(checkpoint, Limits(admission_timeout_s=0.5))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PDMESH_FAULT", FAULTS)
         env.setenv("PDMESH_FAULT_LOG", fault_log)

@@ -9,9 +9,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.proto import inference_pb2 as pb
 from gateway.proto import inference_pb2_grpc
-from tests.gateway.conftest import API_KEY, MAX_MESSAGE_BYTES, assert_no_blocks_held
+from tests.gateway.support import AUTH, MAX_MESSAGE_BYTES, assert_no_blocks_held
 
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
 GREEDY = pb.SamplingOptions(temperature=0, ignore_eos=True)
 
 

@@ -16,17 +16,15 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.api import ActorReport, ActorState, Role
-from tests.gateway.conftest import ENGINE, serving
-from tests.mesh.conftest import replaced
+from tests.gateway.support import serving, tiny_config
+from tests.mesh.support import replaced
 
 
 @pytest.fixture(scope="module")
 def running(checkpoint, ray_cluster):
-    from gateway.config import Control, Limits, default
+    from gateway.config import Limits
 
-    config = default(checkpoint("llama", "float32"), engine=ENGINE, transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
-                     gateway=Limits(), controller=Control(enabled=False))
-    with serving(config) as gw:
+    with serving(tiny_config(checkpoint, Limits())) as gw:
         yield gw
 
 

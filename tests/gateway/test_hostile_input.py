@@ -28,9 +28,7 @@ from gateway.proto import inference_pb2 as pb
 from gateway.tokenizing import INLINE_CHARS, Tokenizing
 from mesh.api import StreamChunk
 from mesh.errors import MeshError
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, MAX_MESSAGE_BYTES
-from tests.gateway.test_grpc import AUTH
-from tests.gateway.test_openai import http
+from tests.gateway.support import ADMIN_KEY, API_KEY, AUTH, MAX_MESSAGE_BYTES, http
 
 NESTED = b"[" * 5000 + b"]" * 5000
 HOSTILE = [  # (path, body, what the message must say), each a 500 before

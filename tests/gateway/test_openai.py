@@ -2,13 +2,10 @@
 streaming and not, models, health, metrics, and bad input with the right status."""
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import openai
 import pytest
 
-from tests.gateway.conftest import API_KEY, MAX_MESSAGE_BYTES
+from tests.gateway.support import MAX_MESSAGE_BYTES, http
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
@@ -71,16 +68,6 @@ def test_bad_requests_get_their_status_and_a_message(client, model, gateway):
     with openai.OpenAI(base_url=gateway.http_url + "/v1", api_key="wrong", max_retries=0) as stranger:
         with pytest.raises(openai.AuthenticationError, match="wrong API key"):
             stranger.models.list()
-
-
-def http(gateway, path: str, body: bytes | None = None, key: str | None = API_KEY) -> tuple[int, bytes]:
-    request = urllib.request.Request(gateway.http_url + path, data=body,
-                                     headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, reply.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def test_malformed_json_missing_key_and_open_endpoints(gateway, client, model):

@@ -15,17 +15,17 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.gateway.conftest import ADMIN_KEY, API_KEY, replacement_of
-from tests.gateway.test_admin import kill
+from tests.gateway.support import ADMIN_KEY, API_KEY, kill, replacement_of
 
 
-@pytest.fixture(scope="module")
-def pdmesh(gateway):
-    """pdmesh(*args, key=ADMIN_KEY) -> (exit code, stdout, stderr), run in-process."""
+@pytest.fixture
+def pdmesh(restored):
+    """pdmesh(*args, key=ADMIN_KEY) -> (exit code, stdout, stderr), run in-process on the shared
+    gateway, which is put back as it was after each test."""
     runner = CliRunner()
 
     def run(*args: str, key: str | None = ADMIN_KEY):
-        env = {"PDMESH_ADDRESS": gateway.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": "200"}
+        env = {"PDMESH_ADDRESS": restored.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": "200"}
         result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
         return result.exit_code, result.stdout, result.stderr
 

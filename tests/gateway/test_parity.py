@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.gateway.conftest import ENGINE
+from tests.gateway.support import ENGINE
 
 MAX_TOKENS = 8
 PROMPT = "Hello"

@@ -12,9 +12,8 @@ import pytest
 
 from gateway.proto import inference_pb2 as pb
 from gateway.proto import inference_pb2_grpc
-from tests.gateway.conftest import API_KEY, ENGINE, MAX_MESSAGE_BYTES, assert_no_blocks_held, serving
+from tests.gateway.support import API_KEY, AUTH, ENGINE, MAX_MESSAGE_BYTES, assert_no_blocks_held, serving, tiny_config
 
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
 FAULTY = {"faulty-decode": 2, "faulty-prefill": 0}  # request id -> its steps raise once it has this many tokens
 
 
@@ -22,12 +21,10 @@ FAULTY = {"faulty-decode": 2, "faulty-prefill": 0}  # request id -> its steps ra
 def poisoned(checkpoint, ray_cluster):
     """A 1 prefill + 1 decode gateway whose engines fail the steps of the FAULTY requests: one on
     the decode actor, one on the prefill actor."""
-    from gateway.config import Control, Limits, default
+    from gateway.config import Limits
 
-    config = default(checkpoint("llama", "float32"), engine={**ENGINE, "fail_steps": FAULTY},
-                     transport={"lease_ttl_s": 3.0, "timeout_s": 5.0},
-                     gateway=Limits(max_message_bytes=MAX_MESSAGE_BYTES, admission_timeout_s=5.0),
-                     controller=Control(enabled=False))
+    config = tiny_config(checkpoint, Limits(max_message_bytes=MAX_MESSAGE_BYTES, admission_timeout_s=5.0),
+                         fail_steps=FAULTY)
     with serving(config) as running:
         yield running
 

@@ -18,6 +18,7 @@ from mesh.api import ActorReport, ActorRequest, ActorState, LoadReport, OfferRep
 from mesh.errors import MeshError
 from mesh.routing import ForwardOnRejection
 from scenarios.spec import parse_specs
+from tests.support.clock import FakeClock
 
 
 def test_policies_import_without_ray_or_grpc():
@@ -103,9 +104,8 @@ async def test_dispatcher_forwards_each_rejection_then_gives_up_with_a_retry_hin
     from mesh.dispatch import Attempt, Dispatcher
 
     a, b = Actor("a", replies=[reject(0.01), ACCEPT]), Actor("b", queued=1, replies=[reject(0.02)])
-    clock = iter(range(100)).__next__  # a fake clock: one second per look
     dispatcher = Dispatcher(_Pool([a, b]), ForwardOnRejection(max_forwards=4, min_retry_pause_s=0.0),
-                            clock=lambda: float(clock()))
+                            clock=FakeClock(step=1.0))  # one second per look
     events = []
     step = Attempt(ActorRequest("r", [1, 2, 3], SamplingParams()), deadline=1e9, end=1e9, ttft_budget_s=1.0)
     chosen = await dispatcher._offer(step, set(), events)

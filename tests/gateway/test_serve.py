@@ -2,19 +2,12 @@
 cleanly, leaving no process behind (its embedded Ray included)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from tests.gateway.serve_process import serving
 
 
 def _descendants(pid: int) -> set[int]:
@@ -39,52 +32,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen
-    http_url: str
-    grpc_address: str
-    reader: threading.Thread  # keeps the process's stderr pipe drained
-    log: list[str]
-
-    def wait(self, timeout_s: float) -> str:
-        """Its exit status, and what it wrote after the banner."""
-        self.proc.wait(timeout_s)
-        self.reader.join(timeout_s)
-        return "".join(self.log)
-
-
-@contextlib.contextmanager
-def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
-    """`pdmesh serve` on a tiny checkpoint (inference key "serve-key") as a real process, from
-    its banner on; killed on exit if it still runs."""
-    config = tmp_path / "scenarios.yaml"
-    config.write_text(yaml.safe_dump({
-        "scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
-                       "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
-        "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PDMESH_API_KEYS": "serve-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                             "--grpc-port", "0", "--http-port", "0", *args], env=env, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        lines = []
-        for line in proc.stderr:  # until the banner, or the process ends
-            lines.append(line)
-            if "Ctrl-C stops" in line:
-                break
-        found = re.search(r"gRPC  (\S+) .*HTTP  (http://\S+)/v1", "".join(lines), re.S)
-        assert found, "".join(lines[-30:])
-        log: list[str] = []
-        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
-        reader.start()
-        yield Served(proc, found.group(2), found.group(1), reader, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):

@@ -16,7 +16,7 @@ import grpc
 
 from gateway.proto import inference_pb2 as pb
 from gateway.proto import inference_pb2_grpc
-from tests.gateway.test_serve import serving
+from tests.gateway.serve_process import serving
 
 KEY = {"Authorization": "Bearer serve-key"}
 LONG = {"prompt": "hello", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}  # a minute or more here

@@ -8,7 +8,7 @@ import grpc
 
 from gateway.proto import inference_pb2 as pb
 from gateway.proto import inference_pb2_grpc
-from tests.gateway.conftest import API_KEY
+from tests.gateway.support import API_KEY
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"

@@ -13,7 +13,7 @@ from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import RequestMoved
-from tests.mesh.conftest import assert_no_blocks_held
+from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPTS = [[5 + i] * (10 + i) for i in range(3)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import ray
 
 from mesh.api import Role
 from mesh.dispatch import Dispatcher, Request
@@ -19,7 +18,8 @@ from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import MeshError
 from mesh.faults import Fired, read_log
-from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
+from tests.mesh.support import assert_no_blocks_held, killed, replaced, supervised
+from tests.support.clock import FakeClock
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = list(range(3, 123))  # prefilled in 8 steps of 16 tokens
@@ -84,15 +84,15 @@ async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fa
     """The retry after a decode loss comes long after the first attempt's admission deadline
     (here: the clock jumps a minute once the first token is out); it is offered to the prefill
     actors all the same, within the request's own deadline."""
-    now = [1000.0]
-    dispatcher = Dispatcher(pool, clock=lambda: now[0])
-    request = Request("f-late", PROMPT, SamplingParams(max_tokens=MAX_TOKENS, **GREEDY), deadline=now[0] + 3600,
-                      admission_deadline=now[0] + 5)
+    clock = FakeClock(1000.0)
+    dispatcher = Dispatcher(pool, clock=clock)
+    request = Request("f-late", PROMPT, SamplingParams(max_tokens=MAX_TOKENS, **GREEDY), deadline=clock.now + 3600,
+                      admission_deadline=clock.now + 5)
     events, tokens = [], []
     async with supervised(pool):
         async for chunk in dispatcher.generate(request, events):
             tokens += chunk.token_ids
-            now[0] = 1060.0
+            clock.now = 1060.0
         assert tokens == expected
         assert fired(fault_log, "f-late").point == "decode_step"
         assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]
@@ -102,11 +102,7 @@ async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fa
 
 async def test_every_decode_actor_dead_at_once(pool, expected):
     async with supervised(pool):
-        dead = pool.by_role(Role.DECODE)
-        for member in dead:
-            ray.kill(member.handle, no_restart=True)
-        while any(m.actor_id in pool.members for m in dead):
-            await pool.changed(30)
+        dead = await killed(pool, Role.DECODE)
         assert not pool.by_role(Role.DECODE) and pool.replacing(Role.DECODE)
         # a request whose deadline comes before any replacement serves fails cleanly, in time
         loop = asyncio.get_running_loop()

@@ -74,6 +74,18 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def waiting_taker() -> tuple[list, PrefixHolds, Lease, asyncio.Future]:
+    """Prefix block 1 held until lease "l" (block 7) commits, and a taker already waiting for
+    them: (the freed blocks, the holds, the lease, the taker)."""
+    freed = []
+    holds = PrefixHolds(freed.extend)
+    lease = Lease([7])
+    holds.hold("l", [1], lease.commit)
+    taker = asyncio.ensure_future(holds.take("l", None))
+    await settle()
+    return freed, holds, lease, taker
+
+
 async def test_a_commit_hands_the_held_prefix_and_the_received_blocks_to_the_taker():
     freed = []
     holds = PrefixHolds(freed.extend)
@@ -99,12 +111,7 @@ async def test_a_lease_ending_without_a_commit_frees_the_held_prefix_once():
 
 
 async def test_a_taker_waiting_when_the_lease_ends_frees_nothing_twice():
-    freed = []
-    holds = PrefixHolds(freed.extend)
-    lease = Lease([7])
-    holds.hold("l", [1], lease.commit)
-    taker = asyncio.ensure_future(holds.take("l", None))
-    await settle()
+    freed, holds, lease, taker = await waiting_taker()
     lease.end()
     with pytest.raises(TransferError):
         await taker
@@ -156,12 +163,7 @@ async def test_a_lease_released_before_any_decode_took_it_drops_its_blocks_once(
 
 
 async def test_a_release_racing_a_waiting_taker_frees_once_and_the_taker_fails():
-    freed = []
-    holds = PrefixHolds(freed.extend)
-    lease = Lease([7])
-    holds.hold("l", [1], lease.commit)
-    taker = asyncio.ensure_future(holds.take("l", None))
-    await settle()
+    freed, holds, lease, taker = await waiting_taker()
     holds.release("l")
     lease.land()
     with pytest.raises(TransferError, match="released"):

@@ -8,7 +8,7 @@ import pytest
 
 from mesh.api import LoadReport, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
-from tests.mesh.conftest import assert_no_blocks_held
+from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 BLOCK = 4  # make_pool's engines

@@ -11,7 +11,7 @@ from mesh.api import ActorState, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.role_limits import Bounds, RoleLimitError
-from tests.mesh.conftest import assert_no_blocks_held
+from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -10,7 +10,7 @@ from mesh.api import ActorState, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.supervisor import RestartPolicy
-from tests.mesh.conftest import assert_no_blocks_held, replaced, supervised
+from tests.mesh.support import assert_no_blocks_held, killed, replaced, supervised
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -39,11 +39,7 @@ async def run(pool, rid: str, prompt, max_tokens: int = 8, deadline: float = flo
 
 async def test_a_killed_actor_is_replaced_with_the_same_role_and_hardware(pool, reference):
     async with supervised(pool):
-        [dead] = pool.by_role(Role.DECODE)
-        ray.kill(dead.handle, no_restart=True)
-        # the open until_stopped call fails at once: out of routing, shown as dead
-        while dead.actor_id in pool.members:
-            await pool.changed(30)
+        [dead] = await killed(pool, Role.DECODE)
         assert pool.offline[dead.actor_id].info.state is ActorState.DEAD
         assert pool.replacing(Role.DECODE)
         new = await replaced(pool, dead.actor_id)
@@ -58,10 +54,7 @@ async def test_a_killed_actor_is_replaced_with_the_same_role_and_hardware(pool, 
 
 async def test_a_request_waits_for_the_replacement(pool, reference):
     async with supervised(pool):
-        [dead] = pool.by_role(Role.PREFILL)
-        ray.kill(dead.handle, no_restart=True)
-        while dead.actor_id in pool.members:
-            await pool.changed(30)
+        [dead] = await killed(pool, Role.PREFILL)
         # no live prefill actor now, but one is starting: the request waits for it
         events = []
         tokens = []

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.multinode.netns import NamespaceCluster, unavailable
-from tests.multinode.serving import ENGINE, OTLP, PROMPTS
+from tests.multinode.serving import MAX_TOKENS, OTLP, PROMPTS
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +27,9 @@ def netns_cluster():
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    from mesh.engine.config import EngineConfig
-    from mesh.engine.engine import Engine
-    from mesh.engine.sampling_params import SamplingParams
-
-    engine = Engine(EngineConfig(model=str(checkpoint("llama", "float32")), **ENGINE))
-    return [engine.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
-            for p in PROMPTS]
+def expected(reference):
+    """The engine's own greedy tokens for each of PROMPTS, as many as STREAM asks for."""
+    return [reference(p, MAX_TOKENS) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")

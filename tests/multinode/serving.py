@@ -2,11 +2,16 @@
 there (an OTLP receiver, a readiness wait, the openai client streaming) and their settings."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 
 import yaml
 
-ENGINE = {"dtype": "float32", "num_blocks": 128, "block_size": 4, "threads": 1, "max_model_len": 256}
+from tests.gateway.support import ENGINE
+
 HTTP_PORT = 8000  # inside the head's own namespace: no other process can hold it
 
 # An OTLP receiver in the head's namespace: the actors on the other nodes export their spans to it.
@@ -15,7 +20,7 @@ import json, sys
 from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from tests.gateway.conftest import OtlpReceiver
+from tests.support.otlp import OtlpReceiver
 receiver, server = OtlpReceiver(), grpc.server(futures.ThreadPoolExecutor(2))
 trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
 print(server.add_insecure_port(sys.argv[1] + ":0"), flush=True)
@@ -48,8 +53,8 @@ model = client.models.list().data[0].id
 out = []
 for prompt in json.loads(sys.argv[2]):
     tokens = []
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=12, stream=True, logprobs=1,
-                                           temperature=0, extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=int(sys.argv[3]), stream=True,
+                                           logprobs=1, temperature=0, extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].logprobs:
             tokens += [int(t) for t in chunk.choices[0].logprobs.tokens]
     out.append(tokens)
@@ -57,6 +62,7 @@ print(json.dumps(out))
 """
 
 PROMPTS = [list(range(40, 70)), list(range(100, 157))]
+MAX_TOKENS = 12  # what STREAM asks for each of PROMPTS
 
 FREED = """
 import json, sys, time, ray
@@ -68,6 +74,40 @@ while any(ray.available_resources().get(r, 0) < 1 for r in ("pdmesh_prefill", "p
     time.sleep(0.5)
 print("true")
 """
+
+
+def spans_after(otlp, before: int, count: int) -> list[dict]:
+    """The kv_transfer spans after the first `before`, once `count` of them came (spans leave
+    each actor in batches), or what came within about 10 s."""
+    for _ in range(100):
+        spans = otlp()[before:]
+        if len(spans) >= count:
+            break
+        time.sleep(0.1)
+    return spans
+
+
+@contextlib.contextmanager
+def served(cluster, checkpoint, tmp_path, backend: str, otlp_endpoint: str) -> Iterator[str]:
+    """`pdmesh serve` (serve()) once it answers; yields its URL. On exit it is stopped by
+    SIGTERM, and every actor's node has its resources free again."""
+    head = cluster.head
+    url = f"http://{head.address}:{HTTP_PORT}"
+    gateway = serve(cluster, checkpoint, tmp_path, backend, otlp_endpoint)
+    try:
+        try:
+            cluster.python(head, READY, timeout=300, args=(url,))
+        except RuntimeError:
+            raise AssertionError((tmp_path / f"serve-{backend}.log").read_text()[-4000:]) from None
+        yield url
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(60)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(10)
+        cluster.python(head, FREED, timeout=90, args=(cluster.ray_address,))
 
 
 def serve(cluster, checkpoint, tmp_path, backend: str, otlp_endpoint: str) -> subprocess.Popen:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import time
 
-from tests.multinode.serving import FREED, HTTP_PORT, PROMPTS, READY, STREAM, serve
+from tests.multinode.serving import MAX_TOKENS, PROMPTS, STREAM, served, spans_after
 
 DEADLINE_S = 20
 
@@ -54,42 +53,30 @@ def wait_health(cluster, url: str, done, timeout_s: float = 120) -> dict:
         time.sleep(1)
 
 
-def test_decode_node_lost_mid_stream_then_back(netns_cluster, checkpoint, tmp_path, reference, otlp):
+def test_decode_node_lost_mid_stream_then_back(netns_cluster, checkpoint, tmp_path, expected, otlp):
     cluster, head, decode = netns_cluster, netns_cluster.head, netns_cluster.nodes["decode"]
-    url = f"http://{head.address}:{HTTP_PORT}"
-    gateway = serve(cluster, checkpoint, tmp_path, "tcp", otlp.endpoint)
-    try:
-        cluster.python(head, READY, timeout=300, args=(url,))
-        stream = cluster.popen(head, ["python3", "-c", LONG, url, str(DEADLINE_S)], stdout=subprocess.PIPE, text=True)
-        assert stream.stdout.readline().strip() == "flowing"
-        started = time.monotonic()
-        cluster.link(decode, False)
-        ended = json.loads(stream.stdout.readline())
-        stream.wait(30)
-        # ended cleanly, by the deadline (and a margin for the gateway's own wait on the actor)
-        assert ended["error"] and ended["tokens"] < 200 and time.monotonic() - started < DEADLINE_S + 15, ended
-        dead = wait_health(cluster, url, lambda h: re.search(r"chat-d\d+ dead", json.dumps(h)))
-        assert "no serving decode actor" in dead["problems"][0]
-
-        cluster.kill(decode)  # the node comes back as a rebooted machine: a new Ray node at its address
-        cluster.link(decode, True)
-        cluster.start_ray(decode)
-        cluster.wait_nodes(3)
-        wait_health(cluster, url, lambda h: h.get("status") == "ok", timeout_s=240)
-        before = len(otlp())
-        assert cluster.python(head, STREAM, timeout=300, args=(url, json.dumps(PROMPTS))) == reference
-        for _ in range(100):
-            spans = otlp()[before:]
-            if len(spans) >= len(PROMPTS):
-                break
-            time.sleep(0.1)
-        assert {s["kv.peer"].rpartition(":")[0] for s in spans} == {decode.address}
-    finally:
-        cluster.link(decode, True)
-        gateway.send_signal(signal.SIGTERM)
+    with served(cluster, checkpoint, tmp_path, "tcp", otlp.endpoint) as url:
         try:
-            gateway.wait(60)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait(10)
-        cluster.python(head, FREED, timeout=90, args=(cluster.ray_address,))
+            stream = cluster.popen(head, ["python3", "-c", LONG, url, str(DEADLINE_S)], stdout=subprocess.PIPE,
+                                   text=True)
+            assert stream.stdout.readline().strip() == "flowing"
+            started = time.monotonic()
+            cluster.link(decode, False)
+            ended = json.loads(stream.stdout.readline())
+            stream.wait(30)
+            # ended cleanly, by the deadline (and a margin for the gateway's own wait on the actor)
+            assert ended["error"] and ended["tokens"] < 200 and time.monotonic() - started < DEADLINE_S + 15, ended
+            dead = wait_health(cluster, url, lambda h: re.search(r"chat-d\d+ dead", json.dumps(h)))
+            assert "no serving decode actor" in dead["problems"][0]
+
+            cluster.kill(decode)  # the node comes back as a rebooted machine: a new Ray node at its address
+            cluster.link(decode, True)
+            cluster.start_ray(decode)
+            cluster.wait_nodes(3)
+            wait_health(cluster, url, lambda h: h.get("status") == "ok", timeout_s=240)
+            before = len(otlp())
+            assert cluster.python(head, STREAM, timeout=300, args=(url, json.dumps(PROMPTS), str(MAX_TOKENS))) == expected
+            spans = spans_after(otlp, before, len(PROMPTS))
+            assert {s["kv.peer"].rpartition(":")[0] for s in spans} == {decode.address}
+        finally:
+            cluster.link(decode, True)  # before the gateway stops: its actors' resources are freed on every node

@@ -6,43 +6,22 @@ and the transfer span names the decode node's address as its peer."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 
-from tests.multinode.serving import FREED, HTTP_PORT, PROMPTS, READY, STREAM, serve
+from tests.multinode.serving import MAX_TOKENS, PROMPTS, STREAM, served, spans_after
 
 
 @pytest.mark.parametrize("backend", ["ucx", "tcp"])
-def test_kv_crosses_the_network_between_nodes(netns_cluster, checkpoint, tmp_path, reference, otlp, backend):
+def test_kv_crosses_the_network_between_nodes(netns_cluster, checkpoint, tmp_path, expected, otlp, backend):
     head, decode = netns_cluster.head, netns_cluster.nodes["decode"]
-    url = f"http://{head.address}:{HTTP_PORT}"
-    gateway = serve(netns_cluster, checkpoint, tmp_path, backend, otlp.endpoint)
-    try:
-        try:
-            netns_cluster.python(head, READY, timeout=300, args=(url,))
-        except RuntimeError:
-            raise AssertionError((tmp_path / f"serve-{backend}.log").read_text()[-4000:]) from None
+    with served(netns_cluster, checkpoint, tmp_path, backend, otlp.endpoint) as url:
         before = len(otlp())
-        got = netns_cluster.python(head, STREAM, timeout=300, args=(url, json.dumps(PROMPTS)))
-        assert got == reference
-        for _ in range(100):  # spans leave each actor in batches
-            spans = otlp()[before:]
-            if len(spans) >= len(PROMPTS):
-                break
-            time.sleep(0.1)
+        got = netns_cluster.python(head, STREAM, timeout=300, args=(url, json.dumps(PROMPTS), str(MAX_TOKENS)))
+        assert got == expected
+        spans = spans_after(otlp, before, len(PROMPTS))
         assert len(spans) == len(PROMPTS), spans
         for span in spans:
             host, _, port = span["kv.peer"].rpartition(":")
             assert (span["kv.backend"], host) == (backend, decode.address) and int(port) > 0
             assert not host.startswith("127.") and int(span["kv.bytes"]) > 0
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(60)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait(10)
-        netns_cluster.python(head, FREED, timeout=90, args=(netns_cluster.ray_address,))

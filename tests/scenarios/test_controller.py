@@ -8,11 +8,8 @@ from mesh.role_limits import Change, PoolRoles, device_for
 from scenarios.controller import ActorView, Observation, RatioController, Settings
 from scenarios.perf_model import from_profile
 from scenarios.spec import parse_specs
+from tests.scenarios.support import PROFILE
 
-PROFILE = {"name": "p", "source": "test figures", "kv_bytes_per_token": 1024, "kv_capacity_tokens": 100_000,
-           "layers": 4, "prefill": {"intercept_s": 0.01, "per_token_s": 1e-4},
-           "decode": {"intercept_s": 0.02, "per_seq_s": 1e-3, "per_context_token_s": 1e-7},
-           "transfer": {"per_op_s": 1e-5, "bytes_per_s": 1e9}}
 PROMPT_HEAVY = (5.0, 4000, 20)  # arrivals/s, prompt tokens, output tokens: needs ~9P:1D of 10
 OUTPUT_HEAVY = (5.0, 200, 800)  # needs ~1P:9D
 SETTINGS = Settings(interval_s=10, min_dwell_s=30, confirm=2)

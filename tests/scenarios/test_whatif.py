@@ -6,7 +6,7 @@ import pytest
 from scenarios.perf_model import from_profile
 from scenarios.spec import SLO, ScenarioSpec
 from scenarios.whatif import predict, suggest
-from tests.scenarios.test_controller import PROFILE
+from tests.scenarios.support import PROFILE
 
 SPEC = ScenarioSpec(name="chat", model="m", slo=SLO(ttft_s=2.0, tpot_s=0.05))
 MODEL = from_profile(PROFILE)

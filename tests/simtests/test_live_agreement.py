@@ -26,9 +26,7 @@ from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.traces import Trace, read_trace
 from simtests.workload import from_trace
-from tests.mesh.conftest import make_pool, ray_cluster  # noqa: F401  (the live pool fixtures)
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 PROMPT = 2048  # tokens: ~60 ms of tiny-model prefill on one core, long enough that "busy" outlasts the stagger
 GROUPS, STAGGER_MS, GROUP_GAP_MS = 6, 15, 1500  # the 1-actor pool's last pause ends by ~1.1 s, before the next group

@@ -26,8 +26,8 @@ from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
+from tests.support.clock import FakeClock
 
 RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
 TTFT_S = 0.6  # the scenario's TTFT budget: 6000 tokens of queue and prompt
@@ -87,7 +87,7 @@ class StandInPool:
 
 def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
     prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]
-    dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=lambda: 0.0)
+    dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=FakeClock())
     index = {a.actor_id: k for k, a in enumerate(prefill)}  # the simulator numbers prefill actors first
     rng = np.random.default_rng(0)
     offers = []

@@ -2,8 +2,7 @@
 from mesh.roles import Role
 from simtests.actors import Actor
 from simtests.pools import Pool
-
-from .conftest import profile
+from tests.simtests.support import profile
 
 
 def decode_pool(n, capacity=1000):

@@ -5,8 +5,7 @@ import pytest
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 IDS = {0: [1, 2], 1: [1, 2, 3], 2: [7]}
 

@@ -5,8 +5,7 @@ import pytest
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Mix, Workload, synthetic
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 
 @pytest.mark.parametrize("placement", ["forward", "central"])

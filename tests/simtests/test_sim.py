@@ -7,8 +7,7 @@ from simtests.cluster import Variant
 from simtests.results import DONE, REJECTED
 from simtests.sim import Simulator
 from simtests.workload import Mix, Workload, synthetic
-
-from .conftest import profile, scenario
+from tests.simtests.support import profile, scenario
 
 
 def run_and_check(cluster, variant, w):

@@ -9,24 +9,18 @@ from dataclasses import dataclass
 
 from transport import KVReceiver, KVSender, TransportConfig, make_receiver, make_sender, wire
 from transport.peer import ListReserver
-from tests.transport.conftest import SECRET, assert_same_kv, filled, make_layout
+from tests.support.clock import FakeClock
+from tests.transport.support import SECRET, assert_same_kv, filled, make_layout
 
 LAYOUT = make_layout()
 TOKENS = 20
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
 class Side:
     receiver: KVReceiver
     sender: KVSender
-    clock: Clock
+    clock: FakeClock
     pool: object
     res: ListReserver
     dst_res: ListReserver
@@ -36,7 +30,7 @@ async def open_side(reserver, **config) -> Side:
     """A started receiver on a fake clock and a sender, both over TCP, with these
     TransportConfig changes."""
     cfg = TransportConfig(**{"backend": "tcp", "secret": SECRET, "timeout_s": 5.0, **config})
-    clock = Clock()
+    clock = FakeClock()
     dst_res = reserver(LAYOUT)
     receiver = make_receiver(cfg, LAYOUT.allocate(), LAYOUT, dst_res, clock)
     await receiver.start()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.transport.conftest import SECRET, make_layout
+from tests.transport.support import SECRET, make_layout
 from transport import TransferError, TransportConfig, make_receiver
 from transport.address import (ENV_HOST, ENV_INTERFACE, AddressError, for_node, interface_address, interface_of,
                                resolve_host)

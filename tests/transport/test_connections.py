@@ -10,8 +10,8 @@ import asyncio
 import pytest
 
 from transport import TransferError, TransportConfig, make_sender
-from tests.transport.conftest import SECRET
 from tests.transport.socket_side import LAYOUT, RawClient, close_side, open_side, transfer_ok
+from tests.transport.support import SECRET
 
 
 @pytest.fixture

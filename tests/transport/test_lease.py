@@ -3,22 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.clock import FakeClock
 from transport.lease import LeaseError, LeaseState, LeaseTable
 from transport.peer import ListReserver
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def table():
     reserver = ListReserver(16)
-    clock = Clock()
+    clock = FakeClock(100.0)
     yield LeaseTable(reserver, block_size=4, clock=clock), reserver, clock
     assert sorted(reserver.free_ids) == list(range(16))
 

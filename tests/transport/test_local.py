@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from transport import TransferError, TransferState, TransportConfig, make_receiver, make_sender
-from tests.transport.conftest import assert_same_kv, filled, make_layout
+from tests.support.clock import FakeClock
+from tests.transport.support import assert_same_kv, filled, make_layout
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def pair(reserver, src_layout, dst_layout, src_seed=None, dst_seed=None, clock=None):
@@ -86,7 +80,7 @@ async def test_layer_by_layer(reserver):
 
 @pytest.mark.parametrize("end", ["receiver abort", "expiry", "sender abort"])
 async def test_lease_ends_mid_transfer(reserver, end):
-    lay, clock = make_layout(), Clock()
+    lay, clock = make_layout(), FakeClock()
     sender, receiver, (sp, sr), (dp, dr) = await pair(reserver, lay, lay, clock=clock)
     lease = receiver.reserve(20, ttl_s=5)
     ids = sr.allocate(3)

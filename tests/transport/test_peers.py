@@ -10,7 +10,7 @@ import torch
 
 from transport.layout import KVLayout
 from transport.peer import PeerError, PeerProcess
-from tests.transport.conftest import SECRET, make_layout
+from tests.transport.support import SECRET, make_layout
 
 KINDS = {"ucx-shm": ("ucx", {"UCX_TLS": "sm,self"}),
          "ucx-tcp": ("ucx", {"UCX_TLS": "tcp"}),

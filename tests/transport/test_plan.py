@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transport.plan import Strategy, build_plan
-from tests.transport.conftest import make_layout
+from tests.transport.support import make_layout
 
 
 def test_contiguous_blocks_make_one_run_per_layer_and_kv():

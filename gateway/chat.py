@@ -1,6 +1,11 @@
 """Chat messages to a prompt, with the checkpoint's own chat template (tokenizer_config.json),
-rendered in a sandbox as Hugging Face does; a plain role-prefixed layout when it has none."""
+rendered in a sandbox as Hugging Face's apply_chat_template does (its loop controls, `tojson`
+without HTML escapes, `strftime_now` and `raise_exception`); a plain role-prefixed layout when
+the checkpoint has none."""
 from __future__ import annotations
+
+import json
+from datetime import datetime
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -19,8 +24,11 @@ def _raise(message: str):
 
 class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        env.filters["tojson"] = _tojson
         self.from_checkpoint = tokenizer.chat_template is not None
         self.template = env.from_string(tokenizer.chat_template or FALLBACK)
         self.bos_token, self.eos_token = tokenizer.bos_token or "", tokenizer.eos_token or ""
@@ -35,6 +43,10 @@ class ChatTemplate:
                                         eos_token=self.eos_token)
         except jinja2.TemplateError as e:
             raise GatewayError("invalid_argument", f"the chat template failed on these messages: {e}") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _plain(i: int, message) -> dict:

@@ -27,6 +27,13 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+class CliError(click.ClickException):
+    """A command's failure as one line, `pdmesh: error: <what to fix>` (exit 1), with no traceback."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"pdmesh: error: {self.format_message()}", file=file, err=file is None)
+
+
 OPS = ("status", "ratio", "controller", "flip", "drain", "add", "remove", "decisions")
 
 

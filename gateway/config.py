@@ -83,10 +83,18 @@ class ServeConfig(BaseModel):
     transport: dict = Field(default_factory=dict, description="TransportConfig fields (backend, ...)")
     gateway: Limits = Limits()
     controller: Control = Control()
+    served_model_name: str = Field("", description="the model name clients ask for (one model only); "
+                                                   "default: the checkpoint folder's name")
+
+    @model_validator(mode="after")
+    def _one_served_name(self):
+        if self.served_model_name and len({s.model for s in self.scenarios}) > 1:
+            raise ValueError("served_model_name names one model, and these scenarios serve several: leave it out")
+        return self
 
     def served_name(self, spec: ScenarioSpec) -> str:
-        """The model name clients ask for: the checkpoint folder's name."""
-        return Path(spec.model).name
+        """The model name clients ask for: served_model_name, else the checkpoint folder's name."""
+        return self.served_model_name or Path(spec.model).name
 
     def engine_for(self, model: str) -> EngineConfig:
         """The engine settings of a scenario's actors."""

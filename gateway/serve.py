@@ -4,11 +4,14 @@ after the grace period), the actors stop and an embedded Ray goes with them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
 import click
 
+from gateway.cli import CliError
+from gateway.logs import FORMATS, LEVELS
 from mesh import engine_options
 
 log = logging.getLogger(__name__)
@@ -19,10 +22,17 @@ log = logging.getLogger(__name__)
               help="scenarios YAML (scenarios:, engine:, transport:, gateway:); default: one scenario, "
                    "1 prefill + 1 decode actor on --model")
 @engine_options
+@click.option("--served-model-name", default=None,
+              help="the model name clients ask for; default: the checkpoint folder's name")
+@click.option("--max-model-len", type=click.IntRange(min=2), default=None,
+              help="context length in tokens (prompt + output); default: the model's")
 @click.option("--ray-address", default=None, help="an existing Ray cluster ('auto' or host:port); default: embedded")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--grpc-port", type=int, default=50051, show_default=True)
-@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--port", "--http-port", "http_port", type=int, default=8000, show_default=True,
+              help="the OpenAI-compatible HTTP API's port")
+@click.option("--api-key", default=None, help="an inference key clients must send as 'Authorization: Bearer "
+                                              "<key>' (adds to --api-key-file and PDMESH_API_KEYS)")
 @click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="inference keys, one a line (also PDMESH_API_KEYS=k1,k2); none: inference is open")
 @click.option("--admin-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -32,36 +42,71 @@ log = logging.getLogger(__name__)
 @click.option("--grace-s", type=float, default=10.0, show_default=True,
               help="on shutdown, how long in-flight requests may take to finish; then they end UNAVAILABLE "
                    "(HTTP: 503, or an error event on a stream) and the process exits")
-def serve(config_path, model, device, dtype, kv_cache_gb, ray_address, host, grpc_port, http_port, api_key_file,
-          admin_key_file, tls_cert, tls_key, grace_s):
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="json: one JSON object a line (ts, level, logger, message, exc)")
+@click.option("--access-log", is_flag=True, help="log one line per HTTP request (logger aiohttp.access)")
+def serve(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, ray_address, host,
+          grpc_port, http_port, api_key, api_key_file, admin_key_file, tls_cert, tls_key, grace_s, log_level,
+          log_format, access_log):
     """Serve the mesh over gRPC and OpenAI-compatible HTTP."""
     import uvloop
 
-    from gateway import config as serve_config
+    from gateway import logs
     from gateway.auth import Keys
     from gateway.server import Listen
-    from mesh import default_model_dir
+
+    cfg = _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len)
+    logs.configure(log_level, log_format)
+    try:
+        keys = Keys.load(api_key_file, admin_key_file)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if api_key:
+        keys = dataclasses.replace(keys, inference=keys.inference + (api_key,))
+    listen = Listen(host, grpc_port, http_port, tls_cert, tls_key, access_log)
+    uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
+
+
+def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len):
+    """The config file's (or the default one on --model), with the flags that override it, and
+    each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start."""
+    from gateway import config as serve_config
+    from mesh import EngineError, ModelConfig, Tokenizer, default_model_dir
     from scenarios.spec import SpecError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if config_path:
             cfg = serve_config.load(config_path)
         else:
             cfg = serve_config.default(model or default_model_dir(), device,
                                        engine={"dtype": dtype, "kv_cache_gb": kv_cache_gb})
-        keys = Keys.load(api_key_file, admin_key_file)
-    except (SpecError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    listen = Listen(host, grpc_port, http_port, tls_cert, tls_key)
-    uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
+        overrides = {}
+        if max_model_len:
+            overrides["engine"] = {**cfg.engine, "max_model_len": max_model_len}
+        if served_model_name:
+            overrides["served_model_name"] = served_model_name
+        if overrides:
+            cfg = serve_config.ServeConfig(**{**dict(cfg), **overrides})
+        for folder in sorted({s.model for s in cfg.scenarios}):
+            ModelConfig.from_folder(folder)
+            Tokenizer(folder)
+    except (SpecError, ValueError, EngineError) as e:
+        raise CliError(str(e)) from None
+    return cfg
 
 
 async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> None:
     from gateway.server import Gateway
     from mesh import connect, disconnect, tracing
 
+    if ray_address is None:
+        log.info("starting an embedded Ray")
+    else:
+        log.info("joining the Ray cluster at %s", ray_address)
     connect(ray_address)
+    log.info("starting the actors (each loads its model: this takes a while): %s", "; ".join(
+        f"{s.name}: {s.prefill} prefill + {s.decode} decode on {cfg.served_name(s)}" for s in cfg.scenarios))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own

@@ -34,6 +34,7 @@ class Listen:
     http_port: int = 8000
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
+    access_log: bool = False  # one line per HTTP request
 
 
 class Gateway:
@@ -61,7 +62,7 @@ class Gateway:
         await self.grpc.start()
         api = OpenAIApi(self.service, self.keys, self.metrics, self.fleet.not_ready, limits)
         self.http = await http_server.start(api.app, self.listen.host, self.listen.http_port, self._ssl_context(tls),
-                                            limits)
+                                            limits, self.listen.access_log)
         self.http_port = self.http.addresses[0][1]
         await self.fleet.start(on_change=self._health_changed)
         await self.fleet.refresh()

@@ -51,6 +51,7 @@ class Chunk:
     completion_tokens: int  # so far
     request_id: str
     scenario: str
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the most likely (id, logprob)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class InferenceService:
                         self.metrics.ttft.labels(label).observe(now - start)
                     n = chunk.num_output_tokens
                     yield Chunk(chunk.token_ids, chunk.text, chunk.logprobs, chunk.finish_reason,
-                                len(prep.prompt_token_ids), n, prep.request_id, label)
+                                len(prep.prompt_token_ids), n, prep.request_id, label, chunk.top_logprobs)
                     outcome = chunk.finish_reason or outcome
             finally:
                 self.metrics.record_events(label, events)

@@ -201,7 +201,7 @@ class MeshActor:
             span = None
             yield FirstToken(last.token_ids, last.text, last.logprobs,
                              None if last.finish_reason == "prefilled" else last.finish_reason,
-                             tracing.carrier_of(transfer) if transfer is not None else None)
+                             tracing.carrier_of(transfer) if transfer is not None else None, last.top_logprobs)
             if transfer is None:
                 return
             desc = lease.descriptor
@@ -455,5 +455,6 @@ def _merge(outs) -> StreamChunk:
     """One message per burst of engine steps."""
     last = outs[-1]
     logprobs = [lp for o in outs for lp in (o.logprobs or [])]
+    top = [t for o in outs for t in (o.top_logprobs or [])]
     return StreamChunk([t for o in outs for t in o.token_ids], "".join(o.text for o in outs), logprobs or None,
-                       last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens)
+                       last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens, top or None)

@@ -174,6 +174,7 @@ class FirstToken:
     logprobs: list[float] | None
     finish_reason: str | None
     trace_context: dict[str, str] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked: the most likely (id, logprob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,7 @@ class StreamChunk:
     finish_reason: str | None  # set on the last chunk: "stop" or "length"
     num_prompt_tokens: int
     num_output_tokens: int  # so far, the tokens sent before the request moved included
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked: the most likely (id, logprob)
 
 
 @dataclass(frozen=True, slots=True)

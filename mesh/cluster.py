@@ -47,8 +47,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
         with _loopback_kept(address.rpartition(":")[0] in (LOOPBACK, "localhost")):
             ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)
     resources = ray.cluster_resources()
-    log.info("ray: %s", resources)
+    log.info("ray: %s", ", ".join(f"{name} {_amount(name, value)}" for name, value in sorted(resources.items())
+                                  if not name.startswith("node:")))
     return resources
+
+
+def _amount(name: str, value: float) -> str:
+    return f"{value / 2**30:.1f} GiB" if "memory" in name else f"{value:g}"
 
 
 def disconnect() -> None:

@@ -191,7 +191,8 @@ class Dispatcher:
             if finished:
                 pstream = None  # the prefill call ends with its first message
             yield StreamChunk(first.token_ids, first.text, first.logprobs, finished, first.finish_reason,
-                              len(request.prompt_token_ids), len(request.output_token_ids) + len(first.token_ids))
+                              len(request.prompt_token_ids), len(request.output_token_ids) + len(first.token_ids),
+                              first.top_logprobs)
             if finished:
                 return
             # the decode span hangs under the transfer span the prefill actor opened

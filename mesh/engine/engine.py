@@ -40,6 +40,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: EngineError | None = None  # why the request failed, with finish reason "error"
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: the most likely (id, logprob)
 
 
 @dataclass
@@ -204,12 +205,14 @@ class Engine:
                 if out.logprobs is not None and seq.params.logprobs:
                     logprob = out.logprobs[i]
                     seq.output_logprobs.append(logprob)
-                outputs.append(self._advance(seq, token, logprob))
+                top = out.top_logprobs[i] if out.top_logprobs is not None and seq.params.top_logprobs else None
+                outputs.append(self._advance(seq, token, logprob, top))
             except Exception as e:  # this request's own bookkeeping (detokenizing...): it alone fails
                 outputs.append(self._fail(seq, SequenceError(f"its output failed: {e!r}")))
         return outputs
 
-    def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _advance(self, seq: Sequence, token: int, logprob: float | None,
+                 top: list[tuple[int, float]] | None) -> RequestOutput:
         """Checks the stop conditions after a new token, and makes the request's delta."""
         _, detok = self._requests[seq.request_id]
         p = seq.params
@@ -230,7 +233,7 @@ class Engine:
         # A prefilled request goes on elsewhere: text held back for stop strings stays held.
         return RequestOutput(seq.request_id, [token], detok.delta(final=reason not in (None, "prefilled")),
                              None if logprob is None else [logprob], reason is not None, reason,
-                             seq.num_prompt_tokens, n_out)
+                             seq.num_prompt_tokens, n_out, top_logprobs=None if top is None else [top])
 
     def _fail(self, seq: Sequence, error: SequenceError) -> RequestOutput:
         """Ends a request that failed in a step, freeing its blocks (held ones too)."""

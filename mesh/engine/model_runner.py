@@ -34,6 +34,7 @@ class StepOutput:
     tokens: list[int]
     logprobs: list[float | None] | None
     failed: list[tuple[Sequence, SequenceError]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 class ModelRunner:
@@ -82,7 +83,8 @@ class ModelRunner:
         return StepOutput([sample_seqs[i] for i in ok], [out.tokens[i] for i in ok],
                           None if out.logprobs is None else [out.logprobs[i] for i in ok],
                           [(sample_seqs[i], SequenceError(f"no token to sample: {why}"))
-                           for i, why in out.failed.items()])
+                           for i, why in out.failed.items()],
+                          None if out.top_logprobs is None else [out.top_logprobs[i] for i in ok])
 
     def _prepare(self, batch: ScheduledBatch):
         bs, dev = self.block_size, self.device
@@ -141,8 +143,11 @@ class ModelRunner:
 
 def _merged(parts: list[StepOutput]) -> StepOutput:
     """One step's output from the outputs of its parts."""
-    logprobs = None
-    if any(p.logprobs is not None for p in parts):
-        logprobs = [lp for p in parts for lp in (p.logprobs if p.logprobs is not None else [None] * len(p.seqs))]
-    return StepOutput([s for p in parts for s in p.seqs], [t for p in parts for t in p.tokens], logprobs,
-                      [f for p in parts for f in p.failed])
+    def joined(name: str) -> list | None:
+        values = [getattr(p, name) for p in parts]
+        if all(v is None for v in values):
+            return None
+        return [x for p, v in zip(parts, values) for x in (v if v is not None else [None] * len(p.seqs))]
+
+    return StepOutput([s for p in parts for s in p.seqs], [t for p in parts for t in p.tokens], joined("logprobs"),
+                      [f for p in parts for f in p.failed], joined("top_logprobs"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SIZES = {
@@ -97,8 +97,9 @@ def init_checkpoint(folder: str | Path, family: str = "llama", size: str = "tiny
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": f["bos"], "eos_token": f["eos"], "chat_template": CHATML,
          "model_max_length": max_position_embeddings, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
-    save_file(random_weights(config, family, seed, getattr(torch, dtype)), str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    # written as the other files are (safetensors' save_file makes its file owner-only)
+    (folder / "model.safetensors").write_bytes(save(random_weights(config, family, seed, getattr(torch, dtype)),
+                                                    metadata={"format": "pt"}))
     return folder
 
 
@@ -141,8 +142,14 @@ def random_weights(cfg: dict, family: str, seed: int, dtype: torch.dtype) -> dic
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def init_command(folder: str, family: str, size: str, dtype: str, seed: int) -> None:
+@click.option("--force", is_flag=True, help="write into FOLDER even if it holds files (those of a checkpoint "
+                                            "are overwritten)")
+def init_command(folder: str, family: str, size: str, dtype: str, seed: int, force: bool) -> None:
     """Write a random-weight checkpoint (Hugging Face format) into FOLDER."""
+    held = Path(folder)
+    if not force and held.is_dir() and any(held.iterdir()):
+        raise click.ClickException(f"{held} is not empty: choose an empty or new folder, or pass --force to "
+                                   "write the checkpoint's files into it")
     path = init_checkpoint(folder, family, size, dtype, seed)
     click.echo(f"wrote a random {size} {family} checkpoint ({dtype}) to {path}")
 

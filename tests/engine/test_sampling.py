@@ -217,3 +217,35 @@ def test_logprobs_only_for_requests_that_ask(llama):
     assert len(with_lp.logprobs) == 3 and all(lp <= 0 for lp in with_lp.logprobs)
     assert without.logprobs is None
     assert all(d.logprobs is None for d in llama.stream(PROMPT, silent))
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_models_distribution(checkpoint, hf_model, llama):
+    ids = llama.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True, logprobs=True, top_logprobs=4)
+    outs = list(llama.stream(ids, params))
+    tokens = [t for o in outs for t in o.token_ids]
+    top = [t for o in outs for t in o.top_logprobs]
+    logits = hf_logits(hf_model(checkpoint()), ids + tokens)[len(ids) - 1:-1]
+    expected = torch.log_softmax(logits, -1).topk(4, dim=-1)
+    assert [[t for t, _ in row] for row in top] == expected.indices.tolist()
+    assert torch.tensor([[lp for _, lp in row] for row in top]) == pytest.approx(expected.values, abs=1e-4)
+    assert all(o.top_logprobs is None for o in llama.stream(PROMPT, SamplingParams(max_tokens=2, logprobs=True)))
+
+
+def test_top_logprobs_per_row_in_one_batch():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    seqs = [Sequence([1], SamplingParams(temperature=0, logprobs=True, top_logprobs=k)) for k in (2, 0, 1)]
+    out = sample(logits.clone(), seqs, ())
+    lsm = torch.log_softmax(logits, -1)
+    assert [[t for t, _ in row] for row in out.top_logprobs] == [[1, 3], [], [3]]
+    assert out.top_logprobs[0][1][1] == pytest.approx(lsm[0, 3].item())
+    assert sample(logits.clone(), seqs[1:2], ()).top_logprobs is None
+
+
+def test_top_logprobs_need_logprobs_and_a_bound():
+    from mesh.engine.errors import RequestError
+
+    with pytest.raises(RequestError, match="top_logprobs needs logprobs"):
+        SamplingParams(top_logprobs=2)
+    with pytest.raises(RequestError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+        SamplingParams(logprobs=True, top_logprobs=21)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PDMESH_API_KEYS": "serve-key"}
+
 
 @dataclass
 class Served:
@@ -21,6 +23,7 @@ class Served:
     grpc_address: str
     reader: threading.Thread  # keeps the process's stderr pipe drained
     log: list[str]
+    head: list[str]  # what it wrote up to its banner
 
     def wait(self, timeout_s: float) -> str:
         """Its exit status, and what it wrote after the banner."""
@@ -38,9 +41,8 @@ def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
         "scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
                        "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
         "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PDMESH_API_KEYS": "serve-key"}
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                             "--grpc-port", "0", "--http-port", "0", *args], env=env, stderr=subprocess.PIPE,
+                             "--grpc-port", "0", "--http-port", "0", *args], env=ENV, stderr=subprocess.PIPE,
                             text=True)
     try:
         lines = []
@@ -53,7 +55,7 @@ def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
         log: list[str] = []
         reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
         reader.start()
-        yield Served(proc, found.group(2), found.group(1), reader, log)
+        yield Served(proc, found.group(2), found.group(1), reader, log, lines)
     finally:
         if proc.poll() is None:
             proc.kill()

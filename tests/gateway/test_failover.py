@@ -54,8 +54,10 @@ def test_a_stream_survives_a_killed_actor(client, failover, reference, fault_log
     model = client.models.list().data[0].id
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True,
                                             logprobs=1, temperature=0,
-                                            extra_body={"ignore_eos": True, "request_id": rid}))
-    tokens = [int(t) for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+                                            extra_body={"ignore_eos": True, "request_id": rid,
+                                                        "return_tokens_as_token_ids": True}))
+    tokens = [int(t.removeprefix("token_id:")) for c in chunks if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
     assert tokens == reference(PROMPT, MAX_TOKENS)  # every token once, none lost, none repeated
     assert chunks[-1].choices[0].finish_reason == "length"
     [hit] = [f for f in read_log(fault_log) if f.request == rid]

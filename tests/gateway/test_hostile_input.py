@@ -57,7 +57,7 @@ def test_hostile_bodies_get_400_and_what_to_fix(gateway, path, body, message):
     status, reply = http(gateway, path, body)
     assert status == 400, reply
     error = json.loads(reply)["error"]
-    assert error["type"] == "invalid_argument" and message in error["message"], error
+    assert error["type"] == "invalid_request_error" and message in error["message"], error
 
 
 def test_a_body_that_cannot_be_decoded_is_400(gateway):
@@ -133,7 +133,7 @@ def test_internal_errors_reach_clients_without_ray_details(gateway, fail, monkey
     status, reply = http(gateway, "/v1/completions", json.dumps(
         {"prompt": "hi", "max_tokens": 3, "request_id": "http-internal-1"}).encode())
     error = json.loads(reply)["error"]
-    assert (status, error["type"]) == (500, "internal")
+    assert (status, error["type"]) == (500, "server_error")
     assert "http-internal-1" in error["message"] and not _leaks(error["message"], fail.texts[-1])
 
     with grpc.insecure_channel(gateway.grpc_address) as channel:
@@ -172,7 +172,7 @@ def test_internal_error_mid_stream_ends_the_stream_without_ray_details(gateway, 
     events = [line[len("data: "):] for line in reply.decode().split("\n\n") if line]
     assert status == 200 and events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
-    assert error["type"] == "internal" and "sse-internal-1" in error["message"]
+    assert error["type"] == "server_error" and "sse-internal-1" in error["message"]
     assert not _leaks(reply.decode(), fail.texts[-1])
 
 

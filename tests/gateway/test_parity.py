@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
 @dataclass
 class Output:
     text: str
-    tokens: list[int] | None  # when logprobs were asked for (the API reports token ids with them)
+    tokens: list[int] | None  # when logprobs were asked for (as ids: vLLM's return_tokens_as_token_ids)
     logprobs: list[float] | None
     finish_reason: str
 
@@ -76,7 +76,7 @@ def completions(client, model, prompt, options: dict, stream: bool, logprobs: bo
         return Output("".join(c.text for c in chunks), None, None, chunks[-1].finish_reason)
     choice = response.choices[0]
     lp = choice.logprobs
-    return Output(choice.text, lp and [int(t) for t in lp.tokens], lp and lp.token_logprobs, choice.finish_reason)
+    return Output(choice.text, lp and token_ids(lp.tokens), lp and lp.token_logprobs, choice.finish_reason)
 
 
 def chat(client, model, options: dict, stream: bool, logprobs: bool) -> Output:
@@ -88,13 +88,18 @@ def chat(client, model, options: dict, stream: bool, logprobs: bool) -> Output:
         return Output("".join(c.delta.content or "" for c in chunks), None, None, chunks[-1].finish_reason)
     choice = response.choices[0]
     content = choice.logprobs.content if logprobs else None
-    return Output(choice.message.content, content and [int(c.token) for c in content],
+    return Output(choice.message.content, content and token_ids(c.token for c in content),
                   content and [c.logprob for c in content], choice.finish_reason)
 
 
 def _split(options: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in options.items() if k not in EXTRA},
-            {"ignore_eos": True, **{k: v for k, v in options.items() if k in EXTRA}})
+            {"ignore_eos": True, "return_tokens_as_token_ids": True,
+             **{k: v for k, v in options.items() if k in EXTRA}})
+
+
+def token_ids(tokens) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])

@@ -93,7 +93,7 @@ def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model,
         for body, rid in innocents}
 
     async def send(client, body: dict, rid: str):
-        extra = {"ignore_eos": True, "request_id": rid, **body.pop("extra", {})}
+        extra = {"ignore_eos": True, "request_id": rid, "return_tokens_as_token_ids": True, **body.pop("extra", {})}
         return await client.completions.create(model=model, logprobs=1, extra_body=extra, **body)
 
     async def main():
@@ -111,7 +111,8 @@ def test_innocent_requests_are_served_in_full_among_poison_ones(poisoned, model,
     for _, rid in innocents:
         assert not isinstance(results[rid], Exception), (rid, results[rid])
         choice = results[rid].choices[0]
-        assert [int(t) for t in choice.logprobs.tokens] == expected[rid] and choice.finish_reason == "length", rid
+        tokens = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+        assert tokens == expected[rid] and choice.finish_reason == "length", rid
     for rid, result in results.items():
         if rid.startswith("poison-"):
             assert isinstance(result, openai.BadRequestError), (rid, result)

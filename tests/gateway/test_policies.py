@@ -172,9 +172,9 @@ def test_keys_from_files_and_environment_never_show_in_reprs(tmp_path):
 
 
 def test_openai_bodies():
-    body = parse(CompletionBody, {"prompt": ["one prompt"], "max_tokens": 3, "stop": "\n", "top_k": 5})
+    body = parse(CompletionBody, {"prompt": ["one prompt"], "max_tokens": 3, "stop": "\n", "top_k": 5, "logprobs": 2})
     assert body.prompt == "one prompt"
-    assert body.sampling(logprobs=True) == {"max_tokens": 3, "top_k": 5, "stop": ["\n"], "logprobs": True}
+    assert body.sampling() == {"max_tokens": 3, "top_k": 5, "stop": ["\n"], "logprobs": True, "top_logprobs": 2}
     chat = parse(ChatBody, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7})
     assert chat.max_tokens == 7
     for bad, message in [({"prompt": ["a", "b"]}, "one prompt per request"), ({}, "prompt: Field required"),

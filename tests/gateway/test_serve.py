@@ -1,13 +1,22 @@
 """`pdmesh serve` as a real process: it prints its addresses, answers, and on SIGTERM stops
-cleanly, leaving no process behind (its embedded Ray included)."""
+cleanly, leaving no process behind (its embedded Ray included); vLLM's flags, a log fit for a
+file (text or JSON, no ANSI codes, no tracebacks for a gRPC client on the HTTP port), an
+optional access log, and one clean error line for a bad model path."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.gateway.serve_process import serving
+import pytest
+
+from tests.gateway.serve_process import ENV, Served, serving
 
 
 def _descendants(pid: int) -> set[int]:
@@ -34,6 +43,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+
 def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
     with serving(checkpoint, tmp_path) as served:
         proc = served.proc
@@ -50,3 +60,75 @@ def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
         assert proc.returncode == 0, rest[-3000:]
         assert "shutting down" in rest
         assert not [pid for pid in below if _alive(pid)]
+
+
+def _post(served: Served, body: dict, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(served.http_url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_vllm_flags_json_log_access_log_and_a_grpc_client_on_the_http_port(checkpoint, tmp_path):
+    import grpc
+
+    args = ("--served-model-name", "tiny-chat", "--max-model-len", "64", "--api-key", "flag-key",
+            "--log-format", "json", "--access-log")
+    with serving(checkpoint, tmp_path, *args) as served:
+        head = "".join(served.head)
+        assert "starting the actors" in head and "tiny: 1 prefill + 1 decode on tiny-chat" in head
+        assert re.search(r"tiny-p\d+ serves as prefill on cpu \(pid \d+\), started in [\d.]+ s", head)
+        assert "{'actor_id'" not in head  # one line per actor, no dict dump
+        status, reply = _post(served, {"model": "tiny-chat", "prompt": "hello", "max_tokens": 2}, "flag-key")
+        assert status == 200 and reply["model"] == "tiny-chat"
+        assert _post(served, {"prompt": "hello", "max_tokens": 2}, "serve-key")[0] == 200  # the env's key still
+        status, reply = _post(served, {"prompt": [5] * 70, "max_tokens": 2}, "flag-key")
+        assert status == 400 and "context is 64 tokens" in reply["error"]["message"]
+        with grpc.insecure_channel(served.http_url.removeprefix("http://")) as channel:
+            with pytest.raises(grpc.RpcError):
+                channel.unary_unary("/pdmesh.v1.Inference/Generate")(b"", timeout=5)
+        served.proc.send_signal(signal.SIGTERM)
+        rest = served.wait(120)
+    assert served.proc.returncode == 0, rest[-3000:]
+    lines = (head + rest).splitlines()
+    assert not [line for line in lines if "\x1b[" in line]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    ours = [r for r in records if r["logger"].startswith(("gateway", "mesh", "aiohttp"))]
+    assert ours and all(set(r) >= {"ts", "level", "logger", "message"} for r in ours)
+    access = [r["message"] for r in records if r["logger"] == "aiohttp.access"]
+    assert any('"POST /v1/completions HTTP/1.1" 200' in m for m in access), access
+    not_http = [r for r in records if "not an HTTP/1 request" in r["message"]]
+    assert not_http and all(r["level"] == "warning" and "exc" not in r for r in not_http)
+    assert "Traceback" not in head + rest
+
+
+def test_the_port_flag_is_http_ports_alias():
+    from gateway.serve import serve
+
+    assert serve.make_context("serve", ["--port", "1234"]).params["http_port"] == 1234
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "pdmesh: error: /nonexistent/model/config.json not found: point --model at"),
+    (["--config", "/dev/null"], "pdmesh: error: /dev/null: expected a mapping"),
+])
+def test_a_bad_model_path_is_one_error_line(args, message):
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", *args], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), done.stderr
+
+
+def test_the_log_has_no_ray_unhandled_error_traceback_and_json_is_one_line():
+    script = ("import logging; from gateway import logs; logs.configure('info', 'json'); "
+              "logging.getLogger('ray._private.worker').error(\"Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_"
+              "ERRORS=1'): ray::MeshActor.decode()\\nTraceback (most recent call last):\\n  File 'x'\"); "
+              "logging.getLogger('ray').info('from ray'); "
+              "\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    logging.getLogger('gateway.x').exception('failed')")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [(r["logger"], r["message"]) for r in records] == [("ray", "from ray"), ("gateway.x", "failed")], done.stderr
+    assert "Unhandled error" not in done.stderr and "ZeroDivisionError" in records[1]["exc"]

@@ -83,7 +83,7 @@ def test_sigterm_ends_every_request_at_the_grace_and_exits(checkpoint, tmp_path)
 
     assert events[-1] == "[DONE]"
     sse_error = json.loads(events[-2])["error"]
-    assert sse_error["type"] == "unavailable" and "grace period of 1 s ran out" in sse_error["message"]
+    assert (sse_error["type"], sse_error["code"]) == ("server_error", 503) and "grace period of 1 s ran out" in sse_error["message"]
     assert not any(json.loads(e)["choices"][0]["finish_reason"] for e in events[:-2])  # cut, not finished
     assert status == 503 and "grace period of 1 s ran out" in body["error"]["message"]
     assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE

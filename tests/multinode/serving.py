@@ -54,9 +54,10 @@ out = []
 for prompt in json.loads(sys.argv[2]):
     tokens = []
     for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=int(sys.argv[3]), stream=True,
-                                           logprobs=1, temperature=0, extra_body={"ignore_eos": True}):
+                                           logprobs=1, temperature=0,
+                                           extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}):
         if chunk.choices and chunk.choices[0].logprobs:
-            tokens += [int(t) for t in chunk.choices[0].logprobs.tokens]
+            tokens += [int(t.removeprefix("token_id:")) for t in chunk.choices[0].logprobs.tokens]
     out.append(tokens)
 print(json.dumps(out))
 """

@@ -129,8 +129,7 @@ class Pool:
         self.members[actor_id] = member
         self._changed()
         log.info("pool %s: %s serves as %s on %s (pid %s), started in %.1f s", self.spec.scenario, actor_id,
-                 role.value, member.info.get("device", "?"), member.info.get("pid", "?"),
-                 member.life["serving_at"] - member.life["starting_at"])
+                 role.value, member.info.device, member.info.pid, member.life.serving_at - member.life.starting_at)
         return member
 
     async def scale(self, prefill: int = 0, decode: int = 0, both: int = 0) -> None:

@@ -18,21 +18,17 @@ from gateway.fleet import Fleet
 from gateway.grpc_api import abort
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2, admin_pb2_grpc
-from mesh.actor import Role
-from mesh.errors import MeshError
-from mesh.role_limits import Change, RoleLimitError
+from mesh import ActorReport, Change, MeshError, Role, RoleLimitError
 
 log = logging.getLogger(__name__)
 ROLES = tuple(r.value for r in Role if r is not Role.BOTH)
 
 
-def actor_message(info: dict) -> admin_pb2.ActorInfo:
-    load = info.get("load", {})
+def actor_message(info: ActorReport) -> admin_pb2.ActorInfo:
     return admin_pb2.ActorInfo(
-        actor_id=info.get("actor_id", ""), scenario=info.get("scenario", ""), role=info.get("role", ""),
-        state=info.get("state", ""), pid=info.get("pid", 0), node=info.get("node", ""),
-        device=info.get("device", ""), model=info.get("model") or "",
-        load=admin_pb2.ActorLoad(**{k: load[k] for k in admin_pb2.ActorLoad.DESCRIPTOR.fields_by_name if k in load}))
+        actor_id=info.actor_id, scenario=info.scenario, role=info.role.value, state=info.state.value,
+        pid=info.pid or 0, node=info.node or "", device=info.device or "", model=info.model or "",
+        load=admin_pb2.ActorLoad(**{k: getattr(info.load, k) for k in admin_pb2.ActorLoad.DESCRIPTOR.fields_by_name}))
 
 
 def _role(role: str) -> str:
@@ -118,16 +114,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             role = _role(request.role)
             scenario, _ = self.fleet.find_actor(request.actor_id)
             result = await scenario.pool.flip(request.actor_id, role, _optional(request.drain_timeout_s), request.force)
-            self._warn(context, result["warning"])
-            return actor_message(result)
+            self._warn(context, result.warning)
+            return actor_message(result.report)
         return await self._run(context, op)
 
     async def DrainActor(self, request, context):
         async def op():
             scenario, _ = self.fleet.find_actor(request.actor_id)
             result = await scenario.pool.drain(request.actor_id, _optional(request.timeout_s), request.force)
-            self._warn(context, result["warning"])
-            return admin_pb2.DrainActorResponse(moved_request_ids=result["moved"], actor=actor_message(result))
+            self._warn(context, result.warning)
+            return admin_pb2.DrainActorResponse(moved_request_ids=result.moved, actor=actor_message(result.report))
         return await self._run(context, op)
 
     async def AddActor(self, request, context):
@@ -144,7 +140,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def op():
             scenario, _ = self.fleet.find_actor(request.actor_id)
             result = await scenario.pool.remove(request.actor_id, _optional(request.drain_timeout_s), request.force)
-            self._warn(context, result["warning"])
+            self._warn(context, result.warning)
             return admin_pb2.RemoveActorResponse(actor_id=request.actor_id)
         return await self._run(context, op)
 

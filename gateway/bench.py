@@ -20,7 +20,8 @@ from typing import Iterator
 
 import click
 
-from mesh.bench import percentile
+from mesh import (ActorReport, ActorState, Committed, FirstToken, Lease, LoadReport, OfferReply, Role,
+                  SamplingParams, StreamChunk, percentile)
 
 OUTPUT_TOKENS = 2  # the first token from prefill, one more from decode: every phase is crossed
 
@@ -48,56 +49,63 @@ async def _refs(items):
         yield ready(item)
 
 
+def instant_lease(lease_id: str = "lease") -> Lease:
+    """A lease as a decode actor grants it, for stand-ins whose prefill writes no KV."""
+    from transport import KVLayout, LeaseDescriptor
+
+    return Lease(LeaseDescriptor(lease_id, "local", "", 0, KVLayout(1, 1, 1, 1, 1), (), 0, 30.0))
+
+
+def instant_commit() -> Committed:
+    """A prefill's commit of a transfer that moved nothing, for stand-ins."""
+    from transport import TransferStats
+
+    return Committed(TransferStats("none", "none", 0, 0, 0, 0, 0.0), 0, 0.0)
+
+
 class InstantActor:
     """A Ray actor handle's shape (method.remote, streaming via .options) answering at once."""
 
-    def __init__(self, actor_id: str, role: str):
+    def __init__(self, actor_id: str, role: Role):
         self.role = role
-        self.info_dict = {"actor_id": actor_id, "scenario": "bench", "role": role, "state": "serving", "pid": 0,
-                          "node": "", "device": "none", "model": "", "load": {"free_blocks": 1, "num_blocks": 1}}
-        self.info = InstantCall(lambda: ready(self.info_dict))
+        self.report = ActorReport(actor_id, "bench", role, ActorState.SERVING, pid=0, device="none",
+                                  load=LoadReport(free_blocks=1, num_blocks=1))
+        self.info = InstantCall(lambda: ready(self.report))
         self.ping = InstantCall(lambda: ready(actor_id))
-        self.offer = InstantCall(lambda *a: ready({"accept": True, "reason": "idle", "retry_after_s": 0.0,
-                                              "predicted_ttft_s": 0.0}))
-        self.reserve = InstantCall(lambda prompt_token_ids, align_tokens=1: ready(
-            {"lease_id": "lease", "prefix_tokens": 0, "prefix_blocks": 0, "ttl_s": 30.0}))
+        self.offer = InstantCall(lambda *a: ready(OfferReply(True, "idle")))
+        self.reserve = InstantCall(lambda prompt_token_ids, align_tokens=1: ready(instant_lease()))
         self.renew_lease = InstantCall(lambda lease_id: ready(True))
         self.release_lease = InstantCall(lambda lease_id: ready(True))
         self.until_stopped = InstantCall(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch
         self.shutdown = InstantCall(lambda: ready(None))
-        self.prefill = InstantCall(lambda step, lease: _refs([
-            {"type": "first", "token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},
-            {"type": "committed", "transfer": {"bytes": 0, "backend": "none", "duration_s": 0.0}, "seconds": 0.0}]))
-        self.decode = InstantCall(lambda lease_id, req: _refs([
-            {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length",
-             "num_prompt_tokens": len(req["prompt_token_ids"]), "num_output_tokens": OUTPUT_TOKENS}]))
+        self.prefill = InstantCall(lambda request, lease: _refs([FirstToken([7], "a", None, None), instant_commit()]))
+        self.decode = InstantCall(lambda lease_id, request: _refs([
+            StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), OUTPUT_TOKENS)]))
 
 
 def _instant_gateway(model: Path):
     from gateway.auth import Keys
     from gateway.config import Limits, default
     from gateway.server import Gateway, Listen
-    from mesh.actor import Role
-    from mesh.pool import Member
+    from mesh import Member
 
     config = default(model, gateway=Limits(max_concurrent_requests=100_000))
     gw = Gateway(config, Keys(), Listen(grpc_port=0, http_port=0))
     for scenario in gw.fleet.scenarios.values():
         for role in (Role.PREFILL, Role.DECODE):
-            actor = InstantActor(f"instant-{role.value}", role.value)
-            scenario.pool.members[actor.info_dict["actor_id"]] = Member(actor.info_dict["actor_id"], role, actor,
-                                                                        actor.info_dict)
+            actor = InstantActor(f"instant-{role.value}", role)
+            scenario.pool.members[actor.report.actor_id] = Member(actor.report.actor_id, role, actor, actor.report)
     return gw
 
 
 async def _direct(gw, n: int) -> list[float]:
-    from mesh.dispatch import Request
+    from mesh import Request
 
     dispatcher = next(iter(gw.fleet.scenarios.values())).dispatcher
     times = []
     for i in range(n):
         start = time.perf_counter()
-        async for _ in dispatcher.generate(Request(f"d{i}", [1, 2, 3], {"max_tokens": OUTPUT_TOKENS})):
+        async for _ in dispatcher.generate(Request(f"d{i}", [1, 2, 3], SamplingParams(max_tokens=OUTPUT_TOKENS))):
             pass
         times.append(time.perf_counter() - start)
     return times
@@ -204,7 +212,7 @@ def served(gw) -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def run(requests: int, concurrency: int, seconds: float) -> dict:
-    from mesh.engine.random_checkpoint import init_checkpoint
+    from mesh import init_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         gw = _instant_gateway(init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32"))

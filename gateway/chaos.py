@@ -44,7 +44,7 @@ from gateway.chaos_report import Applied, Kill, Outcome, Report, Result, Sample,
 from gateway.config import ServeConfig
 from gateway.ops_client import AdminClient, OpsError, Target
 from gateway.proto import admin_pb2, inference_pb2, inference_pb2_grpc
-from mesh.pool import Member
+from mesh import ActorReport, ActorState, EngineConfig, Member
 
 ROLES = ("prefill", "decode")
 # How a kill lands at each phase a schedule may name.
@@ -91,13 +91,13 @@ class Chaos:
     async def probe(self) -> None:
         asked = self.now()  # a probe asked before a kill says nothing about after it
         infos = await self._there(self._infos())
-        live = {a: info for a, info in infos.items() if isinstance(info, dict) and a not in self.killed}
-        self.held = {a: info["load"]["num_blocks"] - info["load"]["free_blocks"] for a, info in live.items()}
-        self.serving = {r: [a for a, info in live.items() if info["state"] == "serving" and info["role"] == r]
+        live = {a: info for a, info in infos.items() if isinstance(info, ActorReport) and a not in self.killed}
+        self.held = {a: info.load.used_blocks for a, info in live.items()}
+        self.serving = {r: [a for a, info in live.items() if info.state is ActorState.SERVING and info.role == r]
                         for r in ROLES}
         self.samples.append(Sample(asked, {r: len(ids) for r, ids in self.serving.items()}))
 
-    async def _infos(self) -> dict[str, dict | BaseException]:
+    async def _infos(self) -> dict[str, ActorReport | BaseException]:
         """Each member's own info; an exception for a dead or stuck one."""
         members = list(self.pool.members.values())
         infos = await asyncio.gather(*(asyncio.wait_for(m.handle.info.remote(), PROBE_TIMEOUT_S) for m in members),
@@ -219,19 +219,18 @@ async def load(address: str, mix: LoadMix, options: Options, since: float) -> li
     return results
 
 
-def verify(results: list[tuple[Outcome, list[int]]], mix: LoadMix, engine: dict, n: int) -> tuple[list[Outcome], int]:
+def verify(results: list[tuple[Outcome, list[int]]], mix: LoadMix, engine: EngineConfig,
+           n: int) -> tuple[list[Outcome], int]:
     """The first `n` completed greedy requests against a single engine's greedy run: those that
     differ become corrupt. Returns every outcome and how many were compared."""
-    from mesh.engine.config import EngineConfig
-    from mesh.engine.engine import Engine
-    from mesh.engine.sampling_params import SamplingParams
+    from mesh import Engine, SamplingParams
 
     checked = [(o, tokens) for o, tokens in results
                if o.result is Result.COMPLETED and mix.request(o.index).greedy][:n]
     if not checked:
         return [o for o, _ in results], 0
     requests = [mix.request(o.index) for o, _ in checked]
-    reference = Engine(EngineConfig(**engine)).generate(
+    reference = Engine(engine).generate(
         [list(r.prompt) for r in requests],
         [SamplingParams(max_tokens=r.max_tokens, **r.sampling) for r in requests])
     wrong = {o.index for (o, tokens), ref in zip(checked, reference) if tokens != ref.token_ids}
@@ -253,12 +252,11 @@ async def _chaos(gw, loop, scenario: str, admin_key: str, options: Options) -> R
         try:
             results = await load(gw.addresses["grpc"], mix, options, chaos.start)
             await faults  # each is bounded by the admin calls' timeout
-            lease_ttl_s = float(gw.config.transport.get("lease_ttl_s", 30.0))
-            leaked = await chaos.settle(lease_ttl_s)
+            leaked = await chaos.settle(s.pool.spec.transport.lease_ttl_s)
         finally:
             watcher.cancel()
             faults.cancel()
-    engine = {**gw.config.engine, "model": s.spec.model, "device": s.pool.spec.hardware["decode"].device}
+    engine = s.pool.spec.engine.model_copy(update={"device": s.pool.spec.hardware["decode"].device})
     outcomes, verified = await asyncio.to_thread(verify, results, mix, engine, options.verify)
     return Report.build(outcomes, chaos.applied, chaos.kills, chaos.samples, leaked, verified,
                         options.replace_within_s)
@@ -268,7 +266,7 @@ def run(config: ServeConfig, scenario: str, options: Options, address: str | Non
     from gateway.auth import Keys
     from gateway.bench import served
     from gateway.server import Gateway, Listen
-    from mesh.cluster import connect, disconnect
+    from mesh import connect, disconnect
 
     admin_key = secrets.token_hex(16)
     ours = not ray.is_initialized()  # a Ray this process already joined outlives the run
@@ -292,7 +290,7 @@ def _config(config_path: str | None, model: str | None, prefill: int, decode: in
         yield serve_config.load(config_path)
         return
     from gateway.config import Control
-    from mesh.engine.random_checkpoint import init_checkpoint
+    from mesh import init_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = model or init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32")

@@ -4,13 +4,18 @@ the gateway's limits and the ratio controller's settings. Validated on load; err
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.api import EngineConfig, engine_config, transport_config
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
 from scenarios.spec import SLO, Hardware, ScenarioSpec, SpecError, parse_specs
+
+if TYPE_CHECKING:
+    from transport import TransportConfig
 
 
 class Limits(BaseModel):
@@ -91,6 +96,22 @@ class ServeConfig(BaseModel):
         """The model name clients ask for: served_model_name, else the checkpoint folder's name."""
         return self.served_model_name or Path(spec.model).name
 
+    def engine_for(self, model: str) -> EngineConfig:
+        """The engine settings of a scenario's actors."""
+        return engine_config({**self.engine, "model": model})
+
+    def transport_with(self, secret: str) -> TransportConfig:
+        """The transport settings of every actor, with the mesh's shared secret (made per run)."""
+        return transport_config({**self.transport, "secret": secret})
+
+    @model_validator(mode="after")
+    def _typed(self) -> ServeConfig:
+        """The engine and transport fields are checked here, when the file is read, rather than
+        in the actors that use them."""
+        self.engine_for(self.scenarios[0].model)
+        self.transport_with("0" * 16)  # a placeholder of a valid length: the real one is made per run
+        return self
+
 
 def parse(data: object, source: str = "config") -> ServeConfig:
     specs = parse_specs(data, source)  # raises SpecError naming the scenario and field
@@ -98,8 +119,15 @@ def parse(data: object, source: str = "config") -> ServeConfig:
     try:
         return ServeConfig(scenarios=tuple(specs), **rest)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise SpecError(f"{source}: {problems}") from None
+        raise SpecError(f"{source}: {'; '.join(map(_problem, e.errors()))}") from None
+
+
+def _problem(err: dict) -> str:
+    """"field: what is wrong"; a validator's own message as it wrote it (it names its fields)."""
+    if err["type"] == "value_error":
+        what = str(err["ctx"]["error"])
+        return f"{'.'.join(map(str, err['loc']))}: {what}" if err["loc"] else what
+    return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
 
 
 def load(path: str | Path) -> ServeConfig:

@@ -27,9 +27,7 @@ from gateway.errors import GatewayError
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
-from mesh import tracing
-from mesh.role_limits import device_kind
-from mesh.roles import Role
+from mesh import ActorState, Role, device_kind, tracing
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
 from scenarios.controller import ActorView, Decision, RatioController
@@ -94,10 +92,9 @@ class ControlLoop(ControlRound):
         for m in self.fleet.scenarios[scenario].pool.members.values():
             if m.role is Role.BOTH:  # aggregated actors have no side to move between
                 continue
-            load = m.info.get("load", {})
-            views.append(ActorView(m.actor_id, m.role,
-                                   load.get("queued_requests", 0) + load.get("active_requests", 0),
-                                   m.info.get("state") == "serving", device_kind(m.info.get("device", ""))))
+            load = m.info.load
+            views.append(ActorView(m.actor_id, m.role, load.queued_requests + load.active_requests,
+                                   m.info.state is ActorState.SERVING, device_kind(m.info.device or "")))
         return tuple(views)
 
     async def apply(self, decision: Decision) -> Record:

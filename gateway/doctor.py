@@ -32,7 +32,7 @@ class Finding:
 
 
 def host() -> list[Finding]:
-    from mesh.engine.device import cpu_has_fast_half
+    from mesh import cpu_has_fast_half
 
     fast = cpu_has_fast_half()
     return [Finding("host", "python", platform.python_version()),
@@ -44,7 +44,7 @@ def host() -> list[Finding]:
 def torch_devices() -> list[Finding]:
     import torch
 
-    from mesh.engine.device import npu_available
+    from mesh import npu_available
 
     found = [Finding("torch", "version", torch.__version__),
              Finding("torch", "build", f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only")]
@@ -85,7 +85,7 @@ def ucx(cuda_devices: bool) -> list[Finding]:
 def ray_cluster(address: str | None) -> list[Finding]:
     import ray
 
-    from mesh.cluster import connect, disconnect
+    from mesh import connect, disconnect
 
     found = [Finding("ray", "version", ray.__version__)]
     address = address or os.environ.get("RAY_ADDRESS") or "auto"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
-from mesh.errors import MeshError
+from mesh import MeshError
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,8 @@ from typing import Callable
 from gateway.chat import ChatTemplate
 from gateway.config import ServeConfig
 from gateway.errors import GatewayError
-from mesh.actor import Role
-from mesh.dispatch import Dispatcher
-from mesh.engine.tokenizer import Tokenizer
-from mesh.pool import Member, Pool, PoolSpec
-from mesh.routing import ForwardOnRejection
-from mesh.supervisor import RestartPolicy, Supervisor
+from mesh import (ActorReport, ActorState, Dispatcher, EngineConfig, ForwardOnRejection, Member, Pool,
+                  PoolSpec, RestartPolicy, Role, Supervisor, Tokenizer)
 from scenarios.spec import ScenarioSpec
 
 log = logging.getLogger(__name__)
@@ -39,10 +35,10 @@ class Scenario:
         return self.spec.name
 
 
-def _context_length(model: str, engine: dict) -> int:
-    if engine.get("max_model_len"):
-        return int(engine["max_model_len"])
-    return int(json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 2048))
+def _context_length(engine: EngineConfig) -> int:
+    if engine.max_model_len:
+        return engine.max_model_len
+    return int(json.loads((Path(engine.model) / "config.json").read_text()).get("max_position_embeddings", 2048))
 
 
 class Fleet:
@@ -53,14 +49,12 @@ class Fleet:
         self.supervisors: list[Supervisor] = []
         router = ForwardOnRejection(max_forwards=config.gateway.max_forwards)
         for spec in config.scenarios:
-            engine = {**config.engine, "model": spec.model}
-            transport = {"backend": "ucx", **config.transport, "secret": transport_secret}
-            pool = Pool(PoolSpec(spec.name, engine, transport, dict(spec.hardware), ttft_budget_s=spec.slo.ttft_s,
-                                 limits=dict(spec.limits)))
+            engine = config.engine_for(spec.model)
+            pool = Pool(PoolSpec(spec.name, engine, config.transport_with(transport_secret), dict(spec.hardware),
+                                 ttft_budget_s=spec.slo.ttft_s, limits=dict(spec.limits)))
             tokenizer = Tokenizer(spec.model)
             self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, Dispatcher(pool, router),
-                                                 tokenizer, ChatTemplate(tokenizer),
-                                                 _context_length(spec.model, engine))
+                                                 tokenizer, ChatTemplate(tokenizer), _context_length(engine))
 
     async def start(self, on_change: Callable[[], None] | None = None) -> None:
         """Starts every scenario's actors, all at once, then supervises them; on_change is
@@ -88,7 +82,7 @@ class Fleet:
         """Every actor's role, state and load, for placement order, readiness and metrics."""
         await asyncio.gather(*(s.pool.refresh() for s in self.scenarios.values()))
 
-    def actor_infos(self) -> dict[str, list[dict]]:
+    def actor_infos(self) -> dict[str, list[ActorReport]]:
         """Every actor of every scenario, those starting and dead included (state says which)."""
         return {name: [m.info for m in (*s.pool.members.values(), *s.pool.offline.values())]
                 for name, s in self.scenarios.items()}
@@ -111,11 +105,11 @@ class Fleet:
 
 
 def _serving(pool: Pool, role: Role) -> bool:
-    return any(m.info.get("state") == "serving" for m in pool.by_role(role))
+    return any(m.info.state is ActorState.SERVING for m in pool.by_role(role))
 
 
 def _offline(pool: Pool, role: Role) -> str:
     """Why not: the role's actors that are starting or dead."""
-    states = [f"{m.actor_id} {m.info['state']}" + (f" ({m.info['reason']})" if m.info.get("reason") else "")
+    states = [f"{m.actor_id} {m.info.state}" + (f" ({m.life.reason})" if m.life.reason else "")
               for m in pool.offline.values() if m.role is role]
     return f": {'; '.join(states)}" if states else ""

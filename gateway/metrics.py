@@ -7,14 +7,14 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from mesh.dispatch import Event
+from mesh import ActorReport, ActorState, Event
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, actor_infos: Callable[[], dict[str, list[dict]]], scenarios: Iterable[str] = ()):
+    def __init__(self, actor_infos: Callable[[], dict[str, list[ActorReport]]], scenarios: Iterable[str] = ()):
         """actor_infos() -> {scenario: [actor info, ...]} as last refreshed; scenarios: the names
         whose event counters start at 0, so that rate() and increase() answer before the first event."""
         self.registry = r = CollectorRegistry()
@@ -64,7 +64,7 @@ class Metrics:
 class _ActorCollector:
     """Gauges computed at scrape time from the actors' last load reports."""
 
-    def __init__(self, actor_infos: Callable[[], dict[str, list[dict]]]):
+    def __init__(self, actor_infos: Callable[[], dict[str, list[ActorReport]]]):
         self.actor_infos = actor_infos
 
     def collect(self):
@@ -80,16 +80,16 @@ class _ActorCollector:
         counts: dict[tuple[str, str, str], int] = {}
         for scenario, infos in self.actor_infos().items():
             for info in infos:
-                state = (scenario, info.get("role", ""), info.get("state", ""))
+                state = (scenario, info.role.value, info.state.value)
                 counts[state] = counts.get(state, 0) + 1
-                if info.get("state") in ("starting", "dead"):
+                if info.state in (ActorState.STARTING, ActorState.DEAD):
                     continue  # no load to report: counted by state only
-                load = info.get("load", {})
-                key = [scenario, info.get("actor_id", ""), info.get("role", "")]
-                queue.add_metric(key, load.get("queued_requests", 0))
-                queued_tokens.add_metric(key, load.get("queued_prompt_tokens", 0))
-                used.add_metric(key, load.get("num_blocks", 0) - load.get("free_blocks", 0))
-                total.add_metric(key, load.get("num_blocks", 0))
+                load = info.load
+                key = [scenario, info.actor_id, info.role.value]
+                queue.add_metric(key, load.queued_requests)
+                queued_tokens.add_metric(key, load.queued_prompt_tokens)
+                used.add_metric(key, load.used_blocks)
+                total.add_metric(key, load.num_blocks)
         for state, n in counts.items():
             actors.add_metric(list(state), n)
         return [queue, queued_tokens, used, total, actors]

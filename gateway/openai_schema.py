@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import GatewayError
-from mesh.engine.sampling_params import MAX_TOP_LOGPROBS
+from mesh import MAX_TOP_LOGPROBS
 
 MAX_N = 128  # choices per request: OpenAI's limit; each is one request to the mesh
 

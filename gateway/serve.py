@@ -12,7 +12,7 @@ import click
 
 from gateway.cli import CliError
 from gateway.logs import FORMATS, LEVELS
-from mesh.engine.cli import engine_options
+from mesh import engine_options
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, m
     """The config file's (or the default one on --model), with the flags that override it, and
     each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start."""
     from gateway import config as serve_config
-    from mesh.engine.errors import EngineError
-    from mesh.engine.model_config import ModelConfig
-    from mesh.engine.random_checkpoint import default_model_dir
-    from mesh.engine.tokenizer import Tokenizer
+    from mesh import EngineError, ModelConfig, Tokenizer, default_model_dir
     from scenarios.spec import SpecError
 
     try:
@@ -101,8 +98,7 @@ def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, m
 
 async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> None:
     from gateway.server import Gateway
-    from mesh import tracing
-    from mesh.cluster import connect, disconnect
+    from mesh import connect, disconnect, tracing
 
     if ray_address is None:
         log.info("starting an embedded Ray")

@@ -25,11 +25,7 @@ from gateway.metrics import Metrics
 from gateway.observe import LoadWindow
 from gateway.router import Deadlines, InFlightLimit, RequestFacts, ScenarioRouter
 from gateway.tokenizing import Tokenizing, max_prompt_chars
-from mesh import tracing
-from mesh.dispatch import Request
-from mesh.engine.errors import RequestError
-from mesh.engine.sampling_params import SamplingParams
-from mesh.errors import MeshError
+from mesh import MeshError, Request, RequestError, SamplingParams, StreamChunk, tracing
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ class _Prepared:
     scenario: Scenario
     request_id: str
     prompt_token_ids: list[int]
-    params: dict
+    params: SamplingParams
 
 
 class InferenceService:
@@ -152,10 +148,10 @@ class InferenceService:
                     if first_at is None:
                         first_at = now
                         self.metrics.ttft.labels(label).observe(now - start)
-                    n = chunk["num_output_tokens"]
-                    yield Chunk(chunk["token_ids"], chunk["text"], chunk["logprobs"], chunk["finish_reason"],
-                                len(prep.prompt_token_ids), n, prep.request_id, label, chunk.get("top_logprobs"))
-                    outcome = chunk["finish_reason"] or outcome
+                    n = chunk.num_output_tokens
+                    yield Chunk(chunk.token_ids, chunk.text, chunk.logprobs, chunk.finish_reason,
+                                len(prep.prompt_token_ids), n, prep.request_id, label, chunk.top_logprobs)
+                    outcome = chunk.finish_reason or outcome
             finally:
                 self.metrics.record_events(label, events)
             if n > 1:
@@ -240,7 +236,7 @@ class InferenceService:
             raise GatewayError("invalid_argument", f"the prompt has {len(ids)} tokens and max_tokens is "
                                                    f"{params.max_tokens}; the model's context is "
                                                    f"{scenario.max_model_len}: lower max_tokens to {room} or less")
-        return _Prepared(scenario, request_id, ids, sampling)
+        return _Prepared(scenario, request_id, ids, params)
 
     def _check_size(self, text: str, ids: list[int] | None) -> None:
         """Refuses, before tokenizing, a prompt that no served model's context can hold."""
@@ -253,8 +249,8 @@ class InferenceService:
                                                    f"{self._max_prompt_chars} characters fits: shorten the prompt")
 
 
-async def _until(stream: AsyncIterator[dict], deadline: float, clock: Callable[[], float],
-                 streaming: dict | None = None) -> AsyncIterator[dict]:
+async def _until(stream: AsyncIterator[StreamChunk], deadline: float, clock: Callable[[], float],
+                 streaming: dict | None = None) -> AsyncIterator[StreamChunk]:
     """The stream's chunks until the request's deadline; past it, DEADLINE_EXCEEDED (the
     stream is closed, which stops the actors' work and frees its KV). While it runs, its
     `end(error)` is in `streaming` (with the task it runs in), for a shutdown to end it early.

@@ -6,8 +6,7 @@ from typing import Iterable
 
 from opentelemetry import propagate, trace
 
-from mesh import tracing
-from mesh.dispatch import Event
+from mesh import Event, tracing
 
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 

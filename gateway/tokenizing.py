@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from gateway.errors import GatewayError
-from mesh.engine.tokenizer import Tokenizer
+from mesh import Tokenizer
 
 INLINE_CHARS = 1024  # tokenized on the loop: about a millisecond at worst
 

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from mesh import tracing
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+from mesh.api import (ActorReport, ActorRequest, ActorSpec, ActorState, Committed, DrainResult, FirstToken, Lease,
+                      LoadReport, OfferReply, PrefixCacheStats, Role, StreamChunk)
 from mesh.async_engine import AsyncEngine
-from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
 from mesh.kv import KVConnector
-from mesh.prefix_index import DEFAULT_CHUNK_TOKENS, PrefixRecord, chunk_tokens_for
-from mesh.roles import Role  # re-exported: the mesh's public name for it
-from transport import LeaseDescriptor, TransferError, TransportConfig
+from mesh.prefix_index import PrefixRecord, chunk_tokens_for
+from transport import TransferError
 from transport.address import for_node
 from transport.layout import KVLayout
 from transport.memory import pool_zeros
@@ -43,52 +41,20 @@ GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it
 LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
 
 
-class State(str, enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"
-
-
-@dataclass
-class ActorSpec:
-    actor_id: str
-    scenario: str
-    role: str
-    engine: dict  # EngineConfig fields
-    transport: dict = field(default_factory=dict)  # TransportConfig fields
-    ttft_budget_s: float = 2.0
-    drain_timeout_s: float = 60.0
-    warmup: bool = True
-    otel_env: dict = field(default_factory=dict)  # the driver's OTEL_* settings: where spans go
-    prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # granularity of the prefix report (rounded up to blocks)
-    faults: str = ""  # armed fault-injection points (mesh.faults), for tests
-    fault_log: str = ""  # where a fault that fires is recorded
-    layerwise_kv: bool = False  # a prefill sends each layer's KV as soon as it is computed (mesh.kv)
-
-
-def _params_from(d: dict) -> SamplingParams:
-    try:
-        return SamplingParams(**d)
-    except TypeError as e:
-        raise MeshError("invalid_argument", f"bad sampling options: {e}") from None
-    except RequestError as e:
-        raise MeshError("invalid_argument", str(e)) from None
-
-
 def _movable(method):
     """Makes an actor method that streams one request movable (MeshActor._stream_movably)."""
     @functools.wraps(method)
-    async def stream(self: MeshActor, *args, **kwargs) -> AsyncIterator[dict]:
+    async def stream(self: MeshActor, *args, **kwargs) -> AsyncIterator:
         async for message in self._stream_movably(method(self, *args, **kwargs)):
             yield message
     return stream
 
 
 class MeshActor:
-    def __init__(self, spec: dict):
-        self.spec = ActorSpec(**spec)
-        self.role = Role(self.spec.role)
-        self.state = State.STARTING
+    def __init__(self, spec: ActorSpec):
+        self.spec = spec
+        self.role = spec.role
+        self.state = ActorState.STARTING
         self.admission = PrefillAdmission()
         self.queued_tokens = 0
         self.queued_requests = 0
@@ -98,20 +64,20 @@ class MeshActor:
         self._idle = asyncio.Event()
         self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
         self._stopped = asyncio.Event()
-        self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log or None)
+        self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log)
 
     # -- life cycle ------------------------------------------------------------------------
-    async def start(self) -> dict:
+    async def start(self) -> ActorReport:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
-        if self.spec.engine.get("tensor_parallel_size", 1) > 1:  # transfers would move rank 0's KV heads only
+        if self.spec.engine.tensor_parallel_size > 1:  # transfers would move rank 0's KV heads only
             raise MeshError("invalid_argument", "mesh actors run tensor_parallel_size 1 only: KV transfer between "
                             "sharded engines is not built yet (issue 21); `pdmesh generate` runs TP engines")
         tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:
             # the KV pool in the transport's memory (huge pages on CPU), which it moves faster
-            engine = await loop.run_in_executor(None, Engine, EngineConfig(**self.spec.engine), pool_zeros)
+            engine = await loop.run_in_executor(None, Engine, self.spec.engine, pool_zeros)
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
         self.engine = AsyncEngine(engine)
@@ -125,13 +91,13 @@ class MeshActor:
         import ray
 
         # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
-        transport = for_node(TransportConfig(**self.spec.transport), ray.util.get_node_ip_address())
+        transport = for_node(self.spec.transport, ray.util.get_node_ip_address())
         self.kv = KVConnector(self.engine, transport, layout, self.faults, self.spec.layerwise_kv)
         if self.role is not Role.PREFILL:
             await self.kv.open_receiver()
         if self.spec.warmup:
             await self._warmup()
-        self.state = State.SERVING
+        self.state = ActorState.SERVING
         return await self.info()
 
     async def _warmup(self) -> None:
@@ -144,29 +110,24 @@ class MeshActor:
         async for _ in self.engine.stream(add):
             pass
 
-    async def info(self) -> dict:
+    async def info(self) -> ActorReport:
         import ray
 
         eng = self.engine.engine if self.engine else None
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
-        return {
-            "actor_id": self.spec.actor_id, "scenario": self.spec.scenario, "role": self.role.value,
-            "state": self.state.value, "pid": os.getpid(),
-            "node": ctx.get_node_id() if ctx else "", "device": str(eng.device) if eng else "",
-            "model": self.spec.engine.get("model"), "block_size": eng.blocks.block_size if eng else 0,
-            "load": self.load(), "prefix": self.prefixes.report() if eng else None,
-        }
+        return ActorReport(
+            self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
+            node=ctx.get_node_id() if ctx else None, device=str(eng.device) if eng else None,
+            model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
+            load=self.load(), prefix=self.prefixes.report() if eng else None)
 
-    def load(self) -> dict:
-        eng = self.engine.engine if self.engine else None
-        return {
-            "queued_prompt_tokens": self.queued_tokens, "queued_requests": self.queued_requests,
-            "active_requests": len(self.active),
-            "free_blocks": eng.blocks.num_free if eng else 0, "num_blocks": eng.blocks.num_blocks if eng else 0,
-            "prefill_tokens_per_s": self.engine.stats.prefill_tokens_per_s if self.engine else 0.0,
-            "decode_step_s": self.engine.stats.decode_step_s if self.engine else 0.0,
-            "prefix_cache": _cache_stats(eng.blocks) if eng else {},
-        }
+    def load(self) -> LoadReport:
+        if self.engine is None:
+            return LoadReport(self.queued_tokens, self.queued_requests, len(self.active))
+        eng, stats = self.engine.engine, self.engine.stats
+        return LoadReport(self.queued_tokens, self.queued_requests, len(self.active), eng.blocks.num_free,
+                          eng.blocks.num_blocks, stats.prefill_tokens_per_s, stats.decode_step_s,
+                          _cache_stats(eng.blocks))
 
     async def ping(self) -> str:
         return self.spec.actor_id
@@ -187,28 +148,26 @@ class MeshActor:
 
     # -- prefill role ----------------------------------------------------------------------
     async def offer(self, prompt_tokens: int, ttft_budget_s: float | None = None,
-                    time_left_s: float = float("inf"), cached_tokens: int = 0) -> dict:
+                    time_left_s: float = float("inf"), cached_tokens: int = 0) -> OfferReply:
         """Accept or reject at once, with a reason and a retry hint. cached_tokens: of the prompt,
         likely in this actor's prefix cache (the dispatcher's guess)."""
-        if self.state is not State.SERVING or self.role is Role.DECODE:
-            return {"accept": False, "reason": f"actor is {self.state.value} as {self.role.value}",
-                    "retry_after_s": 0.0, "predicted_ttft_s": 0.0}
+        if self.state is not ActorState.SERVING or self.role is Role.DECODE:
+            return OfferReply(False, f"actor is {self.state.value} as {self.role.value}")
         load = PrefillLoad(self.queued_tokens, self.queued_requests, self.engine.stats.prefill_tokens_per_s)
-        d = self.admission.decide(load, Offer(prompt_tokens, ttft_budget_s or self.spec.ttft_budget_s,
-                                              time_left_s, cached_tokens))
-        return dataclasses.asdict(d)
+        return self.admission.decide(load, Offer(prompt_tokens, ttft_budget_s or self.spec.ttft_budget_s,
+                                                 time_left_s, cached_tokens))
 
     @_movable
-    async def prefill(self, request: dict, lease: dict | None) -> AsyncIterator[dict]:
-        """Yields {"type": "first", ...} as soon as the first token is sampled, then, when
-        the KV went into the lease, {"type": "committed", "transfer": stats}. The first
-        message carries the trace context of the KV transfer, the decode span's parent."""
+    async def prefill(self, request: ActorRequest, lease: Lease | None) -> AsyncIterator[FirstToken | Committed]:
+        """Yields a FirstToken as soon as the first token is sampled, then, when the KV went
+        into the lease, Committed. The first message carries the trace context of the KV
+        transfer, the decode span's parent."""
         self._require(Role.PREFILL, Role.BOTH)
-        rid, ids = request["request_id"], list(request["prompt_token_ids"])
-        sent = list(request.get("output_token_ids", []))  # generated before the request moved here
-        params = _params_from(request["params"])
+        rid, ids = request.request_id, list(request.prompt_token_ids)
+        sent = list(request.output_token_ids)  # generated before the request moved here
+        params = request.params
         eng = self.engine.engine
-        span = tracing.start_span("prefill", request.get("trace_context"), {
+        span = tracing.start_span("prefill", request.trace_context, {
             "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid, "pdmesh.prompt_tokens": len(ids)})
         transfer = error = None
         self.queued_tokens += len(ids) + len(sent)
@@ -218,7 +177,7 @@ class MeshActor:
         try:
             self.faults.reached("prefill", rid)
             if lease is not None and self.kv.layerwise:
-                self.kv.stream(rid, LeaseDescriptor.from_wire(lease), lease.get("prefix_tokens", 0))
+                self.kv.stream(rid, lease.descriptor, lease.prefix_tokens)
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
                                                                           output_ids=sent)):
@@ -227,30 +186,25 @@ class MeshActor:
             self.queued_requests -= 1
             queued = False
             self.prefixes.touch(ids)
-            first = {"type": "first", "token_ids": last.token_ids, "text": last.text, "logprobs": last.logprobs,
-                     "top_logprobs": last.top_logprobs,
-                     "finish_reason": None if last.finish_reason == "prefilled" else last.finish_reason}
             if last.finish_reason == "prefilled" and lease is not None:
                 transfer = tracing.start_span("kv_transfer", tracing.carrier_of(span),
                                               {"pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid})
-                first["trace_context"] = tracing.carrier_of(transfer)
             tracing.end(span)
             span = None
-            yield first
+            yield FirstToken(last.token_ids, last.text, last.logprobs,
+                             None if last.finish_reason == "prefilled" else last.finish_reason,
+                             tracing.carrier_of(transfer) if transfer is not None else None, last.top_logprobs)
             if transfer is None:
                 return
-            desc = LeaseDescriptor.from_wire(lease)
+            desc = lease.descriptor
             # the decode actor holds the lease's skipped prefix already
-            written = await self.kv.send(rid, desc, lease.get("prefix_tokens", 0))
+            written = await self.kv.send(rid, desc, lease.prefix_tokens)
             stats = written.stats
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.path": stats.path, "kv.blocks": written.blocks,
                                      "kv.skipped_tokens": written.skipped_tokens, "kv.peer": f"{desc.host}:{desc.port}"})
-            # exposed_s: how long the transfer ran past the first token (not hidden behind the prefill)
-            yield {"type": "committed", "transfer": {**stats.to_dict(), "skipped_tokens": written.skipped_tokens,
-                                                     "exposed_s": written.seconds},
-                   "seconds": written.seconds}
+            yield Committed(stats, written.skipped_tokens, written.seconds)
         except RequestError as e:
             error = e
             raise MeshError("invalid_argument", str(e)) from None
@@ -271,15 +225,15 @@ class MeshActor:
             self._done(rid)
 
     # -- decode role -----------------------------------------------------------------------
-    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> dict:
+    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> Lease:
         """A lease for a request's prompt KV: admission by free blocks. The longest prefix this
         actor's prefix cache holds, in whole blocks of `align_tokens` (the prefill side's block
         size), is held here and left out of the lease: "prefix_tokens" and "prefix_blocks" say
         how much, and the prefill side sends only what follows."""
-        if self.state is not State.SERVING or self.role is Role.PREFILL or not self.kv.receiving:
+        if self.state is not ActorState.SERVING or self.role is Role.PREFILL or not self.kv.receiving:
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
         r = await self.kv.reserve(list(prompt_token_ids), align_tokens)
-        return {**r.lease.to_wire(), "prefix_tokens": r.prefix_tokens, "prefix_blocks": r.prefix_blocks}
+        return Lease(r.lease, r.prefix_tokens, r.prefix_blocks)
 
     async def renew_lease(self, lease_id: str) -> bool:
         """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""
@@ -289,40 +243,40 @@ class MeshActor:
         return self.kv.release_lease(lease_id) if self.kv else False
 
     @_movable
-    async def decode(self, lease_id: str, request: dict) -> AsyncIterator[dict]:
+    async def decode(self, lease_id: str, request: ActorRequest) -> AsyncIterator[StreamChunk]:
         """Waits for the lease's commit, then streams the request's tokens (first excluded)."""
         self._require(Role.DECODE, Role.BOTH)
-        rid = request["request_id"]
-        params = _params_from(request["params"])
+        rid = request.request_id
+        params = request.params
         eng = self.engine.engine
 
         async def wait_and_add():
             return await self.kv.take(lease_id, lambda blocks: eng.add_prefilled(
-                request["prompt_token_ids"], request["output_token_ids"], params, blocks, rid))
+                request.prompt_token_ids, request.output_token_ids, params, blocks, rid))
 
         async for chunk in self._traced("decode", request, wait_and_add):
             yield chunk
 
     # -- both phases on one actor ------------------------------------------------------------
     @_movable
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
+    async def generate(self, request: ActorRequest) -> AsyncIterator[StreamChunk]:
         self._require(Role.BOTH, Role.PREFILL, Role.DECODE)
-        rid, ids = request["request_id"], list(request["prompt_token_ids"])
-        params = _params_from(request["params"])
+        rid, ids = request.request_id, list(request.prompt_token_ids)
+        params = request.params
         eng = self.engine.engine
 
         async def add():
             self.prefixes.touch(ids)  # at once: its prefix is cached here as it computes
-            return lambda: eng.add_request(ids, params, rid, output_ids=request.get("output_token_ids", []))
+            return lambda: eng.add_request(ids, params, rid, output_ids=request.output_token_ids)
 
         async for chunk in self._traced("generate", request, add):
             yield chunk
 
-    async def _traced(self, name: str, request: dict, prepare) -> AsyncIterator[dict]:
+    async def _traced(self, name: str, request: ActorRequest, prepare) -> AsyncIterator[StreamChunk]:
         """Streams one request's engine outputs, one message per burst of steps, in a span.
         `prepare` is awaited for the engine call that adds the request."""
-        rid = request["request_id"]
-        span = tracing.start_span(name, request.get("trace_context"), {
+        rid = request.request_id
+        span = tracing.start_span(name, request.trace_context, {
             "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid})
         error = None
         self.active.add(rid)
@@ -332,10 +286,10 @@ class MeshActor:
             async for outs in self.engine.stream(add):
                 chunk = _merge(outs)
                 if self.faults.faults:
-                    self.faults.reached("decode_step", rid, sent + len(chunk["token_ids"]))
-                sent += len(chunk["token_ids"])
+                    self.faults.reached("decode_step", rid, sent + len(chunk.token_ids))
+                sent += len(chunk.token_ids)
                 yield chunk
-            span.set_attribute("pdmesh.output_tokens", chunk["num_output_tokens"])
+            span.set_attribute("pdmesh.output_tokens", chunk.num_output_tokens)
         except RequestError as e:
             error = e
             raise MeshError("invalid_argument", str(e)) from None
@@ -347,19 +301,19 @@ class MeshActor:
             self._done(rid)
 
     # -- role changes ------------------------------------------------------------------------
-    async def drain(self, timeout_s: float | None = None) -> dict:
+    async def drain(self, timeout_s: float | None = None) -> DrainResult:
         """Accept nothing new and wait for in-flight work. What is left after the timeout is
         given back: each such request's stream ends with RequestMoved (its dispatcher re-runs
         it on another actor from the prompt plus the tokens sent) once its KV here is freed."""
-        self.state = State.DRAINING
+        self.state = ActorState.DRAINING
         if await self._idle_within(timeout_s or self.spec.drain_timeout_s):
-            return {"moved": []}
-        moved = sorted(self.active)
+            return DrainResult((), await self.info())
+        moved = tuple(sorted(self.active))
         self._give_back.set()
         if not await self._idle_within(GIVE_BACK_S):
             log.warning("actor %s: requests %s still cleaning up %.0f s after they were given back",
                         self.spec.actor_id, sorted(self.active), GIVE_BACK_S)
-        return {"moved": moved}
+        return DrainResult(moved, await self.info())
 
     async def _idle_within(self, timeout_s: float) -> bool:
         """Whether, within timeout_s, every request here ended and every lease reserved here was
@@ -376,7 +330,7 @@ class MeshActor:
                 pass
         return True
 
-    async def set_role(self, role: str, drain_timeout_s: float | None = None) -> dict:
+    async def set_role(self, role: Role, drain_timeout_s: float | None = None) -> DrainResult:
         """Drain, switch role in place (same engine and weights), serve again."""
         new = Role(role)
         result = await self.drain(drain_timeout_s)
@@ -386,11 +340,11 @@ class MeshActor:
             await self.kv.open_receiver()
         self.role = new
         self._give_back.clear()
-        self.state = State.SERVING
-        return {**result, **(await self.info())}
+        self.state = ActorState.SERVING
+        return dataclasses.replace(result, report=await self.info())
 
-    async def join(self, scenario: str, role: str, ttft_budget_s: float,
-                   drain_timeout_s: float | None = None) -> dict:
+    async def join(self, scenario: str, role: Role, ttft_budget_s: float,
+                   drain_timeout_s: float | None = None) -> DrainResult:
         """Serves another scenario of the same model from now on (lent between pools)."""
         self.spec = dataclasses.replace(self.spec, scenario=scenario, ttft_budget_s=ttft_budget_s)
         return await self.set_role(role, drain_timeout_s)
@@ -398,11 +352,11 @@ class MeshActor:
     def _require(self, *roles: Role) -> None:
         """A request that reaches an actor no longer serving its role (a flip or a drain got there
         first) moves on: the dispatcher re-runs it elsewhere."""
-        taking = self.state is State.SERVING or (self.state is State.DRAINING and not self._give_back.is_set())
+        taking = self.state is ActorState.SERVING or (self.state is ActorState.DRAINING and not self._give_back.is_set())
         if not taking or self.role not in roles:
             raise RequestMoved(f"actor {self.spec.actor_id} is {self.state.value} as {self.role.value}")
 
-    async def _stream_movably(self, work: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    async def _stream_movably(self, work: AsyncIterator) -> AsyncIterator:
         """Streams one request's messages from `work` until a drain gives the request back: then
         `work` is cancelled where it waits (its own clean-up frees its KV, leases and spans)
         and the stream ends with RequestMoved."""
@@ -434,20 +388,17 @@ class MeshActor:
             self._idle.set()
 
 
-def _cache_stats(blocks) -> dict:
-    """The engine's prefix cache figures, in blocks (none when it runs without one)."""
+def _cache_stats(blocks) -> PrefixCacheStats | None:
+    """The engine's prefix cache figures, in blocks (None when it runs without one)."""
     if not isinstance(blocks, PrefixCache):
-        return {}
-    return {"hits": blocks.hits, "queries": blocks.queries, "evictions": blocks.evictions,
-            "cached": blocks.num_cached}
+        return None
+    return PrefixCacheStats(blocks.hits, blocks.queries, blocks.evictions, blocks.num_cached)
 
 
-def _merge(outs) -> dict:
+def _merge(outs) -> StreamChunk:
     """One message per burst of engine steps."""
     last = outs[-1]
     logprobs = [lp for o in outs for lp in (o.logprobs or [])]
     top = [t for o in outs for t in (o.top_logprobs or [])]
-    return {"token_ids": [t for o in outs for t in o.token_ids], "text": "".join(o.text for o in outs),
-            "logprobs": logprobs or None, "top_logprobs": top or None, "finished": last.finished,
-            "finish_reason": last.finish_reason,
-            "num_prompt_tokens": last.num_prompt_tokens, "num_output_tokens": last.num_output_tokens}
+    return StreamChunk([t for o in outs for t in o.token_ids], "".join(o.text for o in outs), logprobs or None,
+                       last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens, top or None)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mesh.api import OfferReply
+
 
 @dataclass(frozen=True)
 class PrefillLoad:
@@ -33,30 +35,22 @@ class Offer:
 
 
 @dataclass(frozen=True)
-class Decision:
-    accept: bool
-    reason: str = ""
-    retry_after_s: float = 0.0
-    predicted_ttft_s: float = 0.0
-
-
-@dataclass(frozen=True)
 class PrefillAdmission:
     max_queued_requests: int = 256
 
-    def decide(self, load: PrefillLoad, offer: Offer) -> Decision:
+    def decide(self, load: PrefillLoad, offer: Offer) -> OfferReply:
         rate = max(load.tokens_per_s, 1.0)
         wait = load.queued_tokens / rate
         computed = max(1, offer.prompt_tokens - offer.cached_tokens)  # the last token always runs
         ttft = wait + computed / rate
         if load.queued_requests == 0:
-            return Decision(True, "idle", predicted_ttft_s=ttft)
+            return OfferReply(True, "idle", predicted_ttft_s=ttft)
         if load.queued_requests >= self.max_queued_requests:
-            return Decision(False, "queue full", retry_after_s=wait, predicted_ttft_s=ttft)
+            return OfferReply(False, "queue full", retry_after_s=wait, predicted_ttft_s=ttft)
         if offer.cached_tokens and ttft > offer.prompt_tokens / rate:
-            return Decision(False, f"holds the prefix, but its queue ({wait:.3f}s) costs more than the cache "
+            return OfferReply(False, f"holds the prefix, but its queue ({wait:.3f}s) costs more than the cache "
                             "saves", retry_after_s=wait, predicted_ttft_s=ttft)
         if ttft > min(offer.ttft_budget_s, offer.time_left_s):
-            return Decision(False, f"predicted TTFT {ttft:.3f}s over the budget", retry_after_s=wait,
+            return OfferReply(False, f"predicted TTFT {ttft:.3f}s over the budget", retry_after_s=wait,
                             predicted_ttft_s=ttft)
-        return Decision(True, "fits the TTFT budget", predicted_ttft_s=ttft)
+        return OfferReply(True, "fits the TTFT budget", predicted_ttft_s=ttft)

@@ -10,10 +10,15 @@ import asyncio
 import json
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from mesh.engine.cli import build_engine_config
+from mesh.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from transport import TransportConfig
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -24,6 +29,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurrency: int) -> dict:
+    from mesh.api import SamplingParams
     from mesh.dispatch import Dispatcher, Request
 
     dispatcher = Dispatcher(pool)
@@ -39,11 +45,11 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
             start = time.perf_counter()
             first = last = second_at = None
             async for chunk in dispatcher.generate(
-                    Request(f"bench{i}", prompt, {"max_tokens": output_tokens, "temperature": 0, "ignore_eos": True}),
+                    Request(f"bench{i}", prompt, SamplingParams(max_tokens=output_tokens, temperature=0, ignore_eos=True)),
                     events):
                 last = time.perf_counter()
                 first = first or last
-                n += len(chunk["token_ids"])
+                n += len(chunk.token_ids)
                 second_at = second_at or (last if n > 1 else None)
             produced += n
             ttft.append(first - start)
@@ -73,7 +79,7 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
     }
 
 
-async def run(engine: dict, transport: dict, requests, output_tokens, concurrency) -> dict:
+async def run(engine: EngineConfig, transport: TransportConfig, requests, output_tokens, concurrency) -> dict:
     from mesh.pool import Pool, PoolSpec
 
     results = {}
@@ -81,7 +87,7 @@ async def run(engine: dict, transport: dict, requests, output_tokens, concurrenc
                                               ("disaggregated 1P:1D", {"prefill": 1, "decode": 1}, 1, False),
                                               ("1P:1D layer-wise", {"prefill": 1, "decode": 1}, 1, True)):
         # the same cores in every set-up: one actor with two threads, or two with one each
-        pool = Pool(PoolSpec("bench", {**engine, "threads": threads}, transport, ttft_budget_s=60.0,
+        pool = Pool(PoolSpec("bench", engine.model_copy(update={"threads": threads}), transport, ttft_budget_s=60.0,
                              layerwise_kv=layerwise))
         try:
             await pool.scale(**counts)
@@ -109,10 +115,11 @@ def command(model, dtype, num_requests, prompt_tokens, output_tokens, concurrenc
     import torch
 
     from mesh.cluster import connect, disconnect
+    from transport import TransportConfig
 
     cfg = build_engine_config(model, "auto", dtype, 1.0)
-    engine = {"model": cfg.model, "dtype": dtype, "kv_cache_gb": 0.5, "max_num_seqs": 64}
-    transport = {"backend": backend, "secret": secrets.token_hex(16)}
+    engine = EngineConfig(model=cfg.model, dtype=dtype, kv_cache_gb=0.5, max_num_seqs=64)
+    transport = TransportConfig(backend=backend, secret=secrets.token_hex(16))
     g = torch.Generator().manual_seed(0)
     # lengths vary around prompt_tokens, so batches mix long and short prompts
     lengths = torch.randint(prompt_tokens // 2, prompt_tokens * 3 // 2 + 1, (num_requests,), generator=g).tolist()

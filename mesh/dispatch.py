@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ from typing import AsyncIterator, Callable
 
 import ray
 
-from mesh.actor import Role
+from mesh.api import ActorRequest, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams, StreamChunk
 from mesh.errors import MeshError, RequestMoved
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
@@ -43,11 +44,21 @@ log = logging.getLogger(__name__)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    params: dict  # SamplingParams fields
+    params: SamplingParams
     deadline: float = float("inf")  # the request's end, on the dispatcher's clock
     ttft_budget_s: float | None = None
     trace_context: dict | None = None  # W3C headers of the caller's span: the actors' spans hang under it
     admission_deadline: float = float("inf")  # the first attempt's offers stop here (or at `deadline`)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a request: what the actors are handed, and its bounds on the
+    dispatcher's clock."""
+    request: ActorRequest
+    deadline: float  # offers stop here: the admission deadline on a first attempt
+    end: float  # the request's end
+    ttft_budget_s: float | None
 
 
 @dataclass
@@ -72,8 +83,8 @@ class Dispatcher:
         # caller hears UNAVAILABLE rather than its deadline passing.
         self.margin_s = margin_s
 
-    async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[dict]:
-        """Yields chunks {"token_ids", "text", "finished", "finish_reason", ...} until finished."""
+    async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[StreamChunk]:
+        """Yields the request's output, chunk by chunk, until one is `finished`."""
         events = events if events is not None else []
         sent: list[int] = []
         lost: set[str] = set()
@@ -88,9 +99,9 @@ class Dispatcher:
                     stream = self._disaggregated(step, lost, events)
                 async with contextlib.aclosing(stream):  # a consumer that stops early frees the actors' work
                     async for chunk in stream:
-                        sent.extend(chunk["token_ids"])
+                        sent.extend(chunk.token_ids)
                         yield chunk
-                        if chunk["finished"]:
+                        if chunk.finished:
                             return
             except _Again as e:
                 if e.lost:
@@ -100,15 +111,15 @@ class Dispatcher:
         raise MeshError("unavailable", f"request {req.request_id} failed on {self.max_attempts} attempts; "
                         f"lost actors: {sorted(lost)}")
 
-    def _continuation(self, req: Request, sent: list[int], attempt: int) -> dict:
+    def _continuation(self, req: Request, sent: list[int], attempt: int) -> Attempt:
         """The request as it stands: its prompt and the tokens already sent, which the next
         actor computes with the prompt and goes on from exactly as if the request never moved
         (max/min_tokens count them, text held back for stop strings is not lost, seeded draws
-        go on); `_tokens(step)` is what its KV covers."""
-        return {"request_id": req.request_id if not attempt else f"{req.request_id}.{attempt}",
-                "prompt_token_ids": req.prompt_token_ids, "output_token_ids": list(sent), "params": req.params,
-                "deadline": min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
-                "end": req.deadline, "ttft_budget_s": req.ttft_budget_s, "trace_context": req.trace_context}
+        go on); `ActorRequest.token_ids` is what its KV covers."""
+        request = ActorRequest(req.request_id if not attempt else f"{req.request_id}.{attempt}",
+                               req.prompt_token_ids, req.params, list(sent), req.trace_context)
+        return Attempt(request, min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
+                        req.deadline, req.ttft_budget_s)
 
     def _lost(self, member: Member, phase: str, error: Exception) -> "_Again":
         """A call failed as if the actor died: the pool's supervisor hears of it."""
@@ -119,7 +130,7 @@ class Dispatcher:
     def _live(self, role: Role, lost: set[str]) -> list[Member]:
         return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
 
-    async def _members(self, role: Role, lost: set[str], step: dict, events: list[Event]) -> list[Member]:
+    async def _members(self, role: Role, lost: set[str], step: Attempt, events: list[Event]) -> list[Member]:
         """The role's live actors. While there are none but one is starting (a replacement, for
         one), waits for it, up to the request's end; raises UNAVAILABLE when none comes."""
         waiting = False
@@ -127,7 +138,7 @@ class Dispatcher:
             live = self._live(role, lost)
             if live:
                 return live
-            time_left = step["end"] - self.margin_s - self.clock()
+            time_left = step.end - self.margin_s - self.clock()
             if not self.pool.replacing(role):
                 raise MeshError("unavailable", f"no live {role.value} actor in the pool, and none is starting")
             if time_left <= 0:
@@ -138,17 +149,17 @@ class Dispatcher:
                 events.append(Event("waiting_for_actor", {"role": role.value}))
             await self.pool.changed(time_left)
 
-    async def _aggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
+    async def _aggregated(self, step: Attempt, lost: set[str], events: list[Event]) -> AsyncIterator[StreamChunk]:
         live = await self._members(Role.BOTH, lost, step, events)
         cached = self._cached_tokens(Role.BOTH, step)
         member = self.router.prefill_order(live, cached)[0]
         events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
-        self.prefixes.placed(member.actor_id, _tokens(step))
-        gen = member.handle.generate.options(num_returns="streaming").remote(step)
+        self.prefixes.placed(member.actor_id, step.request.token_ids)
+        gen = member.handle.generate.options(num_returns="streaming").remote(step.request)
         try:
             async for ref in gen:
-                chunk = await ref
-                if chunk["finished"]:
+                chunk: StreamChunk = await ref
+                if chunk.finished:
                     gen = None
                 yield chunk
         except _ACTOR_LOST as e:
@@ -158,52 +169,55 @@ class Dispatcher:
         finally:
             _cancel(gen)
 
-    async def _disaggregated(self, step: dict, lost: set[str], events: list[Event]) -> AsyncIterator[dict]:
-        n = len(step["prompt_token_ids"])
+    async def _disaggregated(self, step: Attempt, lost: set[str],
+                             events: list[Event]) -> AsyncIterator[StreamChunk]:
+        request = step.request
         decode, lease = await self._reserve(step, lost, events)
         committed = False
         pstream = dstream = None  # Ray calls still running: cancelled if the request ends early
         keeper = asyncio.create_task(self._keep_lease(decode, lease))
         try:
             prefill = await self._offer(step, lost, events)
-            pstream = prefill.handle.prefill.options(num_returns="streaming").remote(step, lease)
+            pstream = prefill.handle.prefill.options(num_returns="streaming").remote(request, lease)
             try:
-                first = await (await pstream.__anext__())
+                first: FirstToken = await (await pstream.__anext__())
             except _ACTOR_LOST as e:
                 raise self._lost(prefill, "prefill", e) from None
             except RequestMoved as e:
                 raise _moved(prefill, "prefill", e) from None
             events.append(Event("first_token", {"prefill": prefill.actor_id, "decode": decode.actor_id}))
-            self.prefixes.placed(prefill.actor_id, _tokens(step))
-            if first["finish_reason"] is not None:
+            self.prefixes.placed(prefill.actor_id, request.token_ids)
+            finished = first.finish_reason is not None
+            if finished:
                 pstream = None  # the prefill call ends with its first message
-            yield {**first, "finished": first["finish_reason"] is not None,
-                   "num_prompt_tokens": n, "num_output_tokens": len(step["output_token_ids"]) + len(first["token_ids"])}
-            if first["finish_reason"] is not None:
+            yield StreamChunk(first.token_ids, first.text, first.logprobs, finished, first.finish_reason,
+                              len(request.prompt_token_ids), len(request.output_token_ids) + len(first.token_ids),
+                              first.top_logprobs)
+            if finished:
                 return
             # the decode span hangs under the transfer span the prefill actor opened
-            dreq = {"request_id": step["request_id"], "prompt_token_ids": step["prompt_token_ids"],
-                    "output_token_ids": step["output_token_ids"] + first["token_ids"], "params": step["params"],
-                    "trace_context": first.get("trace_context", step["trace_context"])}
-            dstream = decode.handle.decode.options(num_returns="streaming").remote(lease["lease_id"], dreq)
+            dreq = dataclasses.replace(request, output_token_ids=request.output_token_ids + first.token_ids,
+                                       trace_context=first.trace_context or request.trace_context)
+            dstream = decode.handle.decode.options(num_returns="streaming").remote(lease.lease_id, dreq)
             try:
-                commit = await (await pstream.__anext__())
+                commit: Committed = await (await pstream.__anext__())
             except _ACTOR_LOST as e:
                 raise self._lost(prefill, "transfer", e) from None
             except RequestMoved as e:
                 raise _moved(prefill, "transfer", e) from None
             except MeshError as e:  # both actors may be fine: try the transfer again, same actors or others
-                log.warning("request %s: %s", step["request_id"], e)
+                log.warning("request %s: %s", request.request_id, e)
                 raise _Again(decode.actor_id, "transfer", "transfer_failed", e.message) from None
             pstream = None
             committed = True
             keeper.cancel()
-            events.append(Event("kv_transfer", {**commit["transfer"], "prefill": prefill.actor_id,
+            events.append(Event("kv_transfer", {**commit.transfer.to_dict(), "skipped_tokens": commit.skipped_tokens,
+                                                "exposed_s": commit.seconds, "prefill": prefill.actor_id,
                                                 "decode": decode.actor_id}))
             try:
                 async for ref in dstream:
-                    chunk = await ref
-                    if chunk["finished"]:
+                    chunk: StreamChunk = await ref
+                    if chunk.finished:
                         dstream = None
                     yield chunk
             except _ACTOR_LOST as e:
@@ -217,33 +231,33 @@ class Dispatcher:
             if not committed or dstream is not None:
                 # Not committed, or the decode call may never have run to take the KV: a
                 # release frees whatever no decode call took (a no-op once one has).
-                await _quietly(decode.handle.release_lease.remote(lease["lease_id"]))
+                await _quietly(decode.handle.release_lease.remote(lease.lease_id))
 
-    async def _keep_lease(self, decode: Member, lease: dict) -> None:
+    async def _keep_lease(self, decode: Member, lease: Lease) -> None:
         """Renews the lease while its prefill waits in queues or runs: a long prompt under load
         may take longer than one time to live. Stops once the lease ended or was committed."""
         while True:
-            await asyncio.sleep(lease["ttl_s"] / 3)
+            await asyncio.sleep(lease.ttl_s / 3)
             try:
-                if not await decode.handle.renew_lease.remote(lease["lease_id"]):
+                if not await decode.handle.renew_lease.remote(lease.lease_id):
                     return
             except Exception:  # the decode actor is gone: the request learns it from its own calls
                 return
 
-    async def _reserve(self, step: dict, lost: set[str], events: list[Event]) -> tuple[Member, dict]:
+    async def _reserve(self, step: Attempt, lost: set[str], events: list[Event]) -> tuple[Member, Lease]:
         while True:
             members = await self._members(Role.DECODE, lost, step, events)
             # Whichever prefill actor takes the request sends whole blocks of its own after the
             # prefix the decode actor already holds.
-            align = math.lcm(*(m.info.get("block_size") or 1 for m in self._live(Role.PREFILL, lost)))
+            align = math.lcm(*(m.info.block_size or 1 for m in self._live(Role.PREFILL, lost)))
             last_error = None
             for member in self.router.decode_order(members):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
-                    lease = await member.handle.reserve.remote(_tokens(step), align)
+                    lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align)
                     events.append(Event("decode_reserved", {"actor": member.actor_id,
-                                                            "prefix_tokens": lease["prefix_tokens"],
-                                                            "prefix_blocks": lease["prefix_blocks"]}))
+                                                            "prefix_tokens": lease.prefix_tokens,
+                                                            "prefix_blocks": lease.prefix_blocks}))
                     return member, lease
                 except MeshError as e:
                     last_error = e
@@ -256,7 +270,7 @@ class Dispatcher:
                                 retry_after_s=last_error.retry_after_s)
             # every one was dead: wait for their replacements, if any come
 
-    async def _offer(self, step: dict, lost: set[str], events: list[Event]) -> Member:
+    async def _offer(self, step: Attempt, lost: set[str], events: list[Event]) -> Member:
         """Offers to prefill actors idle-first, forwarding on each rejection; when every actor
         rejected, waits for the shortest retry hint and offers again, until one accepts, the
         forward cap is reached or the deadline passes."""
@@ -266,39 +280,33 @@ class Dispatcher:
         while True:
             candidates = self.router.prefill_order(await self._members(Role.PREFILL, lost, step, events), cached)
             for member in candidates:
-                time_left = step["deadline"] - self.clock()
+                time_left = step.deadline - self.clock()
                 if not self.router.may_offer(offers, time_left):
                     raise self.router.give_up(offers, retry_after)
                 try:
-                    d = await member.handle.offer.remote(len(_tokens(step)), step["ttft_budget_s"],
-                                                         time_left, cached.get(member.actor_id, 0))
+                    d: OfferReply = await member.handle.offer.remote(len(step.request.token_ids), step.ttft_budget_s,
+                                                                     time_left, cached.get(member.actor_id, 0))
                 except _ACTOR_LOST as e:
                     lost.add(member.actor_id)
                     self._lost(member, "offer", e)
                     continue
                 offers += 1
-                if d["accept"]:
+                if d.accept:
                     events.append(Event("prefill_accepted", {"actor": member.actor_id, "forwards": offers - 1,
-                                                             "predicted_ttft_s": d["predicted_ttft_s"],
+                                                             "predicted_ttft_s": d.predicted_ttft_s,
                                                              **_prefix_choice(cached, member)}))
                     return member
-                events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d["reason"],
-                                                         "retry_after_s": d["retry_after_s"]}))
-                retry_after = d["retry_after_s"] if retry_after is None else min(retry_after, d["retry_after_s"])
-            await asyncio.sleep(self.router.pause_s(retry_after, step["deadline"] - self.clock()))
+                events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d.reason,
+                                                         "retry_after_s": d.retry_after_s}))
+                retry_after = d.retry_after_s if retry_after is None else min(retry_after, d.retry_after_s)
+            await asyncio.sleep(self.router.pause_s(retry_after, step.deadline - self.clock()))
 
-
-    def _cached_tokens(self, role: Role, step: dict) -> dict[str, int]:
+    def _cached_tokens(self, role: Role, step: Attempt) -> dict[str, int]:
         """Per actor of the role, the prompt tokens it likely holds, from its last report and
         from where this dispatcher placed prompts since."""
         members = self.pool.by_role(role)
-        self.prefixes.sync({m.actor_id: m.info.get("prefix") for m in members})
-        return self.prefixes.expected_tokens(_tokens(step), [m.actor_id for m in members])
-
-
-def _tokens(step: dict) -> list[int]:
-    """The tokens whose KV a step's actors compute and move: the prompt and those already sent."""
-    return step["prompt_token_ids"] + step["output_token_ids"]
+        self.prefixes.sync({m.actor_id: m.info.prefix for m in members})
+        return self.prefixes.expected_tokens(step.request.token_ids, [m.actor_id for m in members])
 
 
 def _prefix_choice(cached: dict[str, int], member: Member) -> dict:

@@ -8,21 +8,26 @@ from `members` to `offline` at once (`lose`), and its replacement (mesh.supervis
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import ray
 
 from mesh import faults, tracing
-from mesh.actor import MeshActor, Role, State
+from mesh.actor import MeshActor
+from mesh.api import ActorReport, ActorSpec, ActorState, DrainResult, EngineConfig, Life, Role
 from mesh.errors import MeshError
 from mesh.hardware import Hardware
 from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_kind
+
+if TYPE_CHECKING:
+    from transport import TransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,8 @@ _ids = itertools.count()
 @dataclass
 class PoolSpec:
     scenario: str
-    engine: dict  # EngineConfig fields shared by every actor (model, dtype, ...)
-    transport: dict = field(default_factory=dict)
+    engine: EngineConfig  # shared by every actor (model, dtype, ...); the device is each role's hardware's
+    transport: "TransportConfig"
     hardware: dict[str, Hardware] = field(default_factory=lambda: {
         "prefill": Hardware(), "decode": Hardware(), "both": Hardware()})
     ttft_budget_s: float = 2.0
@@ -42,7 +47,7 @@ class PoolSpec:
     # each role's [min, max] serving actors (mesh.role_limits); the defaults are a scenario file's
     limits: dict[str, Limits] = field(default_factory=lambda: {"prefill": Bounds(1), "decode": Bounds(1)})
     faults: str = field(default_factory=lambda: os.environ.get(faults.ENV, ""))  # test hooks (mesh.faults)
-    fault_log: str = field(default_factory=lambda: os.environ.get(faults.LOG_ENV, ""))
+    fault_log: str | None = field(default_factory=lambda: os.environ.get(faults.LOG_ENV) or None)
     layerwise_kv: bool = False  # prefills send each layer's KV as soon as it is computed
 
 
@@ -51,15 +56,10 @@ class Member:
     actor_id: str
     role: Role
     handle: "ray.actor.ActorHandle"
-    info: dict = field(default_factory=dict)  # its last report, with `life` merged in
+    info: ActorReport  # its last report (the pool's own while it starts, and once it is dead)
     hardware: Hardware | None = None  # what it runs on: a replacement asks Ray for the same
-    # When it was started, began serving, died, and which actor it replaced (wall clock, time.time()):
-    # kept across reports, so that status shows how long a replacement took.
-    life: dict = field(default_factory=dict)
+    life: Life = Life()  # when it started, served, died; which actor it replaced
     missed_reports: int = 0  # load reports in a row that failed or timed out
-
-    def report(self, info: dict) -> None:
-        self.info = {**info, **self.life}
 
 
 class Pool:
@@ -81,20 +81,19 @@ class Pool:
         role = Role(role)
         hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
-        engine = {**self.spec.engine, "device": hw.device}
-        actor_spec = dict(actor_id=actor_id, scenario=self.spec.scenario, role=role.value, engine=engine,
-                          transport=self.spec.transport, ttft_budget_s=self.spec.ttft_budget_s,
-                          warmup=self.spec.warmup, otel_env=self.spec.otel_env, faults=self.spec.faults,
-                          fault_log=self.spec.fault_log, layerwise_kv=self.spec.layerwise_kv)
+        engine = self.spec.engine.model_copy(update={"device": hw.device})
+        actor_spec = ActorSpec(actor_id, self.spec.scenario, role, engine, self.spec.transport,
+                               ttft_budget_s=self.spec.ttft_budget_s, warmup=self.spec.warmup,
+                               otel_env=self.spec.otel_env, faults=self.spec.faults, fault_log=self.spec.fault_log,
+                               layerwise_kv=self.spec.layerwise_kv)
         cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
                                             **hw.options())
         handle = cls.remote(actor_spec)
-        life = {"starting_at": time.time()}
+        life = Life(starting_at=time.time())
         if replaces is not None:
-            life.update(replaces=replaces.actor_id, dead_at=replaces.life.get("dead_at"))
-        member = Member(actor_id, role, handle, hardware=hw, life=life)
-        member.info = {"actor_id": actor_id, "scenario": self.spec.scenario, "role": role.value,
-                       "state": "starting", **life}
+            life = dataclasses.replace(life, replaces=replaces.actor_id, dead_at=replaces.life.dead_at)
+        member = Member(actor_id, role, handle, ActorReport(actor_id, self.spec.scenario, role, ActorState.STARTING),
+                        hardware=hw, life=life)
         self.offline[actor_id] = member
         self._changed()
         try:
@@ -105,13 +104,12 @@ class Pool:
         finally:
             self.offline.pop(actor_id, None)
             self._changed()
-        member.life["serving_at"] = time.time()
-        member.report(info)
+        member.life = dataclasses.replace(member.life, serving_at=time.time())
+        member.info = info
         self.members[actor_id] = member
         self._changed()
         log.info("pool %s: %s serves as %s on %s (pid %s), started in %.1f s", self.spec.scenario, actor_id,
-                 role.value, member.info.get("device", "?"), member.info.get("pid", "?"),
-                 member.life["serving_at"] - member.life["starting_at"])
+                 role.value, member.info.device, member.info.pid, member.life.serving_at - member.life.starting_at)
         return member
 
     async def scale(self, prefill: int = 0, decode: int = 0, both: int = 0) -> None:
@@ -121,71 +119,72 @@ class Pool:
         await asyncio.gather(*adds)
 
     async def flip(self, actor_id: str, role: Role | str, drain_timeout_s: float | None = None,
-                   force: bool = False) -> dict:
+                   force: bool = False) -> DrainResult:
         """Drains the actor and switches its role in place. Refused (RoleLimitError) when that
-        breaks the role limits or hardware rules, unless forced: then "warning" says what was
+        breaks the role limits or hardware rules, unless forced: then `warning` says what was
         overridden."""
         member = self.members[actor_id]
         role = Role(role)
         warning = self.guard(f"flip {actor_id} to {role.value}", self._change(member, role), force)
-        result = await self._stopping(member, member.handle.set_role.remote(role.value, drain_timeout_s))
+        result = await self._stopping(member, member.handle.set_role.remote(role, drain_timeout_s))
         member.role = role
-        member.report(result)
-        return {**result, "warning": warning}
+        member.info = result.report
+        return dataclasses.replace(result, warning=warning)
 
-    async def drain(self, actor_id: str, timeout_s: float | None = None, force: bool = False) -> dict:
+    async def drain(self, actor_id: str, timeout_s: float | None = None, force: bool = False) -> DrainResult:
         """The actor takes no new work and finishes what it has (what is left after the timeout
         moves to other actors); a flip makes it serve again. Guarded as flip is."""
         member = self.members[actor_id]
         warning = self.guard(f"drain {actor_id}", self._change(member, None), force)
         result = await self._stopping(member, member.handle.drain.remote(timeout_s))
-        member.report(await member.handle.info.remote())
-        return {**result, **member.info, "warning": warning}
+        member.info = result.report
+        return dataclasses.replace(result, warning=warning)
 
     async def lend(self, actor_id: str, other: "Pool", role: Role | str | None = None,
-                   drain_timeout_s: float | None = None, force: bool = False) -> dict:
+                   drain_timeout_s: float | None = None, force: bool = False) -> DrainResult:
         """Moves an actor to another scenario's pool that serves the same model: drain, relabel,
         optionally flip, and serve there; the weights stay loaded. Guarded in both pools."""
-        if other.spec.engine.get("model") != self.spec.engine.get("model"):
+        if other.spec.engine.model != self.spec.engine.model:
             raise ValueError(f"pools {self.spec.scenario!r} and {other.spec.scenario!r} serve different models")
         member = self.members[actor_id]
         role = Role(role) if role else member.role
         what = f"lend {actor_id} to {other.spec.scenario} as {role.value}"
-        joining = Change(actor_id, None, role.value, device_kind(member.info.get("device", "")))
+        joining = Change(actor_id, None, role.value, device_kind(member.info.device or ""))
         warnings = [self.guard(what, self._change(member, None), force), other.guard(what, joining, force)]
         warning = "; ".join(w for w in warnings if w) or None
-        info = await self._stopping(member, member.handle.join.remote(other.spec.scenario, role.value,
-                                                                      other.spec.ttft_budget_s, drain_timeout_s))
+        result = await self._stopping(member, member.handle.join.remote(other.spec.scenario, role,
+                                                                        other.spec.ttft_budget_s, drain_timeout_s))
         del self.members[actor_id]
         member.role = role
-        member.report(info)
+        member.info = result.report
         other.members[actor_id] = member
-        return {**info, "warning": warning}
+        return dataclasses.replace(result, warning=warning)
 
-    async def remove(self, actor_id: str, drain_timeout_s: float | None = None, force: bool = False) -> dict:
+    async def remove(self, actor_id: str, drain_timeout_s: float | None = None, force: bool = False) -> DrainResult:
         """Drains the actor, then stops it. Guarded as flip is."""
         member = self.members[actor_id]
         warning = self.guard(f"remove {actor_id}", self._change(member, None), force)
         del self.members[actor_id]
+        result = DrainResult((), member.info)
         try:
-            await member.handle.drain.remote(drain_timeout_s)
+            result = await member.handle.drain.remote(drain_timeout_s)
             await member.handle.shutdown.remote()
         except ray.exceptions.RayActorError:
             pass  # already dead
         ray.kill(member.handle)
-        return {"actor_id": actor_id, "warning": warning}
+        return dataclasses.replace(result, warning=warning)
 
     def roles(self) -> PoolRoles:
         """What the role rule looks at: actors serving each role, the limits, each role's device."""
-        serving = Counter(m.role.value for m in self.members.values() if m.info.get("state") == State.SERVING.value)
+        serving = Counter(m.role.value for m in self.members.values() if m.info.state is ActorState.SERVING)
         return PoolRoles(self.spec.scenario, serving, self.spec.limits,
                          {role: hw.device for role, hw in self.spec.hardware.items()})
 
     @staticmethod
     def _change(member: Member, role: Role | None) -> Change:
-        serving = member.info.get("state") == State.SERVING.value
+        serving = member.info.state is ActorState.SERVING
         return Change(member.actor_id, member.role.value if serving else None, role and role.value,
-                      device_kind(member.info.get("device", "")))
+                      device_kind(member.info.device or ""))
 
     def guard(self, what: str, change: Change, force: bool) -> str | None:
         """Raises RoleLimitError for a change the rule refuses in this pool (`what`: the
@@ -202,7 +201,7 @@ class Pool:
     async def _stopping(self, member: Member, call):
         """Awaits a call that takes the actor out of service. It counts as not serving from now
         on (the role rule sees it at once); a dead actor answers in one line."""
-        member.info = {**member.info, "state": State.DRAINING.value}
+        member.info = dataclasses.replace(member.info, state=ActorState.DRAINING)
         try:
             return await call
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
@@ -215,8 +214,8 @@ class Pool:
         member = self.members.pop(actor_id, None)
         if member is None:
             return None
-        member.life["dead_at"] = time.time()
-        member.report({**member.info, "state": "dead", "reason": reason})
+        member.life = dataclasses.replace(member.life, dead_at=time.time(), reason=reason)
+        member.info = dataclasses.replace(member.info, state=ActorState.DEAD)
         self.offline[actor_id] = member
         self._changed()
         _kill(member.handle)
@@ -232,7 +231,7 @@ class Pool:
         waiting for it."""
         member = self.offline.get(actor_id)
         if member is not None:
-            member.info["given_up"] = True
+            member.life = dataclasses.replace(member.life, given_up=True)
             self._changed()
 
     def report_lost(self, actor_id: str, reason: str, certain: bool = True) -> None:
@@ -242,7 +241,7 @@ class Pool:
 
     def replacing(self, role: Role) -> bool:
         """Whether an actor of the role is on its way: starting, or dead with a replacement to come."""
-        return any(m.role is role and not m.info.get("given_up") for m in self.offline.values())
+        return any(m.role is role and not m.life.given_up for m in self.offline.values())
 
     async def changed(self, timeout_s: float) -> None:
         """Returns when `members` or `offline` changed, or after timeout_s."""
@@ -262,16 +261,16 @@ class Pool:
             if not fut.done():
                 fut.set_result(None)
 
-    async def refresh(self, timeout_s: float = 5.0) -> list[dict]:
+    async def refresh(self, timeout_s: float = 5.0) -> list[ActorReport]:
         """Every live actor's info (role, state, load). A report that fails or times out is a
         missed one; the supervisor hears of it (a dead actor at once, a hung one after a few)."""
         members = list(self.members.values())
         infos = await asyncio.gather(*(asyncio.wait_for(m.handle.info.remote(), timeout_s) for m in members),
                                      return_exceptions=True)
         for m, info in zip(members, infos):
-            if isinstance(info, dict):
+            if isinstance(info, ActorReport):
                 m.missed_reports = 0
-                m.report(info)
+                m.info = info
             elif isinstance(info, Exception):
                 died = isinstance(info, ray.exceptions.RayActorError) and not isinstance(
                     info, ray.exceptions.ActorUnavailableError)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
+from mesh.api import DEFAULT_CHUNK_TOKENS, PrefixReport
 from mesh.engine.prefix_cache import block_hashes
 
-DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_ENTRIES = 1024  # hashes per actor: 8 KiB a report, 64k tokens of distinct prefixes at 64
 
 
@@ -55,8 +55,8 @@ class PrefixRecord:
             self._lru.popitem(last=False)
         self.version += 1
 
-    def report(self) -> dict:
-        return {"chunk_tokens": self.chunk_tokens, "version": self.version, "hashes": list(self._lru)}
+    def report(self) -> PrefixReport:
+        return PrefixReport(self.chunk_tokens, self.version, tuple(self._lru))
 
 
 class PrefixIndex:
@@ -66,7 +66,7 @@ class PrefixIndex:
         self._chunk: dict[str, int] = {}
         self._version: dict[str, int] = {}
 
-    def sync(self, reports: Mapping[str, dict | None]) -> None:
+    def sync(self, reports: Mapping[str, PrefixReport | None]) -> None:
         """The actors' latest reports (actor id -> report, None when it sent none); actors not
         named are forgotten. A report replaces what is known only when its version is new."""
         for gone in self._sets.keys() - reports.keys():
@@ -74,10 +74,10 @@ class PrefixIndex:
         for actor_id, report in reports.items():
             if not report:
                 self._forget(actor_id)
-            elif self._version.get(actor_id) != report["version"] or actor_id not in self._sets:
-                self._sets[actor_id] = set(report["hashes"])
-                self._chunk[actor_id] = report["chunk_tokens"]
-                self._version[actor_id] = report["version"]
+            elif self._version.get(actor_id) != report.version or actor_id not in self._sets:
+                self._sets[actor_id] = set(report.hashes)
+                self._chunk[actor_id] = report.chunk_tokens
+                self._version[actor_id] = report.version
 
     def placed(self, actor_id: str, token_ids: list[int]) -> None:
         """The actor prefilled this prompt: it holds its chunks until its next report says more."""

@@ -2,7 +2,7 @@
 (scenarios/) and the simulator (simtests/).
 
 A leaf module (it imports nothing of pdmesh), so every layer can use it without a
-cycle; `mesh.actor` re-exports it. A role is a str: it compares, hashes and formats as
+cycle; `mesh.api` and `mesh` re-export it. A role is a str: it compares, hashes and formats as
 its value ("prefill"), so it keys the same dicts, metric labels and log lines as the
 plain strings in configs and on the wire.
 """

@@ -12,25 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Protocol, Sequence, TypeVar
 
+from mesh.api import ActorReport
 from mesh.errors import MeshError
 
 
 class Candidate(Protocol):
     actor_id: Hashable
-    info: dict  # the actor's last report: {"load": {"queued_requests", "queued_prompt_tokens", "free_blocks"}}
+    info: ActorReport  # the actor's last report
 
 
 C = TypeVar("C")
 
 
-def _load(c: Candidate) -> dict:
-    return c.info.get("load", {})
-
-
 def reported_queue(c: Candidate) -> tuple[int, int]:
     """An actor's queue by its last report: (requests, prompt tokens); what live dispatch orders by."""
-    load = _load(c)
-    return load.get("queued_requests", 0), load.get("queued_prompt_tokens", 0)
+    return c.info.load.queued_requests, c.info.load.queued_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ class ForwardOnRejection:
 
     def decode_order(self, members: Sequence[C]) -> list[C]:
         """The most free KV blocks first: reservation is by blocks, and room spreads the load."""
-        return sorted(members, key=lambda m: -_load(m).get("free_blocks", 0))
+        return sorted(members, key=lambda m: -m.info.load.free_blocks)
 
     def may_offer(self, offers: int, time_left_s: float) -> bool:
         return offers < self.max_forwards and time_left_s > 0

@@ -15,14 +15,16 @@ status with `given_up` (and requests stop waiting for it). What to do and when i
 RestartPolicy's (a plain policy: counts and a clock in, decisions out); Supervisor applies it
 on a live pool.
 
-Status: a dead actor's info has state "dead", `dead_at`, `reason`, `starts` (replacement
-starts tried) and, after a failed start, `last_error`; its replacement's info has state
-"starting" and then "serving", with `replaces`, `dead_at`, `starting_at` and `serving_at`
-(wall clock, time.time()). The dead entry leaves the status once its replacement serves.
+Status: a dead actor's info has state DEAD, and its `life` (mesh.api.Life) `dead_at`,
+`reason`, `starts` (replacement starts tried) and, after a failed start, `last_error`; its
+replacement's info has state STARTING and then SERVING, its life `replaces`, `dead_at`,
+`starting_at` and `serving_at` (wall clock, time.time()). The dead entry leaves the status
+once its replacement serves.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -136,7 +138,7 @@ class Supervisor:
         try:
             while (at := self.policy.next_start(failed, self.clock())) is not None:
                 await asyncio.sleep(max(0.0, at - self.clock()))
-                dead.info["starts"] = failed + 1
+                dead.life = dataclasses.replace(dead.life, starts=failed + 1)
                 try:
                     member = await self.pool.add(dead.role, dead.hardware, replaces=dead,
                                                  start_timeout_s=self.policy.start_timeout_s)
@@ -144,9 +146,9 @@ class Supervisor:
                     raise
                 except Exception as e:  # no room on the cluster, a failed load, a timeout: try again later
                     failed += 1
-                    dead.info["last_error"] = _why(e)
+                    dead.life = dataclasses.replace(dead.life, last_error=_why(e))
                     log.warning("pool %s: replacing %s failed (start %d): %s", self.pool.spec.scenario,
-                                dead.actor_id, failed, dead.info["last_error"])
+                                dead.actor_id, failed, dead.life.last_error)
                     continue
                 self.pool.forget(dead.actor_id)
                 log.info("pool %s: %s replaces %s", self.pool.spec.scenario, member.actor_id, dead.actor_id)

@@ -29,7 +29,7 @@ class Sent:
     stats: TransferStats
     blocks: int  # sent from this actor
     skipped_tokens: int  # of the prompt, held by the receiver already
-    seconds: float  # from the start of the transfer to the commit
+    seconds: float  # from the first token to the commit: the transfer's exposed part
 
 
 class KVConnector:

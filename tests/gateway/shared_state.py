@@ -11,7 +11,7 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
-from mesh.roles import Role
+from mesh.api import ActorState, Role
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ async def _restore_pool(pool, roles: dict[str, Role], timeout_s: float) -> None:
     assert not lost, f"the test lost actors of the shared gateway: {sorted(lost)}"
     for actor_id, role in roles.items():
         member = pool.members[actor_id]
-        if member.role is not role or member.info.get("state") != "serving":
+        if member.role is not role or member.info.state is not ActorState.SERVING:
             await pool.flip(actor_id, role, force=True)
     for actor_id in set(pool.members) - set(roles):
         await pool.remove(actor_id, force=True)

@@ -77,7 +77,7 @@ def assert_no_blocks_held(running: Running) -> None:
 
 def replacement_of(running: Running, dead_id: str, scenario: str = "default") -> str:
     """The id of the actor the pool's supervisor started in place of `dead_id`, once it serves."""
-    return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id))["actor_id"]
+    return running.run(replaced(running.gateway.fleet.scenarios[scenario].pool, dead_id)).actor_id
 
 
 def kill(handle) -> None:

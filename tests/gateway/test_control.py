@@ -4,6 +4,7 @@ pins (which hold while it is off), limits, the decision log, the counter."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +15,7 @@ from gateway.errors import GatewayError
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import LoadWindow
-from mesh.actor import Role
+from mesh.api import ActorReport, ActorState, DrainResult, Role
 from mesh.errors import MeshError
 from mesh.pool import Member
 from scenarios.controller import Settings
@@ -30,15 +31,18 @@ class Pool:
     """Flips at once; an actor in `broken` refuses."""
 
     def __init__(self, scenario: str, p: int, d: int):
-        self.members = {f"{scenario}-{i}": Member(f"{scenario}-{i}", Role.PREFILL if i < p else Role.DECODE, None,
-                                                  {"state": "serving", "load": {}}) for i in range(p + d)}
+        self.members = {f"{scenario}-{i}": Member(f"{scenario}-{i}", role, None,
+                                                  ActorReport(f"{scenario}-{i}", scenario, role, ActorState.SERVING))
+                        for i, role in enumerate([Role.PREFILL] * p + [Role.DECODE] * d)}
         self.broken: set[str] = set()
 
-    async def flip(self, actor_id: str, role: str, drain_timeout_s=None) -> dict:
+    async def flip(self, actor_id: str, role: str, drain_timeout_s=None) -> DrainResult:
         if actor_id in self.broken:
             raise MeshError("unavailable", f"actor {actor_id} is gone")
-        self.members[actor_id].role = Role(role)
-        return {}
+        member = self.members[actor_id]
+        member.role = Role(role)
+        member.info = dataclasses.replace(member.info, role=member.role)
+        return DrainResult((), member.info)
 
     def split(self) -> tuple[int, int]:
         roles = [m.role for m in self.members.values()]
@@ -157,5 +161,5 @@ def test_the_controller_sees_where_each_actor_runs():
     roles' hardware (scenarios.controller; the pools check again)."""
     loop, fleet, *_ = make(enabled=True)
     for m in fleet.scenarios["chat"].pool.members.values():
-        m.info["device"] = "npu:0" if m.role is Role.PREFILL else "cuda:1"
+        m.info = dataclasses.replace(m.info, device="npu:0" if m.role is Role.PREFILL else "cuda:1")
     assert [(v.role, v.device) for v in loop._views("chat")] == [("prefill", "npu")] + [("decode", "cuda")] * 3

@@ -15,7 +15,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.actor import Role
+from mesh.api import ActorReport, ActorState, Role
 from tests.gateway.support import serving, tiny_config
 from tests.mesh.support import replaced
 
@@ -41,8 +41,8 @@ def grpc_health(address: str) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 
 
-async def first_failed_start(pool, dead_id: str) -> dict:
-    while "last_error" not in (pool.offline.get(dead_id) or pool.members[dead_id]).info:
+async def first_failed_start(pool, dead_id: str) -> ActorReport:
+    while (pool.offline.get(dead_id) or pool.members[dead_id]).life.last_error is None:
         await pool.changed(60)
     return pool.offline[dead_id].info
 
@@ -58,12 +58,12 @@ def test_a_dead_decode_actor_makes_the_gateway_unhealthy_until_replaced(running)
     assert http_health(running.http_url)[0] == 200
     pool = running.gateway.fleet.scenarios["default"].pool
     good = pool.spec.engine
-    pool.spec.engine = {**good, "model": "/nonexistent/checkpoint"}
+    pool.spec.engine = good.model_copy(update={"model": "/nonexistent/checkpoint"})
     try:
         [dead] = pool.by_role(Role.DECODE)
         ray.kill(dead.handle, no_restart=True)
         info = running.run(first_failed_start(pool, dead.actor_id))
-        assert info["state"] == "dead"
+        assert info.state is ActorState.DEAD
     finally:
         pool.spec.engine = good  # the next start (after a backoff) succeeds
     status, body = http_health(running.http_url)
@@ -76,7 +76,7 @@ def test_a_dead_decode_actor_makes_the_gateway_unhealthy_until_replaced(running)
         text = reply.read().decode()
     assert metric(text, "pdmesh_actors", scenario="default", role="decode", state="dead") == 1
     new = running.run(replaced(pool, dead.actor_id))
-    assert new["state"] == "serving"
+    assert new.info.state is ActorState.SERVING
     assert http_health(running.http_url)[0] == 200
     for _ in range(100):  # the gRPC answer follows once the health task the replacement scheduled ran
         if grpc_health(running.grpc_address) == health_pb2.HealthCheckResponse.SERVING:

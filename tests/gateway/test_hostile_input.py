@@ -26,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.proto import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from gateway.proto import inference_pb2 as pb
 from gateway.tokenizing import INLINE_CHARS, Tokenizing
+from mesh.api import StreamChunk
 from mesh.errors import MeshError
 from tests.gateway.support import ADMIN_KEY, API_KEY, AUTH, MAX_MESSAGE_BYTES, http
 
@@ -114,8 +115,7 @@ def fail_dispatch(gateway, monkeypatch, fail, tokens: int = 0) -> None:
     `tokens` chunks."""
     async def generate(request, events=None):
         for i in range(tokens):
-            yield {"token_ids": [5], "text": "x", "logprobs": None, "finished": False, "finish_reason": None,
-                   "num_output_tokens": i + 1}
+            yield StreamChunk([5], "x", None, False, None, 1, i + 1)
         await fail()
 
     monkeypatch.setattr(gateway.gateway.fleet.scenarios["default"].dispatcher, "generate", generate)

@@ -3,6 +3,7 @@ through the dispatcher with scripted actors), scenario routing, deadlines, the i
 bound, API keys and OpenAI bodies."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from gateway.auth import Keys
 from gateway.errors import GatewayError
 from gateway.openai_schema import ChatBody, CompletionBody, parse
 from gateway.router import Deadlines, InFlightLimit, RequestFacts, ScenarioRouter
+from mesh.api import ActorReport, ActorRequest, ActorState, LoadReport, OfferReply, Role, SamplingParams
 from mesh.errors import MeshError
 from mesh.routing import ForwardOnRejection
 from scenarios.spec import parse_specs
@@ -20,9 +22,17 @@ from tests.support.clock import FakeClock
 
 
 def test_policies_import_without_ray_or_grpc():
-    code = ("import sys, mesh.routing, gateway.router, gateway.errors; "
+    code = ("import sys, mesh.api, mesh.routing, gateway.cli, gateway.router, gateway.errors; "
             "print(sorted(m for m in ('ray', 'grpc', 'torch') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_the_mesh_package_has_every_name_it_exports():
+    import mesh
+
+    assert [name for name in mesh.__all__ if getattr(mesh, name, None) is None] == []
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        mesh.Nope
 
 
 @dataclass
@@ -34,9 +44,9 @@ class Actor:
     offers: int = 0
 
     @property
-    def info(self):
-        return {"load": {"queued_requests": self.queued, "queued_prompt_tokens": self.queued * 10,
-                         "free_blocks": self.free}}
+    def info(self) -> ActorReport:
+        return ActorReport(self.actor_id, "s", Role.PREFILL, ActorState.SERVING,
+                           load=LoadReport(self.queued * 10, self.queued, free_blocks=self.free))
 
 
 def test_forward_on_rejection_orders_idle_first_and_bounds_offers():
@@ -71,13 +81,11 @@ class _Handle:
 class Member:
     actor_id: str
     handle: object
-    info: dict
+    info: ActorReport
 
 
 class _Pool:
     def __init__(self, actors):
-        from mesh.actor import Role
-
         self.members = [Member(a.actor_id, _Handle(a), a.info) for a in actors]
         self.role = Role.PREFILL
 
@@ -86,20 +94,20 @@ class _Pool:
 
 
 def reject(retry_after_s=0.0):
-    return {"accept": False, "reason": "busy", "retry_after_s": retry_after_s, "predicted_ttft_s": 9.0}
+    return OfferReply(False, "busy", retry_after_s, 9.0)
 
 
-ACCEPT = {"accept": True, "reason": "idle", "retry_after_s": 0.0, "predicted_ttft_s": 0.1}
+ACCEPT = OfferReply(True, "idle", 0.0, 0.1)
 
 
 async def test_dispatcher_forwards_each_rejection_then_gives_up_with_a_retry_hint():
-    from mesh.dispatch import Dispatcher
+    from mesh.dispatch import Attempt, Dispatcher
 
     a, b = Actor("a", replies=[reject(0.01), ACCEPT]), Actor("b", queued=1, replies=[reject(0.02)])
     dispatcher = Dispatcher(_Pool([a, b]), ForwardOnRejection(max_forwards=4, min_retry_pause_s=0.0),
                             clock=FakeClock(step=1.0))  # one second per look
     events = []
-    step = {"prompt_token_ids": [1, 2, 3], "output_token_ids": [], "ttft_budget_s": 1.0, "deadline": 1e9}
+    step = Attempt(ActorRequest("r", [1, 2, 3], SamplingParams()), deadline=1e9, end=1e9, ttft_budget_s=1.0)
     chosen = await dispatcher._offer(step, set(), events)
     assert chosen.actor_id == "a" and (a.offers, b.offers) == (2, 1)
     assert [e.name for e in events] == ["prefill_rejected", "prefill_rejected", "prefill_accepted"]
@@ -107,9 +115,8 @@ async def test_dispatcher_forwards_each_rejection_then_gives_up_with_a_retry_hin
     with pytest.raises(MeshError) as info:
         await dispatcher._offer(step, set(), [])
     assert (info.value.code, info.value.retry_after_s) == ("resource_exhausted", 0.3)
-    step["deadline"] = -1.0
     with pytest.raises(MeshError, match="deadline passed"):
-        await dispatcher._offer(step, set(), [])
+        await dispatcher._offer(dataclasses.replace(step, deadline=-1.0), set(), [])
 
 
 SPECS = parse_specs({"scenarios": [

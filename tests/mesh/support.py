@@ -13,7 +13,7 @@ async def assert_no_blocks_held(pool, wait_s: float = 5.0):
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         infos = await pool.refresh()
-        held = {i["actor_id"]: i["load"]["num_blocks"] - i["load"]["free_blocks"] for i in infos}
+        held = {i.actor_id: i.load.used_blocks for i in infos}
         if not any(held.values()):
             return
         if asyncio.get_running_loop().time() > deadline:
@@ -46,14 +46,14 @@ async def supervised(pool, policy=None):
         await supervisor.close()
 
 
-async def replaced(pool, dead_id: str, timeout_s: float = 120) -> dict:
-    """The info of the actor that replaced `dead_id`, once it serves."""
+async def replaced(pool, dead_id: str, timeout_s: float = 120):
+    """The member that replaced `dead_id`, once it serves."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
         for m in pool.members.values():
-            if m.info.get("replaces") == dead_id:
-                return m.info
+            if m.life.replaces == dead_id:
+                return m
         await pool.changed(deadline - loop.time())
     raise AssertionError(f"no replacement of {dead_id} within {timeout_s}s; offline: "
                          f"{[m.info for m in pool.offline.values()]}")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mesh.actor import Role
+from mesh.api import ActorRequest, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from tests.mesh.support import assert_no_blocks_held
 
@@ -21,7 +21,7 @@ def pool(make_pool):
 async def collect(dispatcher, request, events=None):
     tokens, chunks = [], 0
     async for chunk in dispatcher.generate(request, events):
-        tokens += chunk["token_ids"]
+        tokens += chunk.token_ids
         chunks += 1
     return tokens, chunks
 
@@ -29,7 +29,8 @@ async def collect(dispatcher, request, events=None):
 async def test_disaggregated_greedy_matches_the_engine_alone(pool, reference):
     prompt = list(range(40, 77))
     events = []
-    tokens, _ = await collect(Dispatcher(pool), Request("same", prompt, {"max_tokens": 24, **GREEDY}), events)
+    request = Request("same", prompt, SamplingParams(max_tokens=24, **GREEDY))
+    tokens, _ = await collect(Dispatcher(pool), request, events)
     assert tokens == reference(prompt, 24)
     transfer = next(e for e in events if e.name == "kv_transfer").attributes
     assert transfer["backend"] == "ucx" and transfer["bytes"] > 0
@@ -40,7 +41,7 @@ async def test_concurrent_requests_of_mixed_lengths_all_complete(pool, reference
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 64, 25)]
     lengths = [5, 30, 12, 20, 8, 16]
     dispatcher = Dispatcher(pool)
-    results = await asyncio.gather(*(collect(dispatcher, Request(f"mix{i}", p, {"max_tokens": n, **GREEDY}))
+    results = await asyncio.gather(*(collect(dispatcher, Request(f"mix{i}", p, SamplingParams(max_tokens=n, **GREEDY)))
                                      for i, (p, n) in enumerate(zip(prompts, lengths))))
     for (tokens, _), p, n in zip(results, prompts, lengths):
         assert tokens == reference(p, n)
@@ -48,15 +49,15 @@ async def test_concurrent_requests_of_mixed_lengths_all_complete(pool, reference
 
 
 async def test_tokens_stream_in_bursts_not_one_call_per_token(pool):
-    tokens, chunks = await collect(Dispatcher(pool), Request("burst", [7] * 10, {"max_tokens": 40, **GREEDY}))
+    tokens, chunks = await collect(Dispatcher(pool), Request("burst", [7] * 10,
+                                                             SamplingParams(max_tokens=40, **GREEDY)))
     assert len(tokens) == 40 and chunks <= 40
 
 
 async def test_saturated_prefill_actor_rejects_offers_at_once(pool):
     prefill = pool.by_role(Role.PREFILL)[0]
     # A long prompt queued ahead makes the next offer miss a tight TTFT budget.
-    long_request = {"request_id": "long", "prompt_token_ids": list(range(1, 120)),
-                    "params": {"max_tokens": 1, **GREEDY}}
+    long_request = ActorRequest("long", list(range(1, 120)), SamplingParams(max_tokens=1, **GREEDY))
     stream = prefill.handle.prefill.options(num_returns="streaming").remote(long_request, None)
     await asyncio.sleep(0.05)
     start = time.perf_counter()
@@ -64,8 +65,8 @@ async def test_saturated_prefill_actor_rejects_offers_at_once(pool):
     elapsed = time.perf_counter() - start
     async for ref in stream:
         await ref
-    if reply["accept"]:  # the long prefill already finished: the actor was idle, as it should accept
-        assert reply["reason"] == "idle"
+    if reply.accept:  # the long prefill already finished: the actor was idle, as it should accept
+        assert reply.reason == "idle"
     else:
-        assert "budget" in reply["reason"] and reply["retry_after_s"] >= 0
+        assert "budget" in reply.reason and reply.retry_after_s >= 0
     assert elapsed < 0.5

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from mesh.actor import Role
+from mesh.api import ActorRequest, ActorState, Role
 from mesh.dispatch import Dispatcher, Request
 from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -36,21 +36,21 @@ def expected(checkpoint):
 async def test_a_drain_that_times_out_ends_the_stream_with_request_moved_and_frees_its_kv(pool):
     actor = pool.by_role(Role.DECODE)[0]
     stream = actor.handle.generate.options(num_returns="streaming").remote(
-        {"request_id": "given-back", "prompt_token_ids": PROMPTS[0], "params": {"max_tokens": MAX_TOKENS, **GREEDY}})
+        ActorRequest("given-back", PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, **GREEDY)))
     first = await (await stream.__anext__())
-    assert not first["finished"]
-    assert await actor.handle.drain.remote(DRAIN_S) == {"moved": ["given-back"]}
+    assert not first.finished
+    assert (await actor.handle.drain.remote(DRAIN_S)).moved == ("given-back",)
     with pytest.raises(RequestMoved, match="gave the request back: its drain timed out"):
         async for ref in stream:
             await ref
     # a new request reaching the drained actor moves on at once, too
     late = actor.handle.generate.options(num_returns="streaming").remote(
-        {"request_id": "late", "prompt_token_ids": PROMPTS[1], "params": {"max_tokens": 4, **GREEDY}})
+        ActorRequest("late", PROMPTS[1], SamplingParams(max_tokens=4, **GREEDY)))
     with pytest.raises(RequestMoved, match="is draining as decode"):
         await (await late.__anext__())
     await assert_no_blocks_held(pool)
-    info = await pool.flip(actor.actor_id, Role.DECODE)  # serves again
-    assert info["state"] == "serving" and info["moved"] == []
+    result = await pool.flip(actor.actor_id, Role.DECODE)  # serves again
+    assert result.report.state is ActorState.SERVING and result.moved == ()
 
 
 async def test_a_flip_that_times_out_moves_its_requests_and_they_finish_elsewhere(pool, expected):
@@ -60,9 +60,9 @@ async def test_a_flip_that_times_out_moves_its_requests_and_they_finish_elsewher
 
     async def one(i):
         tokens = []
-        request = Request(f"flip-moved-{i}", PROMPTS[i], {"max_tokens": MAX_TOKENS, **GREEDY})
+        request = Request(f"flip-moved-{i}", PROMPTS[i], SamplingParams(max_tokens=MAX_TOKENS, **GREEDY))
         async for chunk in dispatcher.generate(request, events[i]):
-            tokens += chunk["token_ids"]
+            tokens += chunk.token_ids
             if len(tokens) > 1:  # decoding on its decode actor
                 started[i].set()
         return tokens
@@ -77,7 +77,7 @@ async def test_a_flip_that_times_out_moves_its_requests_and_they_finish_elsewher
     flipped = await pool.flip(victim.actor_id, Role.PREFILL, drain_timeout_s=DRAIN_S)
     results = await asyncio.gather(*tasks)
 
-    assert sorted(flipped["moved"]) == [f"flip-moved-{i}" for i in range(len(PROMPTS))]
+    assert sorted(flipped.moved) == [f"flip-moved-{i}" for i in range(len(PROMPTS))]
     assert results == expected  # every token once, in order
     for evs in events:
         assert [e.attributes["reason"] for e in evs if e.name == "moved"] != []
@@ -92,7 +92,7 @@ async def test_a_drain_waits_for_leases_whose_prefill_is_on_its_way(pool):
     drain = asyncio.ensure_future(actor.handle.drain.remote(60.0))
     await asyncio.sleep(0.5)
     assert not drain.done()  # the lease's KV may still come, and its decode call after it
-    await actor.handle.release_lease.remote(lease["lease_id"])
-    assert await drain == {"moved": []}
+    await actor.handle.release_lease.remote(lease.lease_id)
+    assert (await drain).moved == ()
     await pool.flip(actor.actor_id, Role.DECODE)
     await assert_no_blocks_held(pool)

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from mesh.actor import Role
+from mesh.api import Role
 from mesh.dispatch import Dispatcher, Request
 from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -47,9 +47,9 @@ def expected(checkpoint):
 
 async def run(pool, rid: str, deadline: float = float("inf")) -> tuple[list[int], list]:
     events, tokens = [], []
-    async for chunk in Dispatcher(pool).generate(Request(rid, PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY},
+    async for chunk in Dispatcher(pool).generate(Request(rid, PROMPT, SamplingParams(max_tokens=MAX_TOKENS, **GREEDY),
                                                          deadline=deadline), events):
-        tokens += chunk["token_ids"]
+        tokens += chunk.token_ids
     return tokens, events
 
 
@@ -86,12 +86,12 @@ async def test_a_retry_is_admitted_until_the_request_deadline(pool, expected, fa
     actors all the same, within the request's own deadline."""
     clock = FakeClock(1000.0)
     dispatcher = Dispatcher(pool, clock=clock)
-    request = Request("f-late", PROMPT, {"max_tokens": MAX_TOKENS, **GREEDY}, deadline=clock.now + 3600,
+    request = Request("f-late", PROMPT, SamplingParams(max_tokens=MAX_TOKENS, **GREEDY), deadline=clock.now + 3600,
                       admission_deadline=clock.now + 5)
     events, tokens = [], []
     async with supervised(pool):
         async for chunk in dispatcher.generate(request, events):
-            tokens += chunk["token_ids"]
+            tokens += chunk.token_ids
             clock.now = 1060.0
         assert tokens == expected
         assert fired(fault_log, "f-late").point == "decode_step"
@@ -128,9 +128,9 @@ async def test_a_request_goes_on_after_failover_as_if_it_never_moved(pool, check
     [want] = engine.generate([PROMPT], SamplingParams(**params))
     events, tokens, text = [], [], ""
     async with supervised(pool):
-        async for chunk in Dispatcher(pool).generate(Request("f-move", PROMPT, params), events):
-            tokens += chunk["token_ids"]
-            text += chunk["text"]
+        async for chunk in Dispatcher(pool).generate(Request("f-move", PROMPT, SamplingParams(**params)), events):
+            tokens += chunk.token_ids
+            text += chunk.text
         hit = fired(fault_log, "f-move")
         assert hit.point == "decode_step"
         assert [e.attributes["phase"] for e in events if e.name == "actor_lost"] == ["decode"]

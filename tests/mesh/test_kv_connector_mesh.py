@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.api import SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from tests.mesh.support import assert_no_blocks_held
 
@@ -24,8 +25,8 @@ def pool(make_pool):
 ])
 async def test_layerwise_requests_decode_exactly_and_free_every_block(pool, reference, rid, prompt, max_tokens):
     events, tokens = [], []
-    async for chunk in Dispatcher(pool).generate(Request(rid, prompt, {"max_tokens": max_tokens, **GREEDY}), events):
-        tokens += chunk["token_ids"]
+    async for chunk in Dispatcher(pool).generate(Request(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY)), events):
+        tokens += chunk.token_ids
     assert tokens == reference(prompt, max_tokens)
     transfers = [e.attributes for e in events if e.name == "kv_transfer"]
     assert not [e for e in events if e.name in ("retry", "transfer_failed", "actor_lost")], events

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from mesh.api import SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from tests.mesh.support import assert_no_blocks_held
 
@@ -29,9 +30,9 @@ def pool(make_pool):
 async def test_a_lease_is_renewed_while_its_prefill_waits(pool, reference):
     prompt = list(range(30, 130))
     events, tokens = [], []
-    async for chunk in QueuedDispatcher(pool).generate(Request("queued", prompt, {"max_tokens": 6, **GREEDY}),
-                                                       events):
-        tokens += chunk["token_ids"]
+    request = Request("queued", prompt, SamplingParams(max_tokens=6, **GREEDY))
+    async for chunk in QueuedDispatcher(pool).generate(request, events):
+        tokens += chunk.token_ids
     assert tokens == reference(prompt, 6)
     assert not [e for e in events if e.name in ("retry", "transfer_failed", "actor_lost")], events
     assert [e.name for e in events].count("kv_transfer") == 1

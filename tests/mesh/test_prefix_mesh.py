@@ -2,9 +2,11 @@
 and the transfer skips what it holds; offers go to the prefill actor holding the prompt's prefix."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from mesh.actor import Role
+from mesh.api import LoadReport, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from tests.mesh.support import assert_no_blocks_held
 
@@ -19,8 +21,9 @@ def pool(make_pool):
 
 async def run(dispatcher, rid, prompt, max_tokens=6):
     events, tokens = [], []
-    async for chunk in dispatcher.generate(Request(rid, prompt, {"max_tokens": max_tokens, **GREEDY}), events):
-        tokens += chunk["token_ids"]
+    request = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    async for chunk in dispatcher.generate(request, events):
+        tokens += chunk.token_ids
     return tokens, {e.name: e.attributes for e in events}
 
 
@@ -51,11 +54,11 @@ async def test_held_prefix_blocks_go_back_when_a_lease_is_released_or_expires(po
     decode = pool.by_role(Role.DECODE)[0]
     for end in ("release", "expiry"):
         lease = await decode.handle.reserve.remote(shared + [2, 3, 4, 5, 6], BLOCK)
-        assert lease["prefix_tokens"] == len(shared) and lease["prefix_blocks"] == 8
-        load = (await decode.handle.info.remote())["load"]
-        assert load["num_blocks"] - load["free_blocks"] == 8 + 2  # the held prefix and a lease of 5 tokens
+        assert lease.prefix_tokens == len(shared) and lease.prefix_blocks == 8
+        load = (await decode.handle.info.remote()).load
+        assert load.used_blocks == 8 + 2  # the held prefix and a lease of 5 tokens
         if end == "release":
-            assert await decode.handle.release_lease.remote(lease["lease_id"])
+            assert await decode.handle.release_lease.remote(lease.lease_id)
         await assert_no_blocks_held(pool, wait_s=20.0)  # an unused lease expires after lease_ttl_s
 
 
@@ -64,21 +67,21 @@ async def test_a_request_goes_to_the_prefill_actor_holding_its_prefix_and_prefil
     prefix = list(range(200, 328))  # two chunks of the actors' prefix reports, 32 blocks
     first, second = prefix + [1, 2, 3], prefix + [4, 5, 6, 7, 8]
     p0, p1 = pool.by_role(Role.PREFILL)
-    p0.info["load"]["queued_requests"] = 5  # idle-first sends the first request to p1
+    p0.info = dataclasses.replace(p0.info, load=LoadReport(queued_requests=5))  # idle-first sends it to p1
     tokens, events = await run(Dispatcher(pool), "route-1", first)
     assert tokens == reference(first, 6)
     assert events["prefill_accepted"]["actor"] == p1.actor_id
     assert events["prefill_accepted"]["order"] == "idle"
 
     await pool.refresh()  # both idle again; p1's report now names the prefix
-    assert p0.info["load"]["queued_requests"] == p1.info["load"]["queued_requests"] == 0
-    hits_before = p1.info["load"]["prefix_cache"]["hits"]
+    assert p0.info.load.queued_requests == p1.info.load.queued_requests == 0
+    hits_before = p1.info.load.prefix_cache.hits
     tokens, events = await run(Dispatcher(pool), "route-2", second)  # a new dispatcher: only the reports
     assert tokens == reference(second, 6)
     accepted = events["prefill_accepted"]
     assert accepted["actor"] == p1.actor_id and accepted["order"] == "prefix"
     assert accepted["expected_prefix_tokens"] == len(prefix)
     await pool.refresh()
-    assert p1.info["load"]["prefix_cache"]["hits"] - hits_before == len(prefix) // BLOCK  # only the suffix ran
+    assert p1.info.load.prefix_cache.hits - hits_before == len(prefix) // BLOCK  # only the suffix ran
     assert events["decode_reserved"]["prefix_tokens"] == len(prefix)  # and the decode actor held it too
     await assert_no_blocks_held(pool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.api import ActorReport, ActorState, LoadReport, PrefixReport, Role
 from mesh.prefix_index import PrefixIndex, PrefixRecord, chunk_tokens_for
 from mesh.routing import ForwardOnRejection
 
@@ -17,14 +18,14 @@ class Actor:
     record: PrefixRecord = field(default_factory=lambda: PrefixRecord(64, capacity_tokens=64 * 8))
 
     @property
-    def info(self) -> dict:
-        return {"load": {"queued_requests": self.queued, "queued_prompt_tokens": 100 * self.queued},
-                "prefix": self.record.report()}
+    def info(self) -> ActorReport:
+        return ActorReport(self.actor_id, "s", Role.PREFILL, ActorState.SERVING,
+                           load=LoadReport(100 * self.queued, self.queued), prefix=self.record.report())
 
 
 def order(actors, prompt, index=None):
     index = index or PrefixIndex()
-    index.sync({a.actor_id: a.info["prefix"] for a in actors})
+    index.sync({a.actor_id: a.info.prefix for a in actors})
     cached = index.expected_tokens(prompt, [a.actor_id for a in actors])
     return [a.actor_id for a in ForwardOnRejection().prefill_order(actors, cached)], cached
 
@@ -69,28 +70,28 @@ def test_records_and_reports_stay_bounded():
     record = PrefixRecord(4, capacity_tokens=10**9, max_entries=16)
     record.touch(list(range(4000)))
     report = record.report()
-    assert len(report["hashes"]) == 16 and report["chunk_tokens"] == 4
-    assert PrefixRecord(64, capacity_tokens=0).report()["hashes"] == []
+    assert len(report.hashes) == 16 and report.chunk_tokens == 4
+    assert PrefixRecord(64, capacity_tokens=0).report().hashes == ()
     off = PrefixRecord(64, capacity_tokens=0)  # the engine caches no prefix: nothing to report
     off.touch(SYSTEM)
-    assert off.report() == {"chunk_tokens": 64, "version": 0, "hashes": []}
+    assert off.report() == PrefixReport(64, 0, ())
 
 
 def test_the_index_follows_new_reports_and_placements_and_forgets_gone_actors():
     a, b = Actor("a"), Actor("b")
     index = PrefixIndex(max_entries=4)
-    index.sync({"a": a.info["prefix"], "b": b.info["prefix"]})
+    index.sync({"a": a.info.prefix, "b": b.info.prefix})
     prompt = SYSTEM + [3] * 64
     index.placed("b", prompt)  # the dispatcher had b prefill it
     assert index.expected_tokens(prompt, ["a", "b"]) == {"a": 0, "b": 192}
-    index.sync({"a": a.info["prefix"], "b": b.info["prefix"]})  # b's report is the same version: kept
+    index.sync({"a": a.info.prefix, "b": b.info.prefix})  # b's report is the same version: kept
     assert index.expected_tokens(prompt, ["b"]) == {"b": 192}
     b.record.touch(list(range(64)))  # a newer report replaces the placements it does not show
-    index.sync({"a": a.info["prefix"], "b": b.info["prefix"]})
+    index.sync({"a": a.info.prefix, "b": b.info.prefix})
     assert index.expected_tokens(prompt, ["b"]) == {"b": 0}
     index.placed("b", list(range(64 * 9)))  # bounded between reports too
     assert index.expected_tokens(list(range(64 * 9)), ["b"]) == {"b": 64 * 4}
-    index.sync({"a": a.info["prefix"]})  # b left the pool
+    index.sync({"a": a.info.prefix})  # b left the pool
     assert index.expected_tokens(prompt, ["b"]) == {"b": 0}
     index.placed("b", prompt)  # no report, no chunk size: nothing is assumed
     assert index.expected_tokens(prompt, ["b"]) == {"b": 0}

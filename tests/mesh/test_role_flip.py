@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import ray
 
-from mesh.actor import Role
+from mesh.api import ActorState, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.role_limits import Bounds, RoleLimitError
@@ -26,25 +26,25 @@ async def test_flip_under_load_loses_no_request(pool):
 
     async def one(i):
         tokens = []
-        async for chunk in dispatcher.generate(Request(f"flip{i}", [5 + i] * (8 + i), {"max_tokens": 40, **GREEDY})):
-            tokens += chunk["token_ids"]
+        request = Request(f"flip{i}", [5 + i] * (8 + i), SamplingParams(max_tokens=40, **GREEDY))
+        async for chunk in dispatcher.generate(request):
+            tokens += chunk.token_ids
         return tokens
 
     tasks = [asyncio.create_task(one(i)) for i in range(6)]
     await asyncio.sleep(0.3)
     decode = pool.by_role(Role.DECODE)[0]
-    pid_before = decode.info["pid"]
-    info = await pool.flip(decode.actor_id, Role.PREFILL)
+    pid_before = decode.info.pid
+    info = (await pool.flip(decode.actor_id, Role.PREFILL)).report
     results = await asyncio.gather(*tasks)
     assert all(len(r) == 40 for r in results)
-    assert info["role"] == "prefill" and info["state"] == "serving" and info["pid"] == pid_before
+    assert info.role is Role.PREFILL and info.state is ActorState.SERVING and info.pid == pid_before
     assert len(pool.by_role(Role.PREFILL)) == 2
     # the flipped actor now prefills
     events = []
-    async for _ in dispatcher.generate(Request("after", [9] * 30, {"max_tokens": 4, **GREEDY}), events):
+    async for _ in dispatcher.generate(Request("after", [9] * 30, SamplingParams(max_tokens=4, **GREEDY)), events):
         pass
-    info = await pool.flip(decode.actor_id, Role.DECODE)
-    assert info["role"] == "decode"
+    assert (await pool.flip(decode.actor_id, Role.DECODE)).report.role is Role.DECODE
     await assert_no_blocks_held(pool)
 
 
@@ -62,16 +62,18 @@ async def test_idle_actor_moves_to_another_scenario_of_the_same_model_within_bot
                                              "prefill actor"):
         await lender.lend(prefill.actor_id, borrower)
     lender.spec.limits = {"prefill": Bounds(0), "decode": Bounds(1)}  # the operator lowers the lender's minimum
-    info = await lender.lend(prefill.actor_id, borrower)
-    assert info["scenario"] == borrower.spec.scenario and info["role"] == "prefill" and info["warning"] is None
+    lent = await lender.lend(prefill.actor_id, borrower)
+    assert lent.report.scenario == borrower.spec.scenario and lent.report.role is Role.PREFILL
+    assert lent.warning is None
     tokens = []
-    async for chunk in Dispatcher(borrower).generate(Request("lent", [4] * 12, {"max_tokens": 8, **GREEDY})):
-        tokens += chunk["token_ids"]
+    async for chunk in Dispatcher(borrower).generate(Request("lent", [4] * 12,
+                                                             SamplingParams(max_tokens=8, **GREEDY))):
+        tokens += chunk.token_ids
     assert len(tokens) == 8
     with pytest.raises(RoleLimitError, match="below its minimum of 1"):  # the borrower's own minimum now
         await borrower.lend(prefill.actor_id, lender)
-    info = await borrower.lend(prefill.actor_id, lender, force=True)  # and back, forced
-    assert info["warning"].startswith(f"forced to lend {prefill.actor_id} to {lender.spec.scenario}")
+    back = await borrower.lend(prefill.actor_id, lender, force=True)  # and back, forced
+    assert back.warning.startswith(f"forced to lend {prefill.actor_id} to {lender.spec.scenario}")
     assert len(lender.by_role(Role.PREFILL)) == 1
 
 
@@ -87,5 +89,5 @@ async def test_operations_on_a_dead_actor_answer_in_one_line(pool):
             await op()
         assert info.value.message == (f"actor {member.actor_id} is dead: nothing was changed "
                                       "(`pdmesh status` lists the pool's actors)")
-    assert (await pool.remove(member.actor_id))["warning"] is None
+    assert (await pool.remove(member.actor_id)).warning is None
     assert member.actor_id not in pool.members

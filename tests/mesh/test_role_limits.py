@@ -3,13 +3,15 @@ without Ray: limits per role, hardware per role, moves toward the limits, --forc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 
-from mesh.actor import Role
+from mesh.api import ActorReport, ActorState, DrainResult, EngineConfig, Role
 from mesh.pool import Hardware, Member, Pool, PoolSpec
 from mesh.role_limits import Bounds, Change, PoolRoles, RoleLimitError
+from transport import TransportConfig
 
 LIMITS = {"prefill": Bounds(1, 3), "decode": Bounds(1, 2)}
 DEVICES = {"prefill": "npu", "decode": "cuda"}
@@ -41,7 +43,7 @@ def test_the_rule(state, change, reason):
     assert reason is None or reason in verdict.reason, verdict.reason
 
 
-def _remote(result: dict):
+def _remote(result):
     """A fake Ray actor method: .remote(...) is awaitable."""
     async def call(*args):
         return result
@@ -51,12 +53,13 @@ def _remote(result: dict):
 def fake_pool(prefill: int, decode: int, split_hardware: bool = False) -> Pool:
     """Actors on CPUs, or prefill on NPUs and decode on GPUs."""
     hardware = {"prefill": Hardware(npus=1), "decode": Hardware(num_gpus=1)} if split_hardware else {}
-    pool = Pool(PoolSpec("chat", {"model": "m"}, limits=LIMITS, hardware=hardware))
+    pool = Pool(PoolSpec("chat", EngineConfig(model="m"), TransportConfig(backend="local"), limits=LIMITS,
+                         hardware=hardware))
     for i, role in enumerate([Role.PREFILL] * prefill + [Role.DECODE] * decode):
         device = ("npu:0" if role is Role.PREFILL else "cuda:0") if split_hardware else "cpu"
-        info = {"actor_id": f"a{i}", "role": role.value, "state": "serving", "device": device}
-        handle = SimpleNamespace(set_role=_remote({**info, "moved": []}), drain=_remote({"moved": []}),
-                                 info=_remote({**info, "state": "draining"}))
+        info = ActorReport(f"a{i}", "chat", role, ActorState.SERVING, device=device)
+        handle = SimpleNamespace(set_role=_remote(DrainResult((), info)),
+                                 drain=_remote(DrainResult((), dataclasses.replace(info, state=ActorState.DRAINING))))
         pool.members[f"a{i}"] = Member(f"a{i}", role, handle, info)
     return pool
 
@@ -68,9 +71,9 @@ async def test_the_pool_refuses_to_stop_its_only_decode_actor_unless_forced():
                      (lambda **kw: pool.remove("a2", **kw), "remove a2")]:
         with pytest.raises(RoleLimitError, match=f"cannot {what}: scenario 'chat' would have 0 serving decode"):
             await op()
-    assert pool.members["a2"].info["state"] == "serving"  # refused: nothing changed
+    assert pool.members["a2"].info.state is ActorState.SERVING  # refused: nothing changed
     result = await pool.drain("a2", force=True)
-    assert result["warning"].startswith("forced to drain a2: scenario 'chat' would have 0 serving decode")
+    assert result.warning.startswith("forced to drain a2: scenario 'chat' would have 0 serving decode")
 
 
 async def test_the_pool_keeps_actors_on_their_roles_hardware():
@@ -85,11 +88,11 @@ async def test_a_draining_actor_no_longer_counts_so_two_drains_at_once_keep_the_
 
     async def slow_drain(*args):
         await release.wait()
-        return {"moved": []}
+        return DrainResult((), dataclasses.replace(pool.members["a1"].info, state=ActorState.DRAINING))
     pool.members["a1"].handle.drain = SimpleNamespace(remote=slow_drain)
     first = asyncio.create_task(pool.drain("a1"))
     await asyncio.sleep(0)  # a1's drain is under way
     with pytest.raises(RoleLimitError, match="cannot drain a2: scenario 'chat' would have 0 serving decode"):
         await pool.drain("a2")
     release.set()
-    assert (await first)["warning"] is None
+    assert (await first).warning is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from mesh.actor import Role
+from mesh.api import ActorState, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.supervisor import RestartPolicy
@@ -31,20 +31,20 @@ def pool(make_pool):
 
 async def run(pool, rid: str, prompt, max_tokens: int = 8, deadline: float = float("inf")) -> list[int]:
     tokens = []
-    async for chunk in Dispatcher(pool).generate(Request(rid, prompt, {"max_tokens": max_tokens, **GREEDY},
-                                                         deadline=deadline)):
-        tokens += chunk["token_ids"]
+    request = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), deadline=deadline)
+    async for chunk in Dispatcher(pool).generate(request):
+        tokens += chunk.token_ids
     return tokens
 
 
 async def test_a_killed_actor_is_replaced_with_the_same_role_and_hardware(pool, reference):
     async with supervised(pool):
         [dead] = await killed(pool, Role.DECODE)
-        assert pool.offline[dead.actor_id].info["state"] == "dead"
+        assert pool.offline[dead.actor_id].info.state is ActorState.DEAD
         assert pool.replacing(Role.DECODE)
-        info = await replaced(pool, dead.actor_id)
-        assert info["state"] == "serving" and info["role"] == "decode"
-        assert info["dead_at"] <= info["starting_at"] <= info["serving_at"]
+        new = await replaced(pool, dead.actor_id)
+        assert new.info.state is ActorState.SERVING and new.info.role is Role.DECODE
+        assert new.life.dead_at <= new.life.starting_at <= new.life.serving_at
         assert dead.actor_id not in pool.offline  # the dead entry leaves once its replacement serves
         [new] = pool.by_role(Role.DECODE)
         assert new.hardware == dead.hardware
@@ -58,9 +58,9 @@ async def test_a_request_waits_for_the_replacement(pool, reference):
         # no live prefill actor now, but one is starting: the request waits for it
         events = []
         tokens = []
-        async for chunk in Dispatcher(pool).generate(Request("waits", [6] * 10, {"max_tokens": 6, **GREEDY}),
+        async for chunk in Dispatcher(pool).generate(Request("waits", [6] * 10, SamplingParams(max_tokens=6, **GREEDY)),
                                                      events):
-            tokens += chunk["token_ids"]
+            tokens += chunk.token_ids
         assert tokens == reference([6] * 10, 6)
         assert any(e.name == "waiting_for_actor" and e.attributes["role"] == "prefill" for e in events)
         await replaced(pool, dead.actor_id)
@@ -73,8 +73,8 @@ async def test_missed_reports_make_an_actor_dead(pool):
         supervisor.lost(member.actor_id, "its load report timed out", certain=False)
         assert member.actor_id in pool.members  # one miss is not a death
         supervisor.lost(member.actor_id, "its load report timed out", certain=False)
-        assert pool.offline[member.actor_id].info["state"] == "dead"
-        assert "2 in a row" in pool.offline[member.actor_id].info["reason"]
+        assert pool.offline[member.actor_id].info.state is ActorState.DEAD
+        assert "2 in a row" in pool.offline[member.actor_id].life.reason
         await replaced(pool, member.actor_id)
 
 
@@ -88,13 +88,13 @@ async def test_a_replacement_that_cannot_start_is_given_up(fragile):
     pool = fragile
     good = pool.spec.engine
     async with supervised(pool, RestartPolicy(max_starts=2, backoff_s=0.01)):
-        pool.spec.engine = {**good, "model": "/nonexistent/checkpoint"}  # every replacement fails to load
+        pool.spec.engine = good.model_copy(update={"model": "/nonexistent/checkpoint"})  # every start fails
         [dead] = pool.by_role(Role.DECODE)
         ray.kill(dead.handle, no_restart=True)
-        while not pool.offline.get(dead.actor_id, dead).info.get("given_up"):
+        while not pool.offline.get(dead.actor_id, dead).life.given_up:
             await pool.changed(60)
-        info = pool.offline[dead.actor_id].info
-        assert info["starts"] == 2 and "checkpoint" in info["last_error"]
+        life = pool.offline[dead.actor_id].life
+        assert life.starts == 2 and "checkpoint" in life.last_error
         assert not pool.replacing(Role.DECODE)
         # nothing is on its way: a request fails at once with UNAVAILABLE, it does not wait
         with pytest.raises(MeshError) as failed:

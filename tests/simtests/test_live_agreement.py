@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from mesh.actor import Role
+from mesh.api import Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
@@ -60,7 +60,7 @@ async def replay(pool, arrival_s: list[float], prompt_ids: list[list[int]], tag:
 
     async def one(i: int) -> float:
         await asyncio.sleep(max(0.0, start + arrival_s[i] - loop.time()))
-        req = Request(f"{tag}{i}", prompt_ids[i], dict(GREEDY), deadline=time.monotonic() + DEADLINE_S,
+        req = Request(f"{tag}{i}", prompt_ids[i], SamplingParams(**GREEDY), deadline=time.monotonic() + DEADLINE_S,
                       ttft_budget_s=TTFT_BUDGET_S)
         async for _ in dispatcher.generate(req):
             return loop.time() - start - arrival_s[i]

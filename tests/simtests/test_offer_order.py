@@ -17,11 +17,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.bench import InstantCall, ready
+from gateway.bench import InstantCall, instant_commit, instant_lease, ready
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
+from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams, StreamChunk
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
-from mesh.roles import Role
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
@@ -51,31 +51,29 @@ class PrefillStandIn:
         self.prefill = InstantCall(self._prefill)
 
     @property
-    def info(self) -> dict:  # the report live dispatch orders by, always up to date here
-        return {"block_size": 16, "load": {"queued_requests": self.queued_requests,
-                                           "queued_prompt_tokens": self.queued_tokens}}
+    def info(self) -> ActorReport:  # the report live dispatch orders by, always up to date here
+        return ActorReport(self.actor_id, "s", self.role, ActorState.SERVING, block_size=16,
+                           load=LoadReport(self.queued_tokens, self.queued_requests))
 
     def _offer(self, prompt_tokens, ttft_budget_s, time_left_s, cached_tokens):
-        d = ADMISSION.decide(PrefillLoad(self.queued_tokens, self.queued_requests, RATE),
-                             Offer(prompt_tokens, ttft_budget_s, time_left_s, cached_tokens))
-        return ready({"accept": d.accept, "reason": d.reason, "retry_after_s": d.retry_after_s,
-                       "predicted_ttft_s": d.predicted_ttft_s})
+        return ready(ADMISSION.decide(PrefillLoad(self.queued_tokens, self.queued_requests, RATE),
+                                      Offer(prompt_tokens, ttft_budget_s, time_left_s, cached_tokens)))
 
-    def _prefill(self, step, lease):
+    def _prefill(self, request, lease):
         self.queued_requests += 1
-        self.queued_tokens += len(step["prompt_token_ids"])
-        return _stream({"token_ids": [7], "text": "a", "logprobs": None, "finish_reason": None},
-                       {"transfer": {"bytes": 0}})
+        self.queued_tokens += len(request.prompt_token_ids)
+        return _stream(FirstToken([7], "a", None, None), instant_commit())
 
 
 class DecodeStandIn:
     def __init__(self, actor_id: str):
         self.actor_id, self.role = actor_id, Role.DECODE
-        self.info = {"block_size": 16, "load": {"free_blocks": 10**6}}
+        self.info = ActorReport(actor_id, "s", self.role, ActorState.SERVING, block_size=16,
+                                load=LoadReport(free_blocks=10**6))
         self.handle = self
-        self.reserve = InstantCall(lambda ids, align: ready({"lease_id": "l", "prefix_tokens": 0, "prefix_blocks": 0}))
-        self.decode = InstantCall(lambda lease_id, req: _stream(
-            {"token_ids": [8], "text": "b", "logprobs": None, "finished": True, "finish_reason": "length"}))
+        self.reserve = InstantCall(lambda ids, align: ready(instant_lease("l")))
+        self.decode = InstantCall(lambda lease_id, request: _stream(
+            StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), 2)))
         self.release_lease = InstantCall(lambda lease_id: ready(True))
 
 
@@ -98,7 +96,7 @@ def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection)
         for rid, n in enumerate(prompts):
             events = []
             # random tokens: no prompt shares a prefix with another, as the simulator's have none
-            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), {"max_tokens": 2},
+            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), SamplingParams(max_tokens=2),
                           deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
             try:
                 async for _ in dispatcher.generate(req, events):

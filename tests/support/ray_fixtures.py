@@ -51,7 +51,9 @@ def ray_cluster(otlp):
 @pytest.fixture(scope="module")
 def make_pool(ray_cluster, checkpoint):
     """make_pool(prefill=1, decode=1, both=0, **engine_changes) -> a started Pool; closed after the module."""
+    from mesh.api import EngineConfig
     from mesh.pool import Pool, PoolSpec
+    from transport import TransportConfig
 
     pools = []
 
@@ -62,8 +64,8 @@ def make_pool(ray_cluster, checkpoint):
         engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
                   "block_size": 4, "threads": 1, **engine}
         transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
-        pool = Pool(PoolSpec(f"t{len(pools)}", engine, transport, ttft_budget_s=5.0, faults=faults,
-                             fault_log=fault_log, layerwise_kv=layerwise_kv))
+        pool = Pool(PoolSpec(f"t{len(pools)}", EngineConfig(**engine), TransportConfig(**transport),
+                             ttft_budget_s=5.0, faults=faults, fault_log=fault_log or None, layerwise_kv=layerwise_kv))
         asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
         pools.append(pool)
         return pool

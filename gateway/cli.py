@@ -51,6 +51,7 @@ def model() -> None:
         "engine": "mesh.engine.bench:command",
         "gateway": "gateway.bench:command",
         "mesh": "mesh.bench:command",
+        "serve": "gateway.bench_serve:command",
         "transport": "transport.bench:command",
     },
 )

@@ -180,7 +180,7 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
         "controller": {"enabled": False}}))
     report = bench("--config", str(config), "--vllm-python", str(_fake_python(tmp_path)), "--api-key", "k",
                    "--num-prompts", "4", "--random-input-len", "10", "--random-output-len", "3", "--ignore-eos",
-                   "--max-concurrency", "2", "--ready-check-timeout-sec", "300")
+                   "--max-concurrency", "2", "--ready-check-timeout-sec", "300", "--plot", str(tmp_path / "plots"))
     runs = report["runs"]
     assert list(runs) == ["vllm", "pdmesh"]
     for run in runs.values():
@@ -190,6 +190,7 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
     assert runs["vllm"]["base_url"] != runs["pdmesh"]["base_url"]
     assert report["ratio"]["output tokens/s"] == pytest.approx(
         runs["pdmesh"]["output_tokens_per_s"] / runs["vllm"]["output_tokens_per_s"])
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "latency_over_time.png"}
     assert len(stopped) == 2 and len(stopped[1]) > 1  # pdmesh serve's Ray came along
     assert not [pid for pids in stopped for pid in pids if _alive(pid)]
 

@@ -8,6 +8,7 @@ A run's report (`--output json` prints it; two runs print {"runs": {label: repor
     requests: planned, sent, completed, rejected, failed, not_sent
         (sent = completed + rejected + failed; planned = sent + not_sent)
     rejected_by_status: {"429": n, "503": n}; failed_by_status: {"500": n, "timeout": n, ...}
+    messages: {status: the first rejected or failed request's message under that status}
     duration_s: from the first send to the last answer
     request_throughput: completed requests/s
     request_goodput: completed requests/s within every SLO given (null without SLOs)
@@ -99,6 +100,8 @@ def summarize(result: LoadResult, slo: Slo, label: str = "", where: dict | None 
                      "rejected": sum(rejected.values()), "failed": sum(failed.values()),
                      "not_sent": result.planned - len(outcomes)},
         "rejected_by_status": dict(sorted(rejected.items())), "failed_by_status": dict(sorted(failed.items())),
+        "messages": {status: next(o.message for o in outcomes if o.status == status)
+                     for status in sorted({*rejected, *failed})},
         "duration_s": result.duration_s,
         "request_throughput": len(done) / seconds,
         "request_goodput": None if good is None else good / seconds,

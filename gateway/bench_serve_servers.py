@@ -92,7 +92,7 @@ class ServerUnderTest:
         """The server's process and every process seen below it so far."""
         if self.proc is None:
             return set()
-        self.seen.update({pid: started for pid in _descendants(self.proc.pid)
+        self.seen.update({pid: started for pid in descendants(self.proc.pid)
                           if (started := _start_time(pid)) is not None})
         return {self.proc.pid, *self.seen}
 
@@ -138,7 +138,7 @@ class ServerUnderTest:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
         deadline = time.monotonic() + KILL_WAIT_S  # SIGKILL takes effect when the process next runs
-        while any(map(_alive, left)) and time.monotonic() < deadline:
+        while any(map(alive, left)) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def log_tail(self) -> str:
@@ -148,7 +148,7 @@ class ServerUnderTest:
             return ""
 
 
-def _descendants(pid: int) -> set[int]:
+def descendants(pid: int) -> set[int]:
     """Every process below pid, from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -172,7 +172,7 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

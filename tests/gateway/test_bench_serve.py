@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -18,11 +19,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from gateway.bench_serve_servers import alive
 from gateway.cli import main
 from tests.gateway.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
-REPORT_KEYS = {"label", "base_url", "endpoint", "model", "requests", "rejected_by_status", "failed_by_status",
+REPORT_KEYS = {"label", "base_url", "endpoint", "model", "requests", "rejected_by_status", "failed_by_status", "messages",
                "duration_s", "request_throughput", "request_goodput", "slo_attainment", "slo", "input_tokens",
                "output_tokens", "input_tokens_per_s", "output_tokens_per_s", "latency_ms"}
 
@@ -77,6 +79,27 @@ def test_429s_are_rejections_not_failures(gateway, checkpoint, monkeypatch):
     report = against(gateway, checkpoint, "--num-prompts", "3", "--random-input-len", "8", "--random-output-len", "2")
     assert report["requests"]["rejected"] == 3 and report["rejected_by_status"] == {"429": 3}
     assert report["requests"]["failed"] == 0 and report["request_throughput"] == 0
+    assert "gateway.max_concurrent_requests" in report["messages"]["429"]  # the server's own words
+    assert_consistent(report)
+
+
+def test_a_silent_server_times_out_and_no_request_goes_after_the_duration(checkpoint):
+    from gateway.bench_serve_workload import Shape, build
+    from mesh.engine.tokenizer import Tokenizer
+
+    # the kernel completes connections up to the backlog; nothing ever reads or answers them
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:
+        load = ("--num-prompts", "8", "--random-input-len", "4", "--random-output-len", "2", "--request-rate", "4")
+        report = bench("--base-url", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                       "--model", str(checkpoint("llama", "float32")), *load, "--duration", "1",
+                       "--request-timeout", "0.5")
+    planned = build(Shape(num_prompts=8, random_input_len=4, random_output_len=2, request_rate=4),
+                    Tokenizer(checkpoint("llama", "float32")))
+    due = sum(p.at_s < 1 for p in planned)  # the seeded arrivals before the duration's end
+    assert 0 < due < 8
+    assert report["requests"] == {"planned": 8, "sent": due, "completed": 0, "rejected": 0, "failed": due,
+                                  "not_sent": 8 - due}
+    assert report["failed_by_status"] == {"timeout": due}
     assert_consistent(report)
 
 
@@ -131,12 +154,6 @@ def _fake_python(tmp_path: Path) -> Path:
     return script
 
 
-def _alive(pid: int) -> bool:
-    from gateway.bench_serve_servers import _alive
-
-    return _alive(pid)
-
-
 def test_a_server_starts_answers_and_stops_with_everything_it_started(tmp_path):
     from gateway.bench_serve_servers import ServerUnderTest, vllm_command
 
@@ -144,7 +161,7 @@ def test_a_server_starts_answers_and_stops_with_everything_it_started(tmp_path):
     with ServerUnderTest(command, tmp_path / "log", "k", ready_timeout_s=60, stop_timeout_s=2) as server:
         pids = server.pids()
         assert len(pids) == 2  # the server, and a child of its own that ignores SIGTERM
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if alive(pid)]
 
 
 def test_a_server_that_never_gets_ready_is_stopped_with_its_log(tmp_path):
@@ -157,7 +174,7 @@ def test_a_server_that_never_gets_ready_is_stopped_with_its_log(tmp_path):
         with server:
             pass
     assert "loading" in str(info.value)
-    assert not _alive(server.proc.pid)
+    assert not alive(server.proc.pid)
 
 
 def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint, monkeypatch):
@@ -192,7 +209,21 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
         runs["pdmesh"]["output_tokens_per_s"] / runs["vllm"]["output_tokens_per_s"])
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "latency_over_time.png"}
     assert len(stopped) == 2 and len(stopped[1]) > 1  # pdmesh serve's Ray came along
-    assert not [pid for pids in stopped for pid in pids if _alive(pid)]
+    assert not [pid for pids in stopped for pid in pids if alive(pid)]
+
+
+def test_against_vllm_with_a_running_pdmesh_starts_only_vllm(gateway, tmp_path, checkpoint, monkeypatch):
+    from gateway import bench_serve_servers
+
+    started = []
+    enter = bench_serve_servers.ServerUnderTest.__enter__
+    monkeypatch.setattr(bench_serve_servers.ServerUnderTest, "__enter__",
+                        lambda self: started.append(self.command.label) or enter(self))
+    report = against(gateway, checkpoint, "--vllm-python", str(_fake_python(tmp_path)), "--num-prompts", "2",
+                     "--random-input-len", "6", "--random-output-len", "2", "--ignore-eos")
+    assert started == ["vllm"]
+    assert report["runs"]["pdmesh"]["base_url"] == gateway.http_url
+    assert [run["requests"]["completed"] for run in report["runs"].values()] == [2, 2]
 
 
 # -- the stand-in ----------------------------------------------------------------------------------

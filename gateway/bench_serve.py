@@ -30,20 +30,32 @@ class Setup:
     model: str  # the name requests carry
     tokenizer: str  # a checkpoint folder with tokenizer.json
     checkpoint: str | None  # for servers this command starts
-    dtype: str
+    dtype: str | None  # the config's engine.dtype, else --dtype
     config: str | None
     slo: report.Slo
+
+    def server_dtype(self) -> str:
+        """The dtype both started servers run: explicit, so that they run the same one."""
+        if self.dtype not in (None, "auto"):
+            return self.dtype
+        if self.config:
+            raise ValueError(f"{self.config}: set engine.dtype (float32, bfloat16, float16) so that both servers "
+                             "run the same one")
+        return "float32"
 
 
 def resolve(model: str | None, served_model_name: str | None, tokenizer: str | None, config: str | None,
             scenario: str | None, dtype: str | None, slo_ttft: float | None, slo_tpot: float | None,
             goodput: tuple[str, ...]) -> Setup:
     """Raises ValueError (or scenarios.spec.SpecError) saying what to fix."""
-    spec = _scenario(config, scenario) if config else None
+    from gateway.config import load as load_config
+
+    cfg = load_config(config) if config else None
+    spec = _scenario(cfg, config, scenario) if cfg else None
     folder = model if model and Path(model).is_dir() else None
     checkpoint = spec.model if spec else folder
     if spec:
-        name = Path(spec.model).name  # what pdmesh serves (ServeConfig.served_name)
+        name = cfg.served_name(spec)
     elif model:
         name = Path(model).name if folder else model
     else:
@@ -52,32 +64,21 @@ def resolve(model: str | None, served_model_name: str | None, tokenizer: str | N
     if not tok:
         raise ValueError(f"--model {model} is not a folder here: give --tokenizer, the checkpoint folder with the "
                          "served model's tokenizer.json (prompts are built from its vocabulary)")
-    return Setup(served_model_name or name, tok, checkpoint, _dtype(config, dtype), config,
+    configured = cfg.engine.get("dtype") if cfg else None
+    if cfg and dtype and dtype != configured:
+        raise ValueError(f"--dtype {dtype}: pdmesh serve takes the dtype from {config}'s engine.dtype "
+                         f"({configured or 'not set'}); set it there")
+    return Setup(served_model_name or name, tok, checkpoint, configured if cfg else dtype, config,
                  _slo(spec, slo_ttft, slo_tpot, goodput))
 
 
-def _scenario(config: str, name: str | None):
-    from gateway.config import load as load_config
-
-    specs = {s.name: s for s in load_config(config).scenarios}
+def _scenario(cfg, path: str, name: str | None):
+    specs = {s.name: s for s in cfg.scenarios}
     if name is None and len(specs) == 1:
         return next(iter(specs.values()))
     if name not in specs:
-        raise ValueError(f"--scenario {name}: {config} has scenarios {', '.join(specs)}; name one")
+        raise ValueError(f"{path} has scenarios {', '.join(specs)}: name one with --scenario")
     return specs[name]
-
-
-def _dtype(config: str | None, dtype: str | None) -> str:
-    if not config:
-        return dtype or "float32"
-    from gateway.config import load as load_config
-
-    configured = load_config(config).engine.get("dtype", "auto")
-    if dtype and dtype != configured:
-        raise ValueError(f"--dtype {dtype} differs from {config}'s engine.dtype ({configured}); drop one")
-    if configured == "auto":
-        raise ValueError(f"{config}: set engine.dtype (float32, bfloat16, float16) so that both servers run one")
-    return configured
 
 
 def _slo(spec, ttft_s: float | None, tpot_s: float | None, goodput: tuple[str, ...]) -> report.Slo:
@@ -223,9 +224,10 @@ def _against_vllm(setup: Setup, python: str, extra: tuple[str, ...], base_url: s
     if not setup.checkpoint:
         raise ValueError("--vllm-python needs the checkpoint: give --model as its folder, or --config")
     logs = Path(tempfile.mkdtemp(prefix="pdmesh-bench-serve-"))
-    commands = [vllm_command(python, setup.checkpoint, setup.dtype, setup.model, api_key, extra)]
+    dtype = setup.server_dtype()
+    commands = [vllm_command(python, setup.checkpoint, dtype, setup.model, api_key, extra)]
     if not base_url:
-        commands.append(pdmesh_command(setup.config, setup.checkpoint, setup.dtype, api_key))
+        commands.append(pdmesh_command(setup.config, setup.checkpoint, dtype, api_key))
     runs = {}
     for command in commands:
         click.echo(f"bench serve: starting {command.label} ({shlex.join(command.argv)}); log {logs}", err=True)

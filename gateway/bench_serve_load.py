@@ -84,14 +84,11 @@ async def run(target: Target, planned: list[Planned], max_concurrency: int | Non
         start = time.perf_counter()
         tasks = []
         for request in planned:
-            wait = start + request.at_s - time.perf_counter()
             if duration_s is not None and request.at_s >= duration_s:
                 break
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if slots:
-                if not await _slot(slots, start, duration_s):
-                    break
+            await asyncio.sleep(max(0.0, start + request.at_s - time.perf_counter()))
+            if slots and not await _slot(slots, start, duration_s):
+                break
             tasks.append(asyncio.create_task(_one(session, target, request, start, slots)))
         outcomes = await asyncio.gather(*tasks)
     return LoadResult(tuple(outcomes), len(planned), time.perf_counter() - start)

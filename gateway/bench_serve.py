@@ -158,11 +158,13 @@ def _measure(target: load.Target, planned, label: str, slo: report.Slo, pace: di
               help="for the servers this starts [default: the config's, else float32]")
 @click.option("--ready-check-timeout-sec", type=float, default=600.0, show_default=True,
               help="how long a started server may take to answer")
+@click.option("--server-log-dir", type=click.Path(file_okay=False), default=None,
+              help="where started servers write their logs [default: a new temporary folder]")
 def command(base_url, endpoint, model, served_model_name, tokenizer, api_key, config, scenario, dataset_name,
             dataset_path, num_prompts, random_input_len, random_output_len, random_range_ratio, request_rate,
             burstiness, max_concurrency, time_scale, seed, duration, request_timeout, num_warmups, ignore_eos,
             slo_ttft, slo_tpot, goodput, percentile_metrics, metric_percentiles, label, output, plot_dir,
-            vllm_python, vllm_args, dtype, ready_check_timeout_sec):
+            vllm_python, vllm_args, dtype, ready_check_timeout_sec, server_log_dir):
     """Load an OpenAI-compatible server (or vLLM's, then pdmesh's) and report latency, goodput and tokens/s."""
     from gateway.bench_serve_servers import ServerError
     from gateway.bench_serve_workload import WorkloadError, build
@@ -189,7 +191,8 @@ def command(base_url, endpoint, model, served_model_name, tokenizer, api_key, co
             return load.Target(url, setup.model, endpoint, api_key, request_timeout, ignore_eos)
 
         if vllm_python:
-            runs = _against_vllm(setup, vllm_python, tuple(shlex.split(vllm_args)), base_url, api_key,
+            logs = Path(server_log_dir or tempfile.mkdtemp(prefix="pdmesh-bench-serve-"))
+            runs = _against_vllm(setup, vllm_python, tuple(shlex.split(vllm_args)), base_url, api_key, logs,
                                  ready_check_timeout_sec, target, planned, pace, metrics, percentiles)
         else:
             url = base_url or DEFAULT_BASE_URL
@@ -217,13 +220,12 @@ def _title(planned, dataset_name: str, model: str, endpoint: str, rate: float | 
 
 
 def _against_vllm(setup: Setup, python: str, extra: tuple[str, ...], base_url: str | None, api_key: str | None,
-                  ready_timeout_s: float, target, planned, pace: dict, metrics, percentiles) -> dict:
+                  logs: Path, ready_timeout_s: float, target, planned, pace: dict, metrics, percentiles) -> dict:
     """vLLM's server, then pdmesh's (started, or the one at base_url), one after the other."""
     from gateway.bench_serve_servers import ServerUnderTest, pdmesh_command, vllm_command
 
     if not setup.checkpoint:
         raise ValueError("--vllm-python needs the checkpoint: give --model as its folder, or --config")
-    logs = Path(tempfile.mkdtemp(prefix="pdmesh-bench-serve-"))
     dtype = setup.server_dtype()
     commands = [vllm_command(python, setup.checkpoint, dtype, setup.model, api_key, extra)]
     if not base_url:

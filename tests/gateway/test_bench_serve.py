@@ -149,7 +149,7 @@ def test_comparing_needs_one_dtype_for_both_servers(tmp_path, checkpoint):
     config.write_text(json.dumps({"scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
                                                  "slo": {"ttft_s": 1.0, "tpot_s": 1.0}}]}))
     args = ["bench", "serve", "--config", str(config), "--vllm-python", str(_fake_python(tmp_path)),
-            "--num-prompts", "1"]
+            "--server-log-dir", str(tmp_path / "logs"), "--num-prompts", "1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "set engine.dtype" in result.output
     result = CliRunner().invoke(main, [*args, "--dtype", "bfloat16"])
@@ -209,7 +209,8 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
         "controller": {"enabled": False}}))
     report = bench("--config", str(config), "--vllm-python", str(_fake_python(tmp_path)), "--api-key", "k",
                    "--num-prompts", "4", "--random-input-len", "10", "--random-output-len", "3", "--ignore-eos",
-                   "--max-concurrency", "2", "--ready-check-timeout-sec", "300", "--plot", str(tmp_path / "plots"))
+                   "--max-concurrency", "2", "--ready-check-timeout-sec", "300",
+                   "--server-log-dir", str(tmp_path / "logs"), "--plot", str(tmp_path / "plots"))
     runs = report["runs"]
     assert list(runs) == ["vllm", "pdmesh"]
     for run in runs.values():
@@ -220,6 +221,7 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
     assert report["ratio"]["output tokens/s"] == pytest.approx(
         runs["pdmesh"]["output_tokens_per_s"] / runs["vllm"]["output_tokens_per_s"])
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "latency_over_time.png"}
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"vllm.log", "pdmesh.log"}
     assert len(stopped) == 2 and len(stopped[1]) > 1  # pdmesh serve's Ray came along
     assert not [pid for pids in stopped for pid in pids if alive(pid)]
 
@@ -231,7 +233,8 @@ def test_against_vllm_with_a_running_pdmesh_starts_only_vllm(gateway, tmp_path, 
     enter = bench_serve_servers.ServerUnderTest.__enter__
     monkeypatch.setattr(bench_serve_servers.ServerUnderTest, "__enter__",
                         lambda self: started.append(self.command.label) or enter(self))
-    report = against(gateway, checkpoint, "--vllm-python", str(_fake_python(tmp_path)), "--num-prompts", "2",
+    report = against(gateway, checkpoint, "--vllm-python", str(_fake_python(tmp_path)),
+                     "--server-log-dir", str(tmp_path / "logs"), "--num-prompts", "2",
                      "--random-input-len", "6", "--random-output-len", "2", "--ignore-eos")
     assert started == ["vllm"]
     assert report["runs"]["pdmesh"]["base_url"] == gateway.http_url

@@ -24,9 +24,9 @@ from gateway.cli import main
 from tests.gateway.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
-REPORT_KEYS = {"label", "base_url", "endpoint", "model", "requests", "rejected_by_status", "failed_by_status", "messages",
-               "duration_s", "request_throughput", "request_goodput", "slo_attainment", "slo", "input_tokens",
-               "output_tokens", "input_tokens_per_s", "output_tokens_per_s", "latency_ms"}
+REPORT_KEYS = {"label", "base_url", "endpoint", "model", "requests", "rejected_by_status", "failed_by_status",
+               "messages", "duration_s", "request_throughput", "request_goodput", "slo_attainment", "slo",
+               "input_tokens", "output_tokens", "input_tokens_per_s", "output_tokens_per_s", "latency_ms"}
 
 
 def bench(*args: str) -> dict:

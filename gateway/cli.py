@@ -58,6 +58,7 @@ def model() -> None:
         "engine": "mesh.engine.bench:command",
         "gateway": "gateway.bench:command",
         "mesh": "mesh.bench:command",
+        "serve": "gateway.bench_serve:command",
         "transport": "transport.bench:command",
     },
 )

@@ -168,8 +168,7 @@ def command(base_url, endpoint, model, served_model_name, tokenizer, api_key, co
     """Load an OpenAI-compatible server (or vLLM's, then pdmesh's) and report latency, goodput and tokens/s."""
     from gateway.bench_serve_servers import ServerError
     from gateway.bench_serve_workload import WorkloadError, build
-    from mesh.engine.errors import CheckpointError
-    from mesh.engine.tokenizer import Tokenizer
+    from mesh import CheckpointError, Tokenizer
     from scenarios.spec import SpecError
 
     metrics = tuple(m.strip() for m in percentile_metrics.split(",") if m.strip())

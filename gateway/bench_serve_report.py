@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gateway.bench_serve_load import LoadResult, Outcome
-from mesh.bench import percentile
+from mesh import percentile
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 _RATES = {"duration_s": "duration (s)", "request_throughput": "requests/s", "request_goodput": "goodput (requests/s)",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mesh.engine.tokenizer import Tokenizer
+from mesh import Tokenizer
 from simtests.traces import TraceError, read_trace
 
 TRACE_KINDS = ("burstgpt", "azure", "mooncake")

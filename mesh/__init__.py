@@ -18,7 +18,7 @@ _PUBLIC = {
                  "PrefixReport", "SamplingParams", "StreamChunk", "engine_config", "transport_config"),
     "mesh.roles": ("MOVABLE", "Role"),
     "mesh.errors": ("MeshError", "RequestMoved"),
-    "mesh.engine.errors": ("EngineError", "RequestError"),
+    "mesh.engine.errors": ("CheckpointError", "EngineError", "RequestError"),
     "mesh.engine.model_config": ("ModelConfig",),
     "mesh.engine.sampling_params": ("MAX_TOP_LOGPROBS",),
     "mesh.dispatch": ("Dispatcher", "Event", "Request"),

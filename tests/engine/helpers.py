@@ -5,6 +5,8 @@ from collections import defaultdict
 
 import torch
 
+from mesh.engine.sampling_params import SamplingParams
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # every model family the tiny checkpoints come in
 
 # Prompts of clearly different lengths (about 3, 14, 30 and 42 tokens with the tiny tokenizers),
@@ -126,3 +128,25 @@ def hf_greedy(model, token_ids: list[int], n: int) -> list[int]:
                          max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          pad_token_id=model.generation_config.eos_token_id)
     return out[0, len(token_ids):].tolist()
+
+FP32_ATOL = 1e-3
+
+
+def greedy(n: int) -> SamplingParams:
+    # min_tokens bans EOS like transformers' min_new_tokens, so both always make n tokens.
+    return SamplingParams(max_tokens=n, temperature=0, min_tokens=n)
+
+
+def run_and_compare(engine, hf, n_tokens: int, atol: float, prompts=PROMPTS) -> StepRecorder:
+    """Runs the prompts staggered through the engine and checks every sampled step's logits
+    (the prefill's last position, then each decode step) against transformers' on the same tokens."""
+    prompt_ids = [engine.tokenizer.encode(p) for p in prompts]
+    with StepRecorder(engine) as rec:
+        outputs = run_staggered(engine, prompt_ids, greedy(n_tokens))
+    for ids, (rid, out) in zip(prompt_ids, outputs.items()):
+        assert len(out) == n_tokens
+        # Row k of the reference predicts output token k from the prompt and outputs[:k].
+        ref = hf_logits(hf, ids + out)[len(ids) - 1:-1]
+        diff = (rec.stacked(rid) - ref).abs().max().item()
+        assert diff <= atol, f"prompt of {len(ids)} tokens: max |logit diff| {diff:.2e} > {atol}"
+    return rec

@@ -13,37 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mesh.engine.linear import packing_supported
-from mesh.engine.sampling_params import SamplingParams
-from tests.engine.helpers import FAMILIES, PROMPTS, StepRecorder, hf_greedy, hf_logits, run_staggered
-
-FP32_ATOL = 1e-3
-
-
-def greedy(n: int) -> SamplingParams:
-    # min_tokens bans EOS like transformers' min_new_tokens, so both always make n tokens.
-    return SamplingParams(max_tokens=n, temperature=0, min_tokens=n)
-
+from tests.engine.helpers import (FAMILIES, FP32_ATOL, PROMPTS, StepRecorder, greedy, hf_greedy, hf_logits,
+                                  run_and_compare, run_staggered)
 
 def fragment(engine) -> list[list[int]]:
     """Holds every 4th KV block, so free space is only runs of 3 and every request spans several runs."""
     held = [engine.blocks.allocate(1) for _ in range(engine.blocks.num_blocks)]
     engine.blocks.free([b for i, (b,) in enumerate(held) if i % 4])
     return [ids for i, ids in enumerate(held) if i % 4 == 0]
-
-
-def run_and_compare(engine, hf, n_tokens: int, atol: float, prompts=PROMPTS) -> StepRecorder:
-    """Runs the prompts staggered through the engine and checks every sampled step's logits
-    (the prefill's last position, then each decode step) against transformers' on the same tokens."""
-    prompt_ids = [engine.tokenizer.encode(p) for p in prompts]
-    with StepRecorder(engine) as rec:
-        outputs = run_staggered(engine, prompt_ids, greedy(n_tokens))
-    for ids, (rid, out) in zip(prompt_ids, outputs.items()):
-        assert len(out) == n_tokens
-        # Row k of the reference predicts output token k from the prompt and outputs[:k].
-        ref = hf_logits(hf, ids + out)[len(ids) - 1:-1]
-        diff = (rec.stacked(rid) - ref).abs().max().item()
-        assert diff <= atol, f"prompt of {len(ids)} tokens: max |logit diff| {diff:.2e} > {atol}"
-    return rec
 
 
 @pytest.mark.parametrize("fragmented", [False, True], ids=["contiguous", "fragmented"])

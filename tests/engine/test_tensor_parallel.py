@@ -25,7 +25,7 @@ from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.shard import Shard
 from tests.engine.helpers import FAMILIES
 from tests.engine.helpers import PROMPTS, hf_greedy
-from tests.engine.test_numerics_vs_hf import FP32_ATOL, greedy, run_and_compare
+from tests.engine.helpers import FP32_ATOL, greedy, run_and_compare
 
 
 @pytest.fixture

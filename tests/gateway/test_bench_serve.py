@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from gateway.bench_serve_servers import alive
 from gateway.cli import main
-from tests.gateway.conftest import API_KEY
+from tests.gateway.support import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT_KEYS = {"label", "base_url", "endpoint", "model", "requests", "rejected_by_status", "failed_by_status",

@@ -113,8 +113,9 @@ def metric_names(expr: str) -> set[str]:
 def exposed_metric_names() -> set[str]:
     """The sample names the gateway's /metrics can carry, from gateway.metrics' registry."""
     from gateway.metrics import Metrics
+    from mesh.api import ActorReport, ActorState, Role
 
-    metrics = Metrics(lambda: {"s": [{"actor_id": "a", "role": "prefill", "state": "serving", "load": {}}]})
+    metrics = Metrics(lambda: {"s": [ActorReport("a", "s", Role.PREFILL, ActorState.SERVING)]})
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
                 "summary": ("", "_sum", "_count")}
     return {family.name + s for family in metrics.registry.collect() for s in suffixes.get(family.type, ("",))}

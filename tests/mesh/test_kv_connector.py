@@ -88,6 +88,13 @@ async def all_free(aengine: AsyncEngine, wait_s: float = 5.0) -> bool:
     return True
 
 
+@pytest.fixture(autouse=True)
+def ucx_on_loopback(monkeypatch):
+    """The receivers here, in this process, pin its UCX to loopback (transport.address.for_node);
+    set here, the pin goes again after the test instead of reaching later tests' processes."""
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+
+
 @pytest.fixture
 def engines(checkpoint, make_engine):
     return lambda: (make_engine(checkpoint(), threads=1), make_engine(checkpoint(), threads=1))

@@ -35,6 +35,10 @@ class NamespaceCluster(NamespaceNet):
                     "PYTHONPATH": str(ROOT), **(env or {})}
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.env.pop("RAY_ADDRESS", None)
+        if "UCX_NET_DEVICES" not in (env or {}):
+            # a pin this test process gave its own loopback receivers (transport.address.for_node)
+            # would keep the nodes' UCX on their loopback, off the links between them
+            self.env.pop("UCX_NET_DEVICES", None)
 
     @property
     def nodes(self) -> dict[str, Host]:

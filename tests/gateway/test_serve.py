@@ -5,43 +5,17 @@ optional access log, and one clean error line for a bad model path."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from gateway.bench_serve_servers import alive, descendants
 from tests.gateway.serve_process import ENV, Served, serving
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below pid (from /proc), Ray's own included."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 
 def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
@@ -53,13 +27,13 @@ def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
             {"prompt": "hello", "max_tokens": 3}).encode(), headers={"Authorization": "Bearer serve-key"})
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.load(reply)["usage"]["completion_tokens"] == 3
-        below = _descendants(proc.pid)
+        below = descendants(proc.pid)
         assert below  # Ray's processes and the actors
         proc.send_signal(signal.SIGTERM)
         rest = served.wait(120)
         assert proc.returncode == 0, rest[-3000:]
         assert "shutting down" in rest
-        assert not [pid for pid in below if _alive(pid)]
+        assert not [pid for pid in below if alive(pid)]
 
 
 def _post(served: Served, body: dict, key: str) -> tuple[int, dict]:

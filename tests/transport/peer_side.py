@@ -2,6 +2,9 @@
 side, how it runs (backend and UCX settings), and a whole transfer checked layer by layer."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from transport.layout import KVLayout
@@ -57,3 +60,15 @@ def transfer(recv: Side, send: Side, num_tokens: int, strategy: str = "contiguou
     nbytes = recv.layout.num_layers * 2 * num_tokens * recv.layout.token_bytes
     assert got["stats"]["bytes"] == sent["stats"]["bytes"] == nbytes
     return sent["stats"], got["stats"]
+
+
+@contextlib.contextmanager
+def all_started(sides: dict[str, Side]) -> Iterator[dict[str, Side]]:
+    """The sides, once every one started (they start side by side); each process closed after."""
+    try:
+        for side in sides.values():
+            side.started()
+        yield sides
+    finally:
+        for side in sides.values():
+            side.proc.close()

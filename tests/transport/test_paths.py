@@ -16,7 +16,7 @@ from transport.peer import read_tokens
 from transport.stream import HostStream
 from transport.ucx_report import UcxResource, unreachable
 from tests.transport.support import SECRET, filled, make_layout
-from tests.transport.peer_side import Side, transfer
+from tests.transport.peer_side import Side, all_started, transfer
 
 NO_CUDA = "needs a CUDA GPU (none here: torch.cuda.is_available() is False)"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -102,11 +102,8 @@ def peers():
             "send_direct": Side("sender", "ucx-shm", LAYOUT, seed=3),
             "tcp_recv": Side("receiver", "tcp", LAYOUT, path="staged"),
             "tcp_send": Side("sender", "tcp", LAYOUT, seed=4, path="staged")}
-    for side in made.values():
-        side.started()
-    yield made
-    for side in made.values():
-        side.proc.close()
+    with all_started(made):
+        yield made
 
 
 @pytest.fixture

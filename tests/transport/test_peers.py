@@ -10,7 +10,7 @@ import torch
 
 from transport.peer import PeerError
 from tests.transport.support import make_layout
-from tests.transport.peer_side import Side
+from tests.transport.peer_side import Side, all_started
 from tests.transport.peer_side import transfer as transfer_checked
 
 # Runs of 100+ tokens are 25+ KiB per op: over UCX's eager limit, so rendezvous moves them.
@@ -30,11 +30,8 @@ def sides(kind):
     made = {"recv": Side("receiver", kind, RECV), "send": Side("sender", kind, SEND, seed=1),
             "send32": Side("sender", kind, SEND_FP32_SMALL_BLOCKS, seed=2),
             "doomed_send": Side("sender", kind, SEND, seed=1), "doomed_recv": Side("receiver", kind, RECV)}
-    for side in made.values():
-        side.started()
-    yield made
-    for side in made.values():
-        side.proc.close()
+    with all_started(made):
+        yield made
 
 
 @pytest.fixture

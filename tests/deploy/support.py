@@ -155,3 +155,29 @@ def serve_invocation(command_line: str) -> dict[str, str | None]:
             options[flag] = words[i + 1]
             i += 2
     return options
+
+
+# -- the manifests, read ------------------------------------------------------------------------
+def k8s(name: str) -> list[dict]:
+    """The documents of one manifest under deploy/k8s."""
+    return load_yaml(DEPLOY / "k8s" / name)
+
+
+def kind(docs: list[dict], kind: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind)
+
+
+def arg_default(text: str, name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)", text, re.M).group(1)
+
+
+def gateway() -> tuple[dict, dict, dict]:
+    docs = k8s("gateway.yaml")
+    deployment = kind(docs, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return deployment, container, kind(docs, "Service")
+
+
+def groups() -> dict[str, dict]:
+    cluster = kind(k8s("raycluster.yaml"), "RayCluster")
+    return {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}

@@ -22,14 +22,6 @@ def _promtool() -> str:
     return path
 
 
-def _k8s(name: str) -> list[dict]:
-    return support.load_yaml(DEPLOY / "k8s" / name)
-
-
-def _kind(docs: list[dict], kind: str) -> dict:
-    return next(d for d in docs if d["kind"] == kind)
-
-
 # -- everything parses ---------------------------------------------------------------------------
 @pytest.mark.parametrize("path", support.yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_yaml_parses(path):
@@ -209,10 +201,6 @@ def test_manifests_run_the_images_build_sh_makes():
     assert {"pdmesh/gateway", "pdmesh/worker-cuda", "pdmesh/worker-ascend"} <= {i.split(":")[0] for i in images}
 
 
-def _arg_default(text: str, name: str) -> str:
-    return re.search(rf"^ARG {name}=(\S+)", text, re.M).group(1)
-
-
 def test_every_image_and_the_cluster_share_python_ray_and_torch():
     """Ray refuses nodes of another Ray or Python version: the three images, build.sh and the
     RayCluster must agree."""
@@ -224,28 +212,23 @@ def test_every_image_and_the_cluster_share_python_ray_and_torch():
     install = (DEPLOY / "install.sh").read_text()
     assert re.search(r"PDMESH_TORCH_VERSION:-([\d.]+)", install).group(1) == torch_version
     for name, text in dockerfiles.items():
-        assert _arg_default(text, "RAY_VERSION") == ray_version, name
-        assert _arg_default(text, "PDMESH_TORCH_VERSION") == torch_version, name
+        assert support.arg_default(text, "RAY_VERSION") == ray_version, name
+        assert support.arg_default(text, "PDMESH_TORCH_VERSION") == torch_version, name
         assert "deploy/install.sh" in text, f"{name} installs pdmesh some other way than deploy/install.sh"
         if "CANN_IMAGE" in text:
-            assert _arg_default(text, "CANN_IMAGE").endswith(f"-py{python_version}"), name
+            assert support.arg_default(text, "CANN_IMAGE").endswith(f"-py{python_version}"), name
         else:
-            assert _arg_default(text, "PYTHON_VERSION") == python_version, name
-    cluster = _kind(_k8s("raycluster.yaml"), "RayCluster")
+            assert support.arg_default(text, "PYTHON_VERSION") == python_version, name
+    cluster = support.kind(support.k8s("raycluster.yaml"), "RayCluster")
     assert cluster["spec"]["rayVersion"] == ray_version
 
 
 # -- the gateway: ports, options, keys ------------------------------------------------------------
-def _gateway() -> tuple[dict, dict, dict]:
-    docs = _k8s("gateway.yaml")
-    deployment = _kind(docs, "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return deployment, container, _kind(docs, "Service")
 
 
 def test_gateway_runs_pdmesh_serve_with_options_it_has():
     defaults = support.serve_defaults()
-    _, container, _ = _gateway()
+    _, container, _ = support.gateway()
     options = support.serve_invocation(container["args"][0])
     assert set(options) <= set(defaults), f"not options of pdmesh serve: {set(options) - set(defaults)}"
     for flag in ("--http-port", "--grpc-port"):
@@ -256,7 +239,7 @@ def test_gateway_runs_pdmesh_serve_with_options_it_has():
 
 def test_gateway_ports_probes_and_service_match_serve():
     defaults = support.serve_defaults()
-    deployment, container, service = _gateway()
+    deployment, container, service = support.gateway()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": defaults["--http-port"], "grpc": defaults["--grpc-port"]}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -269,7 +252,7 @@ def test_gateway_ports_probes_and_service_match_serve():
 def test_gateway_mounts_what_its_options_name():
     """Each file option points into a volume the pod mounts: the scenarios ConfigMap that
     kustomize generates, and the keys Secret."""
-    deployment, container, _ = _gateway()
+    deployment, container, _ = support.gateway()
     options = support.serve_invocation(container["args"][0])
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -278,11 +261,11 @@ def test_gateway_mounts_what_its_options_name():
         mount = max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len)
         return volumes[mounts[mount]]
 
-    kustomization = _k8s("kustomization.yaml")[0]
+    kustomization = support.k8s("kustomization.yaml")[0]
     config_map = kustomization["configMapGenerator"][0]
     assert volume_of(options["--config"])["configMap"]["name"] == config_map["name"]
     assert config_map["files"] == ["scenarios.yaml"]
-    secret = _kind(_k8s("secret.example.yaml"), "Secret")
+    secret = support.kind(support.k8s("secret.example.yaml"), "Secret")
     for flag in ("--api-key-file", "--admin-key-file"):
         volume = volume_of(options[flag])
         assert volume["secret"]["secretName"] == secret["metadata"]["name"]
@@ -301,9 +284,6 @@ def test_gateway_image_serves_on_the_default_ports():
 
 
 # -- the Ray cluster: resources the pools ask for --------------------------------------------------
-def _groups() -> dict[str, dict]:
-    cluster = _kind(_k8s("raycluster.yaml"), "RayCluster")
-    return {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
 
 
 def _limits(group: dict) -> dict:
@@ -319,7 +299,7 @@ def _ray_resources(group: dict) -> dict:
 def test_worker_groups_offer_the_resources_the_pools_ask_for():
     from mesh.pool import Hardware
 
-    groups = _groups()
+    groups = support.groups()
     gpu_ask = Hardware(num_gpus=1).options()
     assert gpu_ask["num_gpus"] == 1
     gpu = [g for g in groups.values() if "nvidia.com/gpu" in _limits(g)]
@@ -332,7 +312,7 @@ def test_worker_groups_offer_the_resources_the_pools_ask_for():
         offered = _ray_resources(g)
         assert set(npu_ask) <= set(offered), f"{g['groupName']} advertises {offered}, the pools ask for {npu_ask}"
         assert offered[next(iter(npu_ask))] == _limits(g)["huawei.com/Ascend910"]
-    head = _kind(_k8s("raycluster.yaml"), "RayCluster")["spec"]["headGroupSpec"]
+    head = support.kind(support.k8s("raycluster.yaml"), "RayCluster")["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "actors belong on the workers"
 
 
@@ -341,7 +321,7 @@ def test_scenarios_config_loads_and_each_role_fits_a_worker_group():
     from mesh.pool import Hardware
 
     cfg = load(DEPLOY / "k8s/scenarios.yaml")
-    groups = _groups()
+    groups = support.groups()
     npu_resource = next(iter(Hardware(npus=1).options()["resources"]))
     for spec in cfg.scenarios:
         assert spec.model.startswith("/models/"), "the models volume is mounted at /models"
@@ -354,12 +334,12 @@ def test_scenarios_config_loads_and_each_role_fits_a_worker_group():
 
 
 def test_kustomization_lists_every_manifest_it_can_apply():
-    kustomization = _k8s("kustomization.yaml")[0]
+    kustomization = support.k8s("kustomization.yaml")[0]
     # examples and optional CRD-dependent manifests are applied by hand (their comments say how)
     optional = {"secret.example.yaml", "podmonitor.yaml", "kustomization.yaml", "scenarios.yaml"}
     manifests = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - optional
     assert set(kustomization["resources"]) == manifests
-    claims = {d["metadata"]["name"] for d in _k8s("models-pvc.yaml")}
+    claims = {d["metadata"]["name"] for d in support.k8s("models-pvc.yaml")}
     used = set(re.findall(r"claimName: (\S+?)[,}\s]", "".join((DEPLOY / "k8s" / m).read_text() for m in manifests)))
     assert used and used <= claims
 
@@ -370,167 +350,3 @@ def test_ray_launcher_starts_a_head_without_actors():
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--head" in head and "--num-cpus=0" in head
     assert all("deploy/install.sh" in c for c in cfg["setup_commands"][:1])
-
-
-# -- the control plane: who may reach Ray and the KV ports ---------------------------------------
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _ray_pod_templates() -> dict[str, dict]:
-    spec = _kind(_k8s("raycluster.yaml"), "RayCluster")["spec"]
-    return {"head": spec["headGroupSpec"]["template"],
-            **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
-
-
-def _matches(selector: dict, labels: dict) -> bool:
-    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
-    return selector["matchLabels"].items() <= labels.items()
-
-
-def _env(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def test_the_ray_dashboard_listens_on_loopback_or_not_at_all():
-    head = _kind(_k8s("raycluster.yaml"), "RayCluster")["spec"]["headGroupSpec"]
-    params = head["rayStartParams"]
-    assert params.get("include-dashboard") == "false" or params.get("dashboard-host") in LOOPBACK, params
-    ports = head["template"]["spec"]["containers"][0]["ports"]
-    assert [p["name"] for p in ports] == ["gcs"], "the head offers only the GCS to other pods"
-    launcher = support.load_yaml(DEPLOY / "ray/cluster.yaml")[0]
-    head_start = " ".join(launcher["head_start_ray_commands"])
-    host = re.search(r"--dashboard-host[= ](\S+)", head_start)
-    assert "--include-dashboard=false" in head_start or (host and host.group(1) in LOOPBACK), head_start
-
-
-def test_every_ray_node_and_the_gateway_present_the_clusters_token():
-    """RAY_AUTH_MODE=token everywhere (Ray refuses clients without the token), and the token
-    from the one Secret the example shows how to create."""
-    secrets = {d["metadata"]["name"]: d for d in _k8s("secret.example.yaml") if d["kind"] == "Secret"}
-    _, gateway, _ = _gateway()
-    containers = {f"ray {name}": t["spec"]["containers"][0] for name, t in _ray_pod_templates().items()}
-    tokens = set()
-    for where, container in {**containers, "gateway": gateway}.items():
-        env = _env(container)
-        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
-        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert ref["key"] in secrets[ref["name"]]["stringData"], where
-        tokens.add((ref["name"], ref["key"]))
-    assert len(tokens) == 1, f"every node must hold the same token: {tokens}"
-    launcher = support.load_yaml(DEPLOY / "ray/cluster.yaml")[0]
-    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
-    for command in (c for c in starts if "ray start" in c):
-        assert "RAY_AUTH_MODE=token" in command, command
-    assert "~/.ray/auth_token" in launcher["file_mounts"], "the token must reach every node"
-
-
-def test_network_policy_admits_only_the_gateway_and_ray_pods():
-    """Ray's pods take connections only from each other and the gateway (Ray's ports and the
-    KV receivers' are random, so the peers are named, not the ports); the gateway takes
-    clients only on its Service's ports, and the rest only from Ray's pods."""
-    policies = [d for d in _k8s("networkpolicy.yaml") if d["kind"] == "NetworkPolicy"]
-    deployment, container, service = _gateway()
-    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    ray_labels = [t["metadata"]["labels"] for t in _ray_pod_templates().values()]
-    assert not any(_matches(p["spec"]["podSelector"], gateway_labels) for p in policies
-                   if any(_matches(p["spec"]["podSelector"], labels) for labels in ray_labels))
-
-    def policy_for(labels: dict) -> dict:
-        chosen = [p for p in policies if _matches(p["spec"]["podSelector"], labels)]
-        assert len(chosen) == 1, f"pods labelled {labels}: {len(chosen)} policies"
-        assert "Ingress" in chosen[0]["spec"]["policyTypes"]
-        return chosen[0]
-
-    def peers(rule: dict) -> list[dict]:
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"}, f"only pods of this mesh may be admitted: {peer}"
-        return [peer["podSelector"] for peer in rule["from"]]
-
-    ray_policy = policy_for(ray_labels[0])
-    assert all(policy_for(labels) is ray_policy for labels in ray_labels)
-    admitted = [s for rule in ray_policy["spec"]["ingress"] for s in peers(rule)]
-    assert all(_matches(s, gateway_labels) or all(_matches(s, labels) for labels in ray_labels)
-               for s in admitted), admitted
-    assert any(_matches(s, gateway_labels) for s in admitted), "the gateway must reach Ray"
-    assert any(all(_matches(s, labels) for labels in ray_labels) for s in admitted), "Ray must reach itself"
-
-    gateway_policy = policy_for(gateway_labels)
-    open_ports = set()
-    for rule in gateway_policy["spec"]["ingress"]:
-        if "from" not in rule:  # from anywhere: the client ports only
-            open_ports |= {p["port"] for p in rule["ports"]}
-        else:
-            assert all(all(_matches(s, labels) for labels in ray_labels) for s in peers(rule))
-    assert open_ports == {p["targetPort"] for p in service["spec"]["ports"]}
-    assert {p["name"] for p in container["ports"]} == open_ports
-
-
-def test_the_compose_stack_listens_on_loopback():
-    """On the host network an address of 0.0.0.0 reaches every network the host is on."""
-    compose = support.load_yaml(DEPLOY / "compose.yaml")[0]
-    for name, service in compose["services"].items():
-        if name == "otel-collector":
-            continue  # its ports are otel-collector.yaml's, which Kubernetes set-ups share
-        text = yaml.safe_dump(service)
-        assert "0.0.0.0" not in text, f"{name} listens on every interface"
-    assert "--web.listen-address=127.0.0.1:9090" in compose["services"]["prometheus"]["command"]
-    assert compose["services"]["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] in LOOPBACK
-    jaeger = compose["services"]["jaeger"]["environment"]
-    assert all(v.split(":")[0] in LOOPBACK for k, v in jaeger.items() if k.endswith("HOST_PORT"))
-    tempo = support.load_yaml(DEPLOY / "observability/tempo.yaml")[0]
-    assert tempo["server"]["http_listen_address"] in LOOPBACK
-
-
-# -- RDMA: images with a UCX that has verbs and rdmacm, pods that can use an RDMA NIC -------------
-@pytest.mark.parametrize("name", ["worker-cuda", "worker-ascend"])
-def test_worker_images_give_ucxx_a_ucx_with_rdma(name):
-    from importlib.metadata import version
-
-    text = (DEPLOY / f"docker/{name}.Dockerfile").read_text()
-    assert re.search(r"apt-get install[^\n]*\brdma-core\b", text) and "librdmacm1" in text and "libibverbs1" in text
-    assert re.search(r'build-ucx\.sh "\$\{UCX_VERSION\}" /opt/ucx', text)
-    assert re.search(r"^\s*RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true", text, re.M)
-    assert "/opt/ucx/lib" in text and "ucxx did not load /opt/ucx" in text  # the build checks what ucxx loads
-    # the UCX built is the one the ucxx wheel was made for (its libucx wheel's version)
-    wheel = next(version(d) for d in ("libucx-cu12", "libucx-cu13", "libucx") if _installed(d))
-    assert _arg_default(text, "UCX_VERSION") == wheel
-    build = (DEPLOY / "docker/build-ucx.sh").read_text()
-    assert "--with-verbs" in build and "--with-rdmacm" in build and "libuct_${module}.so" in build
-    assert re.search(r"for module in ib rdmacm", build)
-
-
-def _installed(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return bool(version(dist))
-    except PackageNotFoundError:
-        return False
-
-
-def test_accelerator_workers_may_lock_memory_for_rdma():
-    groups = _groups()
-    for name in ("gpu-workers", "npu-workers"):
-        caps = groups[name]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-        assert "IPC_LOCK" in caps, name
-
-
-def test_the_rdma_component_gives_accelerator_workers_a_device_and_host_networking(tmp_path):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (its kustomize) is missing")
-    shutil.copytree(DEPLOY / "k8s", tmp_path / "k8s")
-    (tmp_path / "overlay").mkdir()
-    (tmp_path / "overlay/kustomization.yaml").write_text("resources: [../k8s]\ncomponents: [../k8s/rdma]\n")
-    out = subprocess.run([kubectl, "kustomize", str(tmp_path / "overlay")], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    cluster = next(d for d in yaml.safe_load_all(out.stdout) if d["kind"] == "RayCluster")
-    groups = {g["groupName"]: g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
-    for name in ("gpu-workers", "npu-workers"):
-        spec = groups[name]
-        resources = spec["containers"][0]["resources"]
-        assert resources["requests"]["rdma/hca"] == resources["limits"]["rdma/hca"] == 1, name
-        assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet", name
-        assert "IPC_LOCK" in spec["containers"][0]["securityContext"]["capabilities"]["add"]
-    assert "hostNetwork" not in groups["cpu-workers"] and "rdma/hca" not in str(groups["cpu-workers"])

@@ -18,7 +18,7 @@ def test_one_run_prints_the_tables_and_the_speed():
     r = sim(*TINY, "--shape", "tidal", "--period", "30")
     assert r.exit_code == 0, r.output
     assert "synthetic tidal" in r.output and "llama3-8b-h100" in r.output
-    assert "events/s" in r.output and "TTFT p99 s" in r.output and "xlong" in r.output
+    assert "events/s" in r.output and "TTFT p99 s" in r.output and "in 2 scenarios" in r.output
 
 
 def test_comparisons_as_json_and_markdown():
@@ -40,12 +40,39 @@ def test_a_trace_file(tmp_path):
     assert json.loads(r.stdout)["runs"]["pdmesh"]["scenarios"][-1]["requests"] == 120
 
 
+def _short_trace(tmp_path, rows: int = 30):
+    """A Mooncake trace whose prompts all fall in mooncake-4.yaml's `short` scenario."""
+    f = tmp_path / "short.jsonl"
+    f.write_text("".join(f'{{"timestamp": {i * 100}, "input_length": {500 + 10 * i}, "output_length": 20, '
+                         f'"hash_ids": [{i}]}}\n' for i in range(rows)))
+    return f
+
+
+def test_the_default_scenarios_are_those_the_trace_has_requests_for(tmp_path):
+    r = sim("--trace", str(_short_trace(tmp_path)), "--actors", "4", "--output", "json")
+    assert r.exit_code == 0, r.output
+    assert [s["scenario"] for s in json.loads(r.stdout)["runs"]["pdmesh"]["scenarios"]
+            if s["scenario"] != "all"] == ["short"]
+    assert "warning" not in r.stderr
+
+
+def test_scenarios_of_a_given_file_without_requests_are_named_on_stderr(tmp_path):
+    from simtests.cli import DEFAULT_SCENARIOS
+
+    r = sim("--trace", str(_short_trace(tmp_path)), "--scenarios", str(DEFAULT_SCENARIOS), "--actors", "8",
+            "--output", "json")
+    assert r.exit_code == 0, r.output
+    assert "pdmesh sim: warning: scenarios medium, long, xlong of" in r.stderr and "no requests" in r.stderr
+    assert "warning" not in r.stdout
+    json.loads(r.stdout)  # the figures still come, whole
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give either --trace FILE or --mix"),
     (["--mix", "chat:1:2:3"], "--mix names unknown scenarios ['chat']"),
     (["--mix", "short:x"], "expected SCENARIO:RATE:PROMPT:OUTPUT"),
     (["--mix", "short:1:100:10", "--profile", "nope"], "no built-in profile 'nope'"),
-    (["--mix", "short:1:100:10", "--actors", "3"], "need at least one actor per role"),
+    (["--mix", "short:1:100:10", "--actors", "1"], "need at least one actor per role"),
 ])
 def test_bad_input_says_what_to_fix(args, message):
     r = sim(*args)

@@ -134,7 +134,8 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
             console.print(report.comparison_table(outcomes, title))
     if plot_dir:
         try:
-            for path in report.plot(runs, plot_dir):
+            caption = f"{title}; profile {model.source}"
+            for path in report.plot(runs, plot_dir, cluster.specs, workload, caption):
                 console.print(f"wrote {path}")
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None

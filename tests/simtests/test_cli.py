@@ -84,7 +84,8 @@ def test_plots_are_written_as_png(tmp_path):
     r = sim(*TINY, "--plot", str(folder))
     assert r.exit_code == 0, r.output
     pngs = sorted(folder.glob("*.png"))
-    assert folder / "ttft_cdf.png" in pngs, pngs
+    assert {p.name for p in pngs} == {"ttft_cdf.png", "tpot_cdf.png", "goodput_over_time.png", "load_over_time.png",
+                                      "pd_counts_pdmesh.png"}, pngs
     for png in pngs:
         data = png.read_bytes()
         # a figure with axes and a curve is tens of kB; an empty or failed save is not
@@ -96,3 +97,33 @@ def test_plots_without_matplotlib_say_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     r = sim(*TINY, "--plot", str(tmp_path / "plots"))
     assert r.exit_code != 0 and "plots need matplotlib: pip install matplotlib" in r.output
+
+
+def test_the_plotted_series_are_the_runs_figures():
+    """What the over-time plots draw: goodput windows add up to the requests within SLO, load
+    windows to the arrivals, and a decision is marked at each control step that changed P:D."""
+    import numpy as np
+
+    from scenarios.controller import Settings
+    from simtests import report
+    from simtests.cli import DEFAULT_SCENARIOS
+    from simtests.cluster import Variant, load_cluster
+    from simtests.sim import Simulator
+    from simtests.workload import Mix, synthetic
+
+    cluster = load_cluster(DEFAULT_SCENARIOS, "llama3-8b-h100", 8, Settings(interval_s=5), frozenset({"short", "long"}))
+    workload = synthetic([Mix(0, 20, 500, 50), Mix(1, 2, 12000, 100)], 120, "tidal", 0, 60)
+    run = Simulator(cluster, Variant()).run(workload)
+    edges = np.linspace(0, run.end_s, 41)
+    goodput = report.goodput_over_time(run, edges)
+    assert np.isclose((goodput * np.diff(edges)).sum() * run.actors, (run.ttft_ok & run.tpot_ok).sum())
+    rate, tokens = report.load_over_time(workload, 2, edges)
+    assert np.isclose((rate * np.diff(edges)).sum(), len(workload))
+    assert np.isclose((tokens * np.diff(edges)).sum(), workload.prompt.sum())
+    splits = report.splits(run)
+    assert set(splits) == {"short", "long"}
+    for name, s in splits.items():
+        steps = [(t, p, d) for t, p, d in zip(s.t, s.prefill, s.decode)]
+        changed = [t for (_, p0, d0), (t, p, d) in zip(steps, steps[1:]) if (p, d) != (p0, d0)]
+        assert list(s.decisions) == changed, name
+    assert sum(len(s.decisions) for s in splits.values()) >= 1, "a tide that moves no actor tests nothing here"

@@ -110,11 +110,10 @@ def goodput_over_time(run: Run, edges: np.ndarray) -> np.ndarray:
 
 def load_over_time(workload: Workload, scenarios: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Arrivals/s and prompt tokens/s per scenario (rows), by window (columns)."""
-    t = workload.arrival_s - workload.arrival_s[0]
+    mine = [workload.scenario == k for k in range(scenarios)]
     width = np.diff(edges)
-    rate = np.array([np.histogram(t[workload.scenario == k], edges)[0] for k in range(scenarios)]) / width
-    tokens = np.array([np.histogram(t[workload.scenario == k], edges, weights=workload.prompt[workload.scenario == k])[0]
-                       for k in range(scenarios)]) / width
+    rate = np.array([np.histogram(workload.arrival_s[m], edges)[0] for m in mine]) / width
+    tokens = np.array([np.histogram(workload.arrival_s[m], edges, weights=workload.prompt[m])[0] for m in mine]) / width
     return rate, tokens
 
 

@@ -82,3 +82,24 @@ def test_buckets_have_the_slo_targets_and_there_is_build_info_and_no_created(gat
     [info] = samples["pdmesh:build_info"]
     assert info.value == 1 and info.labels["version"] == importlib.metadata.version("pdmesh")
     assert not [name for name in samples if name.endswith("_created")]
+
+
+def test_actor_figures_are_read_from_the_load_report_as_vllm_counts_them():
+    """running: in flight past the prefill queue; KV usage a share; prefix figures in tokens, not blocks."""
+    from gateway.metrics import Metrics
+    from mesh.api import ActorReport, ActorState, LoadReport, PrefixCacheStats, Role
+
+    load = LoadReport(queued_prompt_tokens=40, queued_requests=2, active_requests=5, free_blocks=30, num_blocks=40,
+                      prefix_cache=PrefixCacheStats(hits=3, queries=7, evictions=0, cached=5))
+    reports = {"chat": [ActorReport("p0", "chat", Role.PREFILL, ActorState.SERVING, block_size=16, load=load),
+                        ActorReport("d0", "chat", Role.DECODE, ActorState.STARTING)]}
+    samples = {}
+    for family in text_string_to_metric_families(Metrics(lambda: reports).expose().decode()):
+        for s in family.samples:
+            samples[s.name, s.labels.get("actor", s.labels.get("state"))] = s.value
+    assert samples["pdmesh:num_requests_running", "p0"] == 3 and samples["pdmesh:num_requests_waiting", "p0"] == 2
+    assert samples["pdmesh:kv_cache_usage_perc", "p0"] == 0.25
+    assert samples["pdmesh:prefix_cache_hits_total", "p0"] == 48
+    assert samples["pdmesh:prefix_cache_queries_total", "p0"] == 112
+    assert ("pdmesh:num_requests_running", "d0") not in samples  # starting: no load yet, counted by state
+    assert samples["pdmesh:actors", "starting"] == 1

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import logging
 import multiprocessing
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from mesh import (ActorReport, ActorState, Committed, FirstToken, Lease, LoadRep
                   SamplingParams, StreamChunk, percentile)
 
 OUTPUT_TOKENS = 2  # the first token from prefill, one more from decode: every phase is crossed
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 
 
 class InstantCall:
@@ -214,6 +216,7 @@ def served(gw) -> Iterator[asyncio.AbstractEventLoop]:
 def run(requests: int, concurrency: int, seconds: float) -> dict:
     from mesh import init_checkpoint
 
+    progress.info("starting a gateway on stand-in actors")
     with tempfile.TemporaryDirectory() as tmp:
         gw = _instant_gateway(init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32"))
         with served(gw) as loop:
@@ -223,10 +226,13 @@ def run(requests: int, concurrency: int, seconds: float) -> dict:
 
             try:
                 address, url = gw.addresses["grpc"], gw.addresses["http"]
+                progress.info(f"{requests} requests straight to the service")
                 on_loop(_direct(gw, 50))  # warm-up
                 direct = on_loop(_direct(gw, requests))
                 # clients run in their own process: they do not share the gateway's interpreter lock
+                progress.info(f"{requests} requests over gRPC, then over HTTP")
                 via = _in_process(_clients, address, url, requests)
+                progress.info(f"{concurrency} gRPC callers for {seconds:g} s")
                 rps = _in_process(_load, address, concurrency, seconds)
             finally:
                 for scenario in gw.fleet.scenarios.values():

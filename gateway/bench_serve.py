@@ -151,7 +151,7 @@ def _measure(target: load.Target, planned, label: str, slo: report.Slo, pace: di
 @click.option("--label", default=None, help="the run's name [default: the base URL]")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="write ttft_cdf.png and latency_over_time.png here")
+              help="write PNGs here: TTFT and TPOT CDFs (SLO marked), latency, goodput and load over time")
 @click.option("--vllm-python", default=None, help="a Python with vLLM: measure its server first, then pdmesh's")
 @click.option("--vllm-args", default="", help="more arguments for vLLM's server (one string)")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -200,15 +200,16 @@ def command(base_url, endpoint, model, served_model_name, tokenizer, api_key, co
     except (ValueError, WorkloadError, SpecError, CheckpointError, ServerError) as e:
         raise click.ClickException(str(e)) from None
     reports = {name: summary for name, (_, summary) in runs.items()}
+    title = _title(planned, dataset_name, setup.model, endpoint, request_rate, max_concurrency)
     if plot_dir:
-        report.plot({name: result for name, (result, _) in runs.items()}, setup.slo, plot_dir)
+        report.plot({name: result for name, (result, _) in runs.items()}, setup.slo, plot_dir, title)
     if output == "json":
         if len(reports) == 1:
             click.echo(json.dumps(next(iter(reports.values()))))
         else:
             click.echo(json.dumps({"runs": reports, "ratio": report.ratio(reports["pdmesh"], reports["vllm"])}))
         return
-    report.print_table(reports, _title(planned, dataset_name, setup.model, endpoint, request_rate, max_concurrency))
+    report.print_table(reports, title)
 
 
 def _title(planned, dataset_name: str, model: str, endpoint: str, rate: float | None, concurrency: int | None) -> str:

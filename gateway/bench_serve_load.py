@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
 from gateway.bench_serve_workload import Planned
+
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 
 REJECTED = frozenset({"429", "503"})
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -79,10 +82,20 @@ async def run(target: Target, planned: list[Planned], max_concurrency: int | Non
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     timeout = aiohttp.ClientTimeout(total=target.request_timeout_s)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        if num_warmups:
+            progress.info(f"{num_warmups} warm-up requests to {target.base_url}")
         for warm in planned[:num_warmups]:  # not timed, not counted
             await _send(session, target, warm, time.perf_counter())
         start = time.perf_counter()
         tasks = []
+        phase, answered = f"requests to {target.base_url}", 0
+        progress.info(phase, extra={"done": 0, "total": len(planned)})
+
+        def one_answered(_) -> None:
+            nonlocal answered
+            answered += 1
+            progress.info(phase, extra={"done": answered, "total": len(planned)})
+
         for request in planned:
             if duration_s is not None and request.at_s >= duration_s:
                 break
@@ -90,6 +103,7 @@ async def run(target: Target, planned: list[Planned], max_concurrency: int | Non
             if slots and not await _slot(slots, start, duration_s):
                 break
             tasks.append(asyncio.create_task(_one(session, target, request, start, slots)))
+            tasks[-1].add_done_callback(one_answered)
         outcomes = await asyncio.gather(*tasks)
     return LoadResult(tuple(outcomes), len(planned), time.perf_counter() - start)
 

@@ -19,6 +19,7 @@ A run's report (`--output json` prints it; two runs print {"runs": {label: repor
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -162,8 +163,24 @@ def print_table(reports: dict[str, dict], title: str) -> None:
     Console().print(table)
 
 
-def plot(runs: dict[str, LoadResult], slo: Slo, folder: str | Path) -> list[Path]:
-    """ttft_cdf.png (the TTFT SLO marked) and latency_over_time.png (TTFT and end-to-end by send time)."""
+def over_time(result: LoadResult, slo: Slo, edges: list[float]) -> dict[str, list[float]]:
+    """Per window of send time (sent) or of answer time (answered, within_slo), in requests/s."""
+    def rate(times: list[float]) -> list[float]:
+        counts = [0] * (len(edges) - 1)
+        for t in times:  # the last window holds its right edge: the last answer
+            counts[min(bisect.bisect_right(edges, t) - 1, len(counts) - 1)] += 1
+        return [n / (hi - lo) for n, lo, hi in zip(counts, edges, edges[1:])]
+
+    done = [o for o in result.outcomes if o.completed]
+    return {"sent": rate([o.sent_s for o in result.outcomes]),
+            "answered": rate([o.sent_s + o.e2e_s for o in done]),
+            "within_slo": rate([o.sent_s + o.e2e_s for o in done if slo.met(o)])}
+
+
+def plot(runs: dict[str, LoadResult], slo: Slo, folder: str | Path, caption: str = "") -> list[Path]:
+    """ttft_cdf.png and tpot_cdf.png (the SLO target marked), latency_over_time.png (TTFT and
+    end-to-end by send time), goodput_over_time.png and load_over_time.png; each captioned with
+    the load (`caption`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,26 +188,60 @@ def plot(runs: dict[str, LoadResult], slo: Slo, folder: str | Path) -> list[Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, result in runs.items():
-        ttft = sorted(_values(list(result.outcomes), "ttft"))
-        ax.step(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], where="post", label=label)
-    if slo.ttft_s is not None:
-        ax.axvline(slo.ttft_s, color="red", linestyle="--", label=f"TTFT SLO {slo.ttft_s:g} s")
-    ax.set(xlabel="time to first token (s)", ylabel="share of completed requests", title="TTFT CDF")
-    ax.legend()
-    cdf = folder / "ttft_cdf.png"
-    fig.savefig(cdf, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    def save(fig, name: str) -> None:
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        written.append(folder / name)
+
+    for metric, target, axis in (("ttft", slo.ttft_s, "time to first token (s)"),
+                                 ("tpot", slo.tpot_s, "time per output token after the first (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.3))
+        for label, result in runs.items():
+            values = sorted(_values(list(result.outcomes), metric))
+            within = f": {sum(v <= target for v in values) / len(values):.0%} within SLO" if target and values else ""
+            ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=label + within)
+        if target is not None:
+            ax.axvline(target, color="red", linestyle="--", label=f"{metric.upper()} SLO {target:g} s")
+        ax.set(xlabel=axis, ylabel="share of completed requests", ylim=(0, 1.02), title=f"{metric.upper()} CDF")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, f"{metric}_cdf.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.3))
     for label, result in runs.items():
         done = [o for o in result.outcomes if o.completed]
         ax.plot([o.sent_s for o in done], [o.ttft_s for o in done], ".", label=f"{label} TTFT")
         ax.plot([o.sent_s for o in done], [o.e2e_s for o in done], "x", label=f"{label} end to end")
     ax.set(xlabel="sent at (s from start)", ylabel="latency (s)", title="latency over time")
-    ax.legend()
-    over_time = folder / "latency_over_time.png"
-    fig.savefig(over_time, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [cdf, over_time]
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "latency_over_time.png")
+
+    end = max(max((o.sent_s + (o.e2e_s or 0.0) for o in r.outcomes), default=0.0) for r in runs.values())
+    windows = max(5, min(30, max(len(r.outcomes) for r in runs.values()) // 10))  # ~10 requests each, or more
+    edges = [end * k / windows for k in range(windows + 1)] if end > 0 else [0.0, 1.0]
+    series = {label: over_time(result, slo, edges) for label, result in runs.items()}
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    for label, s in series.items():
+        ax.stairs(s["within_slo" if slo.given else "answered"], edges, label=label)
+    ax.set(xlabel="s from start", ylabel="requests/s" + (" within SLO" if slo.given else " completed"),
+           title=f"goodput over time ({edges[1] - edges[0]:.3g} s windows)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "goodput_over_time.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    for label, s in series.items():
+        sent = ax.stairs(s["sent"], edges, label=f"{label}: sent")
+        ax.stairs(s["answered"], edges, linestyle="--", color=sent.get_edgecolor(), label=f"{label}: completed")
+    ax.set(xlabel="s from start", ylabel="requests/s", title=f"load over time ({edges[1] - edges[0]:.3g} s windows)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "load_over_time.png")
+    return written

@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import logging
 import secrets
 import tempfile
 import time
@@ -47,6 +48,7 @@ from gateway.proto import admin_pb2, inference_pb2, inference_pb2_grpc
 from mesh import ActorReport, ActorState, EngineConfig, Member
 
 ROLES = ("prefill", "decode")
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 # How a kill lands at each phase a schedule may name.
 KILLERS: dict[str, Callable[[Member], None]] = {"now": lambda m: ray.kill(m.handle, no_restart=True)}
 PROBE_TIMEOUT_S = 2.0
@@ -111,10 +113,11 @@ class Chaos:
 
     # -- faults --------------------------------------------------------------------------------
     async def run(self, schedule: Schedule) -> None:
-        for fault in schedule.faults:
+        for i, fault in enumerate(schedule.faults):
             await asyncio.sleep(max(0.0, fault.at_s - self.now()))
             role = fault.kind.killed_role
             self.applied.append(await (self._kill(fault, role) if role else self._operate(fault)))
+            progress.info("load, with faults", extra={"done": i + 1, "total": len(schedule.faults)})
 
     async def _kill(self, fault, role: str) -> Applied:
         at, candidates = self.now(), list(self.serving[role])
@@ -247,16 +250,19 @@ async def _chaos(gw, loop, scenario: str, admin_key: str, options: Options) -> R
     with AdminClient(Target(gw.addresses["grpc"], admin_key, timeout_s=4 * options.drain_timeout_s + 60)) as admin:
         chaos = Chaos(gw, loop, scenario, admin, options)
         await chaos.probe()
+        progress.info("load, with faults", extra={"done": 0, "total": len(schedule.faults)})
         watcher = asyncio.create_task(chaos.watch())
         faults = asyncio.create_task(chaos.run(schedule))
         try:
             results = await load(gw.addresses["grpc"], mix, options, chaos.start)
             await faults  # each is bounded by the admin calls' timeout
+            progress.info("waiting for the leases to settle")
             leaked = await chaos.settle(s.pool.spec.transport.lease_ttl_s)
         finally:
             watcher.cancel()
             faults.cancel()
     engine = s.pool.spec.engine.model_copy(update={"device": s.pool.spec.hardware["decode"].device})
+    progress.info("checking the outputs")
     outcomes, verified = await asyncio.to_thread(verify, results, mix, engine, options.verify)
     return Report.build(outcomes, chaos.applied, chaos.kills, chaos.samples, leaked, verified,
                         options.replace_within_s)
@@ -272,6 +278,7 @@ def run(config: ServeConfig, scenario: str, options: Options, address: str | Non
     ours = not ray.is_initialized()  # a Ray this process already joined outlives the run
     connect(address, num_cpus=None if address else 16)  # logical CPUs: tiny actors mostly wait
     try:
+        progress.info("starting the gateway and its actors")
         gw = Gateway(config, Keys(admin=(admin_key,)), Listen(grpc_port=0, http_port=0), refresh_s=0.5)
         with served(gw) as loop:
             return asyncio.run(_chaos(gw, loop, scenario, admin_key, options))

@@ -62,8 +62,13 @@ def model() -> None:
         "transport": "transport.bench:command",
     },
 )
-def bench() -> None:
-    """Benchmarks: each prints a table, or one JSON object with --output json."""
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmarks: each prints a table, or one JSON object with --output json; progress goes
+    to stderr (bars on a terminal, a line per phase otherwise)."""
+    from gateway import progress
+
+    ctx.with_resource(progress.shown(ctx.invoked_subcommand or ""))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class Gateway:
     def __init__(self, config: ServeConfig, keys: Keys, listen: Listen = Listen(), refresh_s: float = 1.0):
         self.config, self.keys, self.listen, self.refresh_s = config, keys, listen, refresh_s
         self.fleet = Fleet(config, transport_secret=secrets.token_hex(16))  # actors' KV channels, this run only
-        self.metrics = Metrics(self.fleet.actor_infos, self.fleet.scenarios)
+        self.metrics = Metrics(self.fleet.actor_infos, config.scenarios, config.served_name)
         self.service = InferenceService(self.fleet, config.gateway, self.metrics)
         self.control = ControlLoop(self.fleet, self.service.load, self.metrics, config.controller)
         self.grpc_port = self.http_port = 0

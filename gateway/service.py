@@ -134,7 +134,7 @@ class InferenceService:
                                  "pdmesh.prompt_tokens": len(prep.prompt_token_ids)})
             self.in_flight.acquire()
             acquired = True
-            self.metrics.in_flight.labels(label).inc()
+            self.metrics.admitted(label, len(prep.prompt_token_ids))
             self.load.arrived(label, len(prep.prompt_token_ids))
             events = telemetry.SpanEvents(span)
             end = self.deadlines.end(start, call.time_left_s)
@@ -147,7 +147,7 @@ class InferenceService:
                     now = self.clock()
                     if first_at is None:
                         first_at = now
-                        self.metrics.ttft.labels(label).observe(now - start)
+                        self.metrics.first_token(label, now - start)
                     n = chunk.num_output_tokens
                     yield Chunk(chunk.token_ids, chunk.text, chunk.logprobs, chunk.finish_reason,
                                 len(prep.prompt_token_ids), n, prep.request_id, label, chunk.top_logprobs)
@@ -156,7 +156,6 @@ class InferenceService:
                 self.metrics.record_events(label, events)
             if n > 1:
                 tpot_s = (self.clock() - first_at) / (n - 1)
-                self.metrics.tpot.labels(label).observe(tpot_s)
             span.set_attribute("pdmesh.output_tokens", n)
         except MeshError as e:
             outcome = e.code
@@ -182,13 +181,13 @@ class InferenceService:
         finally:
             if acquired:
                 self.in_flight.release()
-                self.metrics.in_flight.labels(label).dec()
+                self.metrics.streamed(label, n, tpot_s)
+                self.metrics.left(label)
                 if outcome != "cancelled":  # a client that left says nothing about the mesh's SLOs
                     self.load.ended(label, None if first_at is None else first_at - start, tpot_s, n,
                                     any(e.name == "decode_rejected" for e in events))
             if label:
-                self.metrics.requests.labels(label, outcome).inc()
-                self.metrics.e2e.labels(label).observe(self.clock() - start)
+                self.metrics.ended(label, outcome, self.clock() - start)
 
     async def _prepare(self, call: GenerateCall, request_id: str) -> _Prepared:
         if call.prompt_token_ids is not None:

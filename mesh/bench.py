@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ from mesh.engine.config import EngineConfig
 if TYPE_CHECKING:
     from transport import TransportConfig
 
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -30,7 +33,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurrency: int) -> dict:
+async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurrency: int,
+                    phase: str = "requests") -> dict:
     from mesh.api import SamplingParams
     from mesh.dispatch import Dispatcher, Request
 
@@ -54,6 +58,7 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
                 n += len(chunk.token_ids)
                 second_at = second_at or (last if n > 1 else None)
             produced += n
+            progress.info(phase, extra={"done": len(ttft) + 1, "total": len(requests)})
             ttft.append(first - start)
             if second_at is not None:
                 second.append(second_at - start)
@@ -94,8 +99,9 @@ async def run(engine: EngineConfig, transport: TransportConfig, requests, output
         pool = Pool(PoolSpec("bench", engine.model_copy(update={"threads": threads}), transport, ttft_budget_s=60.0,
                              layerwise_kv=layerwise))
         try:
+            progress.info(f"{label}: starting the actors")
             await pool.scale(**counts)
-            results[label] = await serve_set(pool, requests, output_tokens, concurrency)
+            results[label] = await serve_set(pool, requests, output_tokens, concurrency, f"{label}: requests")
         finally:
             await pool.close()
     return results

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 CONFIGS = Path(__file__).with_name("configs")
+DEFAULT_SCENARIOS = CONFIGS / "mooncake-4.yaml"
 
 
 def _mix(value: str) -> tuple[str, float, int, int]:
@@ -33,7 +34,8 @@ def _mix(value: str) -> tuple[str, float, int, int]:
 @click.option("--period", default=600.0, show_default=True, help="synthetic load: seconds per tide or burst cycle")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scenarios", "scenarios_path", type=click.Path(exists=True, dir_okay=False),
-              default=str(CONFIGS / "mooncake-4.yaml"), show_default=True, help="scenario specs (YAML)")
+              help=f"scenario specs (YAML); default: simtests/configs/{DEFAULT_SCENARIOS.name} (split by prompt "
+                   "length), keeping only the scenarios the load has requests for")
 @click.option("--profile", default="llama3-8b-h100", show_default=True,
               help="performance model: a built-in profile name or a profile file")
 @click.option("--actors", type=int, help="scale the specs' initial counts to N actors in all")
@@ -75,16 +77,25 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
     from simtests.cluster import Variant, load_cluster
     from simtests.compare import compare
     from simtests.sim import Simulator
-    from simtests.traces import TraceError
+    from simtests.traces import TraceError, read_trace
 
     if bool(trace_path) == bool(mixes):
         raise click.UsageError("give either --trace FILE or --mix (synthetic load)")
     try:
-        cluster = load_cluster(scenarios_path, profile, actors, Settings(interval_s=control_interval))
-        workload = _workload(cluster.specs, trace_path, time_scale, repeat, limit, mixes, shape, duration, period,
+        trace = read_trace(trace_path, time_scale, limit) if trace_path else None
+        only = None if scenarios_path else _used(trace, mixes)
+        cluster = load_cluster(scenarios_path or DEFAULT_SCENARIOS, profile, actors,
+                               Settings(interval_s=control_interval), only)
+        workload = _workload(cluster.specs, trace, trace_path, time_scale, repeat, mixes, shape, duration, period,
                              seed)
     except (SpecError, ProfileError, TraceError) as e:
         raise click.ClickException(str(e)) from None
+    idle = _idle(cluster.specs, workload)
+    if idle:
+        click.echo(f"pdmesh sim: warning: scenario{'s' * (len(idle) > 1)} {', '.join(idle)} of "
+                   f"{scenarios_path or DEFAULT_SCENARIOS.name} get no requests from the "
+                   f"{'trace' if trace_path else '--mix load'}: their actors stay idle and their figures are "
+                   f"empty; give --scenarios a file that fits the load", err=True)
     variant = Variant(pools=pools, placement=placement, transfer=transfer, serving=serving, prefix=prefix,
                       controller=controller, report_interval_s=report_interval, admission_timeout_s=admission_timeout,
                       **({"chunk_tokens": chunk_tokens} if chunk_tokens else {}))
@@ -123,7 +134,8 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
             console.print(report.comparison_table(outcomes, title))
     if plot_dir:
         try:
-            for path in report.plot(runs, plot_dir):
+            caption = f"{title}; profile {model.source}"
+            for path in report.plot(runs, plot_dir, cluster.specs, workload, caption):
                 console.print(f"wrote {path}")
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None
@@ -145,13 +157,36 @@ def _converge(cluster, workload, window_s, output) -> None:
                f"({c.actions.get('flip', 0)} flips, {c.actions.get('lend', 0)} lends)")
 
 
-def _workload(specs, trace_path, time_scale, repeat, limit, mixes, shape, duration, period, seed):
-    from simtests.traces import TraceError, read_trace
+def _used(trace, mixes) -> frozenset[str] | None:
+    """The default file's scenarios that the load has requests for: those the trace's rows fall
+    in by the file's match rules, or those --mix names (None when it names one the file lacks:
+    the error then lists them all)."""
+    import numpy as np
+
+    from scenarios.spec import load_specs
+    from simtests.workload import classify
+
+    specs = load_specs(DEFAULT_SCENARIOS)
+    if trace is not None:
+        return frozenset(specs[i].name for i in np.unique(classify(trace, specs)))
+    names = {name for name, *_ in map(_mix, mixes)}
+    return frozenset(names) if names <= {s.name for s in specs} else None
+
+
+def _idle(specs, workload) -> list[str]:
+    """The scenarios the load has no request for."""
+    import numpy as np
+
+    counts = np.bincount(workload.scenario, minlength=len(specs))
+    return [s.name for s, n in zip(specs, counts) if n == 0]
+
+
+def _workload(specs, trace, trace_path, time_scale, repeat, mixes, shape, duration, period, seed):
+    from simtests.traces import TraceError
     from simtests.traces import repeat as repeated
     from simtests.workload import Mix, classify, from_trace, synthetic
 
-    if trace_path:
-        trace = read_trace(trace_path, time_scale, limit)
+    if trace is not None:
         trace.scenario = classify(trace, specs)  # before repeating: each distinct row once
         return from_trace(repeated(trace, repeat), f"{trace.kind} trace {Path(trace_path).name}"
                           + (f" x{repeat}" if repeat > 1 else "") + (f", time x{time_scale:g}" if time_scale != 1 else ""))

@@ -45,9 +45,12 @@ class Cluster:
 
 
 def load_cluster(specs_path: str | Path, profile: str, actors: int | None = None,
-                 settings: Settings = Settings()) -> Cluster:
-    """profile: a built-in profile name or a profile file; the same model serves every scenario."""
+                 settings: Settings = Settings(), only: frozenset[str] | None = None) -> Cluster:
+    """profile: a built-in profile name or a profile file; the same model serves every scenario;
+    only: the names of the file's scenarios to keep (None: all), before any scaling."""
     specs = load_specs(specs_path)
+    if only is not None:
+        specs = [s for s in specs if s.name in only]
     if actors is not None:
         specs = scaled(specs, actors)
     model = load_profile(profile) if Path(profile).suffix in (".yaml", ".yml", ".json") else builtin(profile)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import statistics
 import time
@@ -35,6 +36,8 @@ from .config import TransportConfig
 from .layout import KVLayout
 from .netns import NamespaceNet, unavailable
 from .peer import ListReserver, PeerProcess
+
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 
 # Backends as run here: UCX over shared memory, UCX forced onto TCP, the TCP
 # backend, and the in-process copy.
@@ -198,6 +201,7 @@ def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: lis
         rounds: int, fragmented: bool, places: Places | None = None,
         paths: list[str] = ("direct",)) -> dict:
     places = places or Places()
+    progress.info("starting the peers")
     pairs = _pairs(layout, backends, list(paths), fragmented, places)
     if places.net is not None:
         pairs["socket", "-"] = SocketPair(layout, places, max(sizes))
@@ -212,6 +216,8 @@ def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: lis
     meta: dict[tuple[int, str, str, str], dict] = {}
     try:
         for round_ in range(rounds + 1):  # round 0 warms up: connections, endpoints, buffers
+            progress.info("warm-up round" if round_ == 0 else "measured rounds",
+                          extra={"done": max(round_ - 1, 0), "total": 1 if round_ == 0 else rounds})
             for tokens in sizes:
                 n = tokens * layout.num_layers * 2 * layout.token_bytes
                 copied = (device_copy_gbps if on_gpu else memcpy_gbps)(src[:n], dst[:n])
@@ -223,6 +229,7 @@ def run(layout: KVLayout, sizes: list[int], backends: list[str], strategies: lis
                         if round_:
                             gbps.setdefault((tokens, name, strategy, path), []).append(stats["gbps"])
                             meta[tokens, name, strategy, path] = stats
+        progress.info("measured rounds", extra={"done": rounds, "total": rounds})
     finally:
         for pair in pairs.values():
             pair.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -21,6 +22,8 @@ import torch
 
 from mesh.engine.cli import build_engine_config, engine_options, tensor_parallel_option
 from mesh.engine.sampling_params import SamplingParams
+
+progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 
 PREFILL_SHAPE = (8, 512)  # prompts x tokens, as in BASELINES.md
 DECODE_BATCHES = (1, 16, 64)
@@ -230,14 +233,19 @@ def command(model, device, dtype, kv_cache_gb, tensor_parallel_size, repeats, ba
                                  threads=threads)
     if tensor_parallel_size > 1:
         from mesh.engine import bench_tp
+        progress.info(f"TP={tensor_parallel_size} against TP=1")
         bench_tp.report(bench_tp.figures(config, tensor_parallel_size, batch_sizes, repeats), output)
         return
+    progress.info("loading the engine")
     engine = Engine(config)
     vocab = engine.model_config.vocab_size
+    if vllm_python:
+        progress.info("vLLM's figures (its own process)")
     vllm = vllm_figures(vllm_python, engine.config.model, engine.dtype, vocab) if vllm_python else None
     tied_copy = "lm_head_t" if engine.model_config.tie_word_embeddings else None
     weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
                        if name != tied_copy)  # the checkpoint's weights
+    progress.info("memory read bandwidth")
     bandwidth = memory_read_bandwidth(engine.device)
     folder, compute_dtype = engine.config.model, engine.dtype
     runners = {"pdmesh": PdmeshRunner(engine)}
@@ -245,16 +253,20 @@ def command(model, device, dtype, kv_cache_gb, tensor_parallel_size, repeats, ba
         # transformers runs in the same dtype pdmesh computes in: the ratio compares engines, not dtypes.
         runners["transformers"] = HFRunner(folder, compute_dtype, engine.device)
     figures = {name: {} for name in runners}
+    progress.info("prefill rate")
     for name, rate in prefill_rates(runners, fresh_prompts(*PREFILL_SHAPE, vocab), repeats).items():
         figures[name]["prefill_tokens_per_s"] = rate
     gemm = {}
-    for b in batch_sizes:
+    progress.info("decode steps", extra={"done": 0, "total": len(batch_sizes)})
+    for i, b in enumerate(batch_sizes):
         for name, ms in decode_step_ms(runners, prompts(b, DECODE_PROMPT, vocab, 2), repeats).items():
             figures[name][f"decode_b{b}_ms_per_step"] = ms
         gemm[b] = linear_layers_ms(engine.model, b, repeats)
+        progress.info("decode steps", extra={"done": i + 1, "total": len(batch_sizes)})
     ours, theirs = figures["pdmesh"], figures.get("transformers", {})
     requests, plen, olen = OFFLINE
     offline = prompts(requests, plen, vocab, 3)
+    progress.info("offline run")
     t = median_time(lambda: runners["pdmesh"].run(offline, olen), 1)
     ours["offline_tokens_per_s"] = requests * olen / t
     runners.pop("transformers", None)
@@ -263,6 +275,7 @@ def command(model, device, dtype, kv_cache_gb, tensor_parallel_size, repeats, ba
     if prefix_share is not None:
         n, length = PREFILL_SHAPE
         shared = prompts(1, int(length * prefix_share), vocab, 7)[0]
+        progress.info("prefix cache on and off")
         runners["cache off"] = PdmeshRunner(Engine(config.model_copy(update={"enable_prefix_caching": False})))
         rates = prefill_rates(runners, fresh_prompts(n, length, vocab, shared), repeats)
         on, off = rates["pdmesh"], rates["cache off"]

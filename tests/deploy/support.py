@@ -102,7 +102,7 @@ def fill_variables(expr: str, board: dict, rate_interval: str = "1m", interval: 
     return expr
 
 
-METRIC_NAME = re.compile(r"\bpdmesh_[a-z0-9_]+")
+METRIC_NAME = re.compile(r"\bpdmesh[:_][a-z0-9_:]+")  # pdmesh_: an old name, which the exporter lacks
 
 
 def metric_names(expr: str) -> set[str]:

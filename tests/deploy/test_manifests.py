@@ -78,13 +78,16 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
 
 def test_dashboards_cover_what_operators_watch():
     exprs = "\n".join(q.expr for q in support.all_prometheus_queries())
-    for metric in ("pdmesh_ttft_seconds_bucket", "pdmesh_tpot_seconds_bucket", "pdmesh_prefill_rejections_total",
-                   "pdmesh_forwards_total", "pdmesh_kv_transfer_bytes_total", "pdmesh_actors"):
+    for metric in ("pdmesh:time_to_first_token_seconds_bucket", "pdmesh:request_time_per_output_token_seconds_bucket",
+                   "pdmesh:prefill_rejections_total", "pdmesh:forwards_total", "pdmesh:kv_transfer_bytes_total",
+                   "pdmesh:actors", "pdmesh:prompt_tokens_total", "pdmesh:generation_tokens_total",
+                   "pdmesh:num_requests_running", "pdmesh:num_requests_waiting", "pdmesh:kv_cache_usage_perc",
+                   "pdmesh:prefix_cache_hits_total", "pdmesh:prefix_cache_queries_total"):
         assert metric in exprs, f"no panel shows {metric}"
     overview = support.dashboards()["pdmesh-overview.json"]
     annotations = "\n".join(q.expr for q in support.annotation_queries("pdmesh-overview.json", overview))
-    assert "pdmesh_actors" in annotations, "no annotation marks actor changes"
-    assert "pdmesh_controller_decisions_total" in annotations, "no annotation marks the controller's decisions"
+    assert "pdmesh:actors" in annotations, "no annotation marks actor changes"
+    assert "pdmesh:controller_decisions_total" in annotations, "no annotation marks the controller's decisions"
 
 
 def test_datasources_the_dashboards_use_are_provisioned():
@@ -103,6 +106,15 @@ def test_datasources_the_dashboards_use_are_provisioned():
                     assert var["current"]["value"] in by_uid, f"{name}: {uid} defaults to an unprovisioned uid"
                 else:
                     assert by_uid.get(uid) == ds["type"], f"{name} / {panel['title']}: no {ds} provisioned"
+
+
+def test_dashboards_pick_their_datasources_through_variables():
+    """A Grafana whose Prometheus or Tempo has another uid than ours can still use the
+    dashboards: every panel names its data source by a template variable, never by uid."""
+    for name, board in support.dashboards().items():
+        for panel in support._panels(board["panels"]):
+            for ds in [panel.get("datasource")] + [t.get("datasource") for t in panel.get("targets", [])]:
+                assert not ds or ds["uid"].startswith("$"), f"{name} / {panel['title']}: hard-coded uid {ds['uid']}"
 
 
 def test_trace_queries_name_the_services_the_code_reports():

@@ -202,14 +202,14 @@ def _pin_one_prefill_to_decode(serve) -> None:
 def loaded(serve, prometheus):
     """Two rounds of requests, each seen by a scrape (rate() needs two samples of a series that the
     first round creates), then a role flip by the ratio controller, seen by a scrape too."""
-    total = f'sum(pdmesh_requests_total{{job="{support.GATEWAY_JOB}", scenario="{SCENARIO}"}})'
+    total = f'sum(pdmesh:requests_total{{job="{support.GATEWAY_JOB}", scenario="{SCENARIO}"}})'
     for round_ in (1, 2):
         _send_round(serve)
         want = round_ * REQUESTS_PER_ROUND
         _wait(f"a scrape that counts {want} requests", lambda: (prometheus.value(total) or 0) >= want,
               alive=prometheus.process.alive)
     _pin_one_prefill_to_decode(serve)
-    decode = f'sum(pdmesh_actors{{scenario="{SCENARIO}", role="decode", state="serving"}})'
+    decode = f'sum(pdmesh:actors{{scenario="{SCENARIO}", role="decode", state="serving"}})'
     _wait("a scrape that shows the flipped actor", lambda: prometheus.value(decode) == 2,
           alive=prometheus.process.alive)
     return prometheus

@@ -84,6 +84,9 @@ def test_bench_engine_prints_every_figure_as_json(checkpoint):
     assert rows["decode batch 2"]["bound"] > 0
     assert figures["decode_floor_ms"] > 0 and figures["batch1_step_over_floor"] > 0
     assert figures["prefix_cache"]["share"] == 0.5 and figures["prefix_cache"]["speedup"] > 0
+    phases = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.startswith("pdmesh bench engine:")]
+    assert phases == ["loading the engine", "memory read bandwidth", "prefill rate", "decode steps",
+                      "decode steps: 1/2", "decode steps: 2/2", "offline run", "prefix cache on and off"], phases
     assert figures["vllm"] is None
 
 

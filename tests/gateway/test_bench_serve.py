@@ -220,7 +220,8 @@ def test_against_vllm_runs_both_servers_one_after_the_other(tmp_path, checkpoint
     assert runs["vllm"]["base_url"] != runs["pdmesh"]["base_url"]
     assert report["ratio"]["output tokens/s"] == pytest.approx(
         runs["pdmesh"]["output_tokens_per_s"] / runs["vllm"]["output_tokens_per_s"])
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "latency_over_time.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "tpot_cdf.png", "latency_over_time.png",
+                                                               "goodput_over_time.png", "load_over_time.png"}
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {"vllm.log", "pdmesh.log"}
     assert len(stopped) == 2 and len(stopped[1]) > 1  # pdmesh serve's Ray came along
     assert not [pid for pids in stopped for pid in pids if alive(pid)]

@@ -65,7 +65,7 @@ class FakeFleet:
 def make(enabled: bool):
     fleet, clock = FakeFleet(), FakeClock(1000.0)
     window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
-    metrics = Metrics(lambda: {}, fleet.scenarios)
+    metrics = Metrics(lambda: {}, SPECS)
     control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False, far=1.0))
     return ControlLoop(fleet, window, metrics, control, clock), fleet, clock, window, metrics
 

@@ -74,7 +74,7 @@ def test_a_dead_decode_actor_makes_the_gateway_unhealthy_until_replaced(running)
     assert grpc_health(running.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
     with urllib.request.urlopen(running.http_url + "/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert metric(text, "pdmesh_actors", scenario="default", role="decode", state="dead") == 1
+    assert metric(text, "pdmesh:actors", scenario="default", role="decode", state="dead") == 1
     new = running.run(replaced(pool, dead.actor_id))
     assert new.info.state is ActorState.SERVING
     assert http_health(running.http_url)[0] == 200

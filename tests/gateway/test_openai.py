@@ -80,9 +80,10 @@ def test_malformed_json_missing_key_and_open_endpoints(gateway, client, model):
     client.completions.create(model=model, prompt="metrics", max_tokens=2)
     status, body = http(gateway, "/metrics", key=None)
     text = body.decode()
-    for name in ("pdmesh_requests_total", "pdmesh_ttft_seconds_bucket", "pdmesh_e2e_seconds_count",
-                 "pdmesh_kv_transfer_bytes_total", "pdmesh_kv_blocks", "pdmesh_queue_depth", "pdmesh_actors"):
+    for name in ("pdmesh:requests_total", "pdmesh:time_to_first_token_seconds_bucket",
+                 "pdmesh:e2e_request_latency_seconds_count", "pdmesh:kv_transfer_bytes_total", "pdmesh:kv_blocks",
+                 "pdmesh:num_requests_waiting", "pdmesh:actors"):
         assert name in text, name
-    assert 'pdmesh_actors{role="prefill",scenario="default",state="serving"} 1.0' in text
-    assert any(line.startswith("pdmesh_kv_transfer_bytes_total{") and 'path="direct"' in line
+    assert f'pdmesh:actors{{model_name="{model}",role="prefill",scenario="default",state="serving"}} 1.0' in text
+    assert any(line.startswith("pdmesh:kv_transfer_bytes_total{") and 'path="direct"' in line
                for line in text.splitlines())

@@ -59,7 +59,7 @@ def _grpc(address: str, first: threading.Event) -> grpc.RpcError | None:
 
 def _in_flight(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
-        found = re.search(r'pdmesh_requests_in_flight\{scenario="tiny"\} (\S+)', reply.read().decode())
+        found = re.search(r'pdmesh:requests_in_flight\{model_name="[^"]*",scenario="tiny"\} (\S+)', reply.read().decode())
     return float(found.group(1)) if found else 0.0
 
 

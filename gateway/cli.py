@@ -39,7 +39,7 @@ OPS = ("status", "ratio", "controller", "flip", "drain", "add", "remove", "decis
 
 @click.group(cls=LazyGroup, lazy={"generate": "mesh.engine.cli:generate", "sim": "simtests.cli:command",
                                       "serve": "gateway.serve:serve", "what-if": "gateway.whatif_cli:what_if",
-                                      "doctor": "gateway.doctor:doctor",
+                                      "doctor": "gateway.doctor:doctor", "config": "gateway.config_check:config",
                                       **{name: f"gateway.ops:{name}" for name in OPS}})
 @click.version_option(package_name="pdmesh")
 def main() -> None:

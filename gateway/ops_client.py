@@ -19,7 +19,6 @@ UNREACHABLE = 4  # no gateway answers at the address
 WARNING_KEY = "pdmesh-warning"  # trailing metadata of a forced operation: what it overrode
 
 _BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
-_AUTH = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
 class OpsError(Exception):
@@ -86,8 +85,11 @@ class AdminClient:
 
 def _translate(e: grpc.RpcError, target: Target) -> OpsError:
     code, details = e.code(), e.details() or ""
-    if code in _AUTH:
-        hint = "pass the gateway's admin key with --admin-key, --admin-key-file or PDMESH_ADMIN_KEY"
+    if code is grpc.StatusCode.PERMISSION_DENIED:  # its message says what to do
+        return OpsError(f"the gateway refused: {details}", AUTH, code.name)
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        hint = ("pass the gateway's admin key with --admin-key, --admin-key-file or PDMESH_ADMIN_KEY (on the "
+                "gateway's host, `pdmesh serve` writes a local credential that is used when none is given)")
         return OpsError(f"the gateway refused the admin key: {details} ({hint})", AUTH, code.name)
     if code in _BAD_INPUT:
         return OpsError(details, BAD_INPUT, code.name)

@@ -10,6 +10,7 @@ import signal
 
 import click
 
+from gateway import local_admin
 from gateway.cli import CliError
 from gateway.logs import FORMATS, LEVELS
 from mesh import engine_options
@@ -64,6 +65,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, served_model_name, max
         raise CliError(str(e)) from None
     if api_key:
         keys = dataclasses.replace(keys, inference=keys.inference + (api_key,))
+    keys = dataclasses.replace(keys, local=local_admin.new_key())
     listen = Listen(host, grpc_port, http_port, tls_cert, tls_key, access_log)
     uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
 
@@ -112,22 +114,27 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(cfg, keys, listen)
+    credential = None
     try:
         starting = asyncio.create_task(gateway.start())
         await asyncio.wait([starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a failed start ends here, with its error
             a = gateway.addresses
+            credential = local_admin.write(a["grpc"], keys.local)  # for the ops CLI on this host
             click.echo(f"pdmesh: serving {', '.join(gateway.service.models())} "
                        f"(scenarios: {', '.join(gateway.fleet.scenarios)})\n"
                        f"  gRPC  {a['grpc']}  (pdmesh.v1.Inference, pdmesh.v1.Admin, health, reflection)\n"
                        f"  HTTP  {a['http']}/v1  (OpenAI completions, chat), {a['http']}/health, "
-                       f"{a['http']}/metrics\n  Ctrl-C stops", err=True)
+                       f"{a['http']}/metrics\n  ops   `pdmesh status` on this host (admin credential: "
+                       f"{credential.path})\n  Ctrl-C stops", err=True)
             await stop.wait()
         else:
             starting.cancel()
         click.echo("pdmesh: shutting down", err=True)
     finally:
+        if credential is not None:
+            credential.remove()
         await gateway.stop(grace_s)
         tracing.shutdown()
         disconnect()

@@ -53,7 +53,8 @@ class Gateway:
         then starts the actors."""
         telemetry.configure()
         limits = self.config.gateway
-        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control), self.keys, limits)
+        self.grpc, self.health = make_server(self.service, AdminServicer(self.fleet, self.control, self.keys),
+                                             self.keys, limits)
         address = f"{self.listen.host}:{self.listen.grpc_port}"
         tls = self._tls()
         self.grpc_port = (self.grpc.add_secure_port(address, grpc.ssl_server_credentials([tls]))

@@ -114,10 +114,9 @@ class MeshActor:
         import ray
 
         eng = self.engine.engine if self.engine else None
-        ctx = ray.get_runtime_context() if ray.is_initialized() else None
         return ActorReport(
             self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
-            node=ctx.get_node_id() if ctx else None, device=str(eng.device) if eng else None,
+            node=ray.util.get_node_ip_address() if ray.is_initialized() else None, device=str(eng.device) if eng else None,
             model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
             load=self.load(), prefix=self.prefixes.report() if eng else None)
 

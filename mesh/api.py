@@ -97,7 +97,7 @@ class ActorReport:
     role: Role
     state: ActorState
     pid: int | None = None
-    node: str | None = None  # Ray node id
+    node: str | None = None  # the IP address of its Ray node
     device: str | None = None  # torch device of the engine, "cpu" or "cuda:0"
     model: str | None = None  # checkpoint folder
     block_size: int | None = None  # tokens per KV block

@@ -24,6 +24,7 @@ from mesh.actor import MeshActor
 from mesh.api import ActorReport, ActorSpec, ActorState, DrainResult, EngineConfig, Life, Role
 from mesh.errors import MeshError
 from mesh.hardware import Hardware
+from mesh.placement import placed, unmet
 from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_kind
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Member:
     hardware: Hardware | None = None  # what it runs on: a replacement asks Ray for the same
     life: Life = Life()  # when it started, served, died; which actor it replaced
     missed_reports: int = 0  # load reports in a row that failed or timed out
+    waiting_for: str | None = None  # starting, and no node has these Ray resources free (mesh.placement)
 
 
 class Pool:
@@ -75,9 +77,11 @@ class Pool:
         return [m for m in self.members.values() if m.role is role]
 
     async def add(self, role: Role | str, hardware: Hardware | None = None, replaces: Member | None = None,
-                  start_timeout_s: float | None = None) -> Member:
+                  start_timeout_s: float | None = None, created: Callable[[Member], None] | None = None) -> Member:
         """Starts one actor of the role (on `hardware`, else the role's); `offline` shows it as
-        starting until it serves. A start that fails or times out kills what Ray started."""
+        starting until it serves, with `waiting_for` set while Ray has no node for it.
+        `created(member)` is called as soon as Ray has the actor. A start that fails, times out
+        or is cancelled kills what Ray started."""
         role = Role(role)
         hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
@@ -88,14 +92,17 @@ class Pool:
                                layerwise_kv=self.spec.layerwise_kv)
         cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
                                             **hw.options())
+        waiting_for = unmet(hw.options())
         handle = cls.remote(actor_spec)
         life = Life(starting_at=time.time())
         if replaces is not None:
             life = dataclasses.replace(life, replaces=replaces.actor_id, dead_at=replaces.life.dead_at)
         member = Member(actor_id, role, handle, ActorReport(actor_id, self.spec.scenario, role, ActorState.STARTING),
-                        hardware=hw, life=life)
+                        hardware=hw, life=life, waiting_for=waiting_for)
         self.offline[actor_id] = member
         self._changed()
+        if created is not None:
+            created(member)
         try:
             info = await asyncio.wait_for(handle.start.remote(), start_timeout_s)
         except BaseException:
@@ -105,7 +112,7 @@ class Pool:
             self.offline.pop(actor_id, None)
             self._changed()
         member.life = dataclasses.replace(member.life, serving_at=time.time())
-        member.info = info
+        member.info, member.waiting_for = info, None
         self.members[actor_id] = member
         self._changed()
         log.info("pool %s: %s serves as %s on %s (pid %s), started in %.1f s", self.spec.scenario, actor_id,
@@ -264,6 +271,9 @@ class Pool:
     async def refresh(self, timeout_s: float = 5.0) -> list[ActorReport]:
         """Every live actor's info (role, state, load). A report that fails or times out is a
         missed one; the supervisor hears of it (a dead actor at once, a hung one after a few)."""
+        for m in self.offline.values():
+            if m.waiting_for and placed(m.handle):
+                m.waiting_for = None
         members = list(self.members.values())
         infos = await asyncio.gather(*(asyncio.wait_for(m.handle.info.remote(), timeout_s) for m in members),
                                      return_exceptions=True)

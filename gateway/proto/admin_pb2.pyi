@@ -25,7 +25,7 @@ class ActorLoad(_message.Message):
     def __init__(self, queued_prompt_tokens: _Optional[int] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ...) -> None: ...
 
 class ActorInfo(_message.Message):
-    __slots__ = ("actor_id", "scenario", "role", "state", "pid", "node", "device", "model", "load")
+    __slots__ = ("actor_id", "scenario", "role", "state", "pid", "node", "device", "model", "load", "waiting_for")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class ActorInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     actor_id: str
     scenario: str
     role: str
@@ -44,7 +45,8 @@ class ActorInfo(_message.Message):
     device: str
     model: str
     load: ActorLoad
-    def __init__(self, actor_id: _Optional[str] = ..., scenario: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[ActorLoad, _Mapping]] = ...) -> None: ...
+    waiting_for: str
+    def __init__(self, actor_id: _Optional[str] = ..., scenario: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[ActorLoad, _Mapping]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("scenario", "model", "actors")

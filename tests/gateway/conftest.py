@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.gateway.shared_state import baseline, restore
-from tests.gateway.support import API_KEY, MAX_MESSAGE_BYTES, serving, tiny_config
+from tests.gateway.support import ADMIN_KEY, API_KEY, MAX_MESSAGE_BYTES, serving, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,22 @@ def restored(gateway):
     before = gateway.run(baseline(gateway.gateway))
     yield gateway
     gateway.run(restore(gateway.gateway, before), timeout_s=300)
+
+
+@pytest.fixture
+def pdmesh(restored, tmp_path):
+    """pdmesh(*args, key=ADMIN_KEY, columns=200) -> (exit code, stdout, stderr), run in-process
+    on the shared gateway, which is put back as it was after each test; no local credential."""
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    runner = CliRunner()
+
+    def run(*args: str, key: str | None = ADMIN_KEY, columns: int = 200):
+        env = {"PDMESH_ADDRESS": restored.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": str(columns),
+               "PDMESH_HOME": str(tmp_path)}
+        result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return run

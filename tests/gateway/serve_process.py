@@ -24,6 +24,7 @@ class Served:
     reader: threading.Thread  # keeps the process's stderr pipe drained
     log: list[str]
     head: list[str]  # what it wrote up to its banner
+    env: dict[str, str]  # its environment; PDMESH_HOME is the test's (where its local credential goes)
 
     def wait(self, timeout_s: float) -> str:
         """Its exit status, and what it wrote after the banner."""
@@ -35,14 +36,15 @@ class Served:
 @contextlib.contextmanager
 def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
     """`pdmesh serve` on a tiny checkpoint (inference key "serve-key") as a real process, from
-    its banner on; killed on exit if it still runs."""
+    its banner on, its local admin credential in the test's folder; killed on exit if it still runs."""
     config = tmp_path / "scenarios.yaml"
     config.write_text(yaml.safe_dump({
         "scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
                        "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
         "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
+    env = {**ENV, "PDMESH_HOME": str(tmp_path / "pdmesh-home")}
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                             "--grpc-port", "0", "--http-port", "0", *args], env=ENV, stderr=subprocess.PIPE,
+                             "--grpc-port", "0", "--http-port", "0", *args], env=env, stderr=subprocess.PIPE,
                             text=True)
     try:
         lines = []
@@ -55,7 +57,7 @@ def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
         log: list[str] = []
         reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
         reader.start()
-        yield Served(proc, found.group(2), found.group(1), reader, log, lines)
+        yield Served(proc, found.group(2), found.group(1), reader, log, lines, env)
     finally:
         if proc.poll() is None:
             proc.kill()

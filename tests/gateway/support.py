@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 import urllib.error
@@ -101,3 +102,9 @@ def http(gateway: Running, path: str, body: bytes | None = None, key: str | None
             return reply.status, reply.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def ok_json(pdmesh, *args: str) -> dict:
+    code, out, err = pdmesh(*args, "--output", "json")
+    assert code == 0, err
+    return json.loads(out)

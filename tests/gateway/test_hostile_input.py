@@ -282,7 +282,7 @@ def bounded(gateway):
     async def start():
         api = OpenAIApi(gw.service, gw.keys, gw.metrics, gw.fleet.not_ready, BOUNDED)
         runner = await http_server.start(api.app, "127.0.0.1", 0, None, BOUNDED)
-        server, _ = make_server(gw.service, AdminServicer(gw.fleet, gw.control), gw.keys, BOUNDED)
+        server, _ = make_server(gw.service, AdminServicer(gw.fleet, gw.control, gw.keys), gw.keys, BOUNDED)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return runner, server, port

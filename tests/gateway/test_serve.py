@@ -18,7 +18,14 @@ from gateway.bench_serve_servers import alive, descendants
 from tests.gateway.serve_process import ENV, Served, serving
 
 
-def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
+def _ops(served: Served, *args: str) -> subprocess.CompletedProcess:
+    """The ops CLI as an operator on the gateway's host runs it: no address, no key."""
+    env = {k: v for k, v in served.env.items() if k not in ("PDMESH_ADDRESS", "PDMESH_ADMIN_KEY")}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_serve_starts_answers_the_ops_cli_with_no_key_and_stops_cleanly(checkpoint, tmp_path):
     with serving(checkpoint, tmp_path) as served:
         proc = served.proc
         with urllib.request.urlopen(served.http_url + "/health", timeout=30) as reply:
@@ -27,13 +34,22 @@ def test_serve_starts_answers_and_stops_cleanly(checkpoint, tmp_path):
             {"prompt": "hello", "max_tokens": 3}).encode(), headers={"Authorization": "Bearer serve-key"})
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.load(reply)["usage"]["completion_tokens"] == 3
+        [credential] = (tmp_path / "pdmesh-home").iterdir()  # the local admin credential
+        assert credential.stat().st_mode & 0o777 == 0o600 and f"credential: {credential})" in "".join(served.head)
+        status = _ops(served, "status", "-o", "json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["scenarios"][0]["scenario"] == "tiny"
+        off = _ops(served, "controller", "off")
+        assert off.returncode == 0, off.stderr
         below = descendants(proc.pid)
         assert below  # Ray's processes and the actors
         proc.send_signal(signal.SIGTERM)
         rest = served.wait(120)
         assert proc.returncode == 0, rest[-3000:]
         assert "shutting down" in rest
+        assert re.search(r"local credential from ipv4:127\.0\.0\.1:\d+: controller off \(every scenario\): done", rest)
         assert not [pid for pid in below if alive(pid)]
+        assert not credential.exists()  # a clean exit takes it away
 
 
 def _post(served: Served, body: dict, key: str) -> tuple[int, dict]:

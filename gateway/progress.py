@@ -88,7 +88,8 @@ def shown(command: str, stream: IO[str] | None = None) -> Iterator[None]:
 
             progress = stack.enter_context(Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=Console(file=stream), transient=False))
+                # transient: the bars go when the run ends, leaving the figures (printed above them) alone
+                TimeElapsedColumn(), console=Console(file=stream), transient=True))
             handler: logging.Handler = Bars(progress)
         else:
             handler = PhaseLines(command, stream)

@@ -3,12 +3,14 @@ same file the ratio controller reads), the engine and transport options every ac
 the gateway's limits and the ratio controller's settings. Validated on load; errors name the field and what to fix."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh import Mode, resolve_device
 from mesh.api import EngineConfig, engine_config, transport_config
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
@@ -143,9 +145,17 @@ def load(path: str | Path) -> ServeConfig:
 
 
 def default(model: str | Path, device: str = "auto", **rest) -> ServeConfig:
-    """One scenario, one prefill and one decode actor, on `model`; each actor takes one
-    accelerator when `device` names one (Ray places actors by resource)."""
+    """One scenario on `model`. On a host without accelerators (`device` cpu, or auto finding
+    none): one aggregated actor using all the host's cores; on shared cores that beats a
+    prefill and a decode actor with half each (docs/benchmarks.md, "Mesh"). With accelerators:
+    one prefill and one decode actor, each taking one accelerator when `device` names one (Ray
+    places actors by resource)."""
+    slo = SLO(ttft_s=2.0, tpot_s=0.2)
+    if (device if device != "auto" else resolve_device(device).type) == "cpu":
+        # Ray starts an actor with one OpenMP thread unless its engine asks for more
+        engine = {"threads": len(os.sched_getaffinity(0)), **rest.pop("engine", {})}
+        spec = ScenarioSpec(name="default", model=str(model), slo=slo, mode=Mode.AGGREGATED)
+        return ServeConfig(scenarios=(spec,), engine=engine, **rest)
     hw = Hardware(accelerator=device, num_gpus=device == "cuda", npus=device == "npu")
-    spec = ScenarioSpec(name="default", model=str(model), slo=SLO(ttft_s=2.0, tpot_s=0.2),
-                        hardware={"prefill": hw, "decode": hw})
+    spec = ScenarioSpec(name="default", model=str(model), slo=slo, hardware={"prefill": hw, "decode": hw})
     return ServeConfig(scenarios=(spec,), **rest)

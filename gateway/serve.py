@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 @click.command("serve")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="scenarios YAML (scenarios:, engine:, transport:, gateway:); default: one scenario, "
-                   "1 prefill + 1 decode actor on --model")
+              help="scenarios YAML (scenarios:, engine:, transport:, gateway:); default: one scenario on "
+                   "--model, served by one aggregated actor on all cores without accelerators, else by 1 "
+                   "prefill + 1 decode actor")
 @engine_options
 @click.option("--served-model-name", default=None,
               help="the model name clients ask for; default: the checkpoint folder's name")
@@ -106,7 +107,7 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         log.info("joining the Ray cluster at %s", ray_address)
     connect(ray_address)
     log.info("starting the actors (each loads its model: this takes a while): %s", "; ".join(
-        f"{s.name}: {s.prefill} prefill + {s.decode} decode on {cfg.served_name(s)}" for s in cfg.scenarios))
+        f"{s.name}: {_actors(s)} on {cfg.served_name(s)}" for s in cfg.scenarios))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
@@ -131,3 +132,10 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         await gateway.stop(grace_s)
         tracing.shutdown()
         disconnect()
+
+
+def _actors(spec) -> str:
+    """"1 prefill + 1 decode (auto)", "1 both (aggregated)": what a scenario starts with."""
+    counts = " + ".join(f"{n} {role}" for role, n in (("prefill", spec.prefill), ("decode", spec.decode),
+                                                      ("both", spec.both)) if n)
+    return f"{counts} ({spec.mode})"

@@ -144,18 +144,19 @@ def load(path: str | Path) -> ServeConfig:
     return parse(data, str(path))
 
 
-def default(model: str | Path, device: str = "auto", **rest) -> ServeConfig:
-    """One scenario on `model`. On a host without accelerators (`device` cpu, or auto finding
-    none): one aggregated actor using all the host's cores; on shared cores that beats a
-    prefill and a decode actor with half each (docs/benchmarks.md, "Mesh"). With accelerators:
-    one prefill and one decode actor, each taking one accelerator when `device` names one (Ray
-    places actors by resource)."""
-    slo = SLO(ttft_s=2.0, tpot_s=0.2)
-    if (device if device != "auto" else resolve_device(device).type) == "cpu":
-        # Ray starts an actor with one OpenMP thread unless its engine asks for more
-        engine = {"threads": len(os.sched_getaffinity(0)), **rest.pop("engine", {})}
-        spec = ScenarioSpec(name="default", model=str(model), slo=slo, mode=Mode.AGGREGATED)
-        return ServeConfig(scenarios=(spec,), engine=engine, **rest)
+def default(model: str | Path, device: str = "auto", mode: Mode | str | None = None, **rest) -> ServeConfig:
+    """One scenario on `model`, in `mode`; by default what fits the host: without accelerators
+    (`device` cpu, or auto finding none) one aggregated actor using all the host's cores, which
+    on shared cores beats a prefill and a decode actor with half each (docs/benchmarks.md,
+    "Mesh"); with accelerators one prefill and one decode actor. Each actor takes one
+    accelerator when `device` names one (Ray places actors by resource)."""
+    kind = device if device != "auto" else resolve_device(device).type
+    mode = Mode(mode) if mode else Mode.AGGREGATED if kind == "cpu" else Mode.DISAGGREGATED
+    engine = rest.pop("engine", {})
+    if mode is Mode.AGGREGATED and kind == "cpu":
+        # its one actor has the host to itself; Ray starts it with one OpenMP thread unless told
+        engine = {"threads": len(os.sched_getaffinity(0)), **engine}
     hw = Hardware(accelerator=device, num_gpus=device == "cuda", npus=device == "npu")
-    spec = ScenarioSpec(name="default", model=str(model), slo=slo, hardware={"prefill": hw, "decode": hw})
-    return ServeConfig(scenarios=(spec,), **rest)
+    spec = ScenarioSpec(name="default", model=str(model), slo=SLO(ttft_s=2.0, tpot_s=0.2), mode=mode,
+                        hardware={"prefill": hw, "decode": hw})
+    return ServeConfig(scenarios=(spec,), engine=engine, **rest)

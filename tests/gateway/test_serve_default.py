@@ -37,3 +37,18 @@ def test_the_default_config_splits_prefill_and_decode_on_accelerators_only():
     [spec] = default("/models/m", "cuda").scenarios
     assert (spec.mode, spec.prefill, spec.decode) == ("disaggregated", 1, 1)
     assert spec.hardware["prefill"].num_gpus == spec.hardware["decode"].num_gpus == 1
+
+
+def test_the_mode_flag_chooses_the_default_scenarios_mode_and_is_refused_with_a_file(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway.config import default
+    from gateway.serve import serve
+
+    [spec] = default("/models/m", "cpu", mode="disaggregated").scenarios
+    assert (spec.mode, spec.prefill, spec.decode, spec.both) == ("disaggregated", 1, 1, 0)
+    config = tmp_path / "s.yaml"
+    config.write_text("scenarios: []\n")
+    result = CliRunner().invoke(serve, ["--config", str(config), "--mode", "auto"])
+    assert result.exit_code != 0
+    assert "--mode sets the default scenario's mode; with --config, set mode: in the scenario file" in result.output

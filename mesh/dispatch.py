@@ -35,7 +35,8 @@ from typing import AsyncIterator, Callable
 
 import ray
 
-from mesh.api import ActorRequest, ActorState, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams, StreamChunk
+from mesh.api import (ActorRequest, ActorState, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams,
+                      StreamChunk)
 from mesh.errors import MeshError, RequestMoved
 from mesh.placement import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool

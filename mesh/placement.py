@@ -70,8 +70,9 @@ class ConditionalDisaggregation:
         remote = wait + self._seconds(s.prompt_tokens, s.prefill_tokens_per_s)
         local = self._seconds(uncached, s.local_tokens_per_s)
         if wait > self.ttft_s and local < remote:
-            return Placement(True, f"prefill pool busy: {s.prefill_queued_tokens} tokens queued ({wait:.2f} s, over "
-                                   f"the {self.ttft_s:g} s TTFT target); {local:.2f} s here against {remote:.2f} s there")
+            return Placement(True, f"prefill pool busy: {s.prefill_queued_tokens} tokens queued ({wait:.2f} s, "
+                                   f"over the {self.ttft_s:g} s TTFT target); {local:.2f} s here against "
+                                   f"{remote:.2f} s there")
         return Placement(False, f"long prompt: {uncached} uncached tokens, over {self.local_prefill_tokens}; "
                                 f"prefill actor ready in {wait:.2f} s")
 

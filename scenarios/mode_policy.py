@@ -56,7 +56,8 @@ class _Memory:
 
 
 class ModePolicy:
-    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel], settings: ModeSettings = ModeSettings()):
+    def __init__(self, specs: list[ScenarioSpec], models: dict[str, PerfModel],
+                 settings: ModeSettings = ModeSettings()):
         if not 0 < settings.low < settings.high:
             raise ValueError(f"mode thresholds must satisfy 0 < low < high, got {settings.low} and {settings.high}")
         self.specs = {s.name: s for s in specs}

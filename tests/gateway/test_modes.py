@@ -26,8 +26,8 @@ def config(checkpoint, **scenario):
 
 def generate(running, token_ids, metadata=()):
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(running.grpc_address))
-    request = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=token_ids), sampling=inference_pb2.SamplingOptions(
-        max_tokens=4, ignore_eos=True))
+    request = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=token_ids),
+                                            sampling=inference_pb2.SamplingOptions(max_tokens=4, ignore_eos=True))
     return [c for c in stub.Generate(request, metadata=(("authorization", f"Bearer {API_KEY}"), *metadata),
                                      timeout=60)]
 

@@ -112,7 +112,7 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         log.info("joining the Ray cluster at %s", ray_address)
     connect(ray_address)
     log.info("starting the actors (each loads its model: this takes a while): %s", "; ".join(
-        f"{s.name}: {_actors(s)} on {cfg.served_name(s)}" for s in cfg.scenarios))
+        f"{s.name}: {_actors(s)} on {cfg.served_name(s)} ({s.mode})" for s in cfg.scenarios))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
@@ -140,7 +140,6 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
 
 
 def _actors(spec) -> str:
-    """"1 prefill + 1 decode (auto)", "1 both (aggregated)": what a scenario starts with."""
-    counts = " + ".join(f"{n} {role}" for role, n in (("prefill", spec.prefill), ("decode", spec.decode),
-                                                      ("both", spec.both)) if n)
-    return f"{counts} ({spec.mode})"
+    """"1 prefill + 1 decode", "1 both": what a scenario starts with."""
+    return " + ".join(f"{n} {role}" for role, n in (("prefill", spec.prefill), ("decode", spec.decode),
+                                                    ("both", spec.both)) if n)

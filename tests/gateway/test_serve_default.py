@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import urllib.request
 
@@ -12,7 +13,7 @@ from tests.gateway.serve_process import serving
 def test_the_default_on_a_cpu_host_is_one_aggregated_actor_that_serves(checkpoint, tmp_path):
     with serving(checkpoint, tmp_path, "--device", "cpu", "--dtype", "float32", "--kv-cache-gb", "0.02",
                  config=False) as served:
-        assert "default: 1 both (aggregated)" in "".join(served.head)
+        assert re.search(r"default: 1 both on \S+ \(aggregated\)", "".join(served.head))
         request = urllib.request.Request(served.http_url + "/v1/completions", data=json.dumps(
             {"prompt": "hello", "max_tokens": 3}).encode(), headers={"Authorization": "Bearer serve-key"})
         with urllib.request.urlopen(request, timeout=60) as reply:

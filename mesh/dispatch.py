@@ -172,12 +172,14 @@ class Dispatcher:
         return (Role.BOTH,) if both else ()
 
     def _placement_state(self, step: Attempt, lost: set[str]) -> PlacementState:
-        """The conditional choice's inputs, from the actors' last load reports."""
-        local = min(self._live(Role.DECODE, lost), key=lambda m: m.info.load.active_requests)
-        prefill = min(self._live(Role.PREFILL, lost), key=lambda m: m.info.load.queued_prompt_tokens)
+        """The conditional choice's inputs, from the actors' last load reports: the decode actor
+        that would run the request whole (as `_aggregated` picks it) and the least queued
+        prefill actor."""
         cached = self._cached_tokens((Role.DECODE,), step)
+        local = self.router.prefill_order(self._live(Role.DECODE, lost), cached)[0]
+        prefill = min(self._live(Role.PREFILL, lost), key=lambda m: m.info.load.queued_prompt_tokens)
         return PlacementState(len(step.request.token_ids), cached.get(local.actor_id, 0),
-                              local.info.load.active_requests, local.info.load.prefill_tokens_per_s,
+                              local.info.load.prefill_tokens_per_s,
                               prefill.info.load.queued_prompt_tokens, prefill.info.load.prefill_tokens_per_s)
 
     async def _members(self, role: Role | tuple[Role, ...], lost: set[str], step: Attempt,

@@ -35,8 +35,7 @@ class PlacementState:
     """What the choice looks at, for one request."""
     prompt_tokens: int  # prompt and tokens already sent: what a prefill computes
     local_cached_tokens: int  # of those, likely in the local (decode) actor's prefix cache already
-    local_active: int  # requests in flight on the least busy decode actor
-    local_tokens_per_s: float  # its measured prefill speed (0: not measured yet)
+    local_tokens_per_s: float  # that actor's measured prefill speed (0: not measured yet)
     prefill_queued_tokens: int  # prompt tokens queued on the least queued prefill actor
     prefill_tokens_per_s: float  # that actor's measured prefill speed (0: not measured yet)
 

@@ -7,7 +7,7 @@ POLICY = ConditionalDisaggregation(local_prefill_tokens=100, ttft_s=1.0, prefill
 
 
 def state(prompt, cached=0, queued=0, prefill_speed=1000.0, local_speed=500.0):
-    return PlacementState(prompt, cached, 0, local_speed, queued, prefill_speed)
+    return PlacementState(prompt, cached, local_speed, queued, prefill_speed)
 
 
 def test_short_prompts_and_long_ones_mostly_cached_prefill_locally():

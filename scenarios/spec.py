@@ -110,8 +110,8 @@ class ScenarioSpec(_Strict):
             data["limits"] = limits
         if mode is not Mode.DISAGGREGATED and isinstance(data.get("hardware", {}), dict):
             hardware = dict(data.get("hardware") or {"prefill": Hardware(), "decode": Hardware()})
-            if "both" not in hardware and Role.BOTH not in hardware:
-                hardware["both"] = hardware.get("decode", hardware.get(Role.DECODE, Hardware()))
+            if "both" not in hardware:  # Role values are their strings: either spelling matches
+                hardware["both"] = hardware.get("decode", Hardware())
             data["hardware"] = hardware
         return data
 

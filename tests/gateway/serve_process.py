@@ -34,16 +34,20 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
+def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None, config: bool = True):
     """`pdmesh serve` on a tiny checkpoint (inference key "serve-key") as a real process, from
-    its banner on, its local admin credential in the test's folder; killed on exit if it still runs."""
-    config = tmp_path / "scenarios.yaml"
-    config.write_text(yaml.safe_dump({
-        "scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
-                       "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
-        "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
+    its banner on, its local admin credential in the test's folder; killed on exit if it still runs.
+    config=False: no scenario file, the default config on the checkpoint (`args` then set its engine)."""
+    model = str(checkpoint("llama", "float32"))
+    where = ["--model", model]
+    if config:
+        path = tmp_path / "scenarios.yaml"
+        path.write_text(yaml.safe_dump({
+            "scenarios": [{"name": "tiny", "model": model, "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
+            "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
+        where = ["--config", str(path)]
     env = {**ENV, "PDMESH_HOME": str(tmp_path / "pdmesh-home")}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *where,
                              "--grpc-port", "0", "--http-port", "0", *args], env=env, stderr=subprocess.PIPE,
                             text=True)
     try:

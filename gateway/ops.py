@@ -215,7 +215,7 @@ def _actor_rows(pools: list[dict], wide: bool = False) -> str:
             rows.append(row)
             if a["waiting_for"]:
                 pending.append(f"{a['actor_id']} is pending: no node has {a['waiting_for']} free")
-    return "\n".join([columns(rows, optional=() if wide else ("KV used",)), *pending])
+    return "\n".join([columns(rows, optional=() if wide else ("queued", "running", "KV used")), *pending])
 
 
 def _drain_timeout(what: str):

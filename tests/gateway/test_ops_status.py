@@ -146,3 +146,29 @@ def test_each_change_logs_one_audit_line(pdmesh, caplog):
         "'default' would have 0 serving prefill actor(s), below its minimum of 1 (limits.prefill.min in its scenario "
         "file): start another prefill actor first (`pdmesh add default prefill`), or lower limits.prefill.min; or "
         "force it (--force))"]
+
+
+def _actor(actor_id: str, role: str, **changes) -> dict:
+    load = {"queued_prompt_tokens": 0, "queued_requests": 0, "active_requests": 0, "free_blocks": 100,
+            "num_blocks": 128, "prefill_tokens_per_s": 0.0, "decode_step_s": 0.0}
+    return {"actor_id": actor_id, "scenario": "s", "role": role, "state": "serving", "pid": 42, "node": "10.0.0.7",
+            "device": "cuda:0", "model": "/m", "load": load, "waiting_for": None, **changes}
+
+
+def test_columns_drop_before_they_cut_and_every_role_shows(monkeypatch):
+    from gateway.ops import _actor_rows
+
+    monkeypatch.setenv("COLUMNS", "80")
+    pools = [{"scenario": "s", "actors": [
+        _actor("a-scenario-with-a-rather-long-name-and-more-b12", "both"),
+        _actor("a-scenario-with-a-rather-long-name-and-more-p13", "prefill", state="pending", pid=None,
+               node=None, device=None, waiting_for="GPU 1 (at most 0 free on a node)")]}]
+    table = _actor_rows(pools)
+    lines = table.splitlines()
+    assert lines[0].split() == ["ACTOR", "ROLE", "STATE", "QUEUED"]  # KV USED and RUNNING went: 80 columns
+    assert lines[1].split() == ["a-scenario-with-a-rather-long-name-and-more-b12", "both", "serving", "0"]
+    assert lines[3] == ("a-scenario-with-a-rather-long-name-and-more-p13 is pending: no node has GPU 1 "
+                        "(at most 0 free on a node) free")
+    assert all(len(line) <= 80 for line in lines[:3])
+    wide = _actor_rows(pools, wide=True).splitlines()
+    assert wide[1].split()[-4:] == ["28/128", "10.0.0.7", "42", "cuda:0"] and wide[2].split()[-3:] == ["-"] * 3

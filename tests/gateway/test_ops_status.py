@@ -98,14 +98,17 @@ def test_watch_prints_one_json_object_a_line(gateway, tmp_path):
 
 
 @pytest.fixture
-def unplaceable(restored):
+def unplaceable(restored, pdmesh):
     """The shared gateway's decode actors ask for a Ray resource no node has, for this test;
-    its pending actors are removed after it."""
+    the pending actors it leaves are removed after it."""
     pool = restored.gateway.fleet.scenarios["default"].pool
     hardware = pool.spec.hardware["decode"]
     pool.spec.hardware["decode"] = hardware.model_copy(update={"resources": {"pdmesh_test_absent": 1}})
     yield pool
     pool.spec.hardware["decode"] = hardware
+    for actor in _actors(ok_json(pdmesh, "status")):
+        if actor["state"] == "pending":
+            pdmesh("remove", actor["actor_id"])
 
 
 def test_add_without_a_node_answers_pending_at_once_and_remove_cancels_it(pdmesh, unplaceable):

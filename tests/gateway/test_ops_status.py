@@ -175,3 +175,20 @@ def test_columns_drop_before_they_cut_and_every_role_shows(monkeypatch):
     assert all(len(line) <= 80 for line in lines[:3])
     wide = _actor_rows(pools, wide=True).splitlines()
     assert wide[1].split()[-4:] == ["28/128", "10.0.0.7", "42", "cuda:0"] and wide[2].split()[-3:] == ["-"] * 3
+
+
+def test_a_refusal_that_says_what_to_do_is_not_repeated():
+    import grpc
+
+    from gateway.ops_client import AUTH, Target, _translate
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str):
+            self.code, self.details = (lambda: code), (lambda: details)
+
+    off = "the admin service is off: start the gateway with an admin key (--admin-key-file or PDMESH_ADMIN_KEY)"
+    error = _translate(Refused(grpc.StatusCode.PERMISSION_DENIED, off), Target("h:1", None))
+    assert (error.message, error.exit_code) == (f"the gateway refused: {off}", AUTH)
+    error = _translate(Refused(grpc.StatusCode.UNAUTHENTICATED, "wrong admin key"), Target("h:1", "k"))
+    assert error.message.startswith("the gateway refused the admin key: wrong admin key (pass the gateway's admin key")
+    assert "local credential" in error.message and error.exit_code == AUTH

@@ -44,10 +44,7 @@ def write(address: str, key: str) -> Credential:
     for a moment (the file is made 0600 before the key goes in)."""
     folder = home()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    host, _, port = address.rpartition(":")
-    if host in ("0.0.0.0", "[::]", "::", ""):  # listening everywhere: dial it on loopback
-        address = f"127.0.0.1:{port}"
-    credential = Credential(address, key, os.getpid(), folder / f"{_PREFIX}{os.getpid()}.json")
+    credential = Credential(_dialled(address), key, os.getpid(), folder / f"{_PREFIX}{os.getpid()}.json")
     fd = os.open(credential.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -59,11 +56,18 @@ def find(address: str | None = None) -> Credential | None:
     """The credential of the live gateway on this host (at `address` when given); None when
     there is none. Stale files are removed. Several live gateways and no address: ValueError
     naming their addresses."""
-    live = [c for c in _read_all() if address is None or c.address == address]
+    live = [c for c in _read_all() if address is None or c.address == _dialled(address)]
     if len(live) > 1:
         raise ValueError(f"{len(live)} gateways run on this host ({', '.join(c.address for c in live)}): "
                          f"choose one with --address")
     return live[0] if live else None
+
+
+def _dialled(address: str) -> str:
+    """The address as a client on this host dials it: a gateway listening everywhere, or on
+    localhost, on 127.0.0.1."""
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]", "::", "", "localhost") else address
 
 
 def _read_all() -> list[Credential]:

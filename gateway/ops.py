@@ -5,11 +5,13 @@ Every command prints plain columns that fit the terminal (80 columns when piped)
 columns dropped rather than cut; `-o wide` adds the node, pid and device; `-o json` or `-o yaml`
 print one object for scripts, with the protos' types (counts are numbers, an empty string is
 null). The gateway's address and admin key come from the options or the environment, else from
-the local credential `pdmesh serve` wrote on this host (gateway.local_admin). `flip`, `drain`, `remove` and `add` keep each role within its scenario's limits and
-on its hardware; `--force` overrides that, and the override is printed as a warning on stderr
-(and logged by the gateway). Failures print one line on stderr (and `{"error": ...}` with --output json) and
-exit with a code scripts can tell apart: 1 the gateway could not do it, 2 bad input (also
-click's usage errors), 3 admin key refused, 4 gateway unreachable.
+the local credential `pdmesh serve` wrote on this host (gateway.local_admin).
+
+`flip`, `drain`, `remove` and `add` keep each role within its scenario's limits and on its
+hardware; `--force` overrides that, and the override is printed as a warning on stderr (and
+logged by the gateway). Failures print one line on stderr (and `{"error": ...}` with -o json
+or yaml) and exit with a code scripts can tell apart: 1 the gateway could not do it, 2 bad
+input (also click's usage errors), 3 admin key refused, 4 gateway unreachable.
 """
 from __future__ import annotations
 
@@ -158,13 +160,13 @@ def parse_ratio(text: str) -> tuple[int, int]:
 
 
 # -- tables ------------------------------------------------------------------------------------
-def columns(rows: list[dict[str, str]], optional: tuple[str, ...] = (), width: int | None = None) -> str:
+def columns(rows: list[dict[str, str]], optional: tuple[str, ...] = ()) -> str:
     """Rows as plain columns (kubectl's look) within the terminal's width (80 when piped, or
     COLUMNS): cells are never cut; the `optional` columns go, last first, until the rest fits
     (-o wide keeps them all, as kubectl does)."""
     if not rows:
         return ""
-    width = width or shutil.get_terminal_size((80, 24)).columns
+    width = shutil.get_terminal_size((80, 24)).columns
     names = list(rows[0])
     while True:
         sizes = {n: max(len(n), *(len(r[n]) for r in rows)) for n in names}
@@ -215,7 +217,7 @@ def _actor_rows(pools: list[dict], wide: bool = False) -> str:
             rows.append(row)
             if a["waiting_for"]:
                 pending.append(f"{a['actor_id']} is pending: no node has {a['waiting_for']} free")
-    return "\n".join([columns(rows, optional=() if wide else ("KV used",)), *pending])
+    return "\n".join([columns(rows, optional=() if wide else ("queued", "running", "KV used")), *pending])
 
 
 def _drain_timeout(what: str):

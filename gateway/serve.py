@@ -127,13 +127,16 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         if starting.done():
             starting.result()  # a failed start ends here, with its error
             a = gateway.addresses
-            credential = local_admin.write(a["grpc"], keys.local)  # for the ops CLI on this host
+            try:
+                credential = local_admin.write(a["grpc"], keys.local)  # for the ops CLI on this host
+            except OSError as e:  # a read-only home: the ops CLI needs an admin key then
+                log.warning("no local admin credential: %s (set PDMESH_HOME to a writable folder)", e)
+            ops = f"admin credential: {credential.path}" if credential else "with an admin key"
             click.echo(f"pdmesh: serving {', '.join(gateway.service.models())} "
                        f"(scenarios: {', '.join(gateway.fleet.scenarios)})\n"
                        f"  gRPC  {a['grpc']}  (pdmesh.v1.Inference, pdmesh.v1.Admin, health, reflection)\n"
                        f"  HTTP  {a['http']}/v1  (OpenAI completions, chat), {a['http']}/health, "
-                       f"{a['http']}/metrics\n  ops   `pdmesh status` on this host (admin credential: "
-                       f"{credential.path})\n  Ctrl-C stops", err=True)
+                       f"{a['http']}/metrics\n  ops   `pdmesh status` on this host ({ops})\n  Ctrl-C stops", err=True)
             await stop.wait()
         else:
             starting.cancel()

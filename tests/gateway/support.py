@@ -107,4 +107,5 @@ def http(gateway: Running, path: str, body: bytes | None = None, key: str | None
 def ok_json(pdmesh, *args: str) -> dict:
     code, out, err = pdmesh(*args, "--output", "json")
     assert code == 0, err
-    return json.loads(out)
+    # the first object: the in-process Ray driver may print its own lines (the autoscaler's) after it
+    return json.JSONDecoder().raw_decode(out)[0]

@@ -31,7 +31,8 @@ def test_written_for_its_user_only_and_found(home):
     assert home.stat().st_mode & 0o777 == 0o700
     found = local_admin.find()
     assert (found.address, found.key, found.pid) == ("127.0.0.1:5000", "k" * 43, os.getpid())  # dialled on loopback
-    assert local_admin.find("127.0.0.1:5000") == found and local_admin.find("127.0.0.1:6000") is None
+    assert local_admin.find("127.0.0.1:5000") == found == local_admin.find("localhost:5000")
+    assert local_admin.find("127.0.0.1:6000") is None
     written.remove()
     assert local_admin.find() is None
 

@@ -98,14 +98,17 @@ def test_watch_prints_one_json_object_a_line(gateway, tmp_path):
 
 
 @pytest.fixture
-def unplaceable(restored):
+def unplaceable(restored, pdmesh):
     """The shared gateway's decode actors ask for a Ray resource no node has, for this test;
-    its pending actors are removed after it."""
+    the pending actors it leaves are removed after it."""
     pool = restored.gateway.fleet.scenarios["default"].pool
     hardware = pool.spec.hardware["decode"]
     pool.spec.hardware["decode"] = hardware.model_copy(update={"resources": {"pdmesh_test_absent": 1}})
     yield pool
     pool.spec.hardware["decode"] = hardware
+    for actor in _actors(ok_json(pdmesh, "status")):
+        if actor["state"] == "pending":
+            pdmesh("remove", actor["actor_id"])
 
 
 def test_add_without_a_node_answers_pending_at_once_and_remove_cancels_it(pdmesh, unplaceable):
@@ -146,3 +149,46 @@ def test_each_change_logs_one_audit_line(pdmesh, caplog):
         "'default' would have 0 serving prefill actor(s), below its minimum of 1 (limits.prefill.min in its scenario "
         "file): start another prefill actor first (`pdmesh add default prefill`), or lower limits.prefill.min; or "
         "force it (--force))"]
+
+
+def _actor(actor_id: str, role: str, **changes) -> dict:
+    load = {"queued_prompt_tokens": 0, "queued_requests": 0, "active_requests": 0, "free_blocks": 100,
+            "num_blocks": 128, "prefill_tokens_per_s": 0.0, "decode_step_s": 0.0}
+    return {"actor_id": actor_id, "scenario": "s", "role": role, "state": "serving", "pid": 42, "node": "10.0.0.7",
+            "device": "cuda:0", "model": "/m", "load": load, "waiting_for": None, **changes}
+
+
+def test_columns_drop_before_they_cut_and_every_role_shows(monkeypatch):
+    from gateway.ops import _actor_rows
+
+    monkeypatch.setenv("COLUMNS", "80")
+    pools = [{"scenario": "s", "actors": [
+        _actor("a-scenario-with-a-rather-long-name-and-more-b12", "both"),
+        _actor("a-scenario-with-a-rather-long-name-and-more-p13", "prefill", state="pending", pid=None,
+               node=None, device=None, waiting_for="GPU 1 (at most 0 free on a node)")]}]
+    table = _actor_rows(pools)
+    lines = table.splitlines()
+    assert lines[0].split() == ["ACTOR", "ROLE", "STATE", "QUEUED"]  # KV USED and RUNNING went: 80 columns
+    assert lines[1].split() == ["a-scenario-with-a-rather-long-name-and-more-b12", "both", "serving", "0"]
+    assert lines[3] == ("a-scenario-with-a-rather-long-name-and-more-p13 is pending: no node has GPU 1 "
+                        "(at most 0 free on a node) free")
+    assert all(len(line) <= 80 for line in lines[:3])
+    wide = _actor_rows(pools, wide=True).splitlines()
+    assert wide[1].split()[-4:] == ["28/128", "10.0.0.7", "42", "cuda:0"] and wide[2].split()[-3:] == ["-"] * 3
+
+
+def test_a_refusal_that_says_what_to_do_is_not_repeated():
+    import grpc
+
+    from gateway.ops_client import AUTH, Target, _translate
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str):
+            self.code, self.details = (lambda: code), (lambda: details)
+
+    off = "the admin service is off: start the gateway with an admin key (--admin-key-file or PDMESH_ADMIN_KEY)"
+    error = _translate(Refused(grpc.StatusCode.PERMISSION_DENIED, off), Target("h:1", None))
+    assert (error.message, error.exit_code) == (f"the gateway refused: {off}", AUTH)
+    error = _translate(Refused(grpc.StatusCode.UNAUTHENTICATED, "wrong admin key"), Target("h:1", "k"))
+    assert error.message.startswith("the gateway refused the admin key: wrong admin key (pass the gateway's admin key")
+    assert "local credential" in error.message and error.exit_code == AUTH

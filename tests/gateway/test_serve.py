@@ -67,8 +67,11 @@ def test_vllm_flags_json_log_access_log_and_a_grpc_client_on_the_http_port(check
 
     args = ("--served-model-name", "tiny-chat", "--max-model-len", "64", "--api-key", "flag-key",
             "--log-format", "json", "--access-log")
+    (tmp_path / "pdmesh-home").write_text("")  # a file where the local credential's folder goes: serve goes on
     with serving(checkpoint, tmp_path, *args) as served:
         head = "".join(served.head)
+        assert "`pdmesh status` on this host (with an admin key)" in head
+        assert "no local admin credential: [Errno 17] File exists" in head
         assert "starting the actors" in head and "tiny: 1 prefill + 1 decode on tiny-chat" in head
         assert re.search(r"tiny-p\d+ serves as prefill on cpu \(pid \d+\), started in [\d.]+ s", head)
         assert "{'actor_id'" not in head  # one line per actor, no dict dump

@@ -26,13 +26,13 @@ from mesh.async_engine import AsyncEngine
 from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
+from mesh.engine.shard import kv_head_ranges
 from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
-from mesh.kv import KVConnector
+from mesh.kv import KVConnector, RankPool
 from mesh.prefix_index import PrefixRecord, chunk_tokens_for
 from transport import TransferError
 from transport.address import for_node
-from transport.layout import KVLayout
 from transport.memory import pool_zeros
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,6 @@ class MeshActor:
     async def start(self) -> ActorReport:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
-        if self.spec.engine.tensor_parallel_size > 1:  # transfers would move rank 0's KV heads only
-            raise MeshError("invalid_argument", "mesh actors run tensor_parallel_size 1 only: KV transfer between "
-                            "sharded engines is not built yet (issue 21); `pdmesh generate` runs TP engines")
         tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:
@@ -80,19 +77,21 @@ class MeshActor:
             engine = await loop.run_in_executor(None, Engine, self.spec.engine, pool_zeros)
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
+        if engine.rank_pools is None:  # the transport reaches the worker ranks' pools through host memory
+            engine.close()
+            raise MeshError("invalid_argument", f"a mesh actor moves the KV of tensor-parallel ranks on the CPU "
+                            f"only (their pools shared in host memory); on {engine.device} the worker ranks' "
+                            "pools are not shared yet: run tensor_parallel_size 1 there")
         self.engine = AsyncEngine(engine)
         self.engine.start()
         bs = engine.blocks.block_size
         cached = engine.blocks.num_blocks * bs if isinstance(engine.blocks, PrefixCache) else 0
         self.prefixes = PrefixRecord(chunk_tokens_for(bs, self.spec.prefix_chunk_tokens), cached)
-        kv = engine.kv.shape
-        layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
-                          kv.dtype, engine.device.type)
         import ray
 
         # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
         transport = for_node(self.spec.transport, ray.util.get_node_ip_address())
-        self.kv = KVConnector(self.engine, transport, layout, self.faults, self.spec.layerwise_kv)
+        self.kv = KVConnector(self.engine, transport, RankPool.of_engine(engine), self.faults, self.spec.layerwise_kv)
         if self.role is not Role.PREFILL:
             await self.kv.open_receiver()
         if self.spec.warmup:
@@ -119,7 +118,7 @@ class MeshActor:
             self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
             node=ctx.get_node_id() if ctx else None, device=str(eng.device) if eng else None,
             model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
-            load=self.load(), prefix=self.prefixes.report() if eng else None)
+            tensor_parallel_size=self.spec.engine.tensor_parallel_size, load=self.load(), prefix=self.prefixes.report() if eng else None)
 
     def load(self) -> LoadReport:
         if self.engine is None:
@@ -177,7 +176,7 @@ class MeshActor:
         try:
             self.faults.reached("prefill", rid)
             if lease is not None and self.kv.layerwise:
-                self.kv.stream(rid, lease.descriptor, lease.prefix_tokens)
+                self.kv.stream(rid, lease.parts, lease.prefix_tokens)
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
                                                                           output_ids=sent)):
@@ -198,7 +197,7 @@ class MeshActor:
                 return
             desc = lease.descriptor
             # the decode actor holds the lease's skipped prefix already
-            written = await self.kv.send(rid, desc, lease.prefix_tokens)
+            written = await self.kv.send(rid, lease.parts, lease.prefix_tokens)
             stats = written.stats
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
@@ -225,15 +224,22 @@ class MeshActor:
             self._done(rid)
 
     # -- decode role -----------------------------------------------------------------------
-    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> Lease:
+    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1,
+                      sender_sizes: list[int] | tuple[int, ...] = (1,)) -> Lease:
         """A lease for a request's prompt KV: admission by free blocks. The longest prefix this
         actor's prefix cache holds, in whole blocks of `align_tokens` (the prefill side's block
         size), is held here and left out of the lease: "prefix_tokens" and "prefix_blocks" say
-        how much, and the prefill side sends only what follows."""
+        how much, and the prefill side sends only what follows. sender_sizes: the tensor-parallel
+        sizes of the prefill actors that may send; the lease comes in parts (per rank here and
+        range of KV heads) that one rank of each can write."""
         if self.state is not ActorState.SERVING or self.role is Role.PREFILL or not self.kv.receiving:
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
-        r = await self.kv.reserve(list(prompt_token_ids), align_tokens)
-        return Lease(r.lease, r.prefix_tokens, r.prefix_blocks)
+        try:
+            senders = [kv_head_ranges(self.engine.engine.model_config, size) for size in sender_sizes]
+        except EngineError as e:
+            raise MeshError("invalid_argument", f"a sender's tensor-parallel size: {e}") from None
+        r = await self.kv.reserve(list(prompt_token_ids), align_tokens, senders)
+        return Lease(r.leases[0], r.prefix_tokens, r.prefix_blocks, r.leases[1:])
 
     async def renew_lease(self, lease_id: str) -> bool:
         """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""

@@ -24,6 +24,9 @@ class Hardware(BaseModel):
     # Custom Ray resources the node must offer, e.g. {"pdmesh_decode": 1} to place a role's
     # actors on the nodes started with that resource (a NIC, a rack, a node pool).
     resources: dict[str, float] = Field(default_factory=dict)
+    # Ranks one actor's engine spans (tensor parallelism), each with the CPUs, GPUs, NPUs and
+    # resources above, reserved together on one node; None: the engine config's.
+    tensor_parallel_size: int | None = Field(None, ge=1)
 
     @field_validator("resources")
     @classmethod

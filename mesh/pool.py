@@ -81,7 +81,8 @@ class Pool:
         role = Role(role)
         hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
-        engine = self.spec.engine.model_copy(update={"device": hw.device})
+        engine = self.spec.engine.model_copy(update={
+            "device": hw.device, "tensor_parallel_size": hw.tensor_parallel_size or self.spec.engine.tensor_parallel_size})
         actor_spec = ActorSpec(actor_id, self.spec.scenario, role, engine, self.spec.transport,
                                ttft_budget_s=self.spec.ttft_budget_s, warmup=self.spec.warmup,
                                otel_env=self.spec.otel_env, faults=self.spec.faults, fault_log=self.spec.fault_log,

@@ -55,6 +55,16 @@ class TransferStats:
     def to_dict(self) -> dict:
         return {**asdict(self), "gbps": self.gbps}
 
+    @classmethod
+    def merged(cls, parts: list[TransferStats]) -> TransferStats:
+        """The transfers of one request's parts (one per tensor-parallel rank and head range,
+        side by side) as one: their sums, and the longest duration."""
+        first = parts[0]
+        strategies = sorted({p.strategy for p in parts})
+        return cls(first.backend, "+".join(strategies), sum(p.bytes for p in parts),
+                   sum(p.ops for p in parts), sum(p.runs for p in parts), first.layers,
+                   max(p.duration_s for p in parts), first.path)
+
 
 @dataclass(frozen=True)
 class LeaseDescriptor:

@@ -4,10 +4,9 @@ model's KV heads differently (prefill TP=a, decode TP=b).
 Each side lists, per rank, the model-wide KV heads its pool holds: consecutive, and with more
 ranks than heads one head per rank, replicated. A receiving rank's heads are cut wherever a
 possible sender's ranks change: each piece (a Part, one lease) then lies within one rank of
-every sender, which writes it in one transfer. Where the sender replicates a head, the rank
-with the receiving rank's number sends if it holds it (equal splits: rank r to rank r, the
-sends spread over the ranks), else the lowest holding it; where the receiver replicates one,
-each replica is a part of its own.
+every sender, which writes it in one transfer. Where the receiver replicates a head, each
+replica is a part of its own; where the sender replicates one, the ranks holding it take
+the parts of those heads in turn (equal splits: rank r to rank r, the sends spread out).
 Pure arithmetic on ranges: the ranks' heads come from the engine's sharding.
 """
 
@@ -36,13 +35,19 @@ def parts(receiving: Sequence[range], senders: Sequence[Sequence[range]]) -> lis
     return out
 
 
-def sending_rank(sending: Sequence[range], part: Part) -> int:
-    """The sending rank that writes a part: one that holds every one of its heads (the part's
-    own rank number first); ValueError when none does (the part was cut for other senders)."""
-    heads = part.heads
-    holders = [rank for rank, held in enumerate(sending) if held.start <= heads[0] and heads[1] <= held.stop]
-    if holders:
-        return part.rank if part.rank in holders else holders[0]
-    raise ValueError(f"no rank of this side holds KV heads {heads[0]}..{heads[1] - 1} together "
-                     f"(its ranks hold {[f'{r.start}..{r.stop - 1}' for r in sending]}): the lease "
-                     "was cut for senders of other tensor-parallel sizes")
+def sending_ranks(sending: Sequence[range], wanted: Sequence[tuple[int, int]]) -> list[int]:
+    """For each part's heads, in order, the sending rank that writes it: one holding all of them,
+    in turn among those that do. ValueError when none does (the parts were cut for senders of
+    another split)."""
+    turns: dict[tuple[int, int], int] = {}
+    out = []
+    for heads in wanted:
+        holders = [rank for rank, held in enumerate(sending) if held.start <= heads[0] and heads[1] <= held.stop]
+        if not holders:
+            raise ValueError(f"no rank of this side holds KV heads {heads[0]}..{heads[1] - 1} together "
+                             f"(its ranks hold {[f'{r.start}..{r.stop - 1}' for r in sending]}): the lease "
+                             "was cut for senders of other tensor-parallel sizes")
+        turn = turns.get(heads, 0)
+        turns[heads] = turn + 1
+        out.append(holders[turn % len(holders)])
+    return out

@@ -5,14 +5,13 @@ receiving rank ends up with exactly its heads of the whole-model KV."""
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from mesh.engine.shard import Shard
+from mesh.engine.model_config import ModelConfig
+from mesh.engine.shard import kv_head_ranges
 from transport import TransportConfig, make_receiver, make_sender
-from transport.heads import Part, parts, sending_rank
+from transport.heads import Part, parts, sending_ranks
 from transport.layout import KVLayout
 from transport.peer import ListReserver, read_tokens
 from transport.plan import HeadSlice, Strategy, build_plan
@@ -20,12 +19,15 @@ from transport.plan import HeadSlice, Strategy, build_plan
 SIZES = (1, 2, 4)
 TOKENS = 21  # not a whole number of blocks
 SECRET = "pdmesh-test-secret-0123456789"
+# 8 query heads over a number of KV heads: what the sharding reads
+MODEL = dict(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
+             num_heads=8, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
+             qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None, rope={})
 
 
 def rank_heads(kv_heads: int, tp: int) -> list[range]:
     """Each rank's KV heads, as the engine shards them."""
-    cfg = SimpleNamespace(num_kv_heads=kv_heads)
-    return [Shard(r, tp).kv_heads(cfg) for r in range(tp)]
+    return kv_head_ranges(ModelConfig(**{**MODEL, "num_kv_heads": kv_heads}), tp)
 
 
 def layout(heads: int, num_blocks: int = 16) -> KVLayout:
@@ -58,8 +60,7 @@ async def move(kv_heads: int, a: int, b: int, backend: str) -> tuple[list[Part],
     leases = [receivers[p.rank].reserve(TOKENS, block_ids=block_ids, heads=p.heads) for p in cut]
     sent = []
     try:
-        for part, lease in zip(cut, leases):
-            rank = sending_rank(src, part)
+        for part, lease, rank in zip(cut, leases, sending_ranks(src, [p.heads for p in cut])):
             transfer = await sender.start(lease, src_pools[rank], layout(len(src[rank])), src_blocks,
                                           first_head=src[rank].start)
             sent.append((rank, lease.src_heads(src[rank].start)))
@@ -87,13 +88,17 @@ async def test_every_receiving_rank_gets_its_heads_from_the_ranks_that_hold_them
     for rank, heads in enumerate(dst):
         got = sorted(h for p in cut if p.rank == rank for h in range(*p.heads))
         assert got == list(heads)
-    # a part is never wider than the sending rank's heads; replicated heads go from the rank of the
-    # receiver's number if it holds them, else from the lowest that does
+    # a part is never wider than the sending rank's heads, which it reads from its own pool
     for part, (rank, heads) in zip(cut, sent):
         assert set(range(*part.heads)) <= set(src[rank])
-        holders = [r for r, held in enumerate(src) if part.heads[0] in held]
-        assert rank == (part.rank if part.rank in holders else holders[0])
         assert heads == HeadSlice(part.heads[0] - src[rank].start, part.heads[1] - part.heads[0])
+    # replicated heads: the ranks holding them send in turn
+    holders_sent = {}
+    for part, (rank, _) in zip(cut, sent):
+        holders_sent.setdefault(part.heads, []).append(rank)
+    for heads, ranks in holders_sent.items():
+        holders = [r for r, held in enumerate(src) if heads[0] in held]
+        assert ranks == [holders[i % len(holders)] for i in range(len(ranks))]
     if a == b:  # the same split: one part per rank, each rank to itself, whole pools (no gather)
         assert [(p.rank, r) for p, (r, _) in zip(cut, sent)] == [(r, r) for r in range(b)]
 
@@ -122,6 +127,6 @@ def test_a_part_cut_for_other_senders_says_which_heads_no_rank_holds():
     # a TP=4 sender holds no part whole
     cut = parts(rank_heads(4, 1), [rank_heads(4, 2)])
     assert cut == [Part(0, (0, 2)), Part(0, (2, 4))]
-    assert sending_rank(rank_heads(4, 1), cut[1]) == 0
+    assert sending_ranks(rank_heads(4, 1), [p.heads for p in cut]) == [0, 0]
     with pytest.raises(ValueError, match="no rank of this side holds KV heads 0..1 together"):
-        sending_rank(rank_heads(4, 4), cut[0])
+        sending_ranks(rank_heads(4, 4), [p.heads for p in cut])

@@ -7,6 +7,12 @@ decode:  reserves KV blocks for a request (a lease), waits for the commit, joins
          the request to its decode batch and streams tokens, one message per step.
 both:    serves whole requests alone (aggregated mode; one-actor pools).
 A flip drains the current role's work, then switches; weights stay loaded.
+
+An actor may span tensor-parallel ranks (its engine's worker processes, each holding some KV
+heads; the pool reserves their devices in a placement group). A rank's death, seen by a failed
+step or by a look every RANK_POLL_S, takes the actor down: it ends its leases and connections,
+stops the other ranks and ends its process, so that Ray fails its calls in flight (their
+requests move on) and the pool's supervisor replaces it.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from mesh.api import (ActorReport, ActorRequest, ActorSpec, ActorState, Committe
                       LoadReport, OfferReply, PrefixCacheStats, Role, StreamChunk)
 from mesh.async_engine import AsyncEngine
 from mesh.engine.errors import EngineError, RequestError
+from mesh.engine.parallel import TensorParallelError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
 from mesh.engine.shard import kv_head_ranges
@@ -38,6 +45,9 @@ from transport.memory import pool_zeros
 log = logging.getLogger(__name__)
 
 GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
+RANK_POLL_S = 0.2  # how often an actor with tensor-parallel ranks looks whether they all live
+GO_DOWN_S = 5.0  # how long an actor that lost a rank takes to end its leases and connections
+RANK_LOST_EXIT = 18  # the exit code of an actor that lost a rank
 LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
 
 
@@ -64,6 +74,8 @@ class MeshActor:
         self._idle = asyncio.Event()
         self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
         self._stopped = asyncio.Event()
+        self._rank_watch: asyncio.Task | None = None
+        self._going_down = False
         self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -83,6 +95,9 @@ class MeshActor:
                             f"only (their pools shared in host memory); on {engine.device} the worker ranks' "
                             "pools are not shared yet: run tensor_parallel_size 1 there")
         self.engine = AsyncEngine(engine)
+        if engine.ranks is not None:
+            self.engine.on_broken = self._rank_lost
+            self._rank_watch = asyncio.create_task(self._watch_ranks(engine.ranks))
         self.engine.start()
         bs = engine.blocks.block_size
         cached = engine.blocks.num_blocks * bs if isinstance(engine.blocks, PrefixCache) else 0
@@ -118,7 +133,8 @@ class MeshActor:
             self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
             node=ctx.get_node_id() if ctx else None, device=str(eng.device) if eng else None,
             model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
-            tensor_parallel_size=self.spec.engine.tensor_parallel_size, load=self.load(), prefix=self.prefixes.report() if eng else None)
+            tensor_parallel_size=self.spec.engine.tensor_parallel_size,
+            placement_group=ctx.get_placement_group_id() if ctx else None, load=self.load(), prefix=self.prefixes.report() if eng else None)
 
     def load(self) -> LoadReport:
         if self.engine is None:
@@ -138,12 +154,47 @@ class MeshActor:
         return self.spec.actor_id
 
     async def shutdown(self) -> None:
+        if self._rank_watch is not None:
+            self._rank_watch.cancel()  # the ranks stop now, on purpose
         self._stopped.set()
         tracing.flush()
         if self.kv:
             await self.kv.close()
         if self.engine:
             await self.engine.close()
+
+    # -- tensor-parallel ranks ---------------------------------------------------------------
+    async def _watch_ranks(self, ranks) -> None:
+        """Sees a rank die while no step runs (a step sees it at once)."""
+        while True:
+            await asyncio.sleep(RANK_POLL_S)
+            dead = ranks.dead()
+            if dead:
+                self._rank_lost(TensorParallelError(f"tensor-parallel {', '.join(dead)} died"))
+                return
+
+    def _rank_lost(self, error: TensorParallelError) -> None:
+        if not self._going_down:
+            self._going_down = True
+            asyncio.ensure_future(self._go_down(error))
+
+    async def _go_down(self, error: TensorParallelError) -> None:
+        """The engine cannot step without the lost rank: end the leases here (their blocks are
+        freed, their senders told by the closed connections), stop the other ranks, then end
+        this process, as a crash would but with the peers told."""
+        log.error("actor %s: %s: going down, for the pool to replace it", self.spec.actor_id, error)
+        self.state = ActorState.DRAINING  # offers and reservations are refused from here on
+        self.engine.engine.ranks.failure(error)  # stops the ranks still running
+        try:
+            await asyncio.wait_for(self.kv.close(), GO_DOWN_S)
+        except Exception as e:  # going down all the same
+            log.warning("actor %s: closing its KV connections failed: %r", self.spec.actor_id, e)
+        tracing.flush()
+        os._exit(RANK_LOST_EXIT)
+
+    def _kill_last_rank(self) -> None:
+        ranks = self.engine.engine.ranks
+        ranks.kill(ranks.size - 1)
 
     # -- prefill role ----------------------------------------------------------------------
     async def offer(self, prompt_tokens: int, ttft_budget_s: float | None = None,
@@ -293,6 +344,8 @@ class MeshActor:
                 chunk = _merge(outs)
                 if self.faults.faults:
                     self.faults.reached("decode_step", rid, sent + len(chunk.token_ids))
+                    self.faults.reached("rank_decode_step", rid, sent + len(chunk.token_ids),
+                                        self._kill_last_rank if self.engine.engine.ranks is not None else None)
                 sent += len(chunk.token_ids)
                 yield chunk
             span.set_attribute("pdmesh.output_tokens", chunk.num_output_tokens)

@@ -102,6 +102,7 @@ class ActorReport:
     model: str | None = None  # checkpoint folder
     block_size: int | None = None  # tokens per KV block
     tensor_parallel_size: int = 1  # ranks its engine spans (each holding some KV heads)
+    placement_group: str | None = None  # the Ray placement group holding its ranks' bundles (hex id)
     load: LoadReport = LoadReport()
     prefix: PrefixReport | None = None  # None: no engine yet
 

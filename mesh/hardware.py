@@ -47,6 +47,13 @@ class Hardware(BaseModel):
             opts["resources"] = resources
         return opts
 
+    def bundle(self) -> dict[str, float]:
+        """One tensor-parallel rank's share as a placement group bundle: the same resources (a
+        bundle cannot be empty: at least a sliver of a CPU)."""
+        opts = self.options()
+        bundle = {"CPU": opts["num_cpus"], "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
+        return {name: amount for name, amount in bundle.items() if amount > 0} or {"CPU": 0.01}
+
     @property
     def device(self) -> str:
         return device_for(self.num_gpus, self.npus)

@@ -156,6 +156,17 @@ class LocalRanks:
         except OSError as e:
             raise self.failure(TensorParallelError(f"cannot send a step to a tensor-parallel rank: {e}")) from None
 
+    def dead(self) -> list[str]:
+        """The worker ranks whose process has ended, with their exit codes."""
+        return [f"rank {rank} (exit code {proc.returncode})" for rank, proc in self._procs.items()
+                if proc.poll() is not None]
+
+    def kill(self, rank: int) -> None:
+        """Kills a worker rank's process as a crash would, and waits until it is gone (fault injection)."""
+        proc = self._procs[rank]
+        proc.kill()
+        proc.wait()
+
     def failure(self, error: TensorParallelError) -> TensorParallelError:
         """The error the engine fails with, naming the ranks that died; the engine is done."""
         if self.broken is None:

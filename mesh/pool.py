@@ -91,8 +91,7 @@ class Pool:
         role = Role(role)
         hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
-        engine = self.spec.engine.model_copy(update={
-            "device": hw.device, "tensor_parallel_size": hw.tensor_parallel_size or self.spec.engine.tensor_parallel_size})
+        engine = self.engine_for(hw)
         actor_spec = ActorSpec(actor_id, self.spec.scenario, role, engine, self.spec.transport,
                                ttft_budget_s=self.spec.ttft_budget_s, warmup=self.spec.warmup,
                                otel_env=self.spec.otel_env, faults=self.spec.faults, fault_log=self.spec.fault_log,
@@ -125,6 +124,12 @@ class Pool:
         log.info("pool %s: %s serves as %s on %s (pid %s), started in %.1f s", self.spec.scenario, actor_id,
                  role.value, member.info.device, member.info.pid, member.life.serving_at - member.life.starting_at)
         return member
+
+    def engine_for(self, hw: Hardware) -> EngineConfig:
+        """An actor's engine on this hardware: its device, and its tensor-parallel size (the
+        hardware's, else the pool's engine's)."""
+        return self.spec.engine.model_copy(update={
+            "device": hw.device, "tensor_parallel_size": hw.tensor_parallel_size or self.spec.engine.tensor_parallel_size})
 
     async def scale(self, prefill: int = 0, decode: int = 0, both: int = 0) -> None:
         """Starts actors until each role has at least the given count (in parallel)."""

@@ -75,7 +75,7 @@ class InstantActor:
         self.info = InstantCall(lambda: ready(self.report))
         self.ping = InstantCall(lambda: ready(actor_id))
         self.offer = InstantCall(lambda *a: ready(OfferReply(True, "idle")))
-        self.reserve = InstantCall(lambda prompt_token_ids, align_tokens=1: ready(instant_lease()))
+        self.reserve = InstantCall(lambda prompt_token_ids, align_tokens=1, sender_sizes=(1,): ready(instant_lease()))
         self.renew_lease = InstantCall(lambda lease_id: ready(True))
         self.release_lease = InstantCall(lambda lease_id: ready(True))
         self.until_stopped = InstantCall(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch

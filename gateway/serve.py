@@ -13,7 +13,7 @@ import click
 from gateway import local_admin
 from gateway.cli import CliError
 from gateway.logs import FORMATS, LEVELS
-from mesh import engine_options
+from mesh import engine_options, tensor_parallel_option
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 @click.option("--mode", type=click.Choice(["disaggregated", "aggregated", "auto"]), default=None,
               help="without --config: how the default scenario serves; default: aggregated on a host without "
                    "accelerators, else disaggregated (with --config, each scenario's mode: says)")
+@tensor_parallel_option
 @click.option("--served-model-name", default=None,
               help="the model name clients ask for; default: the checkpoint folder's name")
 @click.option("--max-model-len", type=click.IntRange(min=2), default=None,
@@ -51,9 +52,9 @@ log = logging.getLogger(__name__)
 @click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
               help="json: one JSON object a line (ts, level, logger, message, exc)")
 @click.option("--access-log", is_flag=True, help="log one line per HTTP request (logger aiohttp.access)")
-def serve(config_path, model, device, dtype, kv_cache_gb, mode, served_model_name, max_model_len, ray_address, host,
-          grpc_port, http_port, api_key, api_key_file, admin_key_file, tls_cert, tls_key, grace_s, log_level,
-          log_format, access_log):
+def serve(config_path, model, device, dtype, kv_cache_gb, mode, tensor_parallel_size, served_model_name,
+          max_model_len, ray_address, host, grpc_port, http_port, api_key, api_key_file, admin_key_file, tls_cert,
+          tls_key, grace_s, log_level, log_format, access_log):
     """Serve the mesh over gRPC and OpenAI-compatible HTTP."""
     import uvloop
 
@@ -61,7 +62,8 @@ def serve(config_path, model, device, dtype, kv_cache_gb, mode, served_model_nam
     from gateway.auth import Keys
     from gateway.server import Listen
 
-    cfg = _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode)
+    cfg = _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode,
+                  tensor_parallel_size)
     logs.configure(log_level, log_format)
     try:
         keys = Keys.load(api_key_file, admin_key_file)
@@ -74,9 +76,11 @@ def serve(config_path, model, device, dtype, kv_cache_gb, mode, served_model_nam
     uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
 
 
-def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode):
+def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode,
+            tensor_parallel_size=1):
     """The config file's (or the default one on --model), with the flags that override it, and
-    each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start."""
+    each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start.
+    --tensor-parallel-size is every role's that the config file gives no size of its own."""
     from gateway import config as serve_config
     from mesh import EngineError, ModelConfig, Tokenizer, default_model_dir
     from scenarios.spec import SpecError
@@ -92,6 +96,8 @@ def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, m
         overrides = {}
         if max_model_len:
             overrides["engine"] = {**cfg.engine, "max_model_len": max_model_len}
+        if tensor_parallel_size > 1:
+            overrides["engine"] = {**overrides.get("engine", cfg.engine), "tensor_parallel_size": tensor_parallel_size}
         if served_model_name:
             overrides["served_model_name"] = served_model_name
         if overrides:

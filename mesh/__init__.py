@@ -32,7 +32,7 @@ _PUBLIC = {
     "mesh.bench": ("percentile",),
     "mesh.engine.tokenizer": ("Tokenizer",),
     "mesh.engine.engine": ("Engine",),
-    "mesh.engine.cli": ("engine_options",),
+    "mesh.engine.cli": ("engine_options", "tensor_parallel_option"),
     "mesh.engine.device": ("cpu_has_fast_half", "npu_available", "resolve_device"),
     "mesh.engine.random_checkpoint": ("default_model_dir", "init_checkpoint"),
 }

@@ -7,6 +7,12 @@ decode:  reserves KV blocks for a request (a lease), waits for the commit, joins
          the request to its decode batch and streams tokens, one message per step.
 both:    serves whole requests alone (aggregated mode; one-actor pools).
 A flip drains the current role's work, then switches; weights stay loaded.
+
+An actor may span tensor-parallel ranks (its engine's worker processes, each holding some KV
+heads; the pool reserves their devices in a placement group). A rank's death, seen by a failed
+step or by a look every RANK_POLL_S, takes the actor down: it ends its leases and connections,
+stops the other ranks and ends its process, so that Ray fails its calls in flight (their
+requests move on) and the pool's supervisor replaces it.
 """
 from __future__ import annotations
 
@@ -24,20 +30,24 @@ from mesh.api import (ActorReport, ActorRequest, ActorSpec, ActorState, Committe
                       LoadReport, OfferReply, PrefixCacheStats, Role, StreamChunk)
 from mesh.async_engine import AsyncEngine
 from mesh.engine.errors import EngineError, RequestError
+from mesh.engine.parallel import TensorParallelError
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.prefix_cache import PrefixCache
+from mesh.engine.shard import kv_head_ranges
 from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
-from mesh.kv import KVConnector
+from mesh.kv import KVConnector, RankPool
 from mesh.prefix_index import PrefixRecord, chunk_tokens_for
 from transport import TransferError
 from transport.address import for_node
-from transport.layout import KVLayout
 from transport.memory import pool_zeros
 
 log = logging.getLogger(__name__)
 
 GIVE_BACK_S = 30.0  # how long a drain waits for the clean-up of the requests it gave back
+RANK_POLL_S = 0.2  # how often an actor with tensor-parallel ranks looks whether they all live
+GO_DOWN_S = 5.0  # how long an actor that lost a rank takes to end its leases and connections
+RANK_LOST_EXIT = 18  # the exit code of an actor that lost a rank
 LEASE_POLL_S = 0.05  # how often a drain looks whether the leases reserved here have ended
 
 
@@ -64,15 +74,14 @@ class MeshActor:
         self._idle = asyncio.Event()
         self._give_back = asyncio.Event()  # set when a drain ran out of time: requests here move on
         self._stopped = asyncio.Event()
+        self._rank_watch: asyncio.Task | None = None
+        self._going_down = False
         self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log)
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> ActorReport:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
-        if self.spec.engine.tensor_parallel_size > 1:  # transfers would move rank 0's KV heads only
-            raise MeshError("invalid_argument", "mesh actors run tensor_parallel_size 1 only: KV transfer between "
-                            "sharded engines is not built yet (issue 21); `pdmesh generate` runs TP engines")
         tracing.configure("pdmesh-actor", self.spec.otel_env)
         loop = asyncio.get_running_loop()
         try:
@@ -80,19 +89,24 @@ class MeshActor:
             engine = await loop.run_in_executor(None, Engine, self.spec.engine, pool_zeros)
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
+        if engine.rank_pools is None:  # the transport reaches the worker ranks' pools through host memory
+            engine.close()
+            raise MeshError("invalid_argument", f"a mesh actor moves the KV of tensor-parallel ranks on the CPU "
+                            f"only (their pools shared in host memory); on {engine.device} the worker ranks' "
+                            "pools are not shared yet: run tensor_parallel_size 1 there")
         self.engine = AsyncEngine(engine)
+        if engine.ranks is not None:
+            self.engine.on_broken = self._rank_lost
+            self._rank_watch = asyncio.create_task(self._watch_ranks(engine.ranks))
         self.engine.start()
         bs = engine.blocks.block_size
         cached = engine.blocks.num_blocks * bs if isinstance(engine.blocks, PrefixCache) else 0
         self.prefixes = PrefixRecord(chunk_tokens_for(bs, self.spec.prefix_chunk_tokens), cached)
-        kv = engine.kv.shape
-        layout = KVLayout(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim,
-                          kv.dtype, engine.device.type)
         import ray
 
         # This node's address, advertised to senders on other nodes (also pins UCX to a named NIC).
         transport = for_node(self.spec.transport, ray.util.get_node_ip_address())
-        self.kv = KVConnector(self.engine, transport, layout, self.faults, self.spec.layerwise_kv)
+        self.kv = KVConnector(self.engine, transport, RankPool.of_engine(engine), self.faults, self.spec.layerwise_kv)
         if self.role is not Role.PREFILL:
             await self.kv.open_receiver()
         if self.spec.warmup:
@@ -118,7 +132,8 @@ class MeshActor:
             self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
             node=ray.util.get_node_ip_address() if ray.is_initialized() else None, device=str(eng.device) if eng else None,
             model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
-            load=self.load(), prefix=self.prefixes.report() if eng else None)
+            tensor_parallel_size=self.spec.engine.tensor_parallel_size,
+            placement_group=ctx.get_placement_group_id() if ctx else None, load=self.load(), prefix=self.prefixes.report() if eng else None)
 
     def load(self) -> LoadReport:
         if self.engine is None:
@@ -138,12 +153,47 @@ class MeshActor:
         return self.spec.actor_id
 
     async def shutdown(self) -> None:
+        if self._rank_watch is not None:
+            self._rank_watch.cancel()  # the ranks stop now, on purpose
         self._stopped.set()
         tracing.flush()
         if self.kv:
             await self.kv.close()
         if self.engine:
             await self.engine.close()
+
+    # -- tensor-parallel ranks ---------------------------------------------------------------
+    async def _watch_ranks(self, ranks) -> None:
+        """Sees a rank die while no step runs (a step sees it at once)."""
+        while True:
+            await asyncio.sleep(RANK_POLL_S)
+            dead = ranks.dead()
+            if dead:
+                self._rank_lost(TensorParallelError(f"tensor-parallel {', '.join(dead)} died"))
+                return
+
+    def _rank_lost(self, error: TensorParallelError) -> None:
+        if not self._going_down:
+            self._going_down = True
+            asyncio.ensure_future(self._go_down(error))
+
+    async def _go_down(self, error: TensorParallelError) -> None:
+        """The engine cannot step without the lost rank: end the leases here (their blocks are
+        freed, their senders told by the closed connections), stop the other ranks, then end
+        this process, as a crash would but with the peers told."""
+        log.error("actor %s: %s: going down, for the pool to replace it", self.spec.actor_id, error)
+        self.state = ActorState.DRAINING  # offers and reservations are refused from here on
+        self.engine.engine.ranks.failure(error)  # stops the ranks still running
+        try:
+            await asyncio.wait_for(self.kv.close(), GO_DOWN_S)
+        except Exception as e:  # going down all the same
+            log.warning("actor %s: closing its KV connections failed: %r", self.spec.actor_id, e)
+        tracing.flush()
+        os._exit(RANK_LOST_EXIT)
+
+    def _kill_last_rank(self) -> None:
+        ranks = self.engine.engine.ranks
+        ranks.kill(ranks.size - 1)
 
     # -- prefill role ----------------------------------------------------------------------
     async def offer(self, prompt_tokens: int, ttft_budget_s: float | None = None,
@@ -176,7 +226,7 @@ class MeshActor:
         try:
             self.faults.reached("prefill", rid)
             if lease is not None and self.kv.layerwise:
-                self.kv.stream(rid, lease.descriptor, lease.prefix_tokens)
+                self.kv.stream(rid, lease.parts, lease.prefix_tokens)
             last = None
             async for outs in self.engine.stream(lambda: eng.add_request(ids, params, rid, prefill_only=True,
                                                                           output_ids=sent)):
@@ -197,7 +247,7 @@ class MeshActor:
                 return
             desc = lease.descriptor
             # the decode actor holds the lease's skipped prefix already
-            written = await self.kv.send(rid, desc, lease.prefix_tokens)
+            written = await self.kv.send(rid, lease.parts, lease.prefix_tokens)
             stats = written.stats
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
@@ -224,15 +274,22 @@ class MeshActor:
             self._done(rid)
 
     # -- decode role -----------------------------------------------------------------------
-    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1) -> Lease:
+    async def reserve(self, prompt_token_ids: list[int], align_tokens: int = 1,
+                      sender_sizes: list[int] | tuple[int, ...] = (1,)) -> Lease:
         """A lease for a request's prompt KV: admission by free blocks. The longest prefix this
         actor's prefix cache holds, in whole blocks of `align_tokens` (the prefill side's block
         size), is held here and left out of the lease: "prefix_tokens" and "prefix_blocks" say
-        how much, and the prefill side sends only what follows."""
+        how much, and the prefill side sends only what follows. sender_sizes: the tensor-parallel
+        sizes of the prefill actors that may send; the lease comes in parts (per rank here and
+        range of KV heads) that one rank of each can write."""
         if self.state is not ActorState.SERVING or self.role is Role.PREFILL or not self.kv.receiving:
             raise MeshError("unavailable", f"actor {self.spec.actor_id} is not serving decode")
-        r = await self.kv.reserve(list(prompt_token_ids), align_tokens)
-        return Lease(r.lease, r.prefix_tokens, r.prefix_blocks)
+        try:
+            senders = [kv_head_ranges(self.engine.engine.model_config, size) for size in sender_sizes]
+        except EngineError as e:
+            raise MeshError("invalid_argument", f"a sender's tensor-parallel size: {e}") from None
+        r = await self.kv.reserve(list(prompt_token_ids), align_tokens, senders)
+        return Lease(r.leases[0], r.prefix_tokens, r.prefix_blocks, r.leases[1:])
 
     async def renew_lease(self, lease_id: str) -> bool:
         """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""
@@ -286,6 +343,8 @@ class MeshActor:
                 chunk = _merge(outs)
                 if self.faults.faults:
                     self.faults.reached("decode_step", rid, sent + len(chunk.token_ids))
+                    self.faults.reached("rank_decode_step", rid, sent + len(chunk.token_ids),
+                                        self._kill_last_rank if self.engine.engine.ranks is not None else None)
                 sent += len(chunk.token_ids)
                 yield chunk
             span.set_attribute("pdmesh.output_tokens", chunk.num_output_tokens)

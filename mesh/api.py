@@ -101,6 +101,8 @@ class ActorReport:
     device: str | None = None  # torch device of the engine, "cpu" or "cuda:0"
     model: str | None = None  # checkpoint folder
     block_size: int | None = None  # tokens per KV block
+    tensor_parallel_size: int = 1  # ranks its engine spans (each holding some KV heads)
+    placement_group: str | None = None  # the Ray placement group holding its ranks' bundles (hex id)
     load: LoadReport = LoadReport()
     prefix: PrefixReport | None = None  # None: no engine yet
 
@@ -150,10 +152,17 @@ class OfferReply:
 class Lease:
     """A decode actor's KV reservation for one request (its answer to `reserve`). The prompt's
     first `prefix_tokens` (`prefix_blocks` blocks) it holds already: the prefill side writes
-    only what follows into the descriptor's blocks."""
+    only what follows into the descriptor's blocks. A decode actor with tensor-parallel ranks
+    leases in parts, one per receiving rank and range of KV heads: `descriptor` is the first
+    (its lease id names the lease), `rest` the others."""
     descriptor: LeaseDescriptor
     prefix_tokens: int = 0
     prefix_blocks: int = 0
+    rest: tuple[LeaseDescriptor, ...] = ()
+
+    @property
+    def parts(self) -> tuple[LeaseDescriptor, ...]:
+        return (self.descriptor, *self.rest)
 
     @property
     def lease_id(self) -> str:

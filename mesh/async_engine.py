@@ -7,7 +7,9 @@ event loop stays free to answer offers while a step computes.
 
 A request that fails in a step (the engine isolates it) ends its own stream with
 an "internal" MeshError; the others go on. Only a step that fails outside any one
-request (the scheduler's bookkeeping) fails every stream.
+request (the scheduler's bookkeeping) fails every stream. A step that fails because a
+tensor-parallel rank is gone ends the loop instead: the engine cannot step any more, and
+`on_broken` (the actor's) takes the whole actor down, so its requests move on elsewhere.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from mesh.engine.engine import Engine, RequestOutput
+from mesh.engine.parallel import TensorParallelError
 from mesh.errors import MeshError
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        # Called on the event loop when a rank is gone (TensorParallelError); None: streams fail.
+        self.on_broken: Callable[[TensorParallelError], None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -144,6 +149,9 @@ class AsyncEngine:
                 queue = self._streams.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
+            if isinstance(error, TensorParallelError) and self.on_broken is not None:
+                self.on_broken(error)
+                return  # no step can run: the streams end with the actor
             if error is not None:
                 self._fail_all(error)
         # What was queued before the close still happens (blocks of ended leases go back).

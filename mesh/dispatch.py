@@ -308,12 +308,15 @@ class Dispatcher:
             members = await self._members(Role.DECODE, lost, step, events)
             # Whichever prefill actor takes the request sends whole blocks of its own after the
             # prefix the decode actor already holds.
-            align = math.lcm(*(m.info.block_size or 1 for m in self._live(Role.PREFILL, lost)))
+            prefills = self._live(Role.PREFILL, lost)
+            align = math.lcm(*(m.info.block_size or 1 for m in prefills))
+            # ... and from each of its tensor-parallel ranks, the KV heads that rank holds
+            sizes = sorted({m.info.tensor_parallel_size for m in prefills} or {1})
             last_error = None
             for member in self.router.decode_order(members):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
-                    lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align)
+                    lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align, sizes)
                     events.append(Event("decode_reserved", {"actor": member.actor_id,
                                                             "prefix_tokens": lease.prefix_tokens,
                                                             "prefix_blocks": lease.prefix_blocks}))

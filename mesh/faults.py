@@ -5,6 +5,8 @@ PDMESH_FAULT holds faults separated by ";", each `kill:<point>[=N][@actor=<id>][
   kill:prefill                    a prefill, once the request is queued in the engine
   kill:transfer_after_layers=N    a KV send, after N layers went to the sender (the lease is being written)
   kill:decode_step=K              a decode (or whole-request) stream, before it sends its K-th token
+  kill:rank_decode_step=K         the same, on an actor with tensor-parallel ranks: its last worker
+                                  rank's process is killed instead (the actor then takes itself down)
 `@actor=` and `@request=` scope a fault to one actor id or one request id (exact); the
 dispatcher gives a request's retries ids of their own (`<id>.<attempt>`), so a fault scoped
 to a request fires on its first attempt only. Pools hand their spec's faults (by default the
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 ENV = "PDMESH_FAULT"
 LOG_ENV = "PDMESH_FAULT_LOG"
-POINTS = ("prefill", "transfer_after_layers", "decode_step")
+POINTS = ("prefill", "transfer_after_layers", "decode_step", "rank_decode_step")
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,14 @@ class FaultPoints:
         self.actor_id = actor_id
         self.log_path = log_path if log_path is not None else os.environ.get(LOG_ENV)
 
-    def reached(self, point: str, request_id: str, n: int = 0) -> None:
-        """Kills this process when an armed fault matches (point, n-th layer or step, request)."""
+    def reached(self, point: str, request_id: str, n: int = 0, victim: Callable[[], None] | None = None) -> None:
+        """Kills this process (or calls `victim`, which kills another) when an armed fault matches
+        (point, n-th layer or step, request)."""
         if any(f.matches(point, n, self.actor_id, request_id) for f in self.faults):
             self._record(Fired(point, n, self.actor_id, request_id))
+            if victim is not None:
+                victim()
+                return
             os._exit(17)  # as abrupt as a crash: no clean-up, no goodbye to the peers
 
     def _record(self, fired: Fired) -> None:

@@ -24,6 +24,9 @@ class Hardware(BaseModel):
     # Custom Ray resources the node must offer, e.g. {"pdmesh_decode": 1} to place a role's
     # actors on the nodes started with that resource (a NIC, a rack, a node pool).
     resources: dict[str, float] = Field(default_factory=dict)
+    # Ranks one actor's engine spans (tensor parallelism), each with the CPUs, GPUs, NPUs and
+    # resources above, reserved together on one node; None: the engine config's.
+    tensor_parallel_size: int | None = Field(None, ge=1)
 
     @field_validator("resources")
     @classmethod
@@ -43,6 +46,13 @@ class Hardware(BaseModel):
         if resources:
             opts["resources"] = resources
         return opts
+
+    def bundle(self) -> dict[str, float]:
+        """One tensor-parallel rank's share as a placement group bundle: the same resources (a
+        bundle cannot be empty: at least a sliver of a CPU)."""
+        opts = self.options()
+        bundle = {"CPU": opts["num_cpus"], "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
+        return {name: amount for name, amount in bundle.items() if amount > 0} or {"CPU": 0.01}
 
     @property
     def device(self) -> str:

@@ -1,5 +1,10 @@
 """Pools: each scenario's actors, placed on hardware by Ray resources.
 
+An actor whose engine spans tensor-parallel ranks gets a placement group of one bundle per
+rank (its role's hardware each), STRICT_PACK on one node, and starts in bundle 0; the other
+bundles hold the devices its worker ranks (processes its engine starts) run on. The group
+lives as long as the actor: it goes when the actor is removed, lost or closed.
+
 `members` are the actors that started: the dispatcher routes to them alone. `offline` are
 those starting or dead, shown in status and metrics and never routed; a death moves an actor
 from `members` to `offline` at once (`lose`), and its replacement (mesh.supervisor) goes from
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mesh import faults, tracing
 from mesh.actor import MeshActor
@@ -33,6 +40,8 @@ from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, 
 from mesh.serving_mode import Mode
 
 if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
     from transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -62,10 +71,11 @@ class PoolSpec:
 class Member:
     actor_id: str
     role: Role
-    handle: "ray.actor.ActorHandle"
+    handle: "ray.actor.ActorHandle | None"  # None only while its placement group is reserved
     info: ActorReport  # its last report (the pool's own while it starts, and once it is dead)
     hardware: Hardware | None = None  # what it runs on: a replacement asks Ray for the same
     life: Life = Life()  # when it started, served, died; which actor it replaced
+    placement: "PlacementGroup | None" = None  # its ranks' bundles, for a tensor-parallel actor
     missed_reports: int = 0  # load reports in a row that failed or timed out
     waiting_for: str | None = None  # starting, and no node has these Ray resources free (mesh.placement)
 
@@ -93,28 +103,30 @@ class Pool:
         role = Role(role)
         hw = hardware or self.spec.hardware.get(role.value, Hardware())
         actor_id = f"{self.spec.scenario}-{role.value[0]}{next(_ids)}"
-        engine = self.spec.engine.model_copy(update={"device": hw.device})
+        engine = self.engine_for(hw)
         actor_spec = ActorSpec(actor_id, self.spec.scenario, role, engine, self.spec.transport,
                                ttft_budget_s=self.spec.ttft_budget_s, warmup=self.spec.warmup,
                                otel_env=self.spec.otel_env, faults=self.spec.faults, fault_log=self.spec.fault_log,
                                layerwise_kv=self.spec.layerwise_kv)
-        cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
-                                            **hw.options())
-        waiting_for = unmet(hw.options())
-        handle = cls.remote(actor_spec)
         life = Life(starting_at=time.time())
         if replaces is not None:
             life = dataclasses.replace(life, replaces=replaces.actor_id, dead_at=replaces.life.dead_at)
-        member = Member(actor_id, role, handle, ActorReport(actor_id, self.spec.scenario, role, ActorState.STARTING),
-                        hardware=hw, life=life, waiting_for=waiting_for)
+        member = Member(actor_id, role, None, ActorReport(actor_id, self.spec.scenario, role, ActorState.STARTING),
+                        hardware=hw, life=life, waiting_for=unmet(hw.options()))
         self.offline[actor_id] = member
         self._changed()
         if created is not None:
             created(member)
         try:
-            info = await asyncio.wait_for(handle.start.remote(), start_timeout_s)
+            options = hw.options()
+            if engine.tensor_parallel_size > 1:
+                member.placement = await _ranks_placement(actor_id, hw, engine.tensor_parallel_size, start_timeout_s)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(member.placement, 0)
+            cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0, **options)
+            member.handle = cls.remote(actor_spec)
+            info = await asyncio.wait_for(member.handle.start.remote(), start_timeout_s)
         except BaseException:
-            _kill(handle)
+            _end(member)
             raise
         finally:
             self.offline.pop(actor_id, None)
@@ -126,6 +138,12 @@ class Pool:
         log.info("pool %s: %s serves as %s on %s (pid %s), started in %.1f s", self.spec.scenario, actor_id,
                  role.value, member.info.device, member.info.pid, member.life.serving_at - member.life.starting_at)
         return member
+
+    def engine_for(self, hw: Hardware) -> EngineConfig:
+        """An actor's engine on this hardware: its device, and its tensor-parallel size (the
+        hardware's, else the pool's engine's)."""
+        return self.spec.engine.model_copy(update={
+            "device": hw.device, "tensor_parallel_size": hw.tensor_parallel_size or self.spec.engine.tensor_parallel_size})
 
     async def scale(self, prefill: int = 0, decode: int = 0, both: int = 0) -> None:
         """Starts actors until each role has at least the given count (in parallel)."""
@@ -218,7 +236,7 @@ class Pool:
             await member.handle.shutdown.remote()
         except ray.exceptions.RayActorError:
             pass  # already dead
-        ray.kill(member.handle)
+        _end(member)
         return dataclasses.replace(result, warning=warning)
 
     def roles(self) -> PoolRoles:
@@ -265,7 +283,7 @@ class Pool:
         member.info = dataclasses.replace(member.info, state=ActorState.DEAD)
         self.offline[actor_id] = member
         self._changed()
-        _kill(member.handle)
+        _end(member)
         return member
 
     def forget(self, actor_id: str) -> None:
@@ -329,18 +347,34 @@ class Pool:
 
     async def close(self) -> None:
         for actor_id in list(self.offline):
-            _kill(self.offline.pop(actor_id).handle)
+            _end(self.offline.pop(actor_id))
         for actor_id in list(self.members):
             member = self.members.pop(actor_id)
             try:
                 await member.handle.shutdown.remote()
             except ray.exceptions.RayActorError:
                 pass
-            ray.kill(member.handle)
+            _end(member)
 
 
-def _kill(handle) -> None:
+async def _ranks_placement(actor_id: str, hw: Hardware, size: int, timeout_s: float | None) -> "PlacementGroup":
+    """One bundle per tensor-parallel rank, all on one node, once Ray reserved them."""
+    group = placement_group([hw.bundle() for _ in range(size)], strategy="STRICT_PACK", name=f"{actor_id}-ranks")
     try:
-        ray.kill(handle, no_restart=True)
-    except Exception:  # already gone
-        pass
+        await asyncio.wait_for(group.ready(), timeout_s)
+    except BaseException:
+        remove_placement_group(group)
+        raise
+    return group
+
+
+def _end(member: Member) -> None:
+    """Kills the actor (no restart by Ray) and gives its ranks' bundles back."""
+    if member.handle is not None:
+        try:
+            ray.kill(member.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+    if member.placement is not None:
+        remove_placement_group(member.placement)
+        member.placement = None

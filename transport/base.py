@@ -13,7 +13,7 @@ from enum import Enum
 import torch
 
 from .layout import KVLayout
-from .plan import Strategy, TransferPlan, build_plan
+from .plan import HeadSlice, Strategy, TransferPlan, build_plan
 
 
 class TransferState(str, Enum):
@@ -55,10 +55,23 @@ class TransferStats:
     def to_dict(self) -> dict:
         return {**asdict(self), "gbps": self.gbps}
 
+    @classmethod
+    def merged(cls, parts: list[TransferStats]) -> TransferStats:
+        """The transfers of one request's parts (one per tensor-parallel rank and head range,
+        side by side) as one: their sums, and the longest duration."""
+        first = parts[0]
+        strategies = sorted({p.strategy for p in parts})
+        return cls(first.backend, "+".join(strategies), sum(p.bytes for p in parts),
+                   sum(p.ops for p in parts), sum(p.runs for p in parts), first.layers,
+                   max(p.duration_s for p in parts), first.path)
+
 
 @dataclass(frozen=True)
 class LeaseDescriptor:
-    """What a sender needs to write into a receiver's lease (msgpack-able)."""
+    """What a sender needs to write into a receiver's lease (msgpack-able).
+
+    Heads are numbered model-wide: a tensor-parallel rank's pool holds KV heads
+    [first_head, first_head + layout.kv_heads), and a lease may take only some of them."""
 
     lease_id: str
     backend: str
@@ -68,18 +81,36 @@ class LeaseDescriptor:
     block_ids: tuple[int, ...]
     num_tokens: int
     ttl_s: float
+    heads: tuple[int, int] | None = None  # the KV heads [start, stop) it takes; None: all of its pool's
+    first_head: int = 0  # the receiving pool's first KV head
+
+    @property
+    def head_range(self) -> range:
+        start, stop = self.heads or (self.first_head, self.first_head + self.layout.kv_heads)
+        return range(start, stop)
+
+    def dst_heads(self) -> HeadSlice:
+        """The lease's heads in its pool."""
+        return HeadSlice(self.head_range.start - self.first_head, len(self.head_range))
+
+    def src_heads(self, first_head: int) -> HeadSlice:
+        """The lease's heads in a sending pool whose first head is ``first_head``."""
+        return HeadSlice(self.head_range.start - first_head, len(self.head_range))
 
     def to_wire(self) -> dict:
         return {"lease_id": self.lease_id, "backend": self.backend, "host": self.host,
                 "port": self.port, "layout": self.layout.to_wire(),
                 "block_ids": list(self.block_ids), "num_tokens": self.num_tokens,
-                "ttl_s": self.ttl_s}
+                "ttl_s": self.ttl_s, "heads": list(self.heads) if self.heads else None,
+                "first_head": self.first_head}
 
     @classmethod
     def from_wire(cls, d: dict) -> LeaseDescriptor:
+        heads = d.get("heads")
         return cls(d["lease_id"], d["backend"], d["host"], int(d["port"]),
                    KVLayout.from_wire(d["layout"]), tuple(d["block_ids"]),
-                   int(d["num_tokens"]), float(d["ttl_s"]))
+                   int(d["num_tokens"]), float(d["ttl_s"]),
+                   (int(heads[0]), int(heads[1])) if heads else None, int(d.get("first_head", 0)))
 
 
 @dataclass(frozen=True)
@@ -125,9 +156,10 @@ class KVSender(ABC):
 
     @abstractmethod
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
-                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
-                    ) -> Transfer:
-        """Connect to the lease's receiver and agree the plan; layers follow."""
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS,
+                    first_head: int = 0) -> Transfer:
+        """Connect to the lease's receiver and agree the plan; layers follow. ``first_head``:
+        the model-wide number of the pool's first KV head (a tensor-parallel rank's)."""
 
     async def send(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS,
@@ -141,8 +173,8 @@ class KVSender(ABC):
         """Release connections and buffers."""
 
     def _plan(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
-              block_ids: list[int], strategy: Strategy | str, gather_threshold: int
-              ) -> TransferPlan:
+              block_ids: list[int], strategy: Strategy | str, gather_threshold: int,
+              first_head: int = 0) -> TransferPlan:
         """The plan from this side's blocks into the lease's; a request that cannot
         be planned fails as a TransferError, before anything is sent."""
         if lease.backend != self.backend:
@@ -151,7 +183,8 @@ class KVSender(ABC):
         try:
             layout.check_pool(pool)
             return build_plan(layout, block_ids, lease.layout, list(lease.block_ids),
-                              lease.num_tokens, strategy, gather_threshold)
+                              lease.num_tokens, strategy, gather_threshold,
+                              lease.src_heads(first_head), lease.dst_heads())
         except ValueError as e:
             raise TransferError("plan", str(e), lease.lease_id) from None
 
@@ -161,9 +194,11 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def reserve(self, num_tokens: int, ttl_s: float | None = None,
-                block_ids: list[int] | None = None) -> LeaseDescriptor:
+                block_ids: list[int] | None = None, heads: tuple[int, int] | None = None
+                ) -> LeaseDescriptor:
         """Reserve blocks for one request's KV (``block_ids``: blocks the caller allocated for
-        it, else the receiver's reserver allocates); they are freed if not committed in time."""
+        it, else the receiver's reserver allocates); they are freed if not committed in time.
+        ``heads``: the model-wide KV heads [start, stop) the lease takes (default: the pool's)."""
 
     @abstractmethod
     async def wait(self, lease_id: str, timeout_s: float | None = None) -> ReceivedKV:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .layout import byte_view, layer_tokens
 from .memory import host_buffer
-from .plan import TransferPlan
+from .plan import HeadSlice, TransferPlan
 
 
 def op_views(plan: TransferPlan, pool: torch.Tensor, layer: int, side: str) -> list[torch.Tensor]:
@@ -38,19 +38,28 @@ def gather_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torc
                  index: torch.Tensor) -> None:
     """K then V of the request's tokens (``index``: their source slots), in the receiver's
     dtype, into ``stage`` (on the pool's device or in pinned host memory)."""
-    dst = plan.dst_layout
-    out = stage.view(dst.dtype).view(2, plan.num_tokens, dst.kv_heads, dst.head_dim)
+    out = _staged(plan, stage)
     for kv in (0, 1):
-        out[kv].copy_(layer_tokens(pool, layer, kv).index_select(0, index), non_blocking=True)
+        out[kv].copy_(_heads(pool, layer, kv, plan.src_heads).index_select(0, index), non_blocking=True)
 
 
 def scatter_layer(plan: TransferPlan, pool: torch.Tensor, layer: int, stage: torch.Tensor,
                   index: torch.Tensor) -> None:
     """The inverse of gather_layer; ``index``: the destination slots."""
-    dst = plan.dst_layout
-    staged = stage.view(dst.dtype).view(2, plan.num_tokens, dst.kv_heads, dst.head_dim)
+    staged = _staged(plan, stage)
     for kv in (0, 1):
-        layer_tokens(pool, layer, kv).index_copy_(0, index, staged[kv].to(pool.device, non_blocking=True))
+        _heads(pool, layer, kv, plan.dst_heads).index_copy_(0, index, staged[kv].to(pool.device, non_blocking=True))
+
+
+def _staged(plan: TransferPlan, stage: torch.Tensor) -> torch.Tensor:
+    """A layer's staging buffer as [K/V, tokens, heads moved, head_dim] in the receiver's dtype."""
+    dst = plan.dst_layout
+    return stage.view(dst.dtype).view(2, plan.num_tokens, plan.dst_heads.count, dst.head_dim)
+
+
+def _heads(pool: torch.Tensor, layer: int, kv: int, heads: HeadSlice) -> torch.Tensor:
+    """One layer's K or V cache, the plan's heads only: [slots, heads, head_dim] (a strided view)."""
+    return layer_tokens(pool, layer, kv)[:, heads.start:heads.start + heads.count]
 
 
 class StagingPool:

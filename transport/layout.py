@@ -65,9 +65,9 @@ class KVLayout:
         return -(-num_tokens // self.block_size)
 
     def compatible(self, other: KVLayout) -> bool:
-        """Whether KV can move between the two pools (the plan converts the rest)."""
-        return (self.num_layers, self.kv_heads, self.head_dim) == (
-            other.num_layers, other.kv_heads, other.head_dim)
+        """Whether KV can move between the two pools (the plan converts the rest; it checks
+        that both sides move as many heads)."""
+        return (self.num_layers, self.head_dim) == (other.num_layers, other.head_dim)
 
     def allocate(self) -> torch.Tensor:
         return pool_zeros(self.shape, self.dtype, self.device)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
+from .plan import HeadSlice
+
 
 @runtime_checkable
 class BlockReserver(Protocol):
@@ -51,6 +53,7 @@ class Lease:
     expires_at: float
     state: LeaseState = LeaseState.RESERVED
     on_end: list[Callable[[str], None]] = field(default_factory=list)
+    heads: HeadSlice | None = None  # the KV heads of the pool it takes (None: all)
 
 
 class LeaseTable:

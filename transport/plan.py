@@ -4,6 +4,11 @@ Token t of a request lives in block ``ids[t // block_size]`` at slot
 ``t % block_size`` on each side, so the sender and receiver may use different
 block sizes. A run is a range of tokens contiguous in both pools; it is one
 byte range per (layer, K/V) and one transport op.
+
+A plan may move a slice of the KV heads (tensor-parallel ranks hold a part of them): heads
+[start, start + count) of each side's pool. A slice that is not every head of its pool is
+strided (a token's heads are contiguous, the next token's are a pool row further), so such a
+plan gathers: one op per layer through staging, scattered on the receiver.
 """
 
 from __future__ import annotations
@@ -26,6 +31,20 @@ class Strategy(str, Enum):
     GATHER = "gather"          # always gather into staging and scatter on the receiver
 
 
+@dataclass(frozen=True)
+class HeadSlice:
+    """KV heads [start, start + count) of one pool, in that pool's own numbering."""
+
+    start: int
+    count: int
+
+    def within(self, layout: KVLayout) -> bool:
+        return self.count > 0 and 0 <= self.start and self.start + self.count <= layout.kv_heads
+
+    def whole(self, layout: KVLayout) -> bool:
+        return (self.start, self.count) == (0, layout.kv_heads)
+
+
 def token_slots(block_ids: list[int] | np.ndarray, block_size: int, num_tokens: int) -> np.ndarray:
     ids = np.asarray(block_ids, dtype=np.int64)
     if len(ids) * block_size < num_tokens:
@@ -46,6 +65,8 @@ class TransferPlan:
     dst_slots: np.ndarray   # per token, slot in the destination layer cache
     run_starts: np.ndarray  # first token of each run
     run_lengths: np.ndarray
+    src_heads: HeadSlice
+    dst_heads: HeadSlice
 
     @property
     def gathers(self) -> bool:
@@ -62,7 +83,7 @@ class TransferPlan:
 
     @property
     def wire_token_bytes(self) -> int:
-        return self.dst_layout.token_bytes
+        return self.dst_heads.count * self.dst_layout.head_dim * self.dst_layout.itemsize
 
     @property
     def layer_bytes(self) -> int:
@@ -73,7 +94,8 @@ class TransferPlan:
         return self.dst_layout.num_layers * self.layer_bytes
 
     def byte_ranges(self, layer: int, side: str) -> list[tuple[int, int]]:
-        """(offset, length) of every op of a layer in the flat byte view of one pool."""
+        """(offset, length) of every op of a layer in the flat byte view of one pool (a plan of
+        whole-pool head slices: others gather)."""
         layout = self.src_layout if side == "src" else self.dst_layout
         slots = self.src_slots if side == "src" else self.dst_slots
         tb = layout.token_bytes
@@ -100,9 +122,18 @@ def build_plan(
     num_tokens: int,
     strategy: Strategy | str = Strategy.CONTIGUOUS,
     gather_threshold: int = DEFAULT_GATHER_THRESHOLD,
+    src_heads: HeadSlice | None = None,
+    dst_heads: HeadSlice | None = None,
 ) -> TransferPlan:
+    """src_heads, dst_heads: the KV heads moved, out of and into each pool (default: all)."""
     strategy = Strategy(strategy)
-    if not src_layout.compatible(dst_layout):
+    src_heads = src_heads or HeadSlice(0, src_layout.kv_heads)
+    dst_heads = dst_heads or HeadSlice(0, dst_layout.kv_heads)
+    for name, heads, layout in (("source", src_heads, src_layout), ("destination", dst_heads, dst_layout)):
+        if not heads.within(layout):
+            raise ValueError(f"{name} heads {heads.start}..{heads.start + heads.count - 1} are not among "
+                             f"the {layout.kv_heads} KV heads of its pool")
+    if not src_layout.compatible(dst_layout) or src_heads.count != dst_heads.count:
         raise ValueError("sender and receiver differ in layers, kv_heads or head_dim")
     if num_tokens <= 0:
         raise ValueError("num_tokens must be positive")
@@ -120,8 +151,11 @@ def build_plan(
     # A byte copy cannot convert dtypes. Devices do not matter here: where each side's
     # bytes sit when they move (its pool, or host staging) is its path (path.py).
     converts = src_layout.dtype != dst_layout.dtype
-    if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts):
+    strided = not (src_heads.whole(src_layout) and dst_heads.whole(dst_layout))
+    if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts or strided):
         strategy = Strategy.GATHER
-    if strategy is Strategy.BLOCKS and converts:
-        raise ValueError("the blocks strategy moves raw bytes: layouts must share dtype")
-    return TransferPlan(strategy, num_tokens, src_layout, dst_layout, src, dst, starts, lengths)
+    if strategy is Strategy.BLOCKS and (converts or strided):
+        raise ValueError("the blocks strategy moves whole tokens' raw bytes: layouts must share dtype, "
+                         "and the plan move every KV head of both pools")
+    return TransferPlan(strategy, num_tokens, src_layout, dst_layout, src, dst, starts, lengths,
+                        src_heads, dst_heads)

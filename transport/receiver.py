@@ -13,7 +13,7 @@ import torch
 from .aio import wait_for
 from .base import KVReceiver, LeaseDescriptor, ReceivedKV, TransferError, TransferStats
 from .layout import KVLayout
-from .lease import BlockReserver, LeaseError, LeaseTable
+from .lease import BlockReserver, Lease, LeaseError, LeaseTable
 
 # Outcomes of ended leases kept for a late ``wait`` (the commit may land before the
 # engine asks); past this many, the oldest go, so unclaimed leases cannot pile up.
@@ -30,6 +30,7 @@ class LeasingReceiver(KVReceiver):
         self.layout = layout
         self.host, self.port = host, port
         self._ttl_s = lease_ttl_s
+        self.first_head = 0  # the model-wide number of the pool's first KV head (a tensor-parallel rank's)
         self.leases = LeaseTable(reserver, layout.block_size, clock)
         self._waiters: dict[str, asyncio.Future] = {}
         self._ended_ids: deque[str] = deque()
@@ -37,13 +38,19 @@ class LeasingReceiver(KVReceiver):
         self._stoppers: dict[str, Callable[[], None]] = {}
 
     def reserve(self, num_tokens: int, ttl_s: float | None = None,
-                block_ids: list[int] | None = None) -> LeaseDescriptor:
+                block_ids: list[int] | None = None, heads: tuple[int, int] | None = None
+                ) -> LeaseDescriptor:
         ttl_s = ttl_s or self._ttl_s
+        own = range(self.first_head, self.first_head + self.layout.kv_heads)
+        if heads is not None and not (heads[0] < heads[1] and heads[0] in own and heads[1] - 1 in own):
+            raise LeaseError(f"KV heads {heads[0]}..{heads[1] - 1} are not among this pool's {own.start}..{own.stop - 1}")
         lease = self.leases.reserve(num_tokens, ttl_s, block_ids)
         self._waiters[lease.lease_id] = asyncio.get_running_loop().create_future()
         lease.on_end.append(self._ended)
-        return LeaseDescriptor(lease.lease_id, self.backend, self.host, self.port, self.layout,
-                               tuple(lease.block_ids), num_tokens, ttl_s)
+        desc = LeaseDescriptor(lease.lease_id, self.backend, self.host, self.port, self.layout,
+                               tuple(lease.block_ids), num_tokens, ttl_s, heads, self.first_head)
+        lease.heads = desc.dst_heads()
+        return desc
 
     async def wait(self, lease_id: str, timeout_s: float | None = None) -> ReceivedKV:
         fut = self._waiters.get(lease_id)
@@ -73,15 +80,15 @@ class LeasingReceiver(KVReceiver):
     async def close(self) -> None:
         self.leases.abort_all()
 
-    def begin_writing(self, lease_id: str, stop: Callable[[], None]) -> list[int]:
-        """A sender starts writing: its blocks, and how to stop it if the lease ends.
-        The writer calls ``writer_done`` (or ``fail``) once it can write no more."""
+    def begin_writing(self, lease_id: str, stop: Callable[[], None]) -> Lease:
+        """A sender starts writing: the lease (its blocks and heads), and how to stop it if it
+        ends. The writer calls ``writer_done`` (or ``fail``) once it can write no more."""
         try:
             lease = self.leases.start_writing(lease_id)
         except LeaseError as e:
             raise TransferError("lease", str(e), lease_id) from None
         self._stoppers[lease_id] = stop
-        return lease.block_ids
+        return lease
 
     def complete(self, lease_id: str, stats: TransferStats) -> None:
         """Every byte landed: the blocks go to whoever waits for the lease."""

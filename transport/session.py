@@ -7,7 +7,7 @@ The handshake has its own short deadline, and a connection in it holds no authen
 slot (admission.py); a connection the receiver will not keep gets an error that says
 why (code busy: a limit; timeout: the handshake took too long) before it is closed.
 Per transfer, on an idle connection (one round trip before data, one after):
-  sender:   begin(lease, layout, block ids, plan, its path)
+  sender:   begin(lease, layout, block ids, plan, its KV heads, its path)
   receiver: ready(tag base, data-plane address, lease time left, its path)
   ... data: layer by layer, by the data plane ...
   sender:   commit(bytes)           receiver: committed, once every byte landed (or error)
@@ -43,7 +43,7 @@ from .layout import KVLayout
 from .lease import BlockReserver
 from .path import Path, choose, joined
 from .receiver import LeasingReceiver
-from .plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan, build_plan
+from .plan import DEFAULT_GATHER_THRESHOLD, HeadSlice, Strategy, TransferPlan, build_plan
 from .staging import LayerSink, LayerSource, Staging, StepHook
 from .wire import NONCE_BYTES, mac, verify
 
@@ -230,12 +230,13 @@ class SocketReceiver(LeasingReceiver):
         link = sink = None
         this_task = asyncio.current_task()
         # Raises for a lease that is unknown or already being written (left alone).
-        block_ids = self.begin_writing(lease_id, lambda: _stop(link, this_task))
+        lease = self.begin_writing(lease_id, lambda: _stop(link, this_task))
         try:
             try:
                 plan = build_plan(KVLayout.from_wire(begin["layout"]), begin["block_ids"],
-                                  self.layout, block_ids, begin["num_tokens"],
-                                  begin["strategy"], begin["gather_threshold"])
+                                  self.layout, lease.block_ids, begin["num_tokens"],
+                                  begin["strategy"], begin["gather_threshold"],
+                                  _heads(begin.get("src_heads")), lease.heads)
                 path = joined(begin["path"], self.path)
             except (ValueError, KeyError, TypeError) as e:
                 raise TransferError("plan", str(e), lease_id) from None
@@ -269,6 +270,11 @@ class SocketReceiver(LeasingReceiver):
             self.fail(lease_id, settle_s)
             raise
         sink.release()
+
+
+def _heads(wired: list | None) -> HeadSlice | None:
+    """A begin's source heads [start, count]; none named: every head of the sender's pool."""
+    return None if wired is None else HeadSlice(int(wired[0]), int(wired[1]))
 
 
 def _tell(sock: socket.socket, err: TransferError) -> None:
@@ -430,9 +436,9 @@ class SocketSender(KVSender):
             ch.close()
 
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
-                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
-                    ) -> Transfer:
-        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold)
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS,
+                    first_head: int = 0) -> Transfer:
+        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold, first_head)
         try:
             path = choose(self._path, pool.device.type, self._plane.reaches(pool.device.type))
         except ValueError as e:
@@ -444,6 +450,7 @@ class SocketSender(KVSender):
                               block_ids=[int(b) for b in block_ids], num_tokens=lease.num_tokens,
                               strategy=Strategy(strategy).value,
                               gather_threshold=self._gather_threshold,
+                              src_heads=[plan.src_heads.start, plan.src_heads.count],
                               address=self._plane.address(), path=path.value)
                 ready = await ch.recv("ready")
                 link = await self._plane.open_send(ready["address"], ready["tag_base"])

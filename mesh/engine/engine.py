@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.config import EngineConfig
 from mesh.engine.detokenizer import Detokenizer
@@ -66,7 +68,7 @@ class Engine:
         self.max_model_len = context_length(config, mc)
         # Tensor parallelism: the workers build their shards while this process builds rank 0's.
         tp = config.tensor_parallel_size
-        self.ranks = LocalRanks(config, mc, self.device) if tp > 1 else None
+        self.ranks = LocalRanks(config, mc, self.device, self.dtype) if tp > 1 else None
         try:
             self.model, self.kv = build_rank(config, mc, self.device, self.dtype, Shard(0, tp),
                                              None if self.ranks is None else self.ranks.comm, allocate_kv)
@@ -75,6 +77,11 @@ class Engine:
         except BaseException:
             self.close()
             raise
+        # Every rank's KV pool as this process maps it (rank 0's first), for a transport to move
+        # each rank's heads; None where worker ranks' pools are not shared (accelerators).
+        self.rank_pools: list[torch.Tensor] | None = [self.kv.pool]
+        if self.ranks is not None:
+            self.rank_pools = None if self.ranks.pools is None else [self.kv.pool, *self.ranks.pools]
         num_blocks = self.kv.shape.num_blocks
         manager = BlockManager(num_blocks, config.block_size)
         self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager

@@ -30,6 +30,11 @@ class KVShape:
     def bytes_per_token(self) -> int:
         return self.bytes_per_block // self.block_size
 
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The pool tensor's shape."""
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
 
 # allocate(shape, dtype, device) -> a zeroed contiguous tensor
 Allocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
@@ -44,8 +49,7 @@ class KVCache:
         """allocate: where the pool's memory comes from; an actor whose KV the transport moves
         passes the transport's allocator (on CPU: huge pages, which it copies faster)."""
         self.shape = shape
-        dims = (shape.num_layers, 2, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        self.pool = allocate(dims, shape.dtype, device)  # touched now, not on the first request
+        self.pool = allocate(shape.dims, shape.dtype, device)  # touched now, not on the first request
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer viewed as [num_blocks * block_size, kv_heads, head_dim] token slots."""

@@ -4,7 +4,9 @@ Each worker is a fresh interpreter (`python -m mesh.engine.tp_worker`: no fork o
 process holding torch's threads, no re-import of the caller's main module). It connects
 to rank 0's control socket on a free loopback port (authenticated by a random key), gets
 the engine config, builds its shard while rank 0 builds its own, reports ready (or why
-not), and joins the collective group on rank 0's TCPStore. A worker that dies is named,
+not), and joins the collective group on rank 0's TCPStore. On the CPU a worker's KV pool is
+shared memory that rank 0 maps too (shared_pool.py): `pools` are the workers' caches, for
+the mesh's transport. A worker that dies is named,
 with its exit code, in the engine's error: through a failed collective, a failed send or a
 failed start; the remaining workers are then stopped.
 """
@@ -28,7 +30,8 @@ from mesh.engine.errors import EngineError
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import StepInputs
 from mesh.engine.parallel import Collectives, TensorParallelError, host_store, process_group
-from mesh.engine.rank import RankMemory
+from mesh.engine import shared_pool
+from mesh.engine.rank import RankMemory, kv_shape
 from mesh.engine.shard import Shard
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,18 @@ class Failed:
 
 
 class LocalRanks:
-    def __init__(self, config: EngineConfig, cfg: ModelConfig, device: torch.device):
+    def __init__(self, config: EngineConfig, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         """Starts the workers; `connect` waits for them once rank 0's own shard is built."""
         self.size = config.tensor_parallel_size
         Shard(0, self.size).check(cfg)  # before starting processes that would fail alike
+        # Ranks 1.. KV pools as this process maps them (None: on an accelerator, not shared).
+        self.pools: list[torch.Tensor] | None = None
+        fds: dict[int, int] = {}
+        if device.type == "cpu":
+            made = {rank: shared_pool.create(kv_shape(config, cfg, Shard(rank, self.size), dtype).dims, dtype)
+                    for rank in range(1, self.size)}
+            fds = {rank: fd for rank, (fd, _) in made.items()}
+            self.pools = [pool for _, pool in made.values()]
         self.device = device
         self.timeout = datetime.timedelta(seconds=config.collective_timeout_s)
         self.comm = Collectives(0, self.size)
@@ -67,7 +78,11 @@ class LocalRanks:
         with socket.create_server(("127.0.0.1", 0)) as server:
             server.settimeout(POLL_S)
             port = server.getsockname()[1]
-            self._procs = {rank: self._spawn(rank, port, key, env) for rank in range(1, self.size)}
+            try:
+                self._procs = {rank: self._spawn(rank, port, key, env, fds.get(rank)) for rank in range(1, self.size)}
+            finally:
+                for fd in fds.values():
+                    os.close(fd)  # the workers hold their own; this process keeps its maps
             # An engine dropped without close() takes its workers with it.
             weakref.finalize(self, _kill, list(self._procs.values()))
             try:
@@ -77,10 +92,11 @@ class LocalRanks:
                 self.close()
                 raise
 
-    def _spawn(self, rank: int, port: int, key: bytes, env: dict) -> subprocess.Popen:
+    def _spawn(self, rank: int, port: int, key: bytes, env: dict, kv_fd: int | None) -> subprocess.Popen:
+        shared = ["--kv-fd", str(kv_fd)] if kv_fd is not None else []
         proc = subprocess.Popen([sys.executable, "-m", "mesh.engine.tp_worker", "--rank", str(rank),
-                                 "--control-port", str(port), "--store-port", str(self._store.port)],
-                                stdin=subprocess.PIPE, env=env)
+                                 "--control-port", str(port), "--store-port", str(self._store.port), *shared],
+                                stdin=subprocess.PIPE, env=env, pass_fds=() if kv_fd is None else (kv_fd,))
         proc.stdin.write(key)
         proc.stdin.close()
         return proc
@@ -139,6 +155,17 @@ class LocalRanks:
                 conn.send_bytes(data)
         except OSError as e:
             raise self.failure(TensorParallelError(f"cannot send a step to a tensor-parallel rank: {e}")) from None
+
+    def dead(self) -> list[str]:
+        """The worker ranks whose process has ended, with their exit codes."""
+        return [f"rank {rank} (exit code {proc.returncode})" for rank, proc in self._procs.items()
+                if proc.poll() is not None]
+
+    def kill(self, rank: int) -> None:
+        """Kills a worker rank's process as a crash would, and waits until it is gone (fault injection)."""
+        proc = self._procs[rank]
+        proc.kill()
+        proc.wait()
 
     def failure(self, error: TensorParallelError) -> TensorParallelError:
         """The error the engine fails with, naming the ranks that died; the engine is done."""

@@ -63,3 +63,9 @@ class Shard:
         """The token ids this rank's shard holds (the last one may have fewer than vocab_rows)."""
         per = self.vocab_rows(cfg)
         return range(min(self.rank * per, cfg.vocab_size), min((self.rank + 1) * per, cfg.vocab_size))
+
+
+def kv_head_ranges(cfg: ModelConfig, size: int) -> list[range]:
+    """Every rank's KV heads at `size` ranks (CheckpointError when the model does not split so)."""
+    Shard(0, size).check(cfg)
+    return [Shard(rank, size).kv_heads(cfg) for rank in range(size)]

@@ -2,7 +2,8 @@
 that builds its shard, then runs each step it is sent, in step with rank 0.
 
 It connects back to rank 0's control socket (authenticated with a key read from stdin),
-says which rank it is, builds its shard and reports Ready or Failed. Rank 0 sends each step's inputs over a pipe (torch-serialized, so they land on this rank's
+says which rank it is, builds its shard (its KV pool in the shared memory rank 0 made for it, on the CPU) and
+reports Ready or Failed. Rank 0 sends each step's inputs over a pipe (torch-serialized, so they land on this rank's
 device); the ranks then meet in the step's collectives. The pipe is the control channel,
 not a collective, so a worker may idle for as long as the engine does; it ends when rank 0
 sends an empty message (stop) or closes the pipe (rank 0 died), and on any error, which
@@ -19,6 +20,7 @@ from multiprocessing.connection import Client, Connection
 
 import torch
 
+from mesh.engine import shared_pool
 from mesh.engine.config import EngineConfig
 from mesh.engine.device import resolve_device, resolve_dtype
 from mesh.engine.kv_cache import zeros
@@ -32,7 +34,7 @@ from mesh.engine.shard import Shard
 log = logging.getLogger(__name__)
 
 
-def run(config: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:
+def run(config: EngineConfig, rank: int, store_port: int, conn: Connection, kv_fd: int | None) -> None:
     size = config.tensor_parallel_size
     try:
         cfg = ModelConfig.from_folder(config.model)
@@ -42,7 +44,9 @@ def run(config: EngineConfig, rank: int, store_port: int, conn: Connection) -> N
         dtype = resolve_dtype(config.dtype, cfg.dtype, device)
         prepare_process(config, device)
         comm = Collectives(rank, size)
-        model, kv = build_rank(config, cfg, device, dtype, Shard(rank, size), comm, zeros)
+        # the KV pool in the shared memory rank 0 made for it (on the CPU), else its own
+        allocate = zeros if kv_fd is None else lambda shape, dt, _: shared_pool.attach(kv_fd, shape, dt)
+        model, kv = build_rank(config, cfg, device, dtype, Shard(rank, size), comm, allocate)
     except Exception as e:
         conn.send_bytes(pickle.dumps(Failed(f"rank {rank}: {e}")))
         return
@@ -70,13 +74,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--control-port", type=int, required=True)
     parser.add_argument("--store-port", type=int, required=True)
+    parser.add_argument("--kv-fd", type=int, help="the shared memory for this rank's KV pool (shared_pool.py)")
     args = parser.parse_args()
     key = sys.stdin.buffer.read()  # rank 0 writes the control socket's key and closes stdin
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {args.rank}] %(levelname)s %(message)s")
     with Client(("127.0.0.1", args.control_port), authkey=key) as conn:
         conn.send_bytes(pickle.dumps(args.rank))
         config = EngineConfig.model_validate_json(conn.recv_bytes())
-        run(config, args.rank, args.store_port, conn)
+        run(config, args.rank, args.store_port, conn, args.kv_fd)
 
 
 if __name__ == "__main__":

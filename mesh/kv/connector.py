@@ -17,10 +17,10 @@ from mesh.async_engine import AsyncEngine
 from mesh.errors import MeshError
 from mesh.faults import FaultPoints
 from mesh.kv.layer_stream import LayerStreams
+from mesh.kv.rank_receivers import RankReceivers
 from mesh.kv.scheduler_side import KVScheduler, Reservation
-from mesh.kv.worker_side import KVWorker
-from transport import KVReceiver, LeaseDescriptor, TransferStats, TransportConfig
-from transport.layout import KVLayout
+from mesh.kv.worker_side import KVWorker, RankPool
+from transport import LeaseDescriptor, TransferStats, TransportConfig
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,13 @@ class Sent:
 
 
 class KVConnector:
-    def __init__(self, engine: AsyncEngine, transport: TransportConfig, layout: KVLayout, faults: FaultPoints,
+    def __init__(self, engine: AsyncEngine, transport: TransportConfig, pools: list[RankPool], faults: FaultPoints,
                  layerwise: bool = False):
-        """layerwise: prefills send each layer as soon as it is computed (the engine's layer_hook)."""
+        """pools: the engine's KV pool of every tensor-parallel rank (rank 0's first).
+        layerwise: prefills send each layer as soon as it is computed (the engine's layer_hook)."""
         self.transport = transport
         self.scheduler = KVScheduler(engine)
-        self.worker = KVWorker(engine.engine.kv.pool, layout, transport, faults)
+        self.worker = KVWorker(pools, transport, faults)
         self.streams = LayerStreams(self.worker.start) if layerwise else None
         if self.streams is not None:
             engine.engine.layer_hook = self.streams.on_layer  # set before any step runs
@@ -62,8 +63,13 @@ class KVConnector:
         await self.worker.close()
 
     # -- decode role -----------------------------------------------------------------------------
-    async def reserve(self, prompt_ids: list[int], align_tokens: int = 1) -> Reservation:
-        return await self.scheduler.reserve(self._receiver(), prompt_ids, align_tokens)
+    async def reserve(self, prompt_ids: list[int], align_tokens: int = 1,
+                      senders: list[list[range]] | None = None) -> Reservation:
+        """senders: the KV heads of each rank of every sender that may write the lease (one list per
+        tensor-parallel size; default: senders split as this actor is): the lease comes in parts
+        that one rank of each can write."""
+        receiver = self._receiver()
+        return await self.scheduler.reserve(receiver, prompt_ids, align_tokens, senders or [receiver.heads])
 
     def renew_lease(self, lease_id: str) -> bool:
         """Another lease_ttl_s for a lease whose prefill is queued or running; False once it ended."""
@@ -76,7 +82,7 @@ class KVConnector:
         """Once the lease committed: add(blocks) for the engine's thread (see KVScheduler.take)."""
         return await self.scheduler.take(self._receiver(), lease_id, self.transport.lease_ttl_s, add)
 
-    def _receiver(self) -> KVReceiver:
+    def _receiver(self) -> RankReceivers:
         if self.worker.receiver is None:
             raise MeshError("unavailable", "this actor receives no KV: it serves no decode role")
         return self.worker.receiver
@@ -86,11 +92,11 @@ class KVConnector:
     def layerwise(self) -> bool:
         return self.streams is not None
 
-    def stream(self, request_id: str, lease: LeaseDescriptor, skip_tokens: int) -> None:
-        """Before a prefill is added (layerwise only): its layers go into the lease as computed."""
-        self.streams.open(request_id, lease, self.scheduler.skipped_blocks(skip_tokens))
+    def stream(self, request_id: str, leases: tuple[LeaseDescriptor, ...], skip_tokens: int) -> None:
+        """Before a prefill is added (layerwise only): its layers go into the lease's parts as computed."""
+        self.streams.open(request_id, leases, self.scheduler.skipped_blocks(skip_tokens))
 
-    async def send(self, request_id: str, lease: LeaseDescriptor, skip_tokens: int) -> Sent:
+    async def send(self, request_id: str, leases: tuple[LeaseDescriptor, ...], skip_tokens: int) -> Sent:
         """Writes a prefilled request's KV past the lease's skipped prefix (or, when it streamed,
         what is left of it) and waits for the commit."""
         start = time.perf_counter()
@@ -100,7 +106,7 @@ class KVConnector:
         else:
             sent = await self.scheduler.outgoing_blocks(request_id, skip_tokens)
             blocks, start = len(sent), time.perf_counter()
-            stats = await self.worker.send(request_id, lease, sent)
+            stats = await self.worker.send(request_id, leases, sent)
         return Sent(stats, blocks, skip_tokens, time.perf_counter() - start)
 
     async def request_finished(self, request_id: str) -> None:

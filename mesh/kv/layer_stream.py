@@ -19,14 +19,14 @@ from mesh.engine.scheduler import ScheduledBatch
 from mesh.engine.sequence import Sequence
 from transport import LeaseDescriptor, Transfer, TransferError
 
-Start = Callable[[LeaseDescriptor, list[int]], Awaitable[Transfer]]
+Start = Callable[[tuple[LeaseDescriptor, ...], list[int]], Awaitable[Transfer]]
 
 
 class Outgoing:
     """One request's KV on its way out while its prefill runs."""
 
-    def __init__(self, lease: LeaseDescriptor, skip_blocks: int):
-        self.lease = lease
+    def __init__(self, leases: tuple[LeaseDescriptor, ...], skip_blocks: int):
+        self.leases = leases  # the reservation's parts
         self.skip_blocks = skip_blocks
         self.blocks: list[int] | None = None  # set on the engine's thread at the first layer
         self.started: asyncio.Task[Transfer] | None = None  # set on the event loop right after
@@ -77,9 +77,9 @@ class LayerStreams:
         self._loop = asyncio.get_running_loop()
         self._open: dict[str, Outgoing] = {}
 
-    def open(self, request_id: str, lease: LeaseDescriptor, skip_blocks: int) -> None:
-        """Before the request is added to the engine: its layers go to `lease` as computed."""
-        self._open[request_id] = Outgoing(lease, skip_blocks)
+    def open(self, request_id: str, leases: tuple[LeaseDescriptor, ...], skip_blocks: int) -> None:
+        """Before the request is added to the engine: its layers go to the lease's parts as computed."""
+        self._open[request_id] = Outgoing(leases, skip_blocks)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._open
@@ -88,7 +88,7 @@ class LayerStreams:
         """Once the prefill ended: the request's transfer (every layer handed to it) and its blocks."""
         out = self._open[request_id]
         if out.started is None:
-            raise TransferError("plan", f"no layer of request {request_id} was computed", out.lease.lease_id)
+            raise TransferError("plan", f"no layer of request {request_id} was computed", out.leases[0].lease_id)
         return await asyncio.shield(out.started), len(out.blocks)
 
     async def close(self, request_id: str) -> None:
@@ -119,8 +119,8 @@ class LayerStreams:
             out.started = self._loop.create_task(self._started(out))
 
     async def _started(self, out: Outgoing) -> Transfer:
-        transfer = await self._start(out.lease, out.blocks)
+        transfer = await self._start(out.leases, out.blocks)
         if not out.attach(transfer):
             await transfer.abort()
-            raise TransferError("lease", "the request ended before its transfer started", out.lease.lease_id)
+            raise TransferError("lease", "the request ended before its transfer started", out.leases[0].lease_id)
         return transfer

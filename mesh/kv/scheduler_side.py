@@ -21,15 +21,21 @@ from mesh.engine.block_manager import OutOfBlocks
 from mesh.engine.prefix_cache import PrefixCache
 from mesh.errors import MeshError
 from mesh.prefix_lease import PrefixHolds, acquire_prefix
-from transport import KVReceiver, LeaseDescriptor, TransferError
+from mesh.kv.rank_receivers import RankReceivers
+from transport import LeaseDescriptor, TransferError
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A lease for a request's prompt KV past the prefix this actor holds already."""
-    lease: LeaseDescriptor
+    """A lease for a request's prompt KV past the prefix this actor holds already: one part per
+    receiving rank and head range (RankReceivers), the first naming it."""
+    leases: tuple[LeaseDescriptor, ...]
     prefix_tokens: int  # of the prompt, held here and left out of the lease
     prefix_blocks: int
+
+    @property
+    def lease_id(self) -> str:
+        return self.leases[0].lease_id
 
 
 class EngineBlocks:
@@ -58,8 +64,10 @@ class KVScheduler:
         self.holds = PrefixHolds(self.engine_blocks.free)
 
     # -- decode side ---------------------------------------------------------------------------
-    async def reserve(self, receiver: KVReceiver, prompt_ids: list[int], align_tokens: int) -> Reservation:
-        """Holds the longest skippable cached prefix and reserves a lease for the rest."""
+    async def reserve(self, receiver: RankReceivers, prompt_ids: list[int], align_tokens: int,
+                      senders: list[list[range]]) -> Reservation:
+        """Holds the longest skippable cached prefix and reserves a lease for the rest, in parts
+        that a rank of each sender (its ranks' KV heads) can write."""
         if not prompt_ids:
             raise MeshError("invalid_argument", "the prompt is empty: a lease needs at least one token")
         try:
@@ -69,13 +77,14 @@ class KVScheduler:
                             retry_after_s=0.1) from None
         skip = len(hits) * self.block_size
         try:
-            lease = receiver.reserve(len(prompt_ids) - skip, block_ids=blocks)
+            leases = receiver.reserve(len(prompt_ids) - skip, blocks, senders)
         except Exception as e:  # the lease table said no
             self.engine_blocks.free(hits + blocks)
             raise MeshError("resource_exhausted", f"no room for {len(prompt_ids) - skip} tokens of KV: {e}",
                             retry_after_s=0.1) from None
-        self.holds.hold(lease.lease_id, hits, receiver.wait(lease.lease_id))
-        return Reservation(lease, skip, len(hits))
+        lease_id = leases[0].lease_id
+        self.holds.hold(lease_id, hits, receiver.wait(lease_id))
+        return Reservation(leases, skip, len(hits))
 
     def _take_blocks(self, prompt_ids: list[int], align_tokens: int) -> tuple[list[int], list[int]]:
         """On the engine's thread: the held prefix and the lease's blocks, or nothing."""
@@ -101,12 +110,12 @@ class KVScheduler:
             hits, blocks = task.result()
             self.engine_blocks.free(hits + blocks)
 
-    def release(self, receiver: KVReceiver | None, lease_id: str) -> bool:
+    def release(self, receiver: RankReceivers | None, lease_id: str) -> bool:
         """The gateway gave the lease up: its blocks go back whether or not it committed."""
         self.holds.release(lease_id)  # committed but never taken: its blocks go too
         return receiver.abort(lease_id) if receiver is not None else False
 
-    async def take(self, receiver: KVReceiver, lease_id: str, timeout_s: float,
+    async def take(self, receiver: RankReceivers, lease_id: str, timeout_s: float,
                    add: Callable[[list[int]], str]) -> Callable[[], str]:
         """Waits for the lease's commit; returns add(blocks of the whole prompt KV) for the engine's
         thread, which gives the blocks to the engine's request, or back if add fails."""

@@ -17,10 +17,9 @@ from mesh.async_engine import AsyncEngine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import MeshError
 from mesh.faults import FaultPoints
-from mesh.kv import KVConnector
+from mesh.kv import KVConnector, RankPool
 from tests.support.ray_fixtures import SECRET
 from transport import TransferError, TransportConfig, make_sender
-from transport.layout import KVLayout
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 SHARED = list(range(400, 440))  # 10 blocks of 4
@@ -49,11 +48,9 @@ async def actor_side(engine, lease_ttl_s: float = 5.0, layerwise: bool = False):
     """An engine on its thread with its KV connector receiving over UCX, as in an actor."""
     aengine = AsyncEngine(engine)
     aengine.start()
-    s = engine.kv.shape
-    layout = KVLayout(s.num_layers, s.num_blocks, s.block_size, s.num_kv_heads, s.head_dim, s.dtype,
-                      engine.device.type)
     kv = KVConnector(aengine, TransportConfig(backend="ucx", secret=SECRET, lease_ttl_s=lease_ttl_s,
-                                              timeout_s=5.0), layout, FaultPoints("", "test"), layerwise)
+                                              timeout_s=5.0), RankPool.of_engine(engine), FaultPoints("", "test"),
+                     layerwise)
     await kv.open_receiver()
     try:
         yield aengine, kv
@@ -109,15 +106,15 @@ async def test_a_lease_skips_the_prefix_held_here_and_the_request_decodes_on(eng
         await run(daengine, lambda: dengine.add_request(SHARED + [1, 2, 3], GREEDY))  # the prefix, cached here
         reservation = await dkv.reserve(prompt, align_tokens=4)
         assert reservation.prefix_tokens == len(SHARED) and reservation.prefix_blocks == len(SHARED) // 4
-        assert reservation.lease.num_tokens == len(prompt) - len(SHARED)
+        assert reservation.leases[0].num_tokens == len(prompt) - len(SHARED)
 
         first = await prefill(paengine, "r", prompt)
-        sent = await pkv.send("r", reservation.lease, reservation.prefix_tokens)
+        sent = await pkv.send("r", reservation.leases, reservation.prefix_tokens)
         await pkv.request_finished("r")
         assert sent.skipped_tokens == len(SHARED) and sent.blocks == 2  # the 5 tokens after the prefix
         assert sent.stats.bytes == pengine.kv.shape.bytes_per_token * 5
 
-        add = await dkv.take(reservation.lease.lease_id, lambda blocks: dengine.add_prefilled(
+        add = await dkv.take(reservation.lease_id, lambda blocks: dengine.add_prefilled(
             prompt, first, GREEDY, blocks, "r"))
         outs = await run(daengine, add)
         assert first + [t for o in outs for t in o.token_ids] == expected
@@ -135,13 +132,13 @@ async def test_a_lease_released_before_its_commit_gives_back_its_blocks_and_its_
         reservation = await dkv.reserve(prompt, align_tokens=4)
         assert reservation.prefix_blocks == 10
         assert await daengine.call(lambda: dengine.blocks.num_blocks - dengine.blocks.num_free) == 10 + 2
-        assert dkv.release_lease(reservation.lease.lease_id)
-        assert not dkv.release_lease(reservation.lease.lease_id)  # once only
+        assert dkv.release_lease(reservation.lease_id)
+        assert not dkv.release_lease(reservation.lease_id)  # once only
         assert await all_free(daengine) and dkv.pending_leases == 0
 
         await prefill(paengine, "late", prompt)  # its sender comes after the release: refused
         with pytest.raises(TransferError, match="lease"):
-            await pkv.send("late", reservation.lease, reservation.prefix_tokens)
+            await pkv.send("late", reservation.leases, reservation.prefix_tokens)
         await pkv.request_finished("late")
         assert await all_free(paengine)
     assert threads and set(threads) == {t for t in threads if t.startswith("engine")}, set(threads)
@@ -156,15 +153,16 @@ async def test_an_aborted_transfer_frees_the_lease_and_the_decode_learns_it(engi
         await prefill(paengine, "cut", prompt)
         blocks = await pkv.scheduler.outgoing_blocks("cut", 0)
         sender = make_sender(pkv.transport)
-        transfer = await sender.start(reservation.lease, pkv.worker.pool, pkv.worker.layout, blocks)
+        rank0 = pkv.worker.pools[0]
+        transfer = await sender.start(reservation.leases[0], rank0.pool, rank0.layout, blocks)
         transfer.layer_ready(0)  # one layer on the wire, then the sender gives up
         await transfer.abort()
         await sender.close()
         with pytest.raises(MeshError, match="KV never arrived") as e:
-            await dkv.take(reservation.lease.lease_id, lambda blocks: pytest.fail("no KV to add"))
+            await dkv.take(reservation.lease_id, lambda blocks: pytest.fail("no KV to add"))
         assert e.value.code == "unavailable"
         await pkv.request_finished("cut")
-        assert dkv.pending_leases == 0 and not dkv.release_lease(reservation.lease.lease_id)
+        assert dkv.pending_leases == 0 and not dkv.release_lease(reservation.lease_id)
         assert await all_free(daengine) and await all_free(paengine)
     assert threads and set(threads) == {t for t in threads if t.startswith("engine")}, set(threads)
 
@@ -179,7 +177,7 @@ async def test_a_reservation_cancelled_while_queued_for_the_engine_takes_nothing
         await asyncio.gather(busy, reserving, return_exceptions=True)
         assert reserving.cancelled()
         assert await all_free(aengine)  # its blocks were taken on the engine thread, then given back
-        assert len(kv.worker.receiver.leases) == 0 and kv.pending_leases == 0
+        assert len(kv.worker.receiver) == 0 and kv.pending_leases == 0
 
 
 async def test_a_lease_of_no_tokens_and_one_past_the_free_blocks_are_refused_clearly(checkpoint, make_engine):
@@ -202,7 +200,7 @@ async def test_layerwise_a_layer_lands_before_the_prefill_computed_the_last_one(
     landed_early = []
     async with actor_side(pengine, layerwise=True) as (paengine, pkv), actor_side(dengine) as (daengine, dkv):
         reservation = await dkv.reserve(prompt)
-        lease_blocks = list(reservation.lease.block_ids)
+        lease_blocks = list(reservation.leases[0].block_ids)
         send_layer = pengine.layer_hook
 
         def hold_the_last_layer(layer, batch):
@@ -217,13 +215,13 @@ async def test_layerwise_a_layer_lands_before_the_prefill_computed_the_last_one(
             send_layer(layer, batch)
         pengine.layer_hook = hold_the_last_layer
 
-        pkv.stream("s", reservation.lease, reservation.prefix_tokens)
+        pkv.stream("s", reservation.leases, reservation.prefix_tokens)
         first = await prefill(paengine, "s", prompt)
         assert landed_early == [True]  # layer 0 was on the wire while the prefill step still ran
-        sent = await pkv.send("s", reservation.lease, reservation.prefix_tokens)
+        sent = await pkv.send("s", reservation.leases, reservation.prefix_tokens)
         await pkv.request_finished("s")
         assert sent.blocks == 15 and sent.stats.layers == last + 1
-        add = await dkv.take(reservation.lease.lease_id, lambda blocks: dengine.add_prefilled(
+        add = await dkv.take(reservation.lease_id, lambda blocks: dengine.add_prefilled(
             prompt, first, GREEDY, blocks, "s"))
         outs = await run(daengine, add)
         assert first + [t for o in outs for t in o.token_ids] == expected
@@ -235,12 +233,12 @@ async def test_layerwise_a_request_that_ends_at_its_first_token_leaves_no_block_
     async with actor_side(pengine, layerwise=True) as (paengine, pkv), actor_side(dengine) as (daengine, dkv):
         prompt = list(range(100, 160))
         reservation = await dkv.reserve(prompt)
-        pkv.stream("one", reservation.lease, 0)
+        pkv.stream("one", reservation.leases, 0)
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         outs = await run(paengine, lambda: pengine.add_request(prompt, params, "one", prefill_only=True))
         assert outs[-1].finish_reason == "length"  # nothing left for a decode actor
         # The started stream stops, or (its layers all out already) has committed: either way the
         # dispatcher releases the lease, as for any request that ends at its first token.
         await pkv.request_finished("one")
-        dkv.release_lease(reservation.lease.lease_id)
+        dkv.release_lease(reservation.lease_id)
         assert await all_free(daengine) and await all_free(paengine)

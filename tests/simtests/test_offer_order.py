@@ -72,7 +72,7 @@ class DecodeStandIn:
         self.info = ActorReport(actor_id, "s", self.role, ActorState.SERVING, block_size=16,
                                 load=LoadReport(free_blocks=10**6))
         self.handle = self
-        self.reserve = InstantCall(lambda ids, align: ready(instant_lease("l")))
+        self.reserve = InstantCall(lambda ids, align, sender_sizes=(1,): ready(instant_lease("l")))
         self.decode = InstantCall(lambda lease_id, request: _stream(
             StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), 2)))
         self.release_lease = InstantCall(lambda lease_id: ready(True))

@@ -58,14 +58,17 @@ def make_pool(ray_cluster, checkpoint):
     pools = []
 
     def make(prefill=1, decode=1, both=0, backend="ucx", lease_ttl_s=3.0, faults="", fault_log="",
-             layerwise_kv=False, **engine):
+             layerwise_kv=False, hardware=None, **engine):
         """faults, fault_log: armed fault-injection points (mesh.faults) of every actor, replacements too.
-        layerwise_kv: prefills send each layer's KV as soon as it is computed."""
+        layerwise_kv: prefills send each layer's KV as soon as it is computed. hardware: each role's
+        (mesh.hardware.Hardware, by role name), e.g. its tensor_parallel_size."""
         engine = {"model": str(checkpoint("llama", "float32")), "dtype": "float32", "num_blocks": 128,
                   "block_size": 4, "threads": 1, **engine}
         transport = {"backend": backend, "secret": SECRET, "lease_ttl_s": lease_ttl_s, "timeout_s": 5.0}
+        roles = {"hardware": hardware} if hardware else {}
         pool = Pool(PoolSpec(f"t{len(pools)}", EngineConfig(**engine), TransportConfig(**transport),
-                             ttft_budget_s=5.0, faults=faults, fault_log=fault_log or None, layerwise_kv=layerwise_kv))
+                             ttft_budget_s=5.0, faults=faults, fault_log=fault_log or None, layerwise_kv=layerwise_kv,
+                             **roles))
         asyncio.run(pool.scale(prefill=prefill, decode=decode, both=both))
         pools.append(pool)
         return pool

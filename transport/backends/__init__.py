@@ -33,10 +33,18 @@ def make_sender(config: TransportConfig) -> KVSender:
 
 
 def make_receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
-                  reserver: BlockReserver, clock: Callable[[], float] = time.monotonic
-                  ) -> KVReceiver:
-    """A receiver for this actor's pool; ``await receiver.start()`` before use. Raises
+                  reserver: BlockReserver, clock: Callable[[], float] = time.monotonic,
+                  first_head: int = 0) -> KVReceiver:
+    """A receiver for this actor's pool (``first_head``: the model-wide number of its first KV
+    head, a tensor-parallel rank's); ``await receiver.start()`` before use. Raises
     ValueError where the config's path cannot serve this pool (direct, unreachable)."""
+    receiver = _receiver(config, pool, layout, reserver, clock)
+    receiver.first_head = first_head
+    return receiver
+
+
+def _receiver(config: TransportConfig, pool: torch.Tensor, layout: KVLayout,
+              reserver: BlockReserver, clock: Callable[[], float]) -> KVReceiver:
     if config.backend == "local":
         from .local import LocalReceiver
         return LocalReceiver(pool, layout, reserver, config.lease_ttl_s, clock)

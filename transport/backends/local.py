@@ -102,9 +102,9 @@ class LocalSender(KVSender):
         self._staging: dict[torch.device, StagingPool] = {}  # by the pool's device
 
     async def start(self, lease: LeaseDescriptor, pool: torch.Tensor, layout: KVLayout,
-                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS
-                    ) -> Transfer:
-        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold)
+                    block_ids: list[int], strategy: Strategy | str = Strategy.CONTIGUOUS,
+                    first_head: int = 0) -> Transfer:
+        plan = self._plan(lease, pool, layout, block_ids, strategy, self._gather_threshold, first_head)
         receiver = _RECEIVERS.get(lease.port)
         if receiver is None:
             raise TransferError("peer", "no local receiver for this lease", lease.lease_id)

@@ -128,12 +128,14 @@ class MeshActor:
         import ray
 
         eng = self.engine.engine if self.engine else None
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
         return ActorReport(
             self.spec.actor_id, self.spec.scenario, self.role, self.state, pid=os.getpid(),
-            node=ray.util.get_node_ip_address() if ray.is_initialized() else None, device=str(eng.device) if eng else None,
+            node=ray.util.get_node_ip_address() if ctx else None, device=str(eng.device) if eng else None,
             model=self.spec.engine.model, block_size=eng.blocks.block_size if eng else None,
             tensor_parallel_size=self.spec.engine.tensor_parallel_size,
-            placement_group=ctx.get_placement_group_id() if ctx else None, load=self.load(), prefix=self.prefixes.report() if eng else None)
+            placement_group=ctx.get_placement_group_id() if ctx else None, load=self.load(),
+            prefix=self.prefixes.report() if eng else None)
 
     def load(self) -> LoadReport:
         if self.engine is None:

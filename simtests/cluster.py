@@ -3,14 +3,17 @@ total actor count), one performance model per scenario, the controller's setting
 the variant of serving being simulated (what the comparisons change)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from scenarios.autoscale import ScaleSettings
-from scenarios.controller import Settings
+from scenarios.controller import Observation, RatioController, Settings
 from scenarios.perf_model import PerfModel, builtin, load_profile
 from scenarios.spec import ScenarioSpec, SpecError, load_specs
+from simtests.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Variant:
     # best goodput on the Mooncake trace (of 256, 512, 1024, 2048: larger chunks break the TPOT target)
     chunk_tokens: int = 512
     controller: bool = True  # the live ratio controller (per-scenario pools only)
+    mixed_prefill: int | None = None  # mixed: prefill actors of the one pool (None: the specs' summed split)
     autoscale: bool = False  # the live autoscaling policy beside it (scenarios.autoscale)
     # prefix caching on prefill actors (workloads with prefix ids): "off", on with offers
     # idle-first as before, or on with offers first to the actors holding the longest prefix
@@ -79,3 +83,24 @@ def scaled(specs: list[ScenarioSpec], actors: int) -> list[ScenarioSpec]:
                   for (r, lim), n in zip(s.limits.items(), (p, d))}
         scaled_specs.append(s.model_copy(update={"prefill": p, "decode": d, "limits": limits}))
     return scaled_specs
+
+
+def provisioned(cluster: Cluster, w: Workload, window_s: float = 60.0) -> Cluster:
+    """The cluster re-split for the workload's first `window_s` (`RatioController.initial_split`
+    on that window's arrivals and mean lengths): where per-scenario pools start when they were
+    provisioned for the load they meet, not for the load the scenario file was written for."""
+    first = w.arrival_s < (w.arrival_s[0] if len(w) else 0.0) + window_s
+    observations = []
+    for k, spec in enumerate(cluster.specs):
+        mine = first & (w.scenario == k)
+        n = int(mine.sum())
+        observations.append(Observation(spec.name, n / window_s, float(np.mean(w.prompt[mine])) if n else 0.0,
+                                        float(np.mean(w.output[mine])) if n else 0.0, None, None, ()))
+    split = RatioController(cluster.specs, cluster.models, cluster.settings).initial_split(observations)
+    specs = []
+    for s in cluster.specs:
+        p, d = split[s.name]
+        limits = {r: lim.model_copy(update={"min": min(lim.min, n), "max": max(lim.max, n)})
+                  for (r, lim), n in zip(s.limits.items(), (p, d))}
+        specs.append(s.model_copy(update={"prefill": p, "decode": d, "limits": limits}))
+    return replace(cluster, specs=specs)

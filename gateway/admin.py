@@ -19,6 +19,7 @@ from gateway.grpc_api import abort
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2, admin_pb2_grpc
 from mesh import ActorReport, Change, MeshError, Role, RoleLimitError
+from scenarios.controller import Action, Decision
 
 log = logging.getLogger(__name__)
 ROLES = tuple(r.value for r in Role if r is not Role.BOTH)
@@ -61,13 +62,16 @@ def control_message(s: ScenarioState) -> admin_pb2.ScenarioControl:
 
 
 def decision_message(r: Record) -> admin_pb2.Decision:
+    """A ratio controller's decision, or an autoscaler's scale step (its inputs: the forecast)."""
     d = r.decision
+    inputs, prediction = ((d.inputs, d.prediction) if isinstance(d, Decision)
+                          else ({"forecast_rps": d.forecast_rps}, {}))
     return admin_pb2.Decision(
         time_unix=d.time, scenario=d.scenario, action=d.actions[0].kind if d.actions else "", reason=d.reason,
-        inputs_json=json.dumps(d.inputs), prediction_json=json.dumps(d.prediction), current_prefill=d.current[0],
+        inputs_json=json.dumps(inputs), prediction_json=json.dumps(prediction), current_prefill=d.current[0],
         current_decode=d.current[1], target_prefill=d.target[0], target_decode=d.target[1],
-        actions=[admin_pb2.DecisionAction(kind=a.kind, actor_id=a.actor_id, scenario=a.scenario, role=a.role,
-                                          to_scenario=a.to_scenario or "") for a in d.actions],
+        actions=[admin_pb2.DecisionAction(kind=a.kind, actor_id=a.actor_id or "", scenario=a.scenario, role=a.role,
+                                          to_scenario=a.to_scenario or "" if isinstance(a, Action) else "") for a in d.actions],
         failures=r.failures)
 
 

@@ -4,7 +4,9 @@ Every interval it closes the gateway's load window (gateway.observe) into one ob
 per controlled scenario, with each actor's role and load from the pools, steps the
 controller, and applies its decisions through the live connector (flip in place, lend
 between pools): the round of scenarios.control_round, which the simulator runs too. Each decision goes to the decision log with what became of its actions,
-to a span, and to pdmesh_controller_decisions_total.
+to a span, and to pdmesh_controller_decisions_total. With `autoscale` configured, the
+autoscaler's scale steps follow in the same round (gateway.scaling asks Ray's autoscaler for
+their resources) and go to the decision log too.
 
 Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
 controller is on for its scenario (an operator's explicit order); off only stops the moves
@@ -28,9 +30,11 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
 from mesh import ActorState, Role, device_kind, tracing
+from gateway.scaling import RayScaling, request_resources
+from scenarios.autoscale import Autoscaler, ScaleDecision
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
-from scenarios.controller import ActorView, Decision, RatioController
+from scenarios.controller import Action, ActorView, Decision, RatioController
 from scenarios.spec import SLO, RoleLimits
 
 log = logging.getLogger(__name__)
@@ -53,12 +57,19 @@ class ControlLoop(ControlRound):
     timer and operator controls around it."""
 
     def __init__(self, fleet: Fleet, window: LoadWindow, metrics: Metrics, config: Control,
-                 clock: Callable[[], float] = time.time, log_size: int = 1000):
-        """clock: wall time, as decisions are shown to operators beside dashboards and logs."""
+                 clock: Callable[[], float] = time.time, log_size: int = 1000,
+                 request_resources: Callable[[list[dict[str, float]]], None] = request_resources):
+        """clock: wall time, as decisions are shown to operators beside dashboards and logs;
+        request_resources: how the autoscaler's resources are asked of Ray (gateway.scaling)."""
         specs = [s.spec for s in fleet.scenarios.values()]
-        super().__init__(RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings),
-                         window, LiveConnector({name: s.pool for name, s in fleet.scenarios.items()},
-                                               config.drain_timeout_s), clock, log_size)
+        controller = RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings)
+        connector = LiveConnector({name: s.pool for name, s in fleet.scenarios.items()}, config.drain_timeout_s)
+        autoscaler = None
+        if config.autoscale is not None:
+            autoscaler = Autoscaler(controller, config.autoscale)
+            connector = RayScaling(connector, lambda name, role: fleet.get(name).spec.hardware[role],
+                                   request_resources)
+        super().__init__(controller, window, connector, clock, log_size, autoscaler)
         self.fleet, self.metrics = fleet, metrics
         self.enabled = {name: config.enabled for name in fleet.scenarios}
         self._wake = asyncio.Event()
@@ -117,6 +128,13 @@ class ControlLoop(ControlRound):
             tracing.end(span, RuntimeError("; ".join(record.failures)) if record.failures else None)
         return record
 
+    async def scale(self, decision: ScaleDecision) -> Record:
+        record = await super().scale(decision)
+        for failure in record.failures:
+            log.warning("autoscaler: %s", failure)
+        log.info("autoscaler: %s: %s", decision.scenario, decision.reason)
+        return record
+
     # -- operator controls -----------------------------------------------------------------
     def set_ratio(self, scenario: str, prefill: int, decode: int) -> None:
         """Pins the ratio; each count must lie within the scenario's limits for its role."""
@@ -155,9 +173,11 @@ class ControlLoop(ControlRound):
         return out
 
     def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:
-        """Newest last; for a scenario, its own decisions and the lends it received."""
+        """Newest last, the autoscaler's scale steps among them; for a scenario, its own
+        decisions and the lends it received."""
         if scenario:
             self.fleet.get(scenario)
-        picked = [r for r in self.records if not scenario or r.decision.scenario == scenario
-                  or any(a.to_scenario == scenario for a in r.decision.actions)]
+        records = sorted([*self.records, *self.scale_records], key=lambda r: r.decision.time)
+        picked = [r for r in records if not scenario or r.decision.scenario == scenario
+                  or any(isinstance(a, Action) and a.to_scenario == scenario for a in r.decision.actions)]
         return picked[-limit:]

@@ -3,6 +3,7 @@ total actor count), one performance model per scenario, the controller's setting
 the variant of serving being simulated (what the comparisons change)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -89,13 +90,38 @@ def provisioned(cluster: Cluster, w: Workload, window_s: float = 60.0) -> Cluste
     """The cluster re-split for the workload's first `window_s` (`RatioController.initial_split`
     on that window's arrivals and mean lengths): where per-scenario pools start when they were
     provisioned for the load they meet, not for the load the scenario file was written for."""
-    first = w.arrival_s < (w.arrival_s[0] if len(w) else 0.0) + window_s
+    return _split_for(cluster, _window(cluster, w, w.arrival_s[0] if len(w) else 0.0, window_s))
+
+
+def peak_sized(cluster: Cluster, w: Workload, window_s: float = 60.0) -> Cluster:
+    """A static fleet sized for the workload's peak: as many actors as the busiest `window_s`
+    needs (the controller's need, all scenarios together), split for that window; the
+    autoscaler's budget is that fleet."""
+    controller = RatioController(cluster.specs, cluster.models, cluster.settings)
+    start = w.arrival_s[0] if len(w) else 0.0
+    windows = [_window(cluster, w, start + k * window_s, window_s)
+               for k in range(max(1, math.ceil(w.duration_s / window_s)))]
+    need = lambda obs: sum(controller.need(o)[0].total for o in obs)  # noqa: E731
+    peak = max(windows, key=need)
+    total = max(math.ceil(need(peak)), 2 * len(cluster.specs))
+    specs = [s.model_copy(update={"prefill": 1, "decode": 1}) for s in cluster.specs]
+    specs[0] = specs[0].model_copy(update={"prefill": total - 2 * len(specs) + 1})  # only the total counts here
+    return replace(_split_for(replace(cluster, specs=specs), peak), scale=replace(cluster.scale, budget=total))
+
+
+def _window(cluster: Cluster, w: Workload, start: float, window_s: float) -> list[Observation]:
+    """Each scenario's load in [start, start + window_s), as the controller observes it."""
+    inside = (w.arrival_s >= start) & (w.arrival_s < start + window_s)
     observations = []
     for k, spec in enumerate(cluster.specs):
-        mine = first & (w.scenario == k)
+        mine = inside & (w.scenario == k)
         n = int(mine.sum())
         observations.append(Observation(spec.name, n / window_s, float(np.mean(w.prompt[mine])) if n else 0.0,
                                         float(np.mean(w.output[mine])) if n else 0.0, None, None, ()))
+    return observations
+
+
+def _split_for(cluster: Cluster, observations: list[Observation]) -> Cluster:
     split = RatioController(cluster.specs, cluster.models, cluster.settings).initial_split(observations)
     specs = []
     for s in cluster.specs:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from simtests.cluster import Cluster, Variant, provisioned
+from simtests.cluster import Cluster, Variant, peak_sized, provisioned
 from simtests.results import Run, Stats
 from simtests.sim import Simulator
 from simtests.workload import Workload
@@ -25,6 +25,7 @@ class Comparison:
     fmt: str = "{:.3f}"
     ours: dict = field(default_factory=dict)  # pdmesh's Variant fields, where the default run is not it
     search: str | None = None  # a Variant field the baseline is tuned over (its best value is compared)
+    peak: bool = False  # both sides on a fleet sized for the workload's peak (`cluster.peak_sized`)
 
 
 def _all(run: Run) -> Stats:
@@ -51,10 +52,10 @@ COMPARISONS = {
     # (the scenario file's counts, sized for the peak), on SLO attainment and on actor-hours
     "autoscale": Comparison("autoscaling", "static fleet sized for the peak", {"autoscale": False},
                             "SLO attainment", lambda r: _all(r).slo_attainment, True,
-                            "(target: at or above the static fleet)", "{:.1%}", {"autoscale": True}),
+                            "(target: at or above the static fleet)", "{:.1%}", {"autoscale": True}, peak=True),
     "actor-hours": Comparison("autoscaling", "static fleet sized for the peak", {"autoscale": False},
                               "actor-hours", lambda r: r.actor_hours, False, "(target: at most 70%)", "{:.1f}",
-                              {"autoscale": True}),
+                              {"autoscale": True}, peak=True),
 }
 
 
@@ -79,19 +80,21 @@ class Outcome:
 def compare(names: list[str], cluster: Cluster, w: Workload, variant: Variant = Variant(),
             progress: Callable[[str], None] = lambda _: None) -> list[Outcome]:
     """Runs each distinct variant once, on the same workload: pdmesh's side is shared. The
-    cluster starts provisioned for the workload's first minute (`cluster.provisioned`)."""
-    cluster = provisioned(cluster, w)
-    runs: dict[Variant, Run] = {}
+    cluster starts provisioned for the workload's first minute (`cluster.provisioned`), or sized
+    for its peak where the comparison is of fleets (`cluster.peak_sized`)."""
+    clusters = {False: provisioned(cluster, w), True: peak_sized(cluster, w)}
+    runs: dict[tuple[bool, Variant], Run] = {}
 
     def run(v: Variant, label: str) -> Run:
-        if v not in runs:
+        if (peak, v) not in runs:
             progress(label)
-            runs[v] = Simulator(cluster, v).run(w)
-        return runs[v]
+            runs[peak, v] = Simulator(clusters[peak], v).run(w)
+        return runs[peak, v]
 
     outcomes = []
     for name in names:
         c = COMPARISONS[name]
+        peak, cluster = c.peak, clusters[c.peak]
         ours = replace(variant, **c.ours)
         mine = run(ours, f"pdmesh ({c.name})" if c.ours else "pdmesh")
         base = replace(ours, **c.change)
@@ -100,7 +103,7 @@ def compare(names: list[str], cluster: Cluster, w: Workload, variant: Variant = 
                                cluster.actors, c.higher_is_better)
             split = f"{best}P:{cluster.actors - best}D"
             outcomes.append(Outcome(c, mine, run(replace(base, **{c.search: best}), ""),
-                                    f" ({split}, best of {sum(getattr(v, c.search) is not None for v in runs)})"))
+                                    f" ({split}, best of {sum(getattr(v, c.search) is not None for _, v in runs)})"))
         else:
             outcomes.append(Outcome(c, mine, run(base, c.baseline)))
     return outcomes

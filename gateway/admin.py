@@ -55,10 +55,11 @@ def control_message(s: ScenarioState) -> admin_pb2.ScenarioControl:
     if o.tpot_attainment is not None:
         observed.tpot_attainment = o.tpot_attainment
     limits = {role: admin_pb2.RoleLimits(min=lim.min, max=lim.max) for role, lim in s.limits.items()}
+    errors = {f"{role}_model_error": e for role, e in zip(ROLES, s.model_error) if e is not None}
     return admin_pb2.ScenarioControl(
         scenario=s.scenario, enabled=s.enabled, pinned=s.pin is not None, target_prefill=s.target[0],
         target_decode=s.target[1], prefill=s.current[0], decode=s.current[1], prefill_limits=limits["prefill"],
-        decode_limits=limits["decode"], observed=observed)
+        decode_limits=limits["decode"], observed=observed, **errors)
 
 
 def decision_message(r: Record) -> admin_pb2.Decision:

@@ -32,6 +32,7 @@ from gateway.observe import Figures, LoadWindow
 from mesh import ActorState, Role, device_kind, tracing
 from gateway.scaling import RayScaling, request_resources
 from scenarios.autoscale import Autoscaler, ScaleDecision
+from scenarios.calibration import Calibration, DecodeSample, PrefillSample
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
 from scenarios.controller import Action, ActorView, Decision, RatioController
@@ -50,6 +51,7 @@ class ScenarioState:
     limits: dict[str, RoleLimits]
     slo: SLO
     observed: Figures
+    model_error: tuple[float | None, float | None] = (None, None)  # prefill, decode (gateway.control.model_error)
 
 
 class ControlLoop(ControlRound):
@@ -62,7 +64,10 @@ class ControlLoop(ControlRound):
         """clock: wall time, as decisions are shown to operators beside dashboards and logs;
         request_resources: how the autoscaler's resources are asked of Ray (gateway.scaling)."""
         specs = [s.spec for s in fleet.scenarios.values()]
-        controller = RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings)
+        # one model per accelerator, learnt from the actors' measurements on every round
+        self.calibration = Calibration(lambda accelerator: config.perf_model())
+        controller = RatioController(specs, {s.name: self.calibration.for_scenario(s) for s in specs},
+                                     config.settings)
         connector = LiveConnector({name: s.pool for name, s in fleet.scenarios.items()}, config.drain_timeout_s)
         autoscaler = None
         if config.autoscale is not None:
@@ -95,8 +100,22 @@ class ControlLoop(ControlRound):
     async def tick(self) -> list[Decision]:
         """One control interval: observe, decide, apply (one round at a time)."""
         async with self._tick_lock:
+            self.learn()
             controlled = [n for n in self.fleet.scenarios if self.enabled[n] or n in self.controller.pins]
             return [r.decision for r in await self.round({n: self._views(n) for n in controlled})]
+
+    def learn(self) -> None:
+        """The calibration learns what each actor measured since the last round (its last report)."""
+        for s in self.fleet.scenarios.values():
+            for m in s.pool.members.values():
+                if m.role is not Role.BOTH:
+                    self.calibration.learn(m.actor_id, m.role, s.spec.hardware[m.role], m.info.load.samples)
+
+    def model_error(self, spec) -> tuple[float | None, float | None]:
+        """The model's mean relative error on the recent prefill steps of the scenario's prefill
+        hardware and decode steps of its decode hardware (None: no measurement yet)."""
+        return (self.calibration.error(spec.hardware[Role.PREFILL].accelerator, PrefillSample),
+                self.calibration.error(spec.hardware[Role.DECODE].accelerator, DecodeSample))
 
     def _views(self, scenario: str) -> tuple[ActorView, ...]:
         views = []
@@ -169,7 +188,7 @@ class ControlLoop(ControlRound):
             pin = self.controller.pins.get(name)
             last = next((r.decision.target for r in reversed(self.records) if r.decision.scenario == name), None)
             out.append(ScenarioState(name, self.enabled[name], pin, current, pin or last or current,
-                                     dict(s.spec.limits), s.spec.slo, self.window.last[name]))
+                                     dict(s.spec.limits), s.spec.slo, self.window.last[name], self.model_error(s.spec)))
         return out
 
     def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:

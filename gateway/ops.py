@@ -123,7 +123,7 @@ def _control_table(title: str, scenarios: list[dict]):
 
     t = Table(title=title)
     for col in ("scenario", "P:D now", "target", "controller", "prefill limits", "decode limits",
-                "arrivals/s", "prompt", "output", "TTFT met", "TPOT met"):
+                "arrivals/s", "prompt", "output", "TTFT met", "TPOT met", "model error P/D"):
         t.add_column(col, justify="right" if col[0].islower() and col not in ("scenario", "controller") else "left")
     for s in scenarios:
         o = s["observed"]
@@ -133,7 +133,8 @@ def _control_table(title: str, scenarios: list[dict]):
                   mode, limits["prefill"], limits["decode"], f"{o['arrival_rps']:.2f}",
                   f"{o['mean_prompt_tokens']:.0f}", f"{o['mean_output_tokens']:.0f}",
                   f"{_pct(o.get('ttft_attainment'))} (<= {o['ttft_target_s']:g} s)",
-                  f"{_pct(o.get('tpot_attainment'))} (<= {o['tpot_target_s']:g} s)")
+                  f"{_pct(o.get('tpot_attainment'))} (<= {o['tpot_target_s']:g} s)",
+                  f"{_pct(s.get('prefill_model_error'))}/{_pct(s.get('decode_model_error'))}")
     return t
 
 

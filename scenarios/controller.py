@@ -5,7 +5,9 @@ output lengths, TTFT/TPOT attainment), the performance model and the SLOs, it
 computes how many prefill and decode actors the load needs, and the split of the
 scenario's actors that balances producer (prefill) and consumer (decode). It acts
 by flipping actors in place, and by lending actors between scenarios that serve the
-same model when one is short and another has room. Hysteresis (a dead band, a
+same model toward a pool-wide share (`allocate`: each scenario's need, the headroom in
+proportion to the needs; under overload the cheapest requests first, as goodput counts
+them). `initial_split` gives the same shares for an expected load, where a fleet starts. Hysteresis (a dead band, a
 confirmation streak and a minimum dwell time) keeps it from flapping on noise; a move
 that soon reverses the last one goes half as far, so that an overloaded scenario, whose
 TTFT and TPOT misses take turns, settles instead of swinging between two splits.

@@ -314,3 +314,20 @@ def test_the_initial_split_follows_the_first_windows_load():
                                 cluster.observe("idle", (0.0, 1500, 150))])
     assert split["idle"] == (0, 0) and sum(map(sum, split.values())) == 30
     assert split["chat"][1] > split["chat"][0] and split["docs"][0] > split["docs"][1]
+
+
+def test_under_overload_the_cheapest_requests_are_served_first_and_headroom_is_shared_otherwise():
+    """allocate: needs beyond the actors go to the scenario with the fewest actors per request/s
+    first (most requests within SLO per actor), each keeping one actor per role; needs within
+    the actors are met, and the rest is spread in proportion to them."""
+    ctrl, cluster = make(scenario("chat", p=5, d=5), scenario("docs", p=5, d=5))
+    obs = {"chat": cluster.observe("chat", OUTPUT_HEAVY), "docs": cluster.observe("docs", (20.0, 4000, 20))}
+    needs = {n: ctrl.need(o)[0] for n, o in obs.items()}
+    cheap, dear = sorted(obs, key=lambda n: needs[n].total / obs[n].arrival_rps)
+    size = round(needs[cheap].total) + 3
+    assert needs[dear].total > 3
+    short = ctrl.allocate(obs, needs, size)
+    assert short[cheap] >= needs[cheap].total - 0.5 and 2 <= short[dear] == size - short[cheap] < needs[dear].total
+    roomy = ctrl.allocate(obs, needs, 200)
+    assert sum(roomy.values()) == 200
+    assert roomy["docs"] / roomy["chat"] == pytest.approx(needs["docs"].total / needs["chat"].total, rel=0.05)

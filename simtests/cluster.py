@@ -56,8 +56,8 @@ def load_cluster(specs_path: str | Path, profile: str, actors: int | None = None
     if actors is not None:
         specs = scaled(specs, actors)
     model = load_profile(profile) if Path(profile).suffix in (".yaml", ".yml", ".json") else builtin(profile)
-    # one PerfModel per scenario: the live controller refines each from its own pool's measurements;
-    # the autoscaler's budget is the file's fleet, the static one it is compared with (sized for the peak)
+    # one PerfModel per scenario (live, one per accelerator, refined from the actors' measurements);
+    # the autoscaler's budget is the file's fleet (`--compare autoscale`: the fleet sized for the peak)
     return Cluster(specs, {s.name: model for s in specs}, settings,
                    ScaleSettings(budget=sum(s.prefill + s.decode for s in specs)))
 
@@ -93,11 +93,13 @@ def provisioned(cluster: Cluster, w: Workload, window_s: float = 60.0) -> Cluste
     return _split_for(cluster, _window(cluster, w, w.arrival_s[0] if len(w) else 0.0, window_s))
 
 
-def peak_sized(cluster: Cluster, w: Workload, window_s: float = 60.0) -> Cluster:
+def peak_sized(cluster: Cluster, w: Workload, window_s: float | None = None) -> Cluster:
     """A static fleet sized for the workload's peak: as many actors as the busiest `window_s`
-    needs (the controller's need, all scenarios together), split for that window; the
-    autoscaler's budget is that fleet."""
+    (default: one control interval, what the controller and the autoscaler observe) needs by
+    the controller's model, all scenarios together, split for that window; the autoscaler's
+    budget is that fleet."""
     controller = RatioController(cluster.specs, cluster.models, cluster.settings)
+    window_s = window_s or cluster.settings.interval_s
     start = w.arrival_s[0] if len(w) else 0.0
     windows = [_window(cluster, w, start + k * window_s, window_s)
                for k in range(max(1, math.ceil(w.duration_s / window_s)))]

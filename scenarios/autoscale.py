@@ -4,7 +4,7 @@ limits and an optional cluster budget, from its forecast arrivals.
 A policy like the ratio controller (and on the same observations, capacity model and role
 rule): every interval it forecasts each scenario's arrivals one start-up time ahead (Holt's
 linear trend, as Dynamo's SLA planner forecasts load; where the arrivals repeat with a period,
-found by autocorrelation over the history, the largest rate one period ago over the horizon
+found by autocorrelation over the history once it repeated, the largest rate one period ago over the horizon
 too: a daily tide or a recurring burst is met before it starts), asks the controller what that
 load needs (`RatioController.need`, with its SLO-attainment boosts), and
 - adds actors at once when the forecast needs more than it has (an actor takes a start-up
@@ -40,6 +40,7 @@ class ScaleSettings:
     idle_intervals: int = 6  # intervals whose largest need decides a scale-in
     history: int = 1440  # intervals of arrivals kept to find a period (4 h at 10 s)
     min_period: int = 6  # the shortest period looked for, in intervals
+    min_overlap: int = 24  # intervals of the history compared with it one period later, at least
     season_fit: float = 0.6  # autocorrelation at the period needed to forecast by it
 
 
@@ -97,15 +98,17 @@ class Autoscaler:
 
     def _period(self, rates: list[float]) -> int | None:
         """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
-        the highest autocorrelation over at least two periods of history."""
+        the highest autocorrelation, over a history that covers the period and `min_overlap`
+        intervals more (a burst seen twice is enough to expect the third)."""
         s, n = self.settings, len(rates)
-        if n < 2 * s.min_period:
+        if n < s.min_period + s.min_overlap:
             return None
         x = np.asarray(rates) - np.mean(rates)
         var = float(x @ x)
         if var <= 0:
             return None
-        fit = {lag: float(x[lag:] @ x[:-lag]) / var * n / (n - lag) for lag in range(s.min_period, n // 2 + 1)}
+        fit = {lag: float(x[lag:] @ x[:-lag]) / var * n / (n - lag)
+               for lag in range(s.min_period, n - s.min_overlap + 1)}
         lag = max(fit, key=fit.get)
         return lag if fit[lag] >= s.season_fit else None
 

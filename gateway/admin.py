@@ -28,6 +28,7 @@ from gateway.grpc_api import abort
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2, admin_pb2_grpc
 from mesh import ActorReport, Change, Member, MeshError, Role, RoleLimitError
+from scenarios.controller import Action, Decision
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("pdmesh.audit")
@@ -70,20 +71,24 @@ def control_message(s: ScenarioState) -> admin_pb2.ScenarioControl:
     if o.tpot_attainment is not None:
         observed.tpot_attainment = o.tpot_attainment
     limits = {role: admin_pb2.RoleLimits(min=lim.min, max=lim.max) for role, lim in s.limits.items()}
+    errors = {f"{role}_model_error": e for role, e in zip(ROLES, s.model_error) if e is not None}
     return admin_pb2.ScenarioControl(
         scenario=s.scenario, enabled=s.enabled, pinned=s.pin is not None, target_prefill=s.target[0],
         target_decode=s.target[1], prefill=s.current[0], decode=s.current[1], prefill_limits=limits["prefill"],
-        decode_limits=limits["decode"], observed=observed)
+        decode_limits=limits["decode"], observed=observed, **errors)
 
 
 def decision_message(r: Record) -> admin_pb2.Decision:
+    """A ratio controller's decision, or an autoscaler's scale step (its inputs: the forecast)."""
     d = r.decision
+    inputs, prediction = ((d.inputs, d.prediction) if isinstance(d, Decision)
+                          else ({"forecast_rps": d.forecast_rps}, {}))
     return admin_pb2.Decision(
         time_unix=d.time, scenario=d.scenario, action=d.actions[0].kind if d.actions else "", reason=d.reason,
-        inputs_json=json.dumps(d.inputs), prediction_json=json.dumps(d.prediction), current_prefill=d.current[0],
+        inputs_json=json.dumps(inputs), prediction_json=json.dumps(prediction), current_prefill=d.current[0],
         current_decode=d.current[1], target_prefill=d.target[0], target_decode=d.target[1],
-        actions=[admin_pb2.DecisionAction(kind=a.kind, actor_id=a.actor_id, scenario=a.scenario, role=a.role,
-                                          to_scenario=a.to_scenario or "") for a in d.actions],
+        actions=[admin_pb2.DecisionAction(kind=a.kind, actor_id=a.actor_id or "", scenario=a.scenario, role=a.role,
+                                          to_scenario=a.to_scenario or "" if isinstance(a, Action) else "") for a in d.actions],
         failures=r.failures)
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mesh import Mode, resolve_device
 from mesh.api import EngineConfig, engine_config, transport_config
+from scenarios.autoscale import ScaleSettings
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
 from scenarios.spec import SLO, Hardware, ScenarioSpec, SpecError, parse_specs
@@ -51,6 +52,9 @@ class Control(BaseModel):
     profile: str = Field("small-llama-cpu", description="performance model: a built-in profile or a profile file")
     drain_timeout_s: float | None = Field(None, gt=0, description="per flip; none: the actor's default")
     settings: Settings = Settings()
+    # fleet autoscaling per scenario (scenarios.autoscale), asking Ray's autoscaler for the
+    # resources (gateway.scaling); none: the fleet keeps its size
+    autoscale: ScaleSettings | None = None
 
     @field_validator("profile")
     @classmethod

@@ -4,7 +4,9 @@ Every interval it closes the gateway's load window (gateway.observe) into one ob
 per controlled scenario, with each actor's role and load from the pools, steps the
 controller, and applies its decisions through the live connector (flip in place, lend
 between pools): the round of scenarios.control_round, which the simulator runs too. Each decision goes to the decision log with what became of its actions,
-to a span, and to pdmesh_controller_decisions_total.
+to a span, and to pdmesh_controller_decisions_total. With `autoscale` configured, the
+autoscaler's scale steps follow in the same round (gateway.scaling asks Ray's autoscaler for
+their resources) and go to the decision log too.
 
 Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
 controller is on for its scenario (an operator's explicit order); off only stops the moves
@@ -28,9 +30,12 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
 from mesh import ActorState, Role, device_kind, tracing
+from gateway.scaling import RayScaling, request_resources
+from scenarios.autoscale import Autoscaler, ScaleDecision
+from scenarios.calibration import Calibration, DecodeSample, PrefillSample
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
-from scenarios.controller import ActorView, Decision, RatioController
+from scenarios.controller import Action, ActorView, Decision, RatioController
 from scenarios.mode_policy import ModePolicy
 from scenarios.spec import SLO, RoleLimits
 
@@ -47,6 +52,7 @@ class ScenarioState:
     limits: dict[str, RoleLimits]
     slo: SLO
     observed: Figures
+    model_error: tuple[float | None, float | None] = (None, None)  # prefill, decode (gateway.control.model_error)
 
 
 class ControlLoop(ControlRound):
@@ -54,12 +60,22 @@ class ControlLoop(ControlRound):
     timer and operator controls around it."""
 
     def __init__(self, fleet: Fleet, window: LoadWindow, metrics: Metrics, config: Control,
-                 clock: Callable[[], float] = time.time, log_size: int = 1000):
-        """clock: wall time, as decisions are shown to operators beside dashboards and logs."""
+                 clock: Callable[[], float] = time.time, log_size: int = 1000,
+                 request_resources: Callable[[list[dict[str, float]]], None] = request_resources):
+        """clock: wall time, as decisions are shown to operators beside dashboards and logs;
+        request_resources: how the autoscaler's resources are asked of Ray (gateway.scaling)."""
         specs = [s.spec for s in fleet.scenarios.values()]
-        super().__init__(RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings),
-                         window, LiveConnector({name: s.pool for name, s in fleet.scenarios.items()},
-                                               config.drain_timeout_s), clock, log_size,
+        # one model per accelerator, learnt from the actors' measurements on every round
+        self.calibration = Calibration(lambda accelerator: config.perf_model())
+        controller = RatioController(specs, {s.name: self.calibration.for_scenario(s) for s in specs},
+                                     config.settings)
+        connector = LiveConnector({name: s.pool for name, s in fleet.scenarios.items()}, config.drain_timeout_s)
+        autoscaler = None
+        if config.autoscale is not None:
+            autoscaler = Autoscaler(controller, config.autoscale)
+            connector = RayScaling(connector, lambda name, role: fleet.get(name).spec.hardware[role],
+                                   request_resources)
+        super().__init__(controller, window, connector, clock, log_size, autoscaler,
                          modes=ModePolicy(specs, {s.name: config.perf_model() for s in specs}))
         self.fleet, self.metrics = fleet, metrics
         self.enabled = {name: config.enabled for name in fleet.scenarios}
@@ -86,8 +102,22 @@ class ControlLoop(ControlRound):
     async def tick(self) -> list[Decision]:
         """One control interval: observe, decide, apply (one round at a time)."""
         async with self._tick_lock:
+            self.learn()
             controlled = [n for n in self.fleet.scenarios if self.enabled[n] or n in self.controller.pins]
             return [r.decision for r in await self.round({n: self._views(n) for n in controlled})]
+
+    def learn(self) -> None:
+        """The calibration learns what each actor measured since the last round (its last report)."""
+        for s in self.fleet.scenarios.values():
+            for m in s.pool.members.values():
+                if m.role is not Role.BOTH:
+                    self.calibration.learn(m.actor_id, m.role, s.spec.hardware[m.role], m.info.load.samples)
+
+    def model_error(self, spec) -> tuple[float | None, float | None]:
+        """The model's mean relative error on the recent prefill steps of the scenario's prefill
+        hardware and decode steps of its decode hardware (None: no measurement yet)."""
+        return (self.calibration.error(spec.hardware[Role.PREFILL].accelerator, PrefillSample),
+                self.calibration.error(spec.hardware[Role.DECODE].accelerator, DecodeSample))
 
     def _views(self, scenario: str) -> tuple[ActorView, ...]:
         views = []
@@ -115,6 +145,13 @@ class ControlLoop(ControlRound):
                 log.warning("ratio controller: %s", failure)
             log.info("ratio controller: %s: %s", decision.scenario, decision.reason)
             tracing.end(span, RuntimeError("; ".join(record.failures)) if record.failures else None)
+        return record
+
+    async def scale(self, decision: ScaleDecision) -> Record:
+        record = await super().scale(decision)
+        for failure in record.failures:
+            log.warning("autoscaler: %s", failure)
+        log.info("autoscaler: %s: %s", decision.scenario, decision.reason)
         return record
 
     # -- operator controls -----------------------------------------------------------------
@@ -154,13 +191,15 @@ class ControlLoop(ControlRound):
             pin = self.controller.pins.get(name)
             last = next((r.decision.target for r in reversed(self.records) if r.decision.scenario == name), None)
             out.append(ScenarioState(name, self.enabled[name], pin, current, pin or last or current,
-                                     dict(s.spec.limits), s.spec.slo, self.window.last[name]))
+                                     dict(s.spec.limits), s.spec.slo, self.window.last[name], self.model_error(s.spec)))
         return out
 
     def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:
-        """Newest last; for a scenario, its own decisions and the lends it received."""
+        """Newest last, the autoscaler's scale steps among them; for a scenario, its own
+        decisions and the lends it received."""
         if scenario:
             self.fleet.get(scenario)
-        picked = [r for r in self.records if not scenario or r.decision.scenario == scenario
-                  or any(a.to_scenario == scenario for a in r.decision.actions)]
+        records = sorted([*self.records, *self.scale_records], key=lambda r: r.decision.time)
+        picked = [r for r in records if not scenario or r.decision.scenario == scenario
+                  or any(isinstance(a, Action) and a.to_scenario == scenario for a in r.decision.actions)]
         return picked[-limit:]

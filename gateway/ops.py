@@ -197,11 +197,12 @@ def _control_rows(scenarios: list[dict], wide: bool = False) -> str:
                "limits P/D": f"{_limits(s['prefill_limits'])}/{_limits(s['decode_limits'])}",
                "req/s": f"{o['arrival_rps']:.2f}",
                "TTFT met": f"{_pct(o['ttft_attainment'])} ≤{o['ttft_target_s']:g}s",
-               "TPOT met": f"{_pct(o['tpot_attainment'])} ≤{o['tpot_target_s']:g}s"}
+               "TPOT met": f"{_pct(o['tpot_attainment'])} ≤{o['tpot_target_s']:g}s",
+               "model error P/D": f"{_pct(s.get('prefill_model_error'))}/{_pct(s.get('decode_model_error'))}"}
         if wide:
             row.update({"prompt": f"{o['mean_prompt_tokens']:.0f}", "output": f"{o['mean_output_tokens']:.0f}"})
         rows.append(row)
-    return columns(rows, optional=() if wide else ("limits P/D", "target"))
+    return columns(rows, optional=() if wide else ("limits P/D", "target", "model error P/D"))
 
 
 def _actor_rows(pools: list[dict], wide: bool = False) -> str:

@@ -143,7 +143,7 @@ class MeshActor:
         eng, stats = self.engine.engine, self.engine.stats
         return LoadReport(self.queued_tokens, self.queued_requests, len(self.active), eng.blocks.num_free,
                           eng.blocks.num_blocks, stats.prefill_tokens_per_s, stats.decode_step_s,
-                          _cache_stats(eng.blocks))
+                          _cache_stats(eng.blocks), tuple(stats.samples))
 
     async def ping(self) -> str:
         return self.spec.actor_id
@@ -251,6 +251,7 @@ class MeshActor:
             # the decode actor holds the lease's skipped prefix already
             written = await self.kv.send(rid, lease.parts, lease.prefix_tokens)
             stats = written.stats
+            self.engine.stats.note("transfer", stats.ops, stats.bytes, stats.duration_s)
             transfer.set_attributes({"kv.bytes": stats.bytes, "kv.runs": stats.runs, "kv.ops": stats.ops,
                                      "kv.layers": stats.layers, "kv.gbps": stats.gbps, "kv.backend": stats.backend,
                                      "kv.strategy": stats.strategy, "kv.path": stats.path, "kv.blocks": written.blocks,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "MOVABLE", "ActorReport", "ActorRequest", "ActorSpec", "ActorState",
     "Committed", "DrainResult", "EngineConfig", "FirstToken", "Lease", "Life", "LoadReport",
-    "OfferReply", "PrefixCacheStats", "PrefixReport", "Role", "SamplingParams", "StreamChunk",
+    "OfferReply", "PrefixCacheStats", "PrefixReport", "Role", "SamplingParams", "StepSample", "StreamChunk",
     "engine_config", "transport_config",
 ]
 
@@ -63,6 +63,18 @@ class PrefixCacheStats:
 
 
 @dataclass(frozen=True, slots=True)
+class StepSample:
+    """One measurement an actor made, for the live calibration of the performance model
+    (scenarios.calibration): a prefill step, a decode-only step, or a KV send. `seq` grows by one
+    per sample on the actor, so that a reader of reports learns each sample once."""
+    seq: int
+    kind: str  # "prefill", "decode" or "transfer"
+    size: int  # prefill: tokens computed; decode: sequences in the batch; transfer: ops
+    extent: int  # prefill: sum over the batch of tokens x context (attention); decode: context tokens; transfer: bytes
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LoadReport:
     """An actor's load when it reported; all zero for one that has not started its engine."""
     queued_prompt_tokens: int = 0  # accepted for prefill and not yet prefilled
@@ -73,6 +85,7 @@ class LoadReport:
     prefill_tokens_per_s: float = 0.0  # measured
     decode_step_s: float = 0.0  # measured
     prefix_cache: PrefixCacheStats | None = None  # None: the engine caches no prefixes
+    samples: tuple[StepSample, ...] = ()  # the most recent measurements, oldest first
 
     @property
     def used_blocks(self) -> int:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
 
+from mesh.api import StepSample
 from mesh.engine.engine import Engine, RequestOutput
 from mesh.engine.parallel import TensorParallelError
 from mesh.errors import MeshError
@@ -30,10 +32,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepStats:
-    """Running figures the admission policy and the load reports read."""
+    """Running figures the admission policy and the load reports read, and the most recent
+    raw measurements (what live calibration learns from)."""
     prefill_tokens_per_s: float = 0.0  # smoothed, over steps that prefilled
     decode_step_s: float = 0.0  # smoothed, over steps that only decoded
     steps: int = 0
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_SAMPLES))
+    # the engine thread notes steps and the event loop transfers: a counter and a deque each
+    # take one atomic call, so every sample gets a seq of its own
+    _seqs: Iterator[int] = field(default_factory=itertools.count)
+
+    def note(self, kind: str, size: int, extent: int, seconds: float) -> None:
+        self.samples.append(StepSample(next(self._seqs), kind, size, extent, seconds))
+
+
+RECENT_SAMPLES = 64  # kept for the reports: more than a control interval's worth at the gateway's refresh rate
 
 
 class AsyncEngine:
@@ -184,8 +197,11 @@ class AsyncEngine:
         if last.prefills:
             rate = last.num_tokens / seconds
             s.prefill_tokens_per_s = rate if s.prefill_tokens_per_s == 0 else (1 - a) * s.prefill_tokens_per_s + a * rate
+            # a chunk of n tokens attends to everything computed up to its end (n x context)
+            s.note("prefill", last.num_tokens, sum(n * seq.num_computed_tokens for seq, n in last.prefills), seconds)
         elif last.decodes:
             s.decode_step_s = seconds if s.decode_step_s == 0 else (1 - a) * s.decode_step_s + a * seconds
+            s.note("decode", len(last.decodes), sum(seq.num_tokens for seq in last.decodes), seconds)
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, queue in list(self._streams.items()):

@@ -3,13 +3,16 @@ limits and an optional cluster budget, from its forecast arrivals.
 
 A policy like the ratio controller (and on the same observations, capacity model and role
 rule): every interval it forecasts each scenario's arrivals one start-up time ahead (Holt's
-linear trend, as Dynamo's SLA planner forecasts load), asks the controller what that load
-needs (`RatioController.need`, with its SLO-attainment boosts), and
+linear trend, as Dynamo's SLA planner forecasts load; where the arrivals repeat with a period,
+found by autocorrelation over the history once it repeated, the largest rate one period ago over the horizon
+too: a daily tide or a recurring burst is met before it starts), asks the controller what that
+load needs (`RatioController.need`, with its SLO-attainment boosts), and
 - adds actors at once when the forecast needs more than it has (an actor takes a start-up
   time to serve, so waiting would miss the SLOs), to the role short the most;
-- removes one actor (by drain) only when, over the last `idle_intervals` intervals, even the
-  largest need was below what it would have left minus the band: a fleet sized for the peaks of noisy
-  load keeps them, so noise never removes what the next interval adds back.
+- removes actors (by drain) only when, over the last `idle_intervals` intervals, even the
+  largest need was below what it has minus the band: then every actor beyond that need and
+  the band at once. A fleet sized for the peaks of noisy load keeps them, so noise never
+  removes what the next interval adds back.
 Scale-outs compete for the budget by priority, then by shortfall. What carries the actions
 out (Ray's autoscaler and pools live, modelled actors in the simulator) is a connector's job.
 """
@@ -19,6 +22,8 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Literal
+
+import numpy as np
 
 from mesh.role_limits import Change
 from mesh.roles import MOVABLE, Role
@@ -33,6 +38,10 @@ class ScaleSettings:
     trend: float = 0.3  # ...and of the trend
     band: float = 1.0  # actors of slack before scaling in
     idle_intervals: int = 6  # intervals whose largest need decides a scale-in
+    history: int = 1440  # intervals of arrivals kept to find a period (4 h at 10 s)
+    min_period: int = 6  # the shortest period looked for, in intervals
+    min_overlap: int = 24  # intervals of the history compared with it one period later, at least
+    season_fit: float = 0.6  # autocorrelation at the period needed to forecast by it
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,8 @@ class ScaleDecision:
     time: float
     scenario: str
     actions: tuple[ScaleAction, ...]
-    current: int  # actors before
-    target: int
+    current: tuple[int, int]  # prefill, decode actors before
+    target: tuple[int, int]  # after the actions
     forecast_rps: float
     reason: str
 
@@ -59,6 +68,7 @@ class _Trend:
     level: float | None = None
     slope: float = 0.0  # per interval
     needs: deque = field(default_factory=deque)  # actors needed, over the last idle_intervals
+    rates: list = field(default_factory=list)  # arrivals/s per interval, the last `history`
 
 
 class Autoscaler:
@@ -67,7 +77,7 @@ class Autoscaler:
         self._trend: dict[str, _Trend] = {name: _Trend() for name in controller.specs}
 
     def forecast(self, obs: Observation) -> float:
-        """Arrivals/s one start-up time ahead; updates the scenario's level and trend."""
+        """Arrivals/s one start-up time ahead; updates the scenario's level, trend and history."""
         s, t = self.settings, self._trend[obs.scenario]
         if t.level is None:
             t.level = obs.arrival_rps
@@ -75,8 +85,32 @@ class Autoscaler:
             previous = t.level
             t.level = s.level * obs.arrival_rps + (1 - s.level) * (t.level + t.slope)
             t.slope = s.trend * (t.level - previous) + (1 - s.trend) * t.slope
-        ahead = s.start_s / self.controller.settings.interval_s
-        return max(0.0, t.level + max(t.slope, 0.0) * ahead)  # a falling trend scales in by idling, not ahead
+        t.rates.append(obs.arrival_rps)
+        del t.rates[:-s.history]
+        ahead = math.ceil(s.start_s / self.controller.settings.interval_s)
+        holt = max(0.0, t.level + max(t.slope, 0.0) * ahead)  # a falling trend scales in by idling, not ahead
+        period = self._period(t.rates)
+        if period is None:
+            return holt
+        # what came one period after the last interval, up to the horizon (and a margin of one interval)
+        start = len(t.rates) - period
+        return max(holt, max(t.rates[start:start + ahead + 2]))
+
+    def _period(self, rates: list[float]) -> int | None:
+        """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
+        the highest autocorrelation, over a history that covers the period and `min_overlap`
+        intervals more (a burst seen twice is enough to expect the third)."""
+        s, n = self.settings, len(rates)
+        if n < s.min_period + s.min_overlap:
+            return None
+        x = np.asarray(rates) - np.mean(rates)
+        var = float(x @ x)
+        if var <= 0:
+            return None
+        fit = {lag: float(x[lag:] @ x[:-lag]) / var * n / (n - lag)
+               for lag in range(s.min_period, n - s.min_overlap + 1)}
+        lag = max(fit, key=fit.get)
+        return lag if fit[lag] >= s.season_fit else None
 
     def step(self, observations: list[Observation], now: float) -> list[ScaleDecision]:
         s = self.settings
@@ -106,8 +140,9 @@ class Autoscaler:
             if o.scenario in scaled:
                 needs.clear()
             elif len(needs) == s.idle_intervals and max(needs) < len(o.actors) - 1 - s.band:
+                surplus = math.floor(len(o.actors) - max(needs) - s.band)
                 needs.clear()
-                d = self._remove(o, need, rps, now)
+                d = self._remove(o, need, surplus, rps, now)
                 if d:
                     decisions.append(d)
         return decisions
@@ -128,21 +163,41 @@ class Autoscaler:
         if not actions:
             return None
         roles = Counter(a.role for a in actions)
-        return ScaleDecision(now, o.scenario, tuple(actions), len(o.actors), len(o.actors) + len(actions), rps,
+        return ScaleDecision(now, o.scenario, tuple(actions), *_counts(o, actions), rps,
                              f"forecast {rps:.2f} req/s in {self.settings.start_s:.0f} s needs {need.total:.1f} "
                              f"actors, has {len(o.actors)}: add " + ", ".join(f"{n} {r}" for r, n in roles.items()))
 
-    def _remove(self, o: Observation, need, rps: float, now: float) -> ScaleDecision | None:
+    def _remove(self, o: Observation, need, n: int, rps: float, now: float) -> ScaleDecision | None:
+        """Up to n actors, each from the role with the most surplus over the need, least loaded
+        first, as the role rule allows."""
         spec = self.controller.specs[o.scenario]
         counts = Counter(a.role for a in o.actors)
         surplus = {Role.PREFILL: counts[Role.PREFILL] - need.prefill, Role.DECODE: counts[Role.DECODE] - need.decode}
-        rules = pool_roles(spec, o.actors)
-        for role in sorted(MOVABLE, key=surplus.get, reverse=True):
-            a = next((a for a in least_loaded(o.actors, role) if rules.judge(Change(a.actor_id, role, None)).allowed),
-                     None)
-            if a is not None:
-                return ScaleDecision(now, o.scenario, (ScaleAction("remove", o.scenario, role, a.actor_id),),
-                                     len(o.actors), len(o.actors) - 1, rps,
-                                     f"needed under {len(o.actors) - 1 - self.settings.band:.0f} of {len(o.actors)} actors for "
-                                     f"{self.settings.idle_intervals} intervals: drain and stop {a.actor_id} ({role})")
-        return None
+        rules, actions, taken = pool_roles(spec, o.actors), [], set()
+        for _ in range(n):
+            pick = None
+            for role in sorted(MOVABLE, key=surplus.get, reverse=True):
+                pick = next((a for a in least_loaded(o.actors, role) if a.actor_id not in taken
+                             and rules.judge(Change(a.actor_id, role, None)).allowed), None)
+                if pick:
+                    break
+            if pick is None:
+                break
+            taken.add(pick.actor_id)
+            rules = rules.after(Change(pick.actor_id, role, None))
+            surplus[role] -= 1
+            actions.append(ScaleAction("remove", o.scenario, role, pick.actor_id))
+        if not actions:
+            return None
+        return ScaleDecision(now, o.scenario, tuple(actions), *_counts(o, actions), rps,
+                             f"needed at most {len(o.actors) - n - self.settings.band:.1f} of {len(o.actors)} actors "
+                             f"for {self.settings.idle_intervals} intervals: drain and stop "
+                             + ", ".join(f"{a.actor_id} ({a.role})" for a in actions))
+
+
+def _counts(o: Observation, actions: list[ScaleAction]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The scenario's prefill and decode counts before and after the actions."""
+    before = Counter(a.role for a in o.actors)
+    after = before + Counter(a.role for a in actions if a.kind == "add")
+    after.subtract(a.role for a in actions if a.kind == "remove")
+    return (before[Role.PREFILL], before[Role.DECODE]), (after[Role.PREFILL], after[Role.DECODE])

@@ -6,14 +6,17 @@ modelled as such: its prefill times from the NPU profile, its decode steps from 
 A role measures what it runs: prefill batches and the KV transfers it sends (prefill
 actors), decode steps (decode actors). Each sample is first predicted, and the prediction's
 relative error kept over the most recent samples (what `pdmesh status` shows), then learnt.
-Who measures and sends the samples is the gateway's side; this is the model's.
+The actors measure (`mesh.api.StepSample`, the recent ones in each load report); `learn`
+takes a report's samples once each (by their seq), those of the actor's role, and the gateway's
+control loop calls it on every round (gateway.control).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
+from mesh.api import StepSample
 from mesh.hardware import Hardware
 from mesh.roles import Role
 from scenarios.perf_model import PerfModel, RoleModels
@@ -43,6 +46,7 @@ class TransferSample:
 
 Sample = PrefillSample | DecodeSample | TransferSample
 _ROLE = {PrefillSample: Role.PREFILL, TransferSample: Role.PREFILL, DecodeSample: Role.DECODE}
+_KIND = {"prefill": PrefillSample, "decode": DecodeSample, "transfer": TransferSample}
 
 
 class Calibration:
@@ -52,6 +56,7 @@ class Calibration:
         self.seed, self.recent = seed, recent
         self.models: dict[str, PerfModel] = {}
         self._errors: dict[tuple[str, type], deque[float]] = {}
+        self._learnt: dict[str, int] = {}  # actor id -> the seq of the last sample learnt from it
 
     def model(self, accelerator: str) -> PerfModel:
         if accelerator not in self.models:
@@ -83,6 +88,22 @@ class Calibration:
         error = abs(predicted - sample.seconds) / sample.seconds
         self._errors.setdefault((hardware.accelerator, type(sample)), deque(maxlen=self.recent)).append(error)
         return error
+
+    def learn(self, actor_id: str, role: Role, hardware: Hardware, samples: Iterable[StepSample]) -> int:
+        """Learns the samples of an actor's report that were not learnt before and that its role
+        measures (a decode actor that recomputes a preempted prompt runs a prefill step, which is
+        not what its hardware's prefill is modelled from); returns how many."""
+        last = self._learnt.get(actor_id, -1)
+        new = [step for step in samples if step.seq > last]
+        learnt = 0
+        for step in new:
+            kind = _KIND.get(step.kind)
+            if kind is not None and _ROLE[kind] is role and step.seconds > 0:
+                self.observe(role, hardware, kind(step.size, step.extent, step.seconds))
+                learnt += 1
+        if new:
+            self._learnt[actor_id] = max(step.seq for step in new)
+        return learnt
 
     def error(self, accelerator: str, kind: type) -> float | None:
         """Mean relative error of the predictions over the most recent samples of a kind

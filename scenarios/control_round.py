@@ -58,8 +58,11 @@ class ControlRound:
         records = [await self.apply(decision) for decision in self.controller.step(observations, now)]
         if self.autoscaler is not None:
             for decision in self.autoscaler.step(observations, now):
-                self.scale_records.append(await _applied(self.connector, decision))
+                self.scale_records.append(await self.scale(decision))
         return records
+
+    async def scale(self, decision: ScaleDecision) -> Record:
+        return await _applied(self.connector, decision)
 
     async def apply(self, decision: Decision) -> Record:
         record = await _applied(self.connector, decision)

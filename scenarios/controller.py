@@ -5,7 +5,9 @@ output lengths, TTFT/TPOT attainment), the performance model and the SLOs, it
 computes how many prefill and decode actors the load needs, and the split of the
 scenario's actors that balances producer (prefill) and consumer (decode). It acts
 by flipping actors in place, and by lending actors between scenarios that serve the
-same model when one is short and another has room. Hysteresis (a dead band, a
+same model toward a pool-wide share (`allocate`: each scenario's need, the headroom in
+proportion to the needs; under overload the cheapest requests first, as goodput counts
+them). `initial_split` gives the same shares for an expected load, where a fleet starts. Hysteresis (a dead band, a
 confirmation streak and a minimum dwell time) keeps it from flapping on noise; a move
 that soon reverses the last one goes half as far, so that an overloaded scenario, whose
 TTFT and TPOT misses take turns, settles instead of swinging between two splits.
@@ -87,6 +89,9 @@ class Settings:
     smoothing: float = 0.5  # weight of the newest observation in the moving averages
     attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
     lend: bool = True
+    # a scenario takes actors from others when short of its share (`allocate`) by more than this
+    # share of its actors (at least one): headroom moved back and forth on noise costs drains
+    lend_band: float = 0.15
     reversal_window_s: float = 120.0  # a move against the last one within this is damped
 
 
@@ -172,10 +177,6 @@ class RatioController:
                 obs.tpot_attainment is not None and obs.tpot_attainment < goal,
                 obs.kv_short is not None and obs.kv_short > 1 - goal)
 
-    def _meets_slo(self, obs: Observation) -> bool:
-        known = obs.ttft_attainment is not None or obs.arrival_rps == 0
-        return known and not any(self._misses(obs))
-
     def step(self, observations: list[Observation], now: float) -> list[Decision]:
         """One control interval: returns the decisions (also appended to the log)."""
         smoothed = {o.scenario: self._smooth(o) for o in observations}
@@ -259,26 +260,73 @@ class RatioController:
                         (p, d), (new_p, n - new_p), _inputs(obs), prediction,
                         f"{why}: flip {len(chosen)} {give} -> {take}, target {target}P:{n - target}D{damped}")
 
+    def allocate(self, obs: dict[str, Observation], needs: dict[str, Need], actors: int) -> dict[str, int]:
+        """How many of `actors` each of these scenarios (of one model) should have: what its load
+        needs, and the rest spread in proportion to the needs (headroom, as one mixed pool shares
+        it). When the needs add up to more than there is, the scenarios are served in order of
+        priority, then of actors per request/s (the cheapest first: most requests within their
+        SLOs per actor), each as much as it needs; one with arrivals keeps an actor per role."""
+        floor = {n: max(sum(self.specs[n].limits[r].min for r in MOVABLE), 2 if obs[n].arrival_rps > 0 else 0)
+                 for n in obs}
+        total = sum(needs[n].total for n in obs)
+        left = actors - sum(floor.values())
+        if total <= left or total <= 0:
+            share = {n: floor[n] + max(left, 0) * (needs[n].total / total if total > 0 else 1 / len(obs))
+                     for n in obs}
+        else:
+            share = dict(floor)
+            cost = lambda n: needs[n].total / max(obs[n].arrival_rps, 1e-9)  # noqa: E731
+            for n in sorted(obs, key=lambda n: (-self.specs[n].priority, cost(n))):
+                give = min(max(needs[n].total - floor[n], 0.0), max(left, 0.0))
+                share[n] += give
+                left -= give
+        return _rounded(share, actors)
+
+    def initial_split(self, observations: list[Observation]) -> dict[str, tuple[int, int]]:
+        """Each scenario's prefill and decode counts for an expected load (the first window's):
+        the specs' actors of each model re-split by `allocate` and each scenario's need, where a
+        fleet provisioned for that load starts instead of a split written for another one."""
+        obs = {o.scenario: o for o in observations}
+        needs = {name: self.need(o)[0] for name, o in obs.items()}
+        out = {}
+        for model in {self.specs[n].model for n in obs}:
+            group = [n for n in obs if self.specs[n].model == model]
+            size = sum(self.specs[n].prefill + self.specs[n].decode for n in group)
+            for name, n in self.allocate({g: obs[g] for g in group}, needs, size).items():
+                spec, need = self.specs[name], needs[name]
+                lo = max(spec.limits[Role.PREFILL].min, n - spec.limits[Role.DECODE].max, 1 if n > 1 else 0)
+                hi = min(spec.limits[Role.PREFILL].max, n - spec.limits[Role.DECODE].min, n - 1 if n > 1 else n)
+                p = round(n * need.prefill / need.total) if need.total > 0 else n // 2
+                out[name] = (min(max(p, lo), hi), n - min(max(p, lo), hi))
+        return out
+
     def _lend(self, obs: dict[str, Observation], needs: dict[str, tuple[Need, dict]],
               now: float) -> list[Decision]:
-        """A pool-wide reassignment among the scenarios of each model: every short one (higher
-        priority first) takes what it lacks at once from those with room (most room first),
-        as long as each donor keeps what its load needs and every move passes the role rule.
-        A scenario missing its own SLOs, or with arrivals but none finished yet, lends nothing:
-        its measured need is then too low (the requests that finish are the short ones). One decision per donor and taker, with all
-        the actors it moves."""
+        """A pool-wide reassignment among the scenarios of each model (`allocate`): every scenario
+        short of its share by more than the dead band (higher priority first) takes what it lacks
+        at once from those above theirs (most surplus first), every move passing the role rule.
+        A scenario with arrivals but none finished yet lends nothing: its need is not known yet.
+        One decision per donor and taker, with all the actors it moves."""
         s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
         ready = [name for name in obs if name not in self.pins
                  and now - self._memory[name].last_change >= s.min_dwell_s]
-        room = {name: len(obs[name].actors) - needs[name][0].total for name in ready}  # beyond the need
+        room = {}
+        for model in {self.specs[n].model for n in ready}:
+            group = [n for n in ready if self.specs[n].model == model]
+            share = self.allocate({n: obs[n] for n in group}, {n: needs[n][0] for n in group},
+                                  sum(len(obs[n].actors) for n in group))
+            room.update({n: len(obs[n].actors) - share[n] for n in group})  # beyond its share
         decisions = []
-        short = sorted((n for n in ready if room[n] < -0.5), key=lambda n: (-self.specs[n].priority, room[n]))
+        band = lambda n: max(1.0, s.lend_band * len(obs[n].actors))  # noqa: E731
+        short = sorted((n for n in ready if -room[n] >= band(n) or (room[n] < 0 and not obs[n].actors)),
+                       key=lambda n: (-self.specs[n].priority, room[n]))
         for taker in short:
             model = self.specs[taker].model
-            donors = sorted((n for n in ready if n != taker and n not in short and self.specs[n].model == model
-                             and room[n] >= 1.5 and self._meets_slo(obs[n])), key=room.get, reverse=True)
+            donors = sorted((n for n in ready if n != taker and room[n] >= 1 and self.specs[n].model == model
+                             and not (obs[n].arrival_rps > 0 and obs[n].ttft_attainment is None)),
+                            key=room.get, reverse=True)
             for donor in donors:
-                want = min(round(-room[taker]), math.floor(room[donor] - 0.5))
+                want = min(round(-room[taker]), math.floor(room[donor]))
                 d = self._lend_some(obs[donor], needs[donor][0], obs[taker], needs[taker], want, now)
                 if d:
                     decisions.append(d)
@@ -340,6 +388,14 @@ def _lent(donor: Observation, taker: Observation, actions: tuple[Action, ...]) -
     joined = tuple(replace(views[a.actor_id], role=a.role, movable=False) for a in actions)
     return (replace(donor, actors=tuple(v for v in donor.actors if v.actor_id not in {a.actor_id for a in actions})),
             replace(taker, actors=taker.actors + joined))
+
+
+def _rounded(shares: dict[str, float], total: int) -> dict[str, int]:
+    """Whole actors summing to `total`, by largest remainders."""
+    out = {n: math.floor(v) for n, v in shares.items()}
+    for n in sorted(shares, key=lambda n: out[n] - shares[n])[:max(total - sum(out.values()), 0)]:
+        out[n] += 1
+    return out
 
 
 def least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:

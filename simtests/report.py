@@ -59,7 +59,7 @@ def comparison_rows(outcomes: list[Outcome]) -> list[list[str]]:
     for o in outcomes:
         ours, theirs = o.values
         fmt = o.comparison.fmt
-        rows.append([f"{o.comparison.name} vs {o.comparison.baseline}", o.comparison.metric, fmt.format(ours),
+        rows.append([f"{o.comparison.name} vs {o.comparison.baseline}{o.note}", o.comparison.metric, fmt.format(ours),
                      fmt.format(theirs), f"{o.change:+.0%}", o.comparison.paper])
     return rows
 

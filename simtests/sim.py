@@ -65,11 +65,15 @@ class Simulator:
         self.now = 0.0
         self.joins = 0  # actors that joined a pool's serving ones so far
         self.actors: list[Actor] = []
+        prefill_left = variant.mixed_prefill if variant.pools == "mixed" else None
         for k, s in enumerate(specs):
             pool = self.pools[self.pool_of[k]]
             model = cluster.models[s.name]
             roles = ([Role.BOTH] * (s.prefill + s.decode) if self.aggregated
                      else [Role.PREFILL] * s.prefill + [Role.DECODE] * s.decode)
+            if prefill_left is not None and not self.aggregated:  # the mixed pool's split, not the specs'
+                p = min(prefill_left, len(roles))
+                roles, prefill_left = [Role.PREFILL] * p + [Role.DECODE] * (len(roles) - p), prefill_left - p
             for role in roles:  # an aggregated actor runs on the prefill hardware
                 hw = s.hardware[Role.PREFILL if role is Role.BOTH else role]
                 a = Actor(len(self.actors), role, pool.index, model, device=hw.device)

@@ -181,7 +181,7 @@ class ObservedLoad(_message.Message):
     def __init__(self, arrival_rps: _Optional[float] = ..., mean_prompt_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., ttft_attainment: _Optional[float] = ..., tpot_attainment: _Optional[float] = ..., requests_ended: _Optional[int] = ..., ttft_target_s: _Optional[float] = ..., tpot_target_s: _Optional[float] = ..., slo_percentile: _Optional[float] = ...) -> None: ...
 
 class ScenarioControl(_message.Message):
-    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode", "pinned", "prefill", "decode", "prefill_limits", "decode_limits", "observed")
+    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode", "pinned", "prefill", "decode", "prefill_limits", "decode_limits", "observed", "prefill_model_error", "decode_model_error")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class ScenarioControl(_message.Message):
     PREFILL_LIMITS_FIELD_NUMBER: _ClassVar[int]
     DECODE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     enabled: bool
     target_prefill: int
@@ -202,7 +204,9 @@ class ScenarioControl(_message.Message):
     prefill_limits: RoleLimits
     decode_limits: RoleLimits
     observed: ObservedLoad
-    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., pinned: _Optional[bool] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., prefill_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., decode_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., observed: _Optional[_Union[ObservedLoad, _Mapping]] = ...) -> None: ...
+    prefill_model_error: float
+    decode_model_error: float
+    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., pinned: _Optional[bool] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., prefill_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., decode_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., observed: _Optional[_Union[ObservedLoad, _Mapping]] = ..., prefill_model_error: _Optional[float] = ..., decode_model_error: _Optional[float] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
     __slots__ = ("scenarios", "interval_s")

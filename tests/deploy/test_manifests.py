@@ -345,6 +345,21 @@ def test_scenarios_config_loads_and_each_role_fits_a_worker_group():
             assert fits, f"scenario {spec.name} {role}: no worker group offers {hw}"
 
 
+def test_the_gateways_autoscaler_has_kuberays_in_tree_autoscaler_to_ask():
+    """The gateway's scale steps ask Ray for resources (gateway.scaling); on Kubernetes KubeRay's
+    autoscaler acts on the request, reaches the GCS with the cluster's token, and each group that
+    actors land on may grow beyond its replicas."""
+    from gateway.config import load
+
+    spec = support.kind(support.k8s("raycluster.yaml"), "RayCluster")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    env = {e["name"]: e for e in spec["autoscalerOptions"]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "pdmesh-ray-token"
+    assert all(g["maxReplicas"] > g["replicas"] for g in support.groups().values() if g["replicas"])
+    assert load(DEPLOY / "k8s/scenarios.yaml").controller.autoscale is not None
+
+
 def test_kustomization_lists_every_manifest_it_can_apply():
     kustomization = support.k8s("kustomization.yaml")[0]
     # examples and optional CRD-dependent manifests are applied by hand (their comments say how)

@@ -18,6 +18,7 @@ from gateway.observe import LoadWindow
 from mesh.api import ActorReport, ActorState, DrainResult, Role
 from mesh.errors import MeshError
 from mesh.pool import Member
+from scenarios.autoscale import ScaleSettings
 from scenarios.controller import Settings
 from scenarios.spec import parse_specs
 from tests.support.clock import FakeClock
@@ -31,6 +32,7 @@ class Pool:
     """Flips at once; an actor in `broken` refuses."""
 
     def __init__(self, scenario: str, p: int, d: int):
+        self.scenario = scenario
         self.members = {f"{scenario}-{i}": Member(f"{scenario}-{i}", role, None,
                                                   ActorReport(f"{scenario}-{i}", scenario, role, ActorState.SERVING))
                         for i, role in enumerate([Role.PREFILL] * p + [Role.DECODE] * d)}
@@ -43,6 +45,16 @@ class Pool:
         member.role = Role(role)
         member.info = dataclasses.replace(member.info, role=member.role)
         return DrainResult((), member.info)
+
+    async def add(self, role: str) -> Member:
+        actor_id = f"{self.scenario}-{len(self.members)}"
+        member = Member(actor_id, Role(role), None, ActorReport(actor_id, self.scenario, Role(role),
+                                                                 ActorState.SERVING))
+        self.members[actor_id] = member
+        return member
+
+    async def remove(self, actor_id: str, drain_timeout_s=None) -> DrainResult:
+        return DrainResult((), self.members.pop(actor_id).info)
 
     def split(self) -> tuple[int, int]:
         roles = [m.role for m in self.members.values()]
@@ -62,12 +74,15 @@ class FakeFleet:
         self.scenarios = {s.name: Scenario(s, Pool(s.name, s.prefill, s.decode)) for s in SPECS}
 
 
-def make(enabled: bool):
+def make(enabled: bool, autoscale: ScaleSettings | None = None, requests: list | None = None):
     fleet, clock = FakeFleet(), FakeClock(1000.0)
     window = LoadWindow({s.name: s.slo for s in SPECS}, clock)
     metrics = Metrics(lambda: {}, SPECS)
-    control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False, far=1.0))
-    return ControlLoop(fleet, window, metrics, control, clock), fleet, clock, window, metrics
+    control = Control(enabled=enabled, settings=Settings(interval_s=1, min_dwell_s=0, confirm=1, lend=False, far=1.0),
+                      autoscale=autoscale)
+    ask = requests.append if requests is not None else None
+    return (ControlLoop(fleet, window, metrics, control, clock, **({"request_resources": ask} if ask else {})),
+            fleet, clock, window, metrics)
 
 
 def prompt_heavy(window: LoadWindow, clock: FakeClock, scenario: str = "chat") -> None:
@@ -163,3 +178,25 @@ def test_the_controller_sees_where_each_actor_runs():
     for m in fleet.scenarios["chat"].pool.members.values():
         m.info = dataclasses.replace(m.info, device="npu:0" if m.role is Role.PREFILL else "cuda:1")
     assert [(v.role, v.device) for v in loop._views("chat")] == [("prefill", "npu")] + [("decode", "cuda")] * 3
+
+
+def test_autoscaling_adds_for_a_load_asks_ray_and_logs_each_scale_step_with_its_reason():
+    """A load the fleet is short of: the autoscaler's step adds actors in the same round, asks Ray's
+    autoscaler for one bundle per added actor first, and shows in the decision log with its reason;
+    once idle, it drains them and the request shrinks back."""
+    requests = []
+    loop, fleet, clock, window, _ = make(enabled=True, autoscale=ScaleSettings(start_s=1.0, idle_intervals=2),
+                                         requests=requests)
+    for _ in range(3):
+        prompt_heavy(window, clock)
+        asyncio.run(loop.tick())
+    scale = [r for r in loop.decisions("chat") if r.decision.actions[0].kind == "add"]
+    assert scale and "forecast" in scale[0].decision.reason and "add" in scale[0].decision.reason
+    assert len(fleet.scenarios["chat"].pool.members) > 4 and not any(r.failures for r in scale)
+    assert requests[-1] == [{"CPU": 1.0}] * (len(fleet.scenarios["chat"].pool.members) - 4)
+    for _ in range(4):
+        clock.now += 1
+        asyncio.run(loop.tick())
+    removes = [r for r in loop.decisions("chat") if r.decision.actions[0].kind == "remove"]
+    assert removes and "drain and stop" in removes[0].decision.reason
+    assert len(fleet.scenarios["chat"].pool.members) < 6 and len(requests[-1]) < len(max(requests, key=len))

@@ -33,11 +33,11 @@ class Fleet:
 
     def apply(self, decisions):
         for d in decisions:
-            for a in d.actions:
-                if a.kind == "add":
-                    self.roles[a.scenario].append(a.role)
-                else:
-                    del self.roles[a.scenario][int(a.actor_id.rsplit("-", 1)[1])]
+            removed = sorted((int(a.actor_id.rsplit("-", 1)[1]) for a in d.actions if a.kind == "remove"),
+                             reverse=True)  # by index in the observed order: the highest first
+            for i in removed:
+                del self.roles[d.scenario][i]
+            self.roles[d.scenario] += [a.role for a in d.actions if a.kind == "add"]
 
 
 def make(*dicts, settings=ScaleSettings()):
@@ -69,13 +69,25 @@ def test_a_rising_load_is_met_ahead_by_the_trend():
     assert scaler.controller.specs["chat"] and h[-1]["chat"] > 2
 
 
-def test_an_idle_scenario_shrinks_by_drain_one_actor_at_a_time_to_its_minimum():
+def test_an_idle_scenario_shrinks_by_drain_in_one_step_to_its_minimum():
+    """After idle_intervals (6) of slack, every actor beyond the need and the band at once."""
     scaler, fleet = make(scenario(p=6, d=6))
     h = drive(scaler, fleet, [{"chat": 0.1}] * 100)
     counts = [x["chat"] for x in h]
-    assert counts[4] == 12 and counts[5] == 11  # after idle_intervals (6) of slack
-    assert all(a - b in (0, 1) for a, b in zip(counts, counts[1:]))
-    assert counts[-1] == 2  # one actor per role: the minimum
+    assert counts[4] == 12 and counts[5] == 2 and set(counts[5:]) == {2}  # one actor per role: the minimum
+
+
+def test_a_recurring_burst_is_met_before_it_starts():
+    """Bursts every 30 intervals, 3 intervals long: once the period shows in the history, the
+    fleet grows ahead of each burst (a start-up time early) and shrinks between them."""
+    scaler, fleet = make(settings=ScaleSettings(start_s=20.0))
+    rates = [{"chat": 20.0 if i % 30 < 3 else 0.5} for i in range(240)]
+    h = drive(scaler, fleet, rates)
+    peak = need(scaler, 20.0)
+    late = [i for i in range(150, 240) if i % 30 == 0]
+    # the counts seen by a burst's first interval are those after the interval before it
+    assert all(h[i - 1]["chat"] >= peak - 1e-9 for i in late)
+    assert min(h[i]["chat"] for i in range(150, 240)) < peak / 2
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -99,4 +111,4 @@ def test_the_budget_goes_to_the_higher_priority_first():
 def test_every_scale_decision_says_why():
     scaler, fleet = make()
     d = scaler.step([fleet.observe("chat", 10.0)], 0.0)[0]
-    assert d.actions[0].kind == "add" and d.target > d.current and "forecast 10.00 req/s" in d.reason
+    assert d.actions[0].kind == "add" and sum(d.target) > sum(d.current) and "forecast 10.00 req/s" in d.reason

@@ -186,22 +186,21 @@ def test_lends_idle_actors_to_a_short_scenario_of_the_same_model():
 
 def test_a_short_scenario_takes_what_it_lacks_from_several_donors_at_once():
     """A pool-wide reassignment: in the first interval the short scenario gets every actor it
-    lacks, from both donors, each keeping what its own load needs."""
+    lacks (and its share of the headroom), from both donors, each keeping what its own load needs."""
     ctrl, cluster = make(scenario("busy", p=1, d=1), scenario("idle1", p=4, d=4), scenario("idle2", p=4, d=4))
     load = {"busy": (25.0, 1500, 150), "idle1": (0.1, 1500, 150), "idle2": (0.1, 1500, 150)}
     need = ctrl.need(cluster.observe("busy", load["busy"]))[0].total
     h = run(ctrl, cluster, [load])
     lends = [d for d in ctrl.log if d.actions[0].kind == "lend"]
     assert {d.scenario for d in lends} == {"idle1", "idle2"} and max(len(d.actions) for d in lends) > 1
-    assert abs(sum(h[0]["busy"]) - need) <= 0.5 + 1e-9
+    assert need - 0.5 <= sum(h[0]["busy"]) <= 18 - 4
     assert all(sum(h[0][n]) >= 2 for n in ("idle1", "idle2"))
 
 
-@pytest.mark.parametrize("attainment", [(0.5, 1.0), (None, None)])
-def test_a_scenario_missing_its_slos_or_not_measured_yet_lends_nothing(attainment):
-    """Its measured need is too low then (only the short requests finish)."""
+def test_a_scenario_not_measured_yet_lends_nothing():
+    """Arrivals and nothing finished: its need is not known yet."""
     ctrl, cluster = make(scenario("busy", p=1, d=1), scenario("idle", p=4, d=4))
-    obs = [cluster.observe("busy", (25.0, 1500, 150)), cluster.observe("idle", (0.1, 1500, 150), attainment)]
+    obs = [cluster.observe("busy", (25.0, 1500, 150)), cluster.observe("idle", (0.1, 1500, 150), (None, None))]
     assert not ctrl.step(obs, 0.0)
     obs[1] = cluster.observe("idle", (0.1, 1500, 150))
     assert [d.actions[0].kind for d in ctrl.step(obs, 10.0)] == ["lend"]
@@ -303,3 +302,32 @@ def test_lends_only_to_a_role_on_the_actors_hardware():
     ctrl, cluster = make(busy, idle, devices={f"idle-{i}": "cpu" for i in range(8)})
     run(ctrl, cluster, [{"busy": (12.0, 1500, 150), "idle": (0.1, 1500, 150)}] * 20)
     assert sum(cluster.counts("busy")) == 4 and not [d for d in ctrl.log if d.actions[0].kind == "lend"]
+
+
+def test_the_initial_split_follows_the_first_windows_load():
+    """The specs' fleet re-split for the load it meets: a scenario without arrivals (limits
+    min 0) gets no actor, the others share all of them by need, each split by its own need."""
+    free = {"prefill": {"min": 0}, "decode": {"min": 0}}
+    ctrl, cluster = make(scenario("chat", p=5, d=5, limits=free), scenario("docs", p=5, d=5, limits=free),
+                         scenario("idle", p=5, d=5, limits=free))
+    split = ctrl.initial_split([cluster.observe("chat", OUTPUT_HEAVY), cluster.observe("docs", PROMPT_HEAVY),
+                                cluster.observe("idle", (0.0, 1500, 150))])
+    assert split["idle"] == (0, 0) and sum(map(sum, split.values())) == 30
+    assert split["chat"][1] > split["chat"][0] and split["docs"][0] > split["docs"][1]
+
+
+def test_under_overload_the_cheapest_requests_are_served_first_and_headroom_is_shared_otherwise():
+    """allocate: needs beyond the actors go to the scenario with the fewest actors per request/s
+    first (most requests within SLO per actor), each keeping one actor per role; needs within
+    the actors are met, and the rest is spread in proportion to them."""
+    ctrl, cluster = make(scenario("chat", p=5, d=5), scenario("docs", p=5, d=5))
+    obs = {"chat": cluster.observe("chat", OUTPUT_HEAVY), "docs": cluster.observe("docs", (20.0, 4000, 20))}
+    needs = {n: ctrl.need(o)[0] for n, o in obs.items()}
+    cheap, dear = sorted(obs, key=lambda n: needs[n].total / obs[n].arrival_rps)
+    size = round(needs[cheap].total) + 3
+    assert needs[dear].total > 3
+    short = ctrl.allocate(obs, needs, size)
+    assert short[cheap] >= needs[cheap].total - 0.5 and 2 <= short[dear] == size - short[cheap] < needs[dear].total
+    roomy = ctrl.allocate(obs, needs, 200)
+    assert sum(roomy.values()) == 200
+    assert roomy["docs"] / roomy["chat"] == pytest.approx(needs["docs"].total / needs["chat"].total, rel=0.05)

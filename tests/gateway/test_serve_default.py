@@ -19,8 +19,9 @@ def test_the_default_on_a_cpu_host_is_one_aggregated_actor_that_serves(checkpoin
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.load(reply)["usage"]["completion_tokens"] == 3
         with urllib.request.urlopen(served.http_url + "/metrics", timeout=30) as reply:
-            actors = [line for line in reply.read().decode().splitlines() if line.startswith("pdmesh_actors{")]
-        assert actors == ['pdmesh_actors{role="both",scenario="default",state="serving"} 1.0']
+            actors = [line for line in reply.read().decode().splitlines() if line.startswith("pdmesh:actors{")]
+        assert len(actors) == 1 and actors[0].endswith("} 1.0"), actors
+        assert 'role="both"' in actors[0] and 'scenario="default"' in actors[0] and 'state="serving"' in actors[0]
         served.proc.send_signal(signal.SIGTERM)
         assert served.wait(120) is not None and served.proc.returncode == 0
 

@@ -76,7 +76,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, mode, tensor_parallel_
     uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
 
 
-def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode,
+def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode=None,
             tensor_parallel_size=1):
     """The config file's (or the default one on --model), with the flags that override it, and
     each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start.

@@ -89,7 +89,7 @@ def _instant_gateway(model: Path):
     from gateway.server import Gateway, Listen
     from mesh import Member
 
-    config = default(model, gateway=Limits(max_concurrent_requests=100_000))
+    config = default(model, mode="disaggregated", gateway=Limits(max_concurrent_requests=100_000))
     gw = Gateway(config, Keys(), Listen(grpc_port=0, http_port=0))
     for scenario in gw.fleet.scenarios.values():
         for role in (Role.PREFILL, Role.DECODE):

@@ -294,7 +294,8 @@ def _config(config_path: str | None, model: str | None, prefill: int, decode: in
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = model or init_checkpoint(Path(tmp) / "tiny", "llama", "tiny", "float32")
-        cfg = serve_config.default(folder, engine={"dtype": "float32", "threads": 1, "num_blocks": 512},
+        cfg = serve_config.default(folder, mode="disaggregated",
+                                   engine={"dtype": "float32", "threads": 1, "num_blocks": 512},
                                    transport={"lease_ttl_s": 10.0, "timeout_s": 5.0},
                                    controller=Control(enabled=False))  # the schedule alone flips
         spec = cfg.scenarios[0].model_copy(update={"name": "chaos", "prefill": prefill, "decode": decode})

@@ -3,12 +3,14 @@ same file the ratio controller reads), the engine and transport options every ac
 the gateway's limits and the ratio controller's settings. Validated on load; errors name the field and what to fix."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh import Mode, resolve_device
 from mesh.api import EngineConfig, engine_config, transport_config
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
@@ -142,10 +144,19 @@ def load(path: str | Path) -> ServeConfig:
     return parse(data, str(path))
 
 
-def default(model: str | Path, device: str = "auto", **rest) -> ServeConfig:
-    """One scenario, one prefill and one decode actor, on `model`; each actor takes one
+def default(model: str | Path, device: str = "auto", mode: Mode | str | None = None, **rest) -> ServeConfig:
+    """One scenario on `model`, in `mode`; by default what fits the host: without accelerators
+    (`device` cpu, or auto finding none) one aggregated actor using all the host's cores, which
+    on shared cores beats a prefill and a decode actor with half each (docs/benchmarks.md,
+    "Mesh"); with accelerators one prefill and one decode actor. Each actor takes one
     accelerator when `device` names one (Ray places actors by resource)."""
+    kind = device if device != "auto" else resolve_device(device).type
+    mode = Mode(mode) if mode else Mode.AGGREGATED if kind == "cpu" else Mode.DISAGGREGATED
+    engine = rest.pop("engine", {})
+    if mode is Mode.AGGREGATED and kind == "cpu":
+        # its one actor has the host to itself; Ray starts it with one OpenMP thread unless told
+        engine = {"threads": len(os.sched_getaffinity(0)), **engine}
     hw = Hardware(accelerator=device, num_gpus=device == "cuda", npus=device == "npu")
-    spec = ScenarioSpec(name="default", model=str(model), slo=SLO(ttft_s=2.0, tpot_s=0.2),
+    spec = ScenarioSpec(name="default", model=str(model), slo=SLO(ttft_s=2.0, tpot_s=0.2), mode=mode,
                         hardware={"prefill": hw, "decode": hw})
-    return ServeConfig(scenarios=(spec,), **rest)
+    return ServeConfig(scenarios=(spec,), engine=engine, **rest)

@@ -31,6 +31,7 @@ from mesh import ActorState, Role, device_kind, tracing
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
 from scenarios.controller import ActorView, Decision, RatioController
+from scenarios.mode_policy import ModePolicy
 from scenarios.spec import SLO, RoleLimits
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class ControlLoop(ControlRound):
         specs = [s.spec for s in fleet.scenarios.values()]
         super().__init__(RatioController(specs, {s.name: config.perf_model() for s in specs}, config.settings),
                          window, LiveConnector({name: s.pool for name, s in fleet.scenarios.items()},
-                                               config.drain_timeout_s), clock, log_size)
+                                               config.drain_timeout_s), clock, log_size,
+                         modes=ModePolicy(specs, {s.name: config.perf_model() for s in specs}))
         self.fleet, self.metrics = fleet, metrics
         self.enabled = {name: config.enabled for name in fleet.scenarios}
         self._wake = asyncio.Event()
@@ -90,8 +92,6 @@ class ControlLoop(ControlRound):
     def _views(self, scenario: str) -> tuple[ActorView, ...]:
         views = []
         for m in self.fleet.scenarios[scenario].pool.members.values():
-            if m.role is Role.BOTH:  # aggregated actors have no side to move between
-                continue
             load = m.info.load
             views.append(ActorView(m.actor_id, m.role, load.queued_requests + load.active_requests,
                                    m.info.state is ActorState.SERVING, device_kind(m.info.device or "")))
@@ -121,6 +121,9 @@ class ControlLoop(ControlRound):
     def set_ratio(self, scenario: str, prefill: int, decode: int) -> None:
         """Pins the ratio; each count must lie within the scenario's limits for its role."""
         spec = self.fleet.get(scenario).spec
+        if not self.modes.ratio_controlled(scenario):
+            raise GatewayError("failed_precondition", f"scenario {scenario!r} is aggregated: its actors run whole "
+                                                      "requests, there is no prefill:decode ratio to set")
         if prefill + decode == 0:
             raise GatewayError("invalid_argument", "a ratio needs at least one actor: both counts are 0")
         for role, n in (("prefill", prefill), ("decode", decode)):

@@ -15,6 +15,7 @@ from gateway.config import ServeConfig
 from gateway.errors import GatewayError
 from mesh import (ActorReport, ActorState, Dispatcher, EngineConfig, ForwardOnRejection, Member, Pool,
                   PoolSpec, RestartPolicy, Role, Supervisor, Tokenizer)
+from scenarios.conditional import conditional_for
 from scenarios.spec import ScenarioSpec
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,16 @@ class Fleet:
         for spec in config.scenarios:
             engine = config.engine_for(spec.model)
             pool = Pool(PoolSpec(spec.name, engine, config.transport_with(transport_secret), dict(spec.hardware),
-                                 ttft_budget_s=spec.slo.ttft_s, limits=dict(spec.limits)))
+                                 ttft_budget_s=spec.slo.ttft_s, limits=dict(spec.limits), mode=spec.mode))
             tokenizer = Tokenizer(spec.model)
-            self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, Dispatcher(pool, router),
+            dispatcher = Dispatcher(pool, router, conditional=conditional_for(spec, config.controller.perf_model()))
+            self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, dispatcher,
                                                  tokenizer, ChatTemplate(tokenizer), _context_length(engine))
 
     async def start(self, on_change: Callable[[], None] | None = None) -> None:
         """Starts every scenario's actors, all at once, then supervises them; on_change is
         called after each death and replacement."""
-        await asyncio.gather(*(s.pool.scale(prefill=s.spec.prefill, decode=s.spec.decode)
+        await asyncio.gather(*(s.pool.scale(prefill=s.spec.prefill, decode=s.spec.decode, both=s.spec.both)
                                for s in self.scenarios.values()))
         self.supervisors = [Supervisor(s.pool, self.restart, on_change) for s in self.scenarios.values()]
         for supervisor in self.supervisors:

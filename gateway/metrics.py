@@ -38,6 +38,9 @@ class Metrics:
         self.decisions = Counter("pdmesh_controller_decisions", "ratio controller actions, by the scenario the "
                                  "actor was in, the action (flip, lend) and the role it serves afterwards",
                                  ["scenario", "action", "role"], registry=r)
+        self.placements = Counter("pdmesh_placements", "auto mode: requests prefilled on the decode actor (local) "
+                                  "or sent to a prefill actor (remote), by the conditional policy",
+                                  ["scenario", "decision"], registry=r)
         for name in scenarios:
             self.rejections.labels(name)
             self.forwards.labels(name)
@@ -52,6 +55,8 @@ class Metrics:
                 self.rejections.labels(scenario).inc()
             elif e.name == "prefill_accepted" and e.attributes.get("forwards"):
                 self.forwards.labels(scenario).inc(e.attributes["forwards"])
+            elif e.name == "placement":
+                self.placements.labels(scenario, e.attributes["decision"]).inc()
             elif e.name == "kv_transfer":
                 labels = (scenario, e.attributes.get("backend", ""), e.attributes.get("path", ""))
                 self.kv_bytes.labels(*labels).inc(e.attributes.get("bytes", 0))

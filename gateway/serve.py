@@ -19,9 +19,13 @@ log = logging.getLogger(__name__)
 
 @click.command("serve")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="scenarios YAML (scenarios:, engine:, transport:, gateway:); default: one scenario, "
-                   "1 prefill + 1 decode actor on --model")
+              help="scenarios YAML (scenarios:, engine:, transport:, gateway:); default: one scenario on "
+                   "--model, served by one aggregated actor on all cores without accelerators, else by 1 "
+                   "prefill + 1 decode actor")
 @engine_options
+@click.option("--mode", type=click.Choice(["disaggregated", "aggregated", "auto"]), default=None,
+              help="without --config: how the default scenario serves; default: aggregated on a host without "
+                   "accelerators, else disaggregated (with --config, each scenario's mode: says)")
 @click.option("--served-model-name", default=None,
               help="the model name clients ask for; default: the checkpoint folder's name")
 @click.option("--max-model-len", type=click.IntRange(min=2), default=None,
@@ -46,7 +50,7 @@ log = logging.getLogger(__name__)
 @click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
               help="json: one JSON object a line (ts, level, logger, message, exc)")
 @click.option("--access-log", is_flag=True, help="log one line per HTTP request (logger aiohttp.access)")
-def serve(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, ray_address, host,
+def serve(config_path, model, device, dtype, kv_cache_gb, mode, served_model_name, max_model_len, ray_address, host,
           grpc_port, http_port, api_key, api_key_file, admin_key_file, tls_cert, tls_key, grace_s, log_level,
           log_format, access_log):
     """Serve the mesh over gRPC and OpenAI-compatible HTTP."""
@@ -56,7 +60,7 @@ def serve(config_path, model, device, dtype, kv_cache_gb, served_model_name, max
     from gateway.auth import Keys
     from gateway.server import Listen
 
-    cfg = _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len)
+    cfg = _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode)
     logs.configure(log_level, log_format)
     try:
         keys = Keys.load(api_key_file, admin_key_file)
@@ -68,18 +72,20 @@ def serve(config_path, model, device, dtype, kv_cache_gb, served_model_name, max
     uvloop.run(_serve(cfg, keys, listen, ray_address, grace_s))
 
 
-def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len):
+def _config(config_path, model, device, dtype, kv_cache_gb, served_model_name, max_model_len, mode):
     """The config file's (or the default one on --model), with the flags that override it, and
     each scenario's checkpoint checked before Ray starts: a bad one is one line, not a failed start."""
     from gateway import config as serve_config
     from mesh import EngineError, ModelConfig, Tokenizer, default_model_dir
     from scenarios.spec import SpecError
 
+    if config_path and mode:
+        raise CliError("--mode sets the default scenario's mode; with --config, set mode: in the scenario file")
     try:
         if config_path:
             cfg = serve_config.load(config_path)
         else:
-            cfg = serve_config.default(model or default_model_dir(), device,
+            cfg = serve_config.default(model or default_model_dir(), device, mode,
                                        engine={"dtype": dtype, "kv_cache_gb": kv_cache_gb})
         overrides = {}
         if max_model_len:
@@ -106,7 +112,7 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         log.info("joining the Ray cluster at %s", ray_address)
     connect(ray_address)
     log.info("starting the actors (each loads its model: this takes a while): %s", "; ".join(
-        f"{s.name}: {s.prefill} prefill + {s.decode} decode on {cfg.served_name(s)}" for s in cfg.scenarios))
+        f"{s.name}: {_actors(s)} on {cfg.served_name(s)} ({s.mode})" for s in cfg.scenarios))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
@@ -131,3 +137,9 @@ async def _serve(cfg, keys, listen, ray_address: str | None, grace_s: float) -> 
         await gateway.stop(grace_s)
         tracing.shutdown()
         disconnect()
+
+
+def _actors(spec) -> str:
+    """"1 prefill + 1 decode", "1 both": what a scenario starts with."""
+    return " + ".join(f"{n} {role}" for role, n in (("prefill", spec.prefill), ("decode", spec.decode),
+                                                    ("both", spec.both)) if n)

@@ -22,6 +22,7 @@ _PUBLIC = {
     "mesh.engine.model_config": ("ModelConfig",),
     "mesh.engine.sampling_params": ("MAX_TOP_LOGPROBS",),
     "mesh.dispatch": ("Dispatcher", "Event", "Request"),
+    "mesh.placement": ("Mode",),
     "mesh.hardware": ("Hardware",),
     "mesh.pool": ("Member", "Pool", "PoolSpec"),
     "mesh.supervisor": ("RestartPolicy", "Supervisor"),
@@ -32,7 +33,7 @@ _PUBLIC = {
     "mesh.engine.tokenizer": ("Tokenizer",),
     "mesh.engine.engine": ("Engine",),
     "mesh.engine.cli": ("engine_options",),
-    "mesh.engine.device": ("cpu_has_fast_half", "npu_available"),
+    "mesh.engine.device": ("cpu_has_fast_half", "npu_available", "resolve_device"),
     "mesh.engine.random_checkpoint": ("default_model_dir", "init_checkpoint"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}

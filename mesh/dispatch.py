@@ -10,6 +10,10 @@ from the prompt plus every token already sent, so the stream just continues.
 Which actors to try, in which order, and when to give up is the router's choice
 (mesh.routing, a policy object without Ray).
 
+That is the split path. The pool's mode (mesh.placement) picks it or the whole path (one
+actor runs the request: a both actor in aggregated mode, a decode actor when the auto mode's
+conditional policy keeps a short prompt local), per attempt, from the actors serving now.
+
 Not every failed attempt is a death: a failed KV transfer, or an actor giving the request
 back (RequestMoved, a drain that ran out of time), is retried without counting the actor as
 lost. A death is reported to the pool (its supervisor replaces the actor), and while a role
@@ -31,8 +35,10 @@ from typing import AsyncIterator, Callable
 
 import ray
 
-from mesh.api import ActorRequest, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams, StreamChunk
+from mesh.api import (ActorRequest, ActorState, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams,
+                      StreamChunk)
 from mesh.errors import MeshError, RequestMoved
+from mesh.placement import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
 from mesh.routing import ForwardOnRejection
@@ -73,9 +79,11 @@ _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErro
 
 class Dispatcher:
     def __init__(self, pool: Pool, router: ForwardOnRejection | None = None, max_attempts: int = 4,
-                 clock: Callable[[], float] = time.monotonic, margin_s: float = 0.1):
+                 clock: Callable[[], float] = time.monotonic, margin_s: float = 0.1,
+                 conditional: ConditionalDisaggregation | None = None):
         self.pool = pool
         self.router = router or ForwardOnRejection()
+        self.conditional = conditional or ConditionalDisaggregation()  # local or remote prefill, in auto mode
         self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
         self.max_attempts = max_attempts  # tries of one request, each after a failed one
         self.clock = clock
@@ -93,8 +101,9 @@ class Dispatcher:
                 events.append(Event("retry", {"attempt": attempt, "tokens_sent": len(sent)}))
             step = self._continuation(req, sent, attempt)
             try:
-                if self.pool.by_role(Role.BOTH) and not self.pool.by_role(Role.PREFILL):
-                    stream = self._aggregated(step, lost, events)
+                whole = self._whole(step, lost, events)
+                if whole:
+                    stream = self._aggregated(step, whole, lost, events)
                 else:
                     stream = self._disaggregated(step, lost, events)
                 async with contextlib.aclosing(stream):  # a consumer that stops early frees the actors' work
@@ -127,31 +136,81 @@ class Dispatcher:
         self.pool.report_lost(member.actor_id, f"a call during {phase} failed: {type(error).__name__}", certain)
         return _Again(member.actor_id, phase, "actor_lost", type(error).__name__, lost=True)
 
-    def _live(self, role: Role, lost: set[str]) -> list[Member]:
-        return [m for m in self.pool.by_role(role) if m.actor_id not in lost]
+    def _live(self, role: Role | tuple[Role, ...], lost: set[str]) -> list[Member]:
+        roles = role if isinstance(role, tuple) else (role,)
+        return [m for r in roles for m in self.pool.by_role(r) if m.actor_id not in lost]
 
-    async def _members(self, role: Role, lost: set[str], step: Attempt, events: list[Event]) -> list[Member]:
-        """The role's live actors. While there are none but one is starting (a replacement, for
-        one), waits for it, up to the request's end; raises UNAVAILABLE when none comes."""
+    def _serving(self, roles: tuple[Role, ...], lost: set[str]) -> bool:
+        return any(m.info.state is ActorState.SERVING for m in self._live(roles, lost))
+
+    def _whole(self, step: Attempt, lost: set[str], events: list[Event]) -> tuple[Role, ...]:
+        """The roles of the actors that run this attempt whole, or () for the split path
+        (prefill actor, then decode actor). The pool's mode decides among the actors serving;
+        a pool switching modes (its actors flip one at a time) runs the request on whatever
+        serves: both actors whole, else prefill with decode actors, else any actor whole."""
+        mode = self.pool.mode
+        split = self._serving((Role.PREFILL,), lost) and self._serving((Role.DECODE,), lost)
+        if mode is Mode.AGGREGATED and self._serving((Role.BOTH,), lost):
+            return (Role.BOTH,)
+        if mode is not Mode.AGGREGATED and split:
+            if mode is Mode.AUTO:
+                placement = self.conditional.decide(self._placement_state(step, lost))
+                events.append(Event("placement", {"mode": mode.value, "decision": placement.decision,
+                                                  "reason": placement.reason}))
+                if placement.local:
+                    return (Role.DECODE, Role.BOTH)
+            return ()
+        if self.pool.switching:
+            if self._serving((Role.BOTH,), lost):
+                return (Role.BOTH,)
+            if split:
+                return ()
+            if self._serving(_ANY, lost):
+                return _ANY
+        # the mode's own actors, serving or not (a drain may end, a replacement may be starting)
+        both = mode is Mode.AGGREGATED or (self.pool.by_role(Role.BOTH) and not self.pool.by_role(Role.PREFILL))
+        return (Role.BOTH,) if both else ()
+
+    def _placement_state(self, step: Attempt, lost: set[str]) -> PlacementState:
+        """The conditional choice's inputs, from the actors' last load reports: the decode actor
+        that would run the request whole (as `_aggregated` picks it) and the least queued
+        prefill actor."""
+        cached = self._cached_tokens((Role.DECODE,), step)
+        local = self.router.prefill_order(self._live(Role.DECODE, lost), cached)[0]
+        prefill = min(self._live(Role.PREFILL, lost), key=lambda m: m.info.load.queued_prompt_tokens)
+        return PlacementState(len(step.request.token_ids), cached.get(local.actor_id, 0),
+                              local.info.load.prefill_tokens_per_s,
+                              prefill.info.load.queued_prompt_tokens, prefill.info.load.prefill_tokens_per_s)
+
+    async def _members(self, role: Role | tuple[Role, ...], lost: set[str], step: Attempt,
+                       events: list[Event]) -> list[Member]:
+        """The role's (or roles') live actors. While there are none but one is starting (a
+        replacement, for one), waits for it, up to the request's end; raises UNAVAILABLE when
+        none comes."""
+        roles = role if isinstance(role, tuple) else (role,)
+        names = " or ".join(r.value for r in roles)
         waiting = False
         while True:
-            live = self._live(role, lost)
+            live = self._live(roles, lost)
             if live:
                 return live
             time_left = step.end - self.margin_s - self.clock()
-            if not self.pool.replacing(role):
-                raise MeshError("unavailable", f"no live {role.value} actor in the pool, and none is starting")
+            if not any(self.pool.replacing(r) for r in roles):
+                raise MeshError("unavailable", f"no live {names} actor in the pool, and none is starting")
             if time_left <= 0:
-                raise MeshError("unavailable", f"no live {role.value} actor in the pool: one is starting, but not "
+                raise MeshError("unavailable", f"no live {names} actor in the pool: one is starting, but not "
                                 "in time for the request's deadline; retry later")
             if not waiting:
                 waiting = True
-                events.append(Event("waiting_for_actor", {"role": role.value}))
+                events.append(Event("waiting_for_actor", {"role": names}))
             await self.pool.changed(time_left)
 
-    async def _aggregated(self, step: Attempt, lost: set[str], events: list[Event]) -> AsyncIterator[StreamChunk]:
-        live = await self._members(Role.BOTH, lost, step, events)
-        cached = self._cached_tokens(Role.BOTH, step)
+    async def _aggregated(self, step: Attempt, roles: tuple[Role, ...], lost: set[str],
+                          events: list[Event]) -> AsyncIterator[StreamChunk]:
+        live = await self._members(roles, lost, step, events)
+        # a draining actor still takes what reaches it, but serving ones go first
+        live = [m for m in live if m.info.state is ActorState.SERVING] or live
+        cached = self._cached_tokens(roles, step)
         member = self.router.prefill_order(live, cached)[0]
         events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
         self.prefixes.placed(member.actor_id, step.request.token_ids)
@@ -301,10 +360,10 @@ class Dispatcher:
                 retry_after = d.retry_after_s if retry_after is None else min(retry_after, d.retry_after_s)
             await asyncio.sleep(self.router.pause_s(retry_after, step.deadline - self.clock()))
 
-    def _cached_tokens(self, role: Role, step: Attempt) -> dict[str, int]:
-        """Per actor of the role, the prompt tokens it likely holds, from its last report and
-        from where this dispatcher placed prompts since."""
-        members = self.pool.by_role(role)
+    def _cached_tokens(self, role: Role | tuple[Role, ...], step: Attempt) -> dict[str, int]:
+        """Per actor of the role (or roles), the prompt tokens it likely holds, from its last
+        report and from where this dispatcher placed prompts since."""
+        members = self._live(role, set())
         self.prefixes.sync({m.actor_id: m.info.prefix for m in members})
         return self.prefixes.expected_tokens(step.request.token_ids, [m.actor_id for m in members])
 
@@ -313,6 +372,9 @@ def _prefix_choice(cached: dict[str, int], member: Member) -> dict:
     """For the request's span: whether a likely prefix hit put the actor first, and how long."""
     expected = cached.get(member.actor_id, 0)
     return {"order": "prefix" if expected else "idle", "expected_prefix_tokens": expected}
+
+
+_ANY = (Role.BOTH, Role.DECODE, Role.PREFILL)  # every actor runs a request whole (MeshActor.generate)
 
 
 class _Again(Exception):

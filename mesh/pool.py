@@ -4,6 +4,10 @@
 those starting or dead, shown in status and metrics and never routed; a death moves an actor
 from `members` to `offline` at once (`lose`), and its replacement (mesh.supervisor) goes from
 `offline` to `members` once it serves. Every change of either wakes those waiting in `changed`.
+
+`mode` is how the dispatcher runs requests here (mesh.placement). `switch_mode` moves the
+whole pool to another mode one actor at a time, each flip a drain: at every moment the other
+actors serve, and the dispatcher runs each request on whatever serves (mesh.dispatch).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from mesh.actor import MeshActor
 from mesh.api import ActorReport, ActorSpec, ActorState, DrainResult, EngineConfig, Life, Role
 from mesh.errors import MeshError
 from mesh.hardware import Hardware
+from mesh.placement import Mode
 from mesh.role_limits import Bounds, Change, Limits, PoolRoles, RoleLimitError, device_kind
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ class PoolSpec:
     faults: str = field(default_factory=lambda: os.environ.get(faults.ENV, ""))  # test hooks (mesh.faults)
     fault_log: str | None = field(default_factory=lambda: os.environ.get(faults.LOG_ENV) or None)
     layerwise_kv: bool = False  # prefills send each layer's KV as soon as it is computed
+    mode: Mode = Mode.DISAGGREGATED  # the pool's mode at start (mesh.placement)
 
 
 @dataclass
@@ -65,6 +71,8 @@ class Member:
 class Pool:
     def __init__(self, spec: PoolSpec):
         self.spec = spec
+        self.mode = spec.mode
+        self.switching = False  # while switch_mode flips the actors
         self.members: dict[str, Member] = {}  # started: routed to
         self.offline: dict[str, Member] = {}  # starting or dead: shown, never routed
         # The supervisor's ear (mesh.supervisor): lost(actor_id, reason, certain) for a failed call.
@@ -126,10 +134,42 @@ class Pool:
         member = self.members[actor_id]
         role = Role(role)
         warning = self.guard(f"flip {actor_id} to {role.value}", self._change(member, role), force)
+        result = await self._set_role(member, role, drain_timeout_s)
+        return dataclasses.replace(result, warning=warning)
+
+    async def _set_role(self, member: Member, role: Role, drain_timeout_s: float | None) -> DrainResult:
         result = await self._stopping(member, member.handle.set_role.remote(role, drain_timeout_s))
         member.role = role
         member.info = result.report
-        return dataclasses.replace(result, warning=warning)
+        return result
+
+    async def switch_mode(self, mode: Mode | str, prefill: int = 1,
+                          drain_timeout_s: float | None = None) -> list[DrainResult]:
+        """Moves the pool to `mode`: aggregated flips every actor to both; the others flip
+        `prefill` of the both actors to prefill and the rest to decode. One flip at a time, and
+        actors already in their role are left alone, so the others serve throughout (a pool of
+        one actor serves from it again once its flip is done, as after any flip). The role
+        limits judge ratios within a mode, not a switch between modes: not checked here."""
+        mode = Mode(mode)
+        if mode is Mode.AGGREGATED:
+            # prefill actors first: the decode actors keep the split path open meanwhile
+            moves = [(m, Role.BOTH) for role in (Role.PREFILL, Role.DECODE) for m in self.by_role(role)]
+        else:
+            both = self.by_role(Role.BOTH)
+            have = len(self.by_role(Role.PREFILL))
+            moves = [(m, Role.PREFILL if i < prefill - have else Role.DECODE) for i, m in enumerate(both)]
+        self.mode = mode
+        self.switching = True
+        results = []
+        try:
+            for member, role in moves:
+                if member.actor_id in self.members:  # not lost meanwhile
+                    results.append(await self._set_role(member, role, drain_timeout_s))
+        finally:
+            self.switching = False
+        log.info("pool %s: now %s (%s)", self.spec.scenario, mode.value,
+                 ", ".join(f"{m.actor_id} {m.role.value}" for m in self.members.values()))
+        return results
 
     async def drain(self, actor_id: str, timeout_s: float | None = None, force: bool = False) -> DrainResult:
         """The actor takes no new work and finishes what it has (what is left after the timeout

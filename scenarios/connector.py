@@ -16,6 +16,7 @@ from scenarios.controller import Action, Decision
 
 if TYPE_CHECKING:
     from mesh.pool import Pool
+    from scenarios.mode_policy import ModeDecision
 
 
 class Connector(Protocol):
@@ -54,3 +55,7 @@ class LiveConnector:
             await pool.remove(action.actor_id, self.drain_timeout_s)
         else:
             raise ValueError(f"unknown action {action.kind!r}")
+
+    async def switch_mode(self, decision: "ModeDecision") -> None:
+        """The whole pool to the decision's mode (mesh.pool.Pool.switch_mode)."""
+        await self.pools[decision.scenario].switch_mode(decision.target, decision.prefill, self.drain_timeout_s)

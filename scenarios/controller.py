@@ -33,7 +33,7 @@ from scenarios.spec import ScenarioSpec
 @dataclass(frozen=True)
 class ActorView:
     actor_id: str
-    role: Role  # PREFILL or DECODE: the role it serves, or is draining towards
+    role: Role  # the role it serves, or is draining towards (BOTH: aggregated, never moved here)
     load: float = 0.0  # queued + running requests: the least loaded are moved first
     movable: bool = True  # False while draining for an earlier move
     device: str = ""  # what it runs on: cpu, cuda or npu ("": not known)

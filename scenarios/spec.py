@@ -2,6 +2,11 @@
 
 A YAML file holds a list under `scenarios:`; every field is validated on load and
 a bad file fails with the scenario, the field and what to fix.
+
+`mode` is how its pool serves (mesh.placement): disaggregated (prefill and decode actors,
+the default), aggregated (`both` actors, each running whole requests; `prefill` and
+`decode` default to 0 there) or auto (prefill and decode actors; a decode actor prefills
+short prompts itself, and the controller may aggregate the pool while the load is light).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh.hardware import Hardware
+from mesh.placement import Mode
 from mesh.roles import MOVABLE, Role
 
 
@@ -76,23 +82,63 @@ class ScenarioSpec(_Strict):
     limits: dict[Role, RoleLimits] = Field(default_factory=lambda: {Role.PREFILL: RoleLimits(),
                                                                      Role.DECODE: RoleLimits()})
     priority: int = Field(0, description="higher wins when scenarios compete for lent actors")
+    mode: Mode = Field(Mode.DISAGGREGATED, description="disaggregated, aggregated or auto (mesh.placement)")
+    both: int = Field(0, ge=0, description="initial aggregated actors (mode: aggregated; default 1 there)")
+    local_prefill_tokens: int | None = Field(None, ge=0, description="mode auto: prompts of at most this many "
+                                             "uncached tokens prefill on the decode actor; default: what the "
+                                             "performance model prefills within one TPOT target")
 
-    @field_validator("hardware", "limits")
+    @model_validator(mode="before")
     @classmethod
-    def _movable_roles(cls, v: dict) -> dict:
-        if Role.BOTH in v:
-            raise ValueError("roles here are prefill and decode; an aggregated (both) actor is not planned for")
-        return v
+    def _mode_defaults(cls, data: object) -> object:
+        """An aggregated scenario starts one both actor and no prefill or decode actor (their
+        limits then start at 0); both actors run on the decode hardware unless it says."""
+        if not isinstance(data, dict):
+            return data
+        mode = data.get("mode", Mode.DISAGGREGATED)
+        if mode not in set(Mode):
+            return data  # the field's own error says what is allowed
+        data = dict(data)
+        mode = Mode(mode)
+        if mode is Mode.AGGREGATED:
+            data.setdefault("both", 1)
+            data.setdefault("prefill", 0)
+            data.setdefault("decode", 0)
+            limits = dict(data.get("limits") or {})
+            for role in MOVABLE:
+                limits.setdefault(role.value, RoleLimits(min=0))
+            data["limits"] = limits
+        if mode is not Mode.DISAGGREGATED and isinstance(data.get("hardware", {}), dict):
+            hardware = dict(data.get("hardware") or {"prefill": Hardware(), "decode": Hardware()})
+            if "both" not in hardware:  # Role values are their strings: either spelling matches
+                hardware["both"] = hardware.get("decode", Hardware())
+            data["hardware"] = hardware
+        return data
 
     @field_validator("limits")
     @classmethod
     def _both_roles(cls, v: dict) -> dict:
-        return {role: v.get(role, RoleLimits()) for role in MOVABLE}
+        return {**v, **{role: v.get(role, RoleLimits()) for role in MOVABLE}}
+
+    @model_validator(mode="after")
+    def _roles_fit_mode(self) -> "ScenarioSpec":
+        if self.mode is Mode.AGGREGATED:
+            if self.prefill or self.decode:
+                raise ValueError("an aggregated scenario runs both actors only: leave out prefill and decode "
+                                 "(or set them to 0) and give the count as both")
+            if not self.both:
+                raise ValueError("an aggregated scenario needs at least one actor: set both to 1 or more")
+        elif self.both:
+            raise ValueError(f"a {self.mode} scenario runs prefill and decode actors: leave out both, or set "
+                             "mode: aggregated")
+        if self.local_prefill_tokens is not None and self.mode is not Mode.AUTO:
+            raise ValueError("local_prefill_tokens applies to mode: auto only")
+        return self
 
     @model_validator(mode="after")
     def _initial_within_limits(self) -> "ScenarioSpec":
-        for role in MOVABLE:
-            n, lim = getattr(self, role.value), self.limits[role]
+        for role, lim in self.limits.items():
+            n = getattr(self, role.value)
             if not lim.min <= n <= lim.max:
                 raise ValueError(f"initial {role} count {n} is outside its limits [{lim.min}, {lim.max}]")
         return self

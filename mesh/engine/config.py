@@ -16,6 +16,9 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1, description="sequences in one step's batch at most")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="tokens in one step at most; longer prompts "
                                                "are chunked. Default: 2048 on CPU, 8192 on a GPU or NPU")
+    prefill_chunk_tokens: int | None = Field(None, ge=1, description="while requests decode, prefill tokens in "
+                                             "one step at most: a long prompt is chunked over steps that run the "
+                                             "decodes too. Default: 512 on CPU, 2048 on a GPU or NPU")
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of full blocks of earlier prompts")
     packed_weights: bool | None = Field(None, description="on CPU in fp32, also keep oneDNN-blocked copies of "

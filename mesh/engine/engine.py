@@ -80,8 +80,9 @@ class Engine:
         self.blocks = PrefixCache(manager) if config.enable_prefix_caching else manager
         # Accelerators need bigger steps to fill (and their steps cost launches, not just work).
         step_tokens = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        chunk = config.prefill_chunk_tokens or (512 if self.device.type == "cpu" else 2048)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, step_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len, min(chunk, step_tokens))
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
         self.runner = ModelRunner(self.model, self.kv, self.eos_ids,

@@ -2,7 +2,10 @@
 
 Every step has a token budget. Running sequences go first (one token each while
 decoding, a chunk while prefilling), then waiting ones are admitted in arrival
-order while their whole context fits in free KV blocks. When a decode needs a
+order while their whole context fits in free KV blocks. While any sequence
+decodes, a step's prefill chunks take at most `prefill_chunk_tokens` together:
+a long prompt is prefilled over several steps, each with the running decodes,
+so that their tokens keep coming (chunked prefill mixed with decode). When a decode needs a
 block and none is free, the newest running sequence is preempted: its blocks
 are freed and it is recomputed later from its prompt and the tokens it already
 produced.
@@ -65,11 +68,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager | PrefixCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, prefill_chunk_tokens: int | None = None):
         self.blocks = blocks
         self.cache = blocks if isinstance(blocks, PrefixCache) else None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens or max_num_batched_tokens
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -88,24 +92,33 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        decoding = any(seq.num_uncomputed_tokens == 1 for seq in self.running)
+        prefill_left = self.prefill_chunk_tokens if decoding else budget
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1:
+                n = min(n, prefill_left)
+                if not n:  # this step's prefill share is spent: the decodes after it still run
+                    i += 1
+                    continue
+                prefill_left -= n
             if n == 1 and not self._make_room(seq, batch):
                 continue  # seq itself was preempted or ended; running[i] is now the next one
             (batch.decodes.append(seq) if n == 1 else batch.prefills.append((seq, n)))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill_left) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self._allocate(seq, batch):
                 break
             seq.status = Status.RUNNING
             self.running.append(self.waiting.popleft())
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, prefill_left)
             (batch.decodes.append(seq) if n == 1 else batch.prefills.append((seq, n)))
             budget -= n
+            prefill_left -= n if n > 1 else 0
         return batch
 
     def _allocate(self, seq: Sequence, batch: ScheduledBatch) -> bool:

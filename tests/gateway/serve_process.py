@@ -33,15 +33,19 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None):
+def serving(checkpoint, tmp_path, *args: str, engine: dict | None = None, config: bool = True):
     """`pdmesh serve` on a tiny checkpoint (inference key "serve-key") as a real process, from
-    its banner on; killed on exit if it still runs."""
-    config = tmp_path / "scenarios.yaml"
-    config.write_text(yaml.safe_dump({
-        "scenarios": [{"name": "tiny", "model": str(checkpoint("llama", "float32")),
-                       "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
-        "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+    its banner on; killed on exit if it still runs. config=False: no scenario file, the
+    default config on the checkpoint (`args` then set its engine)."""
+    model = str(checkpoint("llama", "float32"))
+    where = ["--model", model]
+    if config:
+        path = tmp_path / "scenarios.yaml"
+        path.write_text(yaml.safe_dump({
+            "scenarios": [{"name": "tiny", "model": model, "slo": {"ttft_s": 2.0, "tpot_s": 0.5}}],
+            "engine": {"dtype": "float32", "num_blocks": 64, "block_size": 4, "threads": 1, **(engine or {})}}))
+        where = ["--config", str(path)]
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *where,
                              "--grpc-port", "0", "--http-port", "0", *args], env=ENV, stderr=subprocess.PIPE,
                             text=True)
     try:

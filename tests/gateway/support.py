@@ -29,7 +29,7 @@ def tiny_config(checkpoint, limits, **engine_changes):
     off (pins still apply)."""
     from gateway.config import Control, default
 
-    return default(checkpoint("llama", "float32"), engine={**ENGINE, **engine_changes},
+    return default(checkpoint("llama", "float32"), mode="disaggregated", engine={**ENGINE, **engine_changes},
                    transport={"lease_ttl_s": 3.0, "timeout_s": 5.0}, gateway=limits,
                    controller=Control(enabled=False))
 

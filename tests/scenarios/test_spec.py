@@ -59,6 +59,18 @@ def test_good_file_loads_and_classifies(tmp_path):
     ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}}\n"
      "  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}}", "repeated: a"),
     ("scenarios:\n  - {name: 'a b', model: m, slo: {ttft_s: 1, tpot_s: 0.1}}", "scenario a b: name"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, mode: split}",
+     "mode: Input should be 'disaggregated', 'aggregated' or 'auto'"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, mode: aggregated, decode: 1}",
+     "an aggregated scenario runs both actors only: leave out prefill and decode"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, mode: aggregated, both: 0}",
+     "an aggregated scenario needs at least one actor"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, both: 2}",
+     "a disaggregated scenario runs prefill and decode actors: leave out both, or set mode: aggregated"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, local_prefill_tokens: 64}",
+     "local_prefill_tokens applies to mode: auto only"),
+    ("scenarios:\n  - {name: a, model: m, slo: {ttft_s: 1, tpot_s: 0.1}, mode: aggregated, both: 3,"
+     " limits: {both: {max: 2}}}", "initial both count 3 is outside its limits [1, 2]"),
 ])
 def test_bad_files_name_what_to_fix(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -129,3 +141,17 @@ def test_bad_custom_resources_say_what_to_fix(resources):
                         f"decode: {{accelerator: h100, resources: {resources}}}}}")
     with pytest.raises(SpecError, match="name a custom Ray resource"):
         parse_specs(yaml.safe_load(text))
+
+
+def test_the_serving_mode_sets_which_actors_start():
+    [split, aggregated, auto] = parse_specs({"scenarios": [
+        {"name": "s", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}},
+        {"name": "a", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}, "mode": "aggregated",
+         "hardware": {"decode": {"num_gpus": 1}}},
+        {"name": "c", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 0.1}, "mode": "auto", "local_prefill_tokens": 64}]})
+    assert (split.mode, split.prefill, split.decode, split.both) == ("disaggregated", 1, 1, 0)
+    assert "both" not in split.hardware  # a disaggregated scenario's file is read as before
+    assert (aggregated.prefill, aggregated.decode, aggregated.both) == (0, 0, 1)
+    assert aggregated.limits["prefill"].min == aggregated.limits["decode"].min == 0
+    assert aggregated.hardware["both"].num_gpus == 1  # both actors run on the decode hardware unless told
+    assert (auto.mode, auto.prefill, auto.decode, auto.local_prefill_tokens) == ("auto", 1, 1, 64)

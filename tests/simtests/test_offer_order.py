@@ -22,6 +22,7 @@ from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams, StreamChunk
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
+from mesh.placement import Mode
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
@@ -78,6 +79,9 @@ class DecodeStandIn:
 
 
 class StandInPool:
+    mode = Mode.DISAGGREGATED  # the split path, as the simulator runs
+    switching = False
+
     def __init__(self, members):
         self.members = members
 

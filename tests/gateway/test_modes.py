@@ -1,0 +1,76 @@
+"""Serving modes through a real gateway: an auto scenario's conditional choice lands on the
+request's span and in pdmesh_placements_total, and an aggregated scenario serves from one
+both actor, which the status lists and whose missing ratio cannot be pinned."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from gateway.proto import admin_pb2 as pb
+from gateway.proto import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from tests.gateway.support import ADMIN, API_KEY, ENGINE, http, serving
+
+TRACE_ID = "5c0ffee5c0ffee5c0ffee5c0ffee5c0f"
+
+
+def config(checkpoint, **scenario):
+    from gateway.config import parse
+
+    return parse({"scenarios": [{"name": "s", "model": str(checkpoint("llama", "float32")),
+                                 "slo": {"ttft_s": 5.0, "tpot_s": 0.5}, **scenario}],
+                  "engine": ENGINE, "transport": {"lease_ttl_s": 3.0, "timeout_s": 5.0},
+                  "controller": {"enabled": False}})
+
+
+def generate(running, token_ids, metadata=()):
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(running.grpc_address))
+    request = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=token_ids),
+                                            sampling=inference_pb2.SamplingOptions(max_tokens=4, ignore_eos=True))
+    return [c for c in stub.Generate(request, metadata=(("authorization", f"Bearer {API_KEY}"), *metadata),
+                                     timeout=60)]
+
+
+def placements(running) -> list[str]:
+    status, body = http(running, "/metrics")
+    assert status == 200
+    return sorted(line for line in body.decode().splitlines() if line.startswith("pdmesh_placements_total{"))
+
+
+def test_auto_puts_its_choice_on_the_span_and_in_the_metric(checkpoint, ray_cluster, otlp):
+    with serving(config(checkpoint, mode="auto", local_prefill_tokens=8)) as running:
+        traceparent = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"),)
+        generate(running, [5] * 4, traceparent)
+        generate(running, [3 + i % 50 for i in range(40)])
+        assert placements(running) == ['pdmesh_placements_total{decision="local",scenario="s"} 1.0',
+                                       'pdmesh_placements_total{decision="remote",scenario="s"} 1.0']
+    deadline = time.monotonic() + 60
+    while True:
+        spans = {s.name: s for _, s in otlp.of_trace(bytes.fromhex(TRACE_ID))}
+        if {"gateway.generate", "generate"} <= spans.keys() or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    [event] = [e for e in spans["gateway.generate"].events if e.name == "placement"]
+    attributes = {a.key: a.value.string_value for a in event.attributes}
+    assert attributes["mode"] == "auto" and attributes["decision"] == "local"
+    assert attributes["reason"].startswith("short prompt: 4 uncached tokens")
+    actor = {a.key: a.value.string_value for a in spans["generate"].attributes}["pdmesh.actor"]
+    assert actor.startswith("s-d")  # the whole request ran on the decode actor
+    assert "prefill" not in spans
+
+
+def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(checkpoint, ray_cluster):
+    with serving(config(checkpoint, mode="aggregated")) as running:
+        assert len(generate(running, [5] * 12)) >= 1
+        with grpc.insecure_channel(running.grpc_address) as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            [pool] = admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools
+            assert [(a.role, a.state) for a in pool.actors] == [("both", "serving")]
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.SetRatio(pb.SetRatioRequest(scenario="s", prefill=1, decode=1), metadata=ADMIN, timeout=30)
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "scenario 's' is aggregated" in refused.value.details()
+        assert placements(running) == []  # no conditional choice outside auto
+        running.run(running.gateway.control.tick())  # a controller round leaves it alone
+        assert [(a.role, a.state) for a in running.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]

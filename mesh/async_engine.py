@@ -5,6 +5,10 @@ reservations and frees) is queued and applied by the worker thread between steps
 so the engine and its block manager are only ever touched by one thread and the
 event loop stays free to answer offers while a step computes.
 
+While there is work, the worker thread runs step after step without waiting for the
+event loop: each step's outputs are handed to the loop as they come, so a busy loop
+(streaming, offers) never leaves the engine idle between steps.
+
 A request that fails in a step (the engine isolates it) ends its own stream with
 an "internal" MeshError; the others go on. Only a step that fails outside any one
 request (the scheduler's bookkeeping) fails every stream. A step that fails because a
@@ -157,11 +161,7 @@ class AsyncEngine:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            outputs, error = await self._loop.run_in_executor(self._pool, self._step)
-            for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+            error = await self._loop.run_in_executor(self._pool, self._steps)
             if isinstance(error, TensorParallelError) and self.on_broken is not None:
                 self.on_broken(error)
                 return  # no step can run: the streams end with the actor
@@ -174,18 +174,29 @@ class AsyncEngine:
         while self._commands:
             self._commands.popleft()()
 
-    def _step(self) -> tuple[list[RequestOutput], BaseException | None]:
-        self._apply_commands()
-        if not self.engine.has_unfinished():
-            return [], None
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # a bad step fails its requests, never the actor
-            log.exception("engine step failed")
-            return [], e
-        self._record(time.perf_counter() - start)
-        return outputs, None
+    def _steps(self) -> BaseException | None:
+        """On the engine thread: steps until there is no work (or the engine is closed),
+        handing each step's outputs to the loop; returns the error of a step that failed."""
+        while not self._closed:
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                return None
+            start = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bad step fails its requests, never the actor
+                log.exception("engine step failed")
+                return e
+            self._record(time.perf_counter() - start)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
+        return None
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
 
     def _record(self, seconds: float) -> None:
         s = self.stats

@@ -53,3 +53,28 @@ async def test_a_request_that_fails_in_a_step_ends_its_own_stream_only(checkpoin
         assert "request poison failed in the engine" in poison.message and "fault injected" in poison.message
     finally:
         await aengine.close()
+
+
+async def test_the_engine_steps_on_while_the_event_loop_is_busy(checkpoint, make_engine):
+    """Steps run back to back on the engine thread: a request finishes while the loop is held
+    (it would stall at its second token if each step waited for the loop), and what it made
+    meanwhile reaches the stream as one burst, token for token what it makes alone."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompt = list(range(30, 40))
+    clean = make_engine(checkpoint()).generate([prompt], params)[0].token_ids
+    engine = make_engine(checkpoint())
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    try:
+        bursts = []
+        async for outs in aengine.stream(lambda: engine.add_request(prompt, params)):
+            bursts.append([t for o in outs for t in o.token_ids])
+            if len(bursts) == 1:
+                assert not outs[-1].finished  # the loop took the first token as it came
+                deadline = time.monotonic() + 30
+                while engine.has_unfinished() and time.monotonic() < deadline:  # holds the loop
+                    time.sleep(0.01)
+                assert not engine.has_unfinished(), "the engine stopped stepping while the loop was busy"
+        assert len(bursts) == 2 and sum(bursts, []) == clean
+    finally:
+        await aengine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -107,5 +108,8 @@ def http(gateway: Running, path: str, body: bytes | None = None, key: str | None
 def ok_json(pdmesh, *args: str) -> dict:
     code, out, err = pdmesh(*args, "--output", "json")
     assert code == 0, err
-    # the first object: the in-process Ray driver may print its own lines (the autoscaler's) after it
-    return json.JSONDecoder().raw_decode(out)[0]
+    # the first object: the in-process Ray driver prints its own lines (the autoscaler's warning
+    # of an infeasible resource request) before or after it, whenever they reach it
+    start = next((m.start() for m in re.finditer(r"^[{\[]", out, re.M)), None)
+    assert start is not None, out
+    return json.JSONDecoder().raw_decode(out, start)[0]

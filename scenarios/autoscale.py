@@ -27,7 +27,7 @@ import numpy as np
 
 from mesh.role_limits import Change
 from mesh.roles import MOVABLE, Role
-from scenarios.controller import Observation, RatioController, least_loaded, pool_roles
+from scenarios.controller import Observation, RatioController, pick_surplus, pool_roles
 
 
 @dataclass(frozen=True)
@@ -175,14 +175,11 @@ class Autoscaler:
         surplus = {Role.PREFILL: counts[Role.PREFILL] - need.prefill, Role.DECODE: counts[Role.DECODE] - need.decode}
         rules, actions, taken = pool_roles(spec, o.actors), [], set()
         for _ in range(n):
-            pick = None
-            for role in sorted(MOVABLE, key=surplus.get, reverse=True):
-                pick = next((a for a in least_loaded(o.actors, role) if a.actor_id not in taken
-                             and rules.judge(Change(a.actor_id, role, None)).allowed), None)
-                if pick:
-                    break
-            if pick is None:
+            picked = pick_surplus(o.actors, surplus, taken,
+                                  lambda a, role: rules.judge(Change(a.actor_id, role, None)).allowed)
+            if picked is None:
                 break
+            pick, role = picked
             taken.add(pick.actor_id)
             rules = rules.after(Change(pick.actor_id, role, None))
             surplus[role] -= 1

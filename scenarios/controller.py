@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 from mesh.role_limits import Change, PoolRoles
 from mesh.roles import MOVABLE, Role
@@ -352,15 +352,12 @@ class RatioController:
         actions, gave, taken = [], Counter(), set()
         for _ in range(count):
             role = max(deficit, key=deficit.get)
-            pick = None
-            for give in sorted(surplus, key=surplus.get, reverse=True):
-                pick = next((a for a in least_loaded(donor.actors, give) if a.actor_id not in taken
-                             and donor_rules.judge(Change(a.actor_id, give, None)).allowed
-                             and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed), None)
-                if pick:
-                    break
-            if pick is None:
+            picked = pick_surplus(donor.actors, surplus, taken, lambda a, give: (
+                donor_rules.judge(Change(a.actor_id, give, None)).allowed
+                and taker_rules.judge(Change(a.actor_id, None, role, a.device)).allowed))
+            if picked is None:
                 break
+            pick, give = picked
             taken.add(pick.actor_id)
             donor_rules = donor_rules.after(Change(pick.actor_id, give, None))
             taker_rules = taker_rules.after(Change(pick.actor_id, None, role, pick.device))
@@ -400,6 +397,17 @@ def _rounded(shares: dict[str, float], total: int) -> dict[str, int]:
 
 def least_loaded(actors: tuple[ActorView, ...], role: Role) -> list[ActorView]:
     return sorted((a for a in actors if a.role == role and a.movable), key=lambda a: a.load)
+
+
+def pick_surplus(actors: tuple[ActorView, ...], surplus: dict[Role, int], taken: set[str],
+                 allowed: Callable[[ActorView, Role], bool]) -> tuple[ActorView, Role] | None:
+    """The least loaded actor not yet taken from the role with the most surplus (then the
+    next role) that `allowed` lets go; None when no role has one."""
+    for role in sorted(surplus, key=surplus.get, reverse=True):
+        pick = next((a for a in least_loaded(actors, role) if a.actor_id not in taken and allowed(a, role)), None)
+        if pick:
+            return pick, role
+    return None
 
 
 def pool_roles(spec: ScenarioSpec, actors: tuple[ActorView, ...]) -> PoolRoles:

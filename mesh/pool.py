@@ -46,6 +46,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Ray starts its workers at niceness 15 (its `worker_niceness`), made for background tasks: an
+# engine's OpenMP threads then lose their cores to every process at the default niceness (the
+# gateway, the clients, Ray's own daemons) and wait for each other at every op's barrier, which
+# made decode steps in a server about twice as slow as alone. Mesh actors are the serving path.
+ACTOR_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
 _ids = itertools.count()
 
 
@@ -122,7 +128,8 @@ class Pool:
             if engine.tensor_parallel_size > 1:
                 member.placement = await _ranks_placement(actor_id, hw, engine.tensor_parallel_size, start_timeout_s)
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(member.placement, 0)
-            cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0, **options)
+            cls = ray.remote(MeshActor).options(name=actor_id, max_concurrency=10_000, max_restarts=0,
+                                                runtime_env=ACTOR_ENV, **options)
             member.handle = cls.remote(actor_spec)
             info = await asyncio.wait_for(member.handle.start.remote(), start_timeout_s)
         except BaseException:

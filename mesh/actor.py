@@ -83,18 +83,17 @@ class MeshActor:
         from mesh.engine.engine import Engine  # torch loads inside the actor process only
 
         tracing.configure("pdmesh-actor", self.spec.otel_env)
-        loop = asyncio.get_running_loop()
         try:
             # the KV pool in the transport's memory (huge pages on CPU), which it moves faster
-            engine = await loop.run_in_executor(None, Engine, self.spec.engine, pool_zeros)
+            self.engine = await AsyncEngine.build(lambda: Engine(self.spec.engine, pool_zeros))
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
+        engine = self.engine.engine
         if engine.rank_pools is None:  # the transport reaches the worker ranks' pools through host memory
             engine.close()
             raise MeshError("invalid_argument", f"a mesh actor moves the KV of tensor-parallel ranks on the CPU "
                             f"only (their pools shared in host memory); on {engine.device} the worker ranks' "
                             "pools are not shared yet: run tensor_parallel_size 1 there")
-        self.engine = AsyncEngine(engine)
         if engine.ranks is not None:
             self.engine.on_broken = self._rank_lost
             self._rank_watch = asyncio.create_task(self._watch_ranks(engine.ranks))

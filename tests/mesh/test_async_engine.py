@@ -78,3 +78,31 @@ async def test_the_engine_steps_on_while_the_event_loop_is_busy(checkpoint, make
         assert len(bursts) == 2 and sum(bursts, []) == clean
     finally:
         await aengine.close()
+
+
+async def test_a_built_engine_steps_on_the_thread_that_built_it(checkpoint, make_engine):
+    import threading
+
+    built_on = []
+
+    def make():
+        built_on.append(threading.get_ident())
+        return make_engine(checkpoint())
+
+    aengine = await AsyncEngine.build(make)
+    aengine.start()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        stepped_on = set()
+        real_step = aengine.engine.step
+
+        def step():
+            stepped_on.add(threading.get_ident())
+            return real_step()
+
+        aengine.engine.step = step
+        async for _ in aengine.stream(lambda: aengine.engine.add_request(list(range(40, 50)), params)):
+            pass
+        assert stepped_on == set(built_on) and built_on[0] != threading.get_ident()
+    finally:
+        await aengine.close()

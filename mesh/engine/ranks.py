@@ -30,7 +30,7 @@ from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import StepInputs
-from mesh.engine.parallel import Collectives, TensorParallelError, host_store, process_group
+from mesh.engine.parallel import Collectives, TensorParallelError, check_devices, host_store, process_group
 from mesh.engine import shared_pool
 from mesh.engine.rank import RankMemory, kv_shape
 from mesh.engine.shard import Shard
@@ -60,6 +60,7 @@ class LocalRanks:
         """Starts the workers; `connect` waits for them once rank 0's own shard is built."""
         self.size = config.tensor_parallel_size
         Shard(0, self.size).check(cfg)  # before starting processes that would fail alike
+        check_devices(device, self.size)
         self.shapes = {rank: kv_shape(config, cfg, Shard(rank, self.size), dtype) for rank in range(1, self.size)}
         # Ranks 1.. KV pools as this process maps them, once connected; None and why where they are not shared.
         self.pools: list[torch.Tensor] | None = None

@@ -20,8 +20,10 @@ from mesh.engine.ranks import Ready
 from mesh.engine.sampling_params import SamplingParams
 from tests.engine.helpers import FP32_ATOL, PROMPTS, greedy
 
-NO_CUDA = "needs a CUDA GPU (none here: torch.cuda.is_available() is False)"
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
+# NCCL gives each rank a GPU of its own (parallel.check_devices)
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs, one per rank (here: "
+                              f"{torch.cuda.device_count()}; torch.cuda.is_available() is {torch.cuda.is_available()})")
+DEVICES = ["cpu", pytest.param("cuda", marks=TWO_GPUS)]
 
 
 def test_the_mechanism_follows_the_device(monkeypatch):

@@ -35,6 +35,9 @@ def tp_engine(make_engine):
     engines = []
 
     def make(folder, size: int = 2, **options):
+        gpus = torch.cuda.device_count()
+        if options.get("device", os.environ.get("PDMESH_TEST_DEVICE", "cpu")) == "cuda" and gpus < size:
+            pytest.skip(f"TP={size} on CUDA needs {size} GPUs, one per rank (NCCL); {gpus} here")
         engine = make_engine(folder, tensor_parallel_size=size, **options)
         engines.append(engine)
         return engine

@@ -2,13 +2,14 @@
 that builds its shard, then runs each step it is sent, in step with rank 0.
 
 It connects back to rank 0's control socket (authenticated with a key read from stdin),
-says which rank it is, builds its shard and reports Ready or Failed. Its KV pool is shared with rank 0
-(shared_pool.py): on the CPU in the memory file rank 0 made for it; on a device it allocates the pool
-and its Ready carries the pool's IPC handle. Rank 0 sends each step's inputs over a pipe (torch-serialized, so they land on this rank's
-device); the ranks then meet in the step's collectives. The pipe is the control channel,
-not a collective, so a worker may idle for as long as the engine does; it ends when rank 0
-sends an empty message (stop) or closes the pipe (rank 0 died), and on any error, which
-the other ranks then see as a failed collective.
+says which rank it is, builds its shard and reports Ready or Failed. Its KV pool is shared
+with rank 0 (shared_pool.py): on the CPU in the memory file rank 0 made for it; on a device
+it allocates the pool and its Ready carries the pool's IPC handle. Rank 0 sends each step's
+inputs over a pipe (torch-serialized, so they land on this rank's device); the ranks then
+meet in the step's collectives. The pipe is the control channel, not a collective, so a
+worker may idle for as long as the engine does; it ends when rank 0 sends an empty message
+(stop) or closes the pipe (rank 0 died), and on any error, which the other ranks then see
+as a failed collective.
 """
 from __future__ import annotations
 

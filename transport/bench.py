@@ -347,9 +347,9 @@ def _degrees(ctx, param, text: str | None) -> list[tuple[int, int]] | None:
         pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"{text!r}: write prefill:decode degrees, e.g. 1:1,2:1,1:2") from None
-    bad = [f"{a}:{b}" for a, b in pairs if a not in (1, 2, 4) or b not in (1, 2, 4)]
-    if bad or any(len(p) != 2 for p in pairs):
-        raise click.BadParameter(f"{', '.join(bad) or text}: each degree is 1, 2 or 4, as prefill:decode")
+    bad = [":".join(map(str, p)) for p in pairs if len(p) != 2 or not set(p) <= {1, 2, 4}]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}: each pair is prefill:decode, each degree 1, 2 or 4")
     return [(1, 1)] + [p for p in dict.fromkeys(pairs) if p != (1, 1)]
 
 
@@ -395,6 +395,9 @@ def command(tokens, backends, strategies, layers, kv_heads, head_dim, block_size
             fragmented, across_namespaces, paths, device, degrees, output):
     """GB/s moving one request's KV (default: a 1B-class model, Llama-3.2-1B's KV shape, bf16)."""
     if degrees:
+        if device != "cpu" or across_namespaces or fragmented or paths != ["direct"]:
+            raise click.UsageError("--tp moves CPU pools on this host, direct, unfragmented: leave out --device, "
+                                   "--across-namespaces, --fragmented and --path")
         _tensor_parallel(degrees, tokens, backends, layers, kv_heads, head_dim, block_size, dtype, rounds, output)
         return
     if device == "cuda" and cuda_missing():

@@ -32,10 +32,14 @@ def test_each_pair_moves_the_same_kv_in_its_parts_against_1_1_in_the_same_run():
 def test_degrees_that_do_not_fit_are_refused_with_what_to_change():
     runner = CliRunner()
     bad = runner.invoke(command, ["--tp", "3:1"])
-    assert bad.exit_code != 0 and "3:1: each degree is 1, 2 or 4" in bad.output
+    assert bad.exit_code != 0 and "3:1: each pair is prefill:decode, each degree 1, 2 or 4" in bad.output
+    bad = runner.invoke(command, ["--tp", "1:2:4,2"])
+    assert bad.exit_code != 0 and "1:2:4, 2: each pair is prefill:decode" in bad.output
     bad = runner.invoke(command, ["--tp", "2-1"])
     assert bad.exit_code != 0 and "write prefill:decode degrees" in bad.output
     uneven = runner.invoke(command, ["--tp", "4:1", "--kv-heads", "2"])
     assert uneven.exit_code != 0 and "2 KV heads do not split evenly across [4] ranks" in uneven.output
+    gpu = runner.invoke(command, ["--tp", "2:1", "--device", "cuda"])
+    assert gpu.exit_code != 0 and "--tp moves CPU pools on this host" in gpu.output
     local = runner.invoke(command, ["--tp", "2:1", "--backends", "local"])
     assert local.exit_code != 0 and "--tp runs on one wire backend" in local.output

@@ -89,11 +89,9 @@ class MeshActor:
         except EngineError as e:
             raise MeshError("invalid_argument", str(e)) from None
         engine = self.engine.engine
-        if engine.rank_pools is None:  # the transport reaches the worker ranks' pools through host memory
+        if engine.rank_pools is None:  # the transport moves each rank's heads in the pools this process maps
             engine.close()
-            raise MeshError("invalid_argument", f"a mesh actor moves the KV of tensor-parallel ranks on the CPU "
-                            f"only (their pools shared in host memory); on {engine.device} the worker ranks' "
-                            "pools are not shared yet: run tensor_parallel_size 1 there")
+            raise MeshError("invalid_argument", engine.ranks.unshared)
         if engine.ranks is not None:
             self.engine.on_broken = self._rank_lost
             self._rank_watch = asyncio.create_task(self._watch_ranks(engine.ranks))

@@ -8,6 +8,7 @@ Run as ``python -m transport.peer``; ``PeerProcess`` drives one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import struct
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from .backends import make_receiver, make_sender
-from .base import LeaseDescriptor, TransferError
+from .base import LeaseDescriptor, TransferError, TransferStats
 from .config import TransportConfig
+from .heads import parts, sending_ranks
 from .layout import KVLayout, layer_tokens
 
 _HEADER = struct.Struct("!I")
@@ -146,6 +148,65 @@ class _Peer:
         ids, self.sending, self.transfer = self.sending, [], None
         self.reserver.free(ids)
         return ids
+
+    async def init_ranks(self, role: str, config: dict, layout: dict, heads: list[list[int]], seed: int = 0) -> dict:
+        """A tensor-parallel side, as one mesh actor holds it: per rank a pool of the model-wide
+        layout's KV heads heads[r] (a sender's cut from one random model-wide KV) and, on a
+        receiver, a receiver over it. Block ids are the same on every rank: one reserver."""
+        self.config = TransportConfig(**config)
+        self.layout = KVLayout.from_wire(layout)
+        self.reserver = ListReserver(self.layout.num_blocks)
+        self.heads = [range(*h) for h in heads]
+        self.rank_layouts = [dataclasses.replace(self.layout, kv_heads=len(h)) for h in self.heads]
+        self.pools = [lay.allocate() for lay in self.rank_layouts]
+        if role == "sender":
+            whole = torch.randn(self.layout.shape, generator=torch.Generator().manual_seed(seed))
+            for pool, h in zip(self.pools, self.heads):
+                pool.copy_(whole[..., h.start:h.stop, :])
+            self.sender = make_sender(self.config)
+            return {}
+        self.receivers = [make_receiver(self.config, pool, lay, self.reserver, first_head=h.start)
+                          for pool, lay, h in zip(self.pools, self.rank_layouts, self.heads)]
+        for rx in self.receivers:
+            await rx.start()
+        return {}
+
+    async def reserve_parts(self, num_tokens: int, senders: list[list[list[int]]]) -> dict:
+        """One reservation's leases, a part per receiving rank and head range that one rank of each
+        sender (its ranks' heads) writes; its pools touched first (see warm)."""
+        for pool in self.pools:
+            pool.mul_(1)
+        ids = self.reserver.allocate(self.layout.blocks_for(num_tokens))
+        cut = parts(self.heads, [[range(*h) for h in sender] for sender in senders])
+        leases = [(p.rank, self.receivers[p.rank].reserve(num_tokens, block_ids=ids, heads=p.heads)) for p in cut]
+        return {"leases": [lease.to_wire() for _, lease in leases],
+                "ranks": [rank for rank, _ in leases]}
+
+    async def wait_parts(self, lease_ids: list[str], ranks: list[int], timeout_s: float) -> dict:
+        """Every part's commit; the reservation's blocks go back once."""
+        got = await asyncio.gather(*(self.receivers[r].wait(lease_id, timeout_s) for lease_id, r in zip(lease_ids, ranks)))
+        self.reserver.free(got[0].block_ids)
+        return {"stats": TransferStats.merged([g.stats for g in got]).to_dict()}
+
+    async def send_parts(self, leases: list[dict], timeout_s: float = 10.0) -> dict:
+        """Each part from the rank holding its heads, all side by side (as a mesh actor's ranks send);
+        wall_s: from the first connect to the last commit."""
+        descs = [LeaseDescriptor.from_wire(lease) for lease in leases]
+        ranks = sending_ranks(self.heads, [(d.head_range.start, d.head_range.stop) for d in descs])
+        for pool in self.pools:
+            pool.mul_(1)
+        ids = self.reserver.allocate(self.layout.blocks_for(descs[0].num_tokens))
+        start = time.perf_counter()
+        try:
+            transfers = [await self.sender.start(d, self.pools[r], self.rank_layouts[r], ids, first_head=self.heads[r].start)
+                         for d, r in zip(descs, ranks)]
+            for transfer in transfers:
+                transfer.all_layers_ready()
+            stats = await asyncio.gather(*(t.finish(timeout_s) for t in transfers))
+        finally:
+            self.reserver.free(ids)
+        return {"stats": TransferStats.merged(list(stats)).to_dict(), "wall_s": time.perf_counter() - start,
+                "parts": len(descs), "sending_ranks": len(set(ranks))}
 
     async def read(self, block_ids: list[int], num_tokens: int) -> dict:
         kv = read_tokens(self.pool, self.layout, block_ids, num_tokens).float().cpu()

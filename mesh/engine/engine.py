@@ -78,7 +78,7 @@ class Engine:
             self.close()
             raise
         # Every rank's KV pool as this process maps it (rank 0's first), for a transport to move
-        # each rank's heads; None where worker ranks' pools are not shared (accelerators).
+        # each rank's heads; None where worker ranks' pools are not shared (ranks.unshared says why).
         self.rank_pools: list[torch.Tensor] | None = [self.kv.pool]
         if self.ranks is not None:
             self.rank_pools = None if self.ranks.pools is None else [self.kv.pool, *self.ranks.pools]

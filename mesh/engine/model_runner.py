@@ -88,6 +88,11 @@ class ModelRunner:
         self.device = kv.pool.device
         self.eos_ids = eos_ids
         self.faults = faults
+        # On an accelerator a layer's kernels run after the host moved on. A worker rank writes
+        # its KV on its own stream before its part of the layer's all-reduce, so once this
+        # rank's stream has finished the layer, every rank's KV of it is in place: a layer hook
+        # (a transfer reading worker pools through IPC) waits for that first. torch.cuda or torch.npu.
+        self._layer_sync = None if ranks is None or self.device.type == "cpu" else getattr(torch, self.device.type)
 
     def execute(self, batch: ScheduledBatch,
                 layer_hook: Callable[[int, ScheduledBatch], None] | None = None) -> StepOutput:
@@ -120,6 +125,8 @@ class ModelRunner:
                 if i == 0 and self.faults is not None:
                     self.faults.check(batch.sequences)  # part-way: layer 0's KV is written already
                 if layer_hook is not None:
+                    if self._layer_sync is not None:
+                        self._layer_sync.current_stream(self.device).synchronize()
                     layer_hook(i, batch)
             except Exception as e:
                 if self.ranks is None:

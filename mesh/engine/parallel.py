@@ -23,8 +23,19 @@ class TensorParallelError(EngineError):
     """A collective failed (a rank died or timed out): the engine cannot go on."""
 
 
+def check_devices(device: torch.device, size: int) -> None:
+    """NCCL refuses two ranks of one group on one GPU ("Duplicate GPU detected", since NCCL 2.5):
+    on CUDA every rank needs a GPU of its own, among those this process sees."""
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise TensorParallelError(
+            f"{size} tensor-parallel ranks on CUDA need {size} GPUs (NCCL refuses two ranks on one GPU), this "
+            f"process sees {torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES): make {size} visible, or lower "
+            "tensor_parallel_size")
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r's device: the r-th accelerator (ranks share them round robin when there are fewer)."""
+    """Rank r's device: the r-th accelerator (on NPUs, ranks share them round robin when there are
+    fewer; on CUDA check_devices refuses that first)."""
     if device.type == "cpu":
         return device
     count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()

@@ -4,9 +4,10 @@ Each worker is a fresh interpreter (`python -m mesh.engine.tp_worker`: no fork o
 process holding torch's threads, no re-import of the caller's main module). It connects
 to rank 0's control socket on a free loopback port (authenticated by a random key), gets
 the engine config, builds its shard while rank 0 builds its own, reports ready (or why
-not), and joins the collective group on rank 0's TCPStore. On the CPU a worker's KV pool is
-shared memory that rank 0 maps too (shared_pool.py): `pools` are the workers' caches, for
-the mesh's transport. A worker that dies is named,
+not), and joins the collective group on rank 0's TCPStore. A worker's KV pool is shared with
+this process (shared_pool.py: memory rank 0 made on the CPU, the handle in the worker's Ready
+message on a device): `pools` are the workers' caches, for the mesh's transport, or None with
+`unshared` saying why. A worker that dies is named,
 with its exit code, in the engine's error: through a failed collective, a failed send or a
 failed start; the remaining workers are then stopped.
 """
@@ -29,7 +30,7 @@ from mesh.engine.config import EngineConfig
 from mesh.engine.errors import EngineError
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.model_runner import StepInputs
-from mesh.engine.parallel import Collectives, TensorParallelError, host_store, process_group
+from mesh.engine.parallel import Collectives, TensorParallelError, check_devices, host_store, process_group
 from mesh.engine import shared_pool
 from mesh.engine.rank import RankMemory, kv_shape
 from mesh.engine.shard import Shard
@@ -42,8 +43,10 @@ DEATH_WAIT_S = 0.2  # how long a rank whose death broke a collective may take to
 
 @dataclass(frozen=True)
 class Ready:
-    """A worker built its shard and joins the group next."""
+    """A worker built its shard and joins the group next. `pool`: its KV pool on its device, for
+    rank 0 to open (None where rank 0 made the pool, on the CPU, or where pools are not shared)."""
     memory: RankMemory
+    pool: shared_pool.DevicePoolHandle | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,18 @@ class LocalRanks:
         """Starts the workers; `connect` waits for them once rank 0's own shard is built."""
         self.size = config.tensor_parallel_size
         Shard(0, self.size).check(cfg)  # before starting processes that would fail alike
-        # Ranks 1.. KV pools as this process maps them (None: on an accelerator, not shared).
+        check_devices(device, self.size)
+        self.shapes = {rank: kv_shape(config, cfg, Shard(rank, self.size), dtype) for rank in range(1, self.size)}
+        # Ranks 1.. KV pools as this process maps them, once connected; None and why where they are not shared.
         self.pools: list[torch.Tensor] | None = None
+        self.unshared: str | None = None
+        try:
+            self.sharing: str | None = shared_pool.mechanism(device.type)
+        except shared_pool.UnsharedPools as e:
+            self.sharing, self.unshared = None, str(e)
         fds: dict[int, int] = {}
-        if device.type == "cpu":
-            made = {rank: shared_pool.create(kv_shape(config, cfg, Shard(rank, self.size), dtype).dims, dtype)
-                    for rank in range(1, self.size)}
+        if self.sharing == shared_pool.MEMFD:
+            made = {rank: shared_pool.create(shape.dims, dtype) for rank, shape in self.shapes.items()}
             fds = {rank: fd for rank, (fd, _) in made.items()}
             self.pools = [pool for _, pool in made.values()]
         self.device = device
@@ -93,7 +102,7 @@ class LocalRanks:
                 raise
 
     def _spawn(self, rank: int, port: int, key: bytes, env: dict, kv_fd: int | None) -> subprocess.Popen:
-        shared = ["--kv-fd", str(kv_fd)] if kv_fd is not None else []
+        shared = {shared_pool.MEMFD: ["--kv-fd", str(kv_fd)], shared_pool.IPC: ["--export-kv"]}.get(self.sharing, [])
         proc = subprocess.Popen([sys.executable, "-m", "mesh.engine.tp_worker", "--rank", str(rank),
                                  "--control-port", str(port), "--store-port", str(self._store.port), *shared],
                                 stdin=subprocess.PIPE, env=env, pass_fds=() if kv_fd is None else (kv_fd,))
@@ -125,13 +134,24 @@ class LocalRanks:
         """Waits until every worker built its shard, then forms the group. Raises the worker's
         own error when one could not (a bad checkpoint...), stopping the others."""
         try:
-            self.memory = [own] + [self._ready(rank) for rank in range(1, self.size)]
+            ready = {rank: self._ready(rank) for rank in range(1, self.size)}
+            self.memory = [own] + [r.memory for r in ready.values()]
+            if self.sharing == shared_pool.IPC:
+                self.pools = [self._open(rank, r) for rank, r in ready.items()]
             self.comm.bind(process_group(self._store, 0, self.size, self.device, self.timeout))
         except BaseException:
             self.close()
             raise
 
-    def _ready(self, rank: int) -> RankMemory:
+    def _open(self, rank: int, ready: Ready) -> torch.Tensor:
+        shape = self.shapes[rank]
+        try:
+            return shared_pool.open_pool(ready.pool, shape.dims, shape.dtype)
+        except RuntimeError as e:  # the driver refused the handle (another host's, no IPC in this container...)
+            raise EngineError(f"cannot open tensor-parallel rank {rank}'s KV pool on {self.device} through IPC: "
+                              f"{e}; run the ranks where the device's IPC works (one host, one container)") from None
+
+    def _ready(self, rank: int) -> Ready:
         conn = self._conns[rank]
         while not conn.poll(POLL_S):
             self._check_alive("loading its shard")
@@ -143,7 +163,7 @@ class LocalRanks:
                                       f"while loading its shard") from None
         if isinstance(message, Failed):
             raise EngineError(message.error)
-        return message.memory
+        return message
 
     def send(self, inputs: StepInputs) -> None:
         """Hands a step's inputs to every worker; they run it with rank 0."""

@@ -19,7 +19,7 @@ from gateway.cli import main
 from mesh.engine import checkpoint as loader
 from mesh.engine.errors import CheckpointError
 from mesh.engine.model_config import ModelConfig
-from mesh.engine.parallel import Collectives, TensorParallelError
+from mesh.engine.parallel import Collectives, TensorParallelError, check_devices
 from mesh.engine.rank import RankMemory
 from mesh.engine.sampling_params import SamplingParams
 from mesh.engine.shard import Shard
@@ -35,6 +35,9 @@ def tp_engine(make_engine):
     engines = []
 
     def make(folder, size: int = 2, **options):
+        gpus = torch.cuda.device_count()
+        if options.get("device", os.environ.get("PDMESH_TEST_DEVICE", "cpu")) == "cuda" and gpus < size:
+            pytest.skip(f"TP={size} on CUDA needs {size} GPUs, one per rank (NCCL); {gpus} here")
         engine = make_engine(folder, tensor_parallel_size=size, **options)
         engines.append(engine)
         return engine
@@ -132,6 +135,16 @@ def test_shard_arithmetic_and_clear_errors_for_sizes_that_do_not_split(checkpoin
         Shard(0, 3).check(cfg)
     with pytest.raises(CheckpointError, match="4 attention heads do not split across 8"):
         Shard(0, 8).check(cfg)
+
+
+def test_cuda_ranks_each_need_a_gpu_of_their_own(monkeypatch):
+    """NCCL refuses two ranks on one GPU: said before any worker starts, with what to change."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TensorParallelError, match=r"2 tensor-parallel ranks on CUDA need 2 GPUs \(NCCL refuses two "
+                                                  r"ranks on one GPU\), this process sees 1 \(CUDA_VISIBLE_DEVICES\)"):
+        check_devices(torch.device("cuda"), 2)
+    check_devices(torch.device("cuda"), 1)
+    check_devices(torch.device("cpu"), 4)
 
 
 def test_engine_rejects_a_size_the_model_cannot_split_before_starting_workers(checkpoint, make_engine):

@@ -21,9 +21,8 @@ from scenarios.controller import Action
 
 
 def bundle(hw: Hardware) -> dict[str, float]:
-    """The Ray resources one actor on `hw` takes (what `Hardware.options()` asks for)."""
-    out = {"CPU": hw.num_cpus, "GPU": hw.num_gpus, "NPU": hw.npus, **hw.resources}
-    return {name: float(amount) for name, amount in out.items() if amount}
+    """The Ray resources one actor on `hw` takes, all its tensor-parallel ranks' (what the pool asks for)."""
+    return hw.bundle(hw.tensor_parallel_size or 1)
 
 
 def request_resources(bundles: list[dict[str, float]]) -> None:

@@ -37,20 +37,21 @@ class Hardware(BaseModel):
                                  "have fields of their own) with an amount of 0 or more")
         return v
 
-    def options(self) -> dict:
-        """The Ray actor options: CPUs, GPUs, and the custom NPU and placement resources."""
-        opts: dict = {"num_cpus": self.num_cpus}
+    def options(self, ranks: int = 1) -> dict:
+        """The Ray actor options of an actor whose engine spans `ranks` tensor-parallel ranks,
+        each with this share: CPUs, GPUs, and the custom NPU and placement resources."""
+        opts: dict = {"num_cpus": self.num_cpus * ranks}
         if self.num_gpus:
-            opts["num_gpus"] = self.num_gpus
-        resources = {**self.resources, **({"NPU": self.npus} if self.npus else {})}
+            opts["num_gpus"] = self.num_gpus * ranks
+        resources = {name: amount * ranks for name, amount in {**self.resources, "NPU": self.npus}.items() if amount}
         if resources:
             opts["resources"] = resources
         return opts
 
-    def bundle(self) -> dict[str, float]:
-        """One tensor-parallel rank's share as a placement group bundle: the same resources (a
-        bundle cannot be empty: at least a sliver of a CPU)."""
-        opts = self.options()
+    def bundle(self, ranks: int = 1) -> dict[str, float]:
+        """The same resources as one placement group bundle (a bundle cannot be empty: at least a
+        sliver of a CPU)."""
+        opts = self.options(ranks)
         bundle = {"CPU": opts["num_cpus"], "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
         return {name: amount for name, amount in bundle.items() if amount > 0} or {"CPU": 0.01}
 

@@ -118,13 +118,13 @@ class Pool:
         if replaces is not None:
             life = dataclasses.replace(life, replaces=replaces.actor_id, dead_at=replaces.life.dead_at)
         member = Member(actor_id, role, None, ActorReport(actor_id, self.spec.scenario, role, ActorState.STARTING),
-                        hardware=hw, life=life, waiting_for=unmet(hw.options()))
+                        hardware=hw, life=life, waiting_for=unmet(hw.options(engine.tensor_parallel_size)))
         self.offline[actor_id] = member
         self._changed()
         if created is not None:
             created(member)
         try:
-            options = hw.options()
+            options = hw.options(engine.tensor_parallel_size)
             if engine.tensor_parallel_size > 1:
                 member.placement = await _ranks_placement(actor_id, hw, engine.tensor_parallel_size, start_timeout_s)
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(member.placement, 0)
@@ -365,8 +365,10 @@ class Pool:
 
 
 async def _ranks_placement(actor_id: str, hw: Hardware, size: int, timeout_s: float | None) -> "PlacementGroup":
-    """One bundle per tensor-parallel rank, all on one node, once Ray reserved them."""
-    group = placement_group([hw.bundle() for _ in range(size)], strategy="STRICT_PACK", name=f"{actor_id}-ranks")
+    """One bundle holding every tensor-parallel rank's share, once Ray reserved it: on one node,
+    and one bundle because Ray makes visible to an actor only the GPUs (and NPUs) of the bundle
+    it runs in, while the ranks are the actor's own processes, which inherit its devices."""
+    group = placement_group([hw.bundle(size)], strategy="STRICT_PACK", name=f"{actor_id}-ranks")
     try:
         await asyncio.wait_for(group.ready(), timeout_s)
     except BaseException:

@@ -55,8 +55,9 @@ async def test_a_tensor_parallel_actor_holds_its_ranks_bundles_until_it_is_remov
     member = next(m for m in pool.members.values() if m.info.tensor_parallel_size == 2)
     other = next(m for m in pool.members.values() if m.info.tensor_parallel_size == 1)
     table = ray.util.placement_group_table(member.placement)
-    assert (table["state"], table["strategy"], len(table["bundles"])) == ("CREATED", "STRICT_PACK", 2)
-    assert member.info.placement_group == member.placement.id.hex()  # the actor runs in bundle 0
+    # one bundle with both ranks' CPUs, the actor's (it sees the devices of its own bundle only)
+    assert (table["state"], table["strategy"], table["bundles"]) == ("CREATED", "STRICT_PACK", {0: {"CPU": 2.0}})
+    assert member.info.placement_group == member.placement.id.hex()
     assert other.placement is None and other.info.placement_group is None
     group = member.placement
     await pool.remove(member.actor_id, force=True)

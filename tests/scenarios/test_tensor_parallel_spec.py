@@ -28,6 +28,8 @@ def test_prefill_at_tp4_and_decode_at_tp8_in_one_config():
     prefill, decode = spec.hardware["prefill"], spec.hardware["decode"]
     assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (4, 8)
     assert decode.bundle() == {"CPU": 1, "GPU": 1}  # each of the 8 ranks' share
+    # the decode actor asks for all 8 (it sees only the GPUs Ray gives it; its ranks are its processes)
+    assert decode.options(8) == {"num_cpus": 8, "num_gpus": 8} and decode.bundle(8) == {"CPU": 8, "GPU": 8}
     pool = Pool(PoolSpec("big", EngineConfig(model="/models/llama3-70b"), TransportConfig(backend="local"), dict(spec.hardware)))
     assert pool.engine_for(prefill).tensor_parallel_size == 4
     assert (pool.engine_for(decode).tensor_parallel_size, pool.engine_for(decode).device) == (8, "cuda")

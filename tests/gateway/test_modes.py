@@ -1,8 +1,11 @@
 """Serving modes through a real gateway: an auto scenario's conditional choice lands on the
 request's span and in pdmesh:placements_total, and an aggregated scenario serves from one
-both actor, which the status lists and whose missing ratio cannot be pinned."""
+both actor, which the status lists (with the mode) and whose missing ratio cannot be pinned;
+its actors flip to both and no other role. (tests/gateway/test_mode_switch_live.py: the
+controller switching a scenario's mode.)"""
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -10,7 +13,7 @@ import pytest
 
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.gateway.support import ADMIN, API_KEY, ENGINE, http, serving
+from tests.gateway.support import ADMIN, API_KEY, ENGINE, cli, http, ok_json, serving
 
 TRACE_ID = "5c0ffee5c0ffee5c0ffee5c0ffee5c0f"
 
@@ -60,17 +63,53 @@ def test_auto_puts_its_choice_on_the_span_and_in_the_metric(checkpoint, ray_clus
     assert "prefill" not in spans
 
 
-def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(checkpoint, ray_cluster):
+@pytest.fixture(scope="module")
+def aggregated(checkpoint, ray_cluster):
     with serving(config(checkpoint, mode="aggregated")) as running:
-        assert len(generate(running, [5] * 12)) >= 1
-        with grpc.insecure_channel(running.grpc_address) as channel:
-            admin = admin_pb2_grpc.AdminStub(channel)
-            [pool] = admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools
-            assert [(a.role, a.state) for a in pool.actors] == [("both", "serving")]
-            with pytest.raises(grpc.RpcError) as refused:
-                admin.SetRatio(pb.SetRatioRequest(scenario="s", prefill=1, decode=1), metadata=ADMIN, timeout=30)
-        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert "scenario 's' is aggregated" in refused.value.details()
-        assert placements(running) == []  # no conditional choice outside auto
-        running.run(running.gateway.control.tick())  # a controller round leaves it alone
-        assert [(a.role, a.state) for a in running.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]
+        yield running
+
+
+def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(aggregated):
+    running = aggregated
+    assert len(generate(running, [5] * 12)) >= 1
+    with grpc.insecure_channel(running.grpc_address) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        [pool] = admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools
+        assert [(a.role, a.state) for a in pool.actors] == [("both", "serving")]
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.SetRatio(pb.SetRatioRequest(scenario="s", prefill=1, decode=1), metadata=ADMIN, timeout=30)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "scenario 's' is aggregated" in refused.value.details()
+    assert placements(running) == []  # no conditional choice outside auto
+    running.run(running.gateway.control.tick())  # a controller round leaves it alone
+    assert [(a.role, a.state) for a in running.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]
+
+
+def test_status_shows_the_mode_and_flips_keep_to_both(aggregated, tmp_path):
+    """A drained both actor serves again by a flip to both, another both actor can be added,
+    and prefill or decode are refused, with what to change instead."""
+    def pdmesh(*args):
+        return cli(aggregated, tmp_path, *args)
+
+    code, out, err = pdmesh("status")
+    assert code == 0, err
+    assert "aggregated" in out and "0:0 +1 both" in out
+    [scenario] = ok_json(pdmesh, "status")["scenarios"]
+    assert (scenario["mode"], scenario["configured_mode"], scenario["both"]) == ("aggregated", "aggregated", 1)
+    [actor] = ok_json(pdmesh, "status")["pools"][0]["actors"]
+    for args, what in [(("flip", actor["actor_id"], "decode"), f"flip {actor['actor_id']} to decode"),
+                       (("add", "s", "prefill"), "add a prefill actor to s")]:
+        code, out, err = pdmesh(*args, "--output", "json")
+        assert code == 1, out
+        assert err == (f"pdmesh: error: cannot {what}: scenario 's' is aggregated, its actors serving as both; use "
+                       "both, or set mode: auto or disaggregated in its scenario file\n")
+        assert json.loads(out)["error"]["status"] == "FAILED_PRECONDITION"
+    assert ok_json(pdmesh, "drain", actor["actor_id"])["actor"]["state"] == "draining"
+    flipped = ok_json(pdmesh, "flip", actor["actor_id"], "both")
+    assert (flipped["role"], flipped["state"]) == ("both", "serving")
+    added = ok_json(pdmesh, "add", "s", "both")
+    assert (added["role"], added["state"]) == ("both", "serving")
+    assert ok_json(pdmesh, "status")["scenarios"][0]["both"] == 2
+    assert len(generate(aggregated, [5] * 12)) >= 1
+    ok_json(pdmesh, "remove", added["actor_id"])
+    assert [(a.role, a.state) for a in aggregated.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]

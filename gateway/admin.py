@@ -74,8 +74,8 @@ def _fits_mode(scenario: Scenario, role: Role, what: str) -> None:
         why = (f"serves in auto mode now, its actors serving as {use} (the controller aggregates it while the "
                f"load is light); use {use}")
     else:
-        why = (f"serves aggregated now, its actors running whole requests as both (its mode is auto: the "
-               f"controller splits it again under load); use both")
+        why = ("serves aggregated now, its actors running whole requests as both (its mode is auto: the "
+               "controller splits it again under load); use both")
     raise GatewayError("failed_precondition", f"cannot {what}: scenario {name!r} {why}")
 
 

@@ -121,8 +121,13 @@ def cli(running: Running, home, *args: str, key: str | None = ADMIN_KEY, columns
 def ok_json(pdmesh, *args: str) -> dict:
     code, out, err = pdmesh(*args, "--output", "json")
     assert code == 0, err
-    # the first object: the in-process Ray driver prints its own lines (the autoscaler's warning
-    # of an infeasible resource request) before or after it, whenever they reach it
+    return first_json(out)
+
+
+def first_json(out: str) -> dict:
+    """The first JSON object of a command's output: the in-process Ray driver prints its own
+    lines (the autoscaler's warning of an infeasible resource request) before or after it,
+    whenever they reach it."""
     start = next((m.start() for m in re.finditer(r"^[{\[]", out, re.M)), None)
     assert start is not None, out
     return json.JSONDecoder().raw_decode(out, start)[0]

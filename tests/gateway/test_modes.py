@@ -5,7 +5,6 @@ its actors flip to both and no other role. (tests/gateway/test_mode_switch_live.
 controller switching a scenario's mode.)"""
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 
 from gateway.proto import admin_pb2 as pb
 from gateway.proto import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.gateway.support import ADMIN, API_KEY, ENGINE, cli, http, ok_json, serving
+from tests.gateway.support import ADMIN, API_KEY, ENGINE, cli, first_json, http, ok_json, serving
 
 TRACE_ID = "5c0ffee5c0ffee5c0ffee5c0ffee5c0f"
 
@@ -103,7 +102,7 @@ def test_status_shows_the_mode_and_flips_keep_to_both(aggregated, tmp_path):
         assert code == 1, out
         assert err == (f"pdmesh: error: cannot {what}: scenario 's' is aggregated, its actors serving as both; use "
                        "both, or set mode: auto or disaggregated in its scenario file\n")
-        assert json.loads(out)["error"]["status"] == "FAILED_PRECONDITION"
+        assert first_json(out)["error"]["status"] == "FAILED_PRECONDITION"
     assert ok_json(pdmesh, "drain", actor["actor_id"])["actor"]["state"] == "draining"
     flipped = ok_json(pdmesh, "flip", actor["actor_id"], "both")
     assert (flipped["role"], flipped["state"]) == ("both", "serving")

@@ -1,8 +1,9 @@
 """The controller moves an auto scenario between serving modes live, on a real local Ray: a
 light load aggregates it, long prompts arriving fast split it again, and at each switch a
-request is held mid-flight on an actor the switch flips (mesh.faults' stop point: the actor's
-process stops itself at the request's 4th token, and the test resumes it once the switch is
-draining that actor, whose short drain then gives the request back).
+request is held mid-flight on an actor the switch flips (mesh.faults' stop points: the
+actor's process stops itself in the request's prefill, or at its 4th token, and the test
+resumes it once the switch is draining that actor, whose short drain then gives the request
+back).
 
 The rounds run when the test says, on a fake clock that sets each interval's length, so that
 the load each round sees is the script's and not the machine's speed. Every request ends with
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import pytest
@@ -32,7 +34,7 @@ LONG = [3 + i % 50 for i in range(100)]  # prefilled on the prefill actor
 HELD = {"held-1": "5c0ffee5c0ffee5c0ffee5c0ffee0001", "held-2": "5c0ffee5c0ffee5c0ffee5c0ffee0002"}  # id: trace
 HELD_TOKENS = 140  # far more than a drain of DRAIN_S lets it finish: the drain gives it back
 DRAIN_S = 0.001
-FAULTS = ";".join(f"stop:decode_step=4@request={rid}" for rid in HELD)
+FAULTS = "stop:prefill@request=held-1;stop:decode_step=4@request=held-2"
 BOUND_S = 120  # on each wait: a bound that turns a hang into a failure
 
 
@@ -111,6 +113,7 @@ class Script:
     running: Running
     clock: FakeClock
     fault_log: str
+    reference: Callable[[list[int], int], list[int]]  # the engine alone's greedy tokens
 
     def __post_init__(self):
         from gateway.observe import LoadWindow
@@ -123,12 +126,12 @@ class Script:
     def interval(self, seconds: float, requests=(), held: tuple[str, list[int]] | None = None,
                  meanwhile=lambda: None) -> Stream | None:
         """One control interval of `seconds`, with `requests` ((prompt, max_tokens) each, all
-        ended within it) and, when `held` (request id, prompt) is given, a request that stops
+        ended within it, with the engine's tokens) and, when `held` (request id, prompt) is given, a request that stops
         mid-flight on its actor: the round then runs while it is held there, `meanwhile()` is
         called once the round's switch is draining that actor, and then the actor resumes.
         Returns the held request's stream."""
         for prompt, max_tokens in requests:
-            Stream(self.running, prompt, max_tokens).result()
+            assert Stream(self.running, prompt, max_tokens).result() == self.reference(prompt, max_tokens)
         stream = None
         if held:
             rid, prompt = held
@@ -165,7 +168,7 @@ def placements(running) -> dict[str, float]:
 def test_the_controller_switches_modes_under_load_and_loses_no_request(switching, fault_log, reference, otlp,
                                                                         tmp_path):
     running = switching
-    script = Script(running, FakeClock(1000.0), fault_log)
+    script = Script(running, FakeClock(1000.0), fault_log, reference)
     pool = running.gateway.fleet.scenarios["s"].pool
 
     def pdmesh(*args):
@@ -175,7 +178,8 @@ def test_the_controller_switches_modes_under_load_and_loses_no_request(switching
         return sorted(m.role.value for m in pool.members.values())
 
     # light: a short request in 1000 s, twice (ModeSettings.confirm), the second time with a
-    # request held on the decode actor, which runs it whole: aggregated
+    # long one held in the prefill actor's queue (the decode actor holds its KV lease), which
+    # the switch flips first: aggregated
     script.interval(1000, [(SHORT, 8)])
     assert pool.mode is Mode.AUTO and roles() == ["decode", "prefill"]
     decode = pool.by_role(Role.DECODE)[0].actor_id
@@ -183,16 +187,20 @@ def test_the_controller_switches_modes_under_load_and_loses_no_request(switching
     seen = {}
 
     def during_the_switch():  # calls that touch no actor: the held one answers nothing meanwhile
+        seen["ready"] = running.gateway.fleet.not_ready()
         seen["shown"] = pdmesh("ratio", "show", "s")[1]
-        seen["flip"] = pdmesh("flip", prefill, "both")
+        seen["flip"] = pdmesh("flip", decode, "both")
 
-    held = script.interval(1000, [(SHORT, 8)], held=("held-1", SHORT), meanwhile=during_the_switch)
-    assert [f.actor for f in read_log(fault_log)] == [decode]
-    assert held.result() == reference(SHORT, HELD_TOKENS)
-    assert moved_from(otlp, "held-1") == [decode]  # given back by the switch's drain, and finished elsewhere
+    held = script.interval(1000, [(SHORT, 8)], held=("held-1", LONG), meanwhile=during_the_switch)
+    assert [f.actor for f in read_log(fault_log)] == [prefill]
+    assert held.result() == reference(LONG, HELD_TOKENS)
+    # given back by the prefill actor's drain; once more when the switch drains the decode
+    # actor it went on with
+    assert moved_from(otlp, "held-1")[0] == prefill
     assert "aggregated (auto, switching)" in seen["shown"]
+    assert seen["ready"] == []  # health stays SERVING: while it switches, the decode actor serves whole requests
     code, _, err = seen["flip"]  # no flip while the switch's own are under way
-    assert code == 1 and err == (f"pdmesh: error: cannot flip {prefill} to both: scenario 's' is switching to "
+    assert code == 1 and err == (f"pdmesh: error: cannot flip {decode} to both: scenario 's' is switching to "
                                  "aggregated mode, its actors flipping one at a time: try again once `pdmesh status` "
                                  "no longer shows it switching\n")
     assert pool.mode is Mode.AGGREGATED and roles() == ["both", "both"]
@@ -214,6 +222,7 @@ def test_the_controller_switches_modes_under_load_and_loses_no_request(switching
     held = script.interval(0.002, held=("held-2", LONG))
     assert held.result() == reference(LONG, HELD_TOKENS)
     [_, fired] = read_log(fault_log)
+    assert fired.point == "decode_step"
     # given back by the held actor's drain; once more when the switch flips the actor it went
     # on with, if that one is flipped after it
     assert moved_from(otlp, "held-2")[0] == fired.actor

@@ -29,9 +29,14 @@ def config(checkpoint, **scenario):
 def generate(running, token_ids, metadata=()):
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(running.grpc_address))
     request = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=token_ids),
-                                            sampling=inference_pb2.SamplingOptions(max_tokens=4, ignore_eos=True))
+                                            sampling=inference_pb2.SamplingOptions(max_tokens=4, temperature=0,
+                                                                                   ignore_eos=True))
     return [c for c in stub.Generate(request, metadata=(("authorization", f"Bearer {API_KEY}"), *metadata),
                                      timeout=60)]
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
 
 
 def placements(running) -> list[str]:
@@ -40,11 +45,12 @@ def placements(running) -> list[str]:
     return sorted(line for line in body.decode().splitlines() if line.startswith("pdmesh:placements_total{"))
 
 
-def test_auto_puts_its_choice_on_the_span_and_in_the_metric(checkpoint, ray_cluster, otlp):
+def test_auto_puts_its_choice_on_the_span_and_in_the_metric(checkpoint, ray_cluster, otlp, reference):
+    short, long = [5] * 4, [3 + i % 50 for i in range(40)]
     with serving(config(checkpoint, mode="auto", local_prefill_tokens=8)) as running:
         traceparent = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"),)
-        generate(running, [5] * 4, traceparent)
-        generate(running, [3 + i % 50 for i in range(40)])
+        assert tokens(generate(running, short, traceparent)) == reference(short, 4)
+        assert tokens(generate(running, long)) == reference(long, 4)
         assert placements(running) == ['pdmesh:placements_total{decision="local",scenario="s"} 1.0',
                                        'pdmesh:placements_total{decision="remote",scenario="s"} 1.0']
     deadline = time.monotonic() + 60
@@ -68,9 +74,9 @@ def aggregated(checkpoint, ray_cluster):
         yield running
 
 
-def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(aggregated):
+def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(aggregated, reference):
     running = aggregated
-    assert len(generate(running, [5] * 12)) >= 1
+    assert tokens(generate(running, [5] * 12)) == reference([5] * 12, 4)  # the engine's alone
     with grpc.insecure_channel(running.grpc_address) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         [pool] = admin.ListPools(pb.ListPoolsRequest(), metadata=ADMIN, timeout=30).pools
@@ -84,7 +90,7 @@ def test_an_aggregated_scenario_serves_from_one_both_actor_with_no_ratio_to_pin(
     assert [(a.role, a.state) for a in running.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]
 
 
-def test_status_shows_the_mode_and_flips_keep_to_both(aggregated, tmp_path):
+def test_status_shows_the_mode_and_flips_keep_to_both(aggregated, reference, tmp_path):
     """A drained both actor serves again by a flip to both, another both actor can be added,
     and prefill or decode are refused, with what to change instead."""
     def pdmesh(*args):
@@ -104,11 +110,12 @@ def test_status_shows_the_mode_and_flips_keep_to_both(aggregated, tmp_path):
                        "both, or set mode: auto or disaggregated in its scenario file\n")
         assert first_json(out)["error"]["status"] == "FAILED_PRECONDITION"
     assert ok_json(pdmesh, "drain", actor["actor_id"])["actor"]["state"] == "draining"
+    assert aggregated.gateway.fleet.not_ready() == ["scenario 's' has no serving both actor"]
     flipped = ok_json(pdmesh, "flip", actor["actor_id"], "both")
     assert (flipped["role"], flipped["state"]) == ("both", "serving")
     added = ok_json(pdmesh, "add", "s", "both")
     assert (added["role"], added["state"]) == ("both", "serving")
     assert ok_json(pdmesh, "status")["scenarios"][0]["both"] == 2
-    assert len(generate(aggregated, [5] * 12)) >= 1
+    assert tokens(generate(aggregated, [3] * 12)) == reference([3] * 12, 4)
     ok_json(pdmesh, "remove", added["actor_id"])
     assert [(a.role, a.state) for a in aggregated.gateway.fleet.actor_infos()["s"]] == [("both", "serving")]

@@ -6,7 +6,9 @@ controller, and applies its decisions through the live connector (flip in place,
 between pools): the round of scenarios.control_round, which the simulator runs too. Each decision goes to the decision log with what became of its actions,
 to a span, and to pdmesh_controller_decisions_total. With `autoscale` configured, the
 autoscaler's scale steps follow in the same round (gateway.scaling asks Ray's autoscaler for
-their resources) and go to the decision log too.
+their resources) and go to the decision log too. The mode policy's switches of auto
+scenarios (scenarios.mode_policy) come first in the round; each goes to the decision log, a
+`controller.mode_switch` span and the log.
 
 Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
 controller is on for its scenario (an operator's explicit order); off only stops the moves
@@ -213,8 +215,8 @@ class ControlLoop(ControlRound):
         return out
 
     def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:
-        """Newest last, the autoscaler's scale steps and the mode switches among them; for a scenario, its own
-        decisions and the lends it received."""
+        """Newest last, the autoscaler's scale steps and the mode switches among them; for a
+        scenario, its own decisions and the lends it received."""
         if scenario:
             self.fleet.get(scenario)
         records = sorted([*self.records, *self.scale_records, *self.mode_records], key=lambda r: r.decision.time)

@@ -18,6 +18,7 @@ from gateway.observe import LoadWindow
 from mesh.api import ActorReport, ActorState, DrainResult, Role
 from mesh.errors import MeshError
 from mesh.pool import Member
+from mesh.serving_mode import Mode
 from scenarios.autoscale import ScaleSettings
 from scenarios.controller import Settings
 from scenarios.spec import parse_specs
@@ -30,6 +31,7 @@ SPECS = parse_specs({"scenarios": [
 
 class Pool:
     """Flips at once; an actor in `broken` refuses."""
+    mode, switching = Mode.DISAGGREGATED, False  # as the scenarios' (mesh.pool.Pool)
 
     def __init__(self, scenario: str, p: int, d: int):
         self.scenario = scenario

@@ -53,7 +53,8 @@ def switching(checkpoint, ray_cluster, fault_log):
         "scenarios": [{"name": "s", "model": str(checkpoint("llama", "float32")), "mode": "auto",
                        "slo": {"ttft_s": 60.0, "tpot_s": 5.0}, "local_prefill_tokens": 16,
                        "limits": {"prefill": {"min": 1, "max": 1}, "decode": {"min": 1, "max": 1}}}],
-        "engine": ENGINE, "transport": {"lease_ttl_s": 3.0, "timeout_s": 5.0},
+        # a lease outlasts a slow prefill on a loaded host
+        "engine": ENGINE, "transport": {"lease_ttl_s": 10.0, "timeout_s": 5.0},
         "controller": {"enabled": True, "drain_timeout_s": DRAIN_S, "settings": {"interval_s": 3600}}})
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PDMESH_FAULT", FAULTS)

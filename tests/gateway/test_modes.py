@@ -22,7 +22,8 @@ def config(checkpoint, **scenario):
 
     return parse({"scenarios": [{"name": "s", "model": str(checkpoint("llama", "float32")),
                                  "slo": {"ttft_s": 5.0, "tpot_s": 0.5}, **scenario}],
-                  "engine": ENGINE, "transport": {"lease_ttl_s": 3.0, "timeout_s": 5.0},
+                  # a lease outlasts a slow prefill on a loaded host
+                  "engine": ENGINE, "transport": {"lease_ttl_s": 10.0, "timeout_s": 5.0},
                   "controller": {"enabled": False}})
 
 

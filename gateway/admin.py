@@ -23,16 +23,17 @@ from gateway import local_admin
 from gateway.auth import Keys, bearer
 from gateway.control import ControlLoop, Record, ScenarioState
 from gateway.errors import GatewayError
-from gateway.fleet import Fleet
+from gateway.fleet import Fleet, Scenario
 from gateway.grpc_api import abort
 from gateway.ops_client import WARNING_KEY
 from gateway.proto import admin_pb2, admin_pb2_grpc
-from mesh import ActorReport, Change, Member, MeshError, Role, RoleLimitError
+from mesh import MOVABLE, ActorReport, Change, Member, MeshError, Mode, Role, RoleLimitError
 from scenarios.controller import Action, Decision
+from scenarios.mode_policy import ModeDecision
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("pdmesh.audit")
-ROLES = tuple(r.value for r in Role if r is not Role.BOTH)
+ROLES = tuple(r.value for r in Role)
 
 
 def actor_message(info: ActorReport, waiting_for: str | None = None) -> admin_pb2.ActorInfo:
@@ -48,10 +49,34 @@ def member_message(member: Member) -> admin_pb2.ActorInfo:
     return actor_message(member.info, member.waiting_for)
 
 
-def _role(role: str) -> str:
+def _role(role: str) -> Role:
     if role not in ROLES:
         raise GatewayError("invalid_argument", f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    return role
+    return Role(role)
+
+
+def _fits_mode(scenario: Scenario, role: Role, what: str) -> None:
+    """Refuses a role the scenario's pool does not serve with in its mode now (mesh.serving_mode:
+    it would sit idle, or serve beside the mode's plan), and any change while the pool switches
+    modes (the switch's own flips are under way). Not forcible: no limit is at stake."""
+    pool, name = scenario.pool, scenario.name
+    if pool.switching:
+        raise GatewayError("failed_precondition", f"cannot {what}: scenario {name!r} is switching to {pool.mode} "
+                                                  "mode, its actors flipping one at a time: try again once "
+                                                  "`pdmesh status` no longer shows it switching")
+    if role in pool.mode.roles:
+        return
+    use = " or ".join(r.value for r in pool.mode.roles)
+    if scenario.spec.mode is not Mode.AUTO:
+        other = "aggregated or auto" if pool.mode is Mode.DISAGGREGATED else "auto or disaggregated"
+        why = f"is {pool.mode}, its actors serving as {use}; use {use}, or set mode: {other} in its scenario file"
+    elif pool.mode is Mode.AUTO:
+        why = (f"serves in auto mode now, its actors serving as {use} (the controller aggregates it while the "
+               f"load is light); use {use}")
+    else:
+        why = ("serves aggregated now, its actors running whole requests as both (its mode is auto: the "
+               "controller splits it again under load); use both")
+    raise GatewayError("failed_precondition", f"cannot {what}: scenario {name!r} {why}")
 
 
 def _optional(seconds: float) -> float | None:
@@ -71,16 +96,23 @@ def control_message(s: ScenarioState) -> admin_pb2.ScenarioControl:
     if o.tpot_attainment is not None:
         observed.tpot_attainment = o.tpot_attainment
     limits = {role: admin_pb2.RoleLimits(min=lim.min, max=lim.max) for role, lim in s.limits.items()}
-    errors = {f"{role}_model_error": e for role, e in zip(ROLES, s.model_error) if e is not None}
+    errors = {f"{role}_model_error": e for role, e in zip(MOVABLE, s.model_error) if e is not None}
     return admin_pb2.ScenarioControl(
         scenario=s.scenario, enabled=s.enabled, pinned=s.pin is not None, target_prefill=s.target[0],
         target_decode=s.target[1], prefill=s.current[0], decode=s.current[1], prefill_limits=limits["prefill"],
-        decode_limits=limits["decode"], observed=observed, **errors)
+        decode_limits=limits["decode"], observed=observed, mode=s.mode.value, configured_mode=s.configured_mode.value,
+        switching=s.switching, both=s.both, **errors)
 
 
 def decision_message(r: Record) -> admin_pb2.Decision:
-    """A ratio controller's decision, or an autoscaler's scale step (its inputs: the forecast)."""
+    """A ratio controller's decision, an autoscaler's scale step (its inputs: the forecast), or
+    a mode switch (its target split: the prefill actors it keeps, the rest decode)."""
     d = r.decision
+    if isinstance(d, ModeDecision):
+        return admin_pb2.Decision(
+            time_unix=d.time, scenario=d.scenario, action="switch", reason=d.reason, inputs_json=json.dumps(d.inputs),
+            prediction_json="{}", target_prefill=d.prefill, target_decode=d.inputs["actors"] - d.prefill if d.prefill
+            else 0, current_mode=d.current.value, target_mode=d.target.value, failures=r.failures)
     inputs, prediction = ((d.inputs, d.prediction) if isinstance(d, Decision)
                           else ({"forecast_rps": d.forecast_rps}, {}))
     return admin_pb2.Decision(
@@ -176,6 +208,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def op():
             role = _role(request.role)
             scenario, _ = self.fleet.find_actor(request.actor_id)
+            _fits_mode(scenario, role, f"flip {request.actor_id} to {role}")
             result = await scenario.pool.flip(request.actor_id, role, _optional(request.drain_timeout_s), request.force)
             self._warn(context, result.warning)
             return actor_message(result.report)
@@ -192,7 +225,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def AddActor(self, request, context):
         async def op():
             role = _role(request.role)
-            pool = self.fleet.get(request.scenario).pool
+            scenario = self.fleet.get(request.scenario)
+            _fits_mode(scenario, role, f"add a {role} actor to {request.scenario}")
+            pool = scenario.pool
             self._warn(context, pool.guard(f"add a {role} actor to {request.scenario}", Change("(new)", None, role),
                                            request.force))
             return await self._add(pool, role)

@@ -6,7 +6,9 @@ controller, and applies its decisions through the live connector (flip in place,
 between pools): the round of scenarios.control_round, which the simulator runs too. Each decision goes to the decision log with what became of its actions,
 to a span, and to pdmesh_controller_decisions_total. With `autoscale` configured, the
 autoscaler's scale steps follow in the same round (gateway.scaling asks Ray's autoscaler for
-their resources) and go to the decision log too.
+their resources) and go to the decision log too. The mode policy's switches of auto
+scenarios (scenarios.mode_policy) come first in the round; each goes to the decision log, a
+`controller.mode_switch` span and the log.
 
 Operators switch it on or off per scenario and pin ratios. A pin holds whether or not the
 controller is on for its scenario (an operator's explicit order); off only stops the moves
@@ -29,14 +31,14 @@ from gateway.errors import GatewayError
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.observe import Figures, LoadWindow
-from mesh import ActorState, Role, device_kind, tracing
+from mesh import ActorState, Mode, Role, device_kind, tracing
 from gateway.scaling import RayScaling, request_resources
 from scenarios.autoscale import Autoscaler, ScaleDecision
 from scenarios.calibration import Calibration, DecodeSample, PrefillSample
 from scenarios.connector import LiveConnector
 from scenarios.control_round import ControlRound, Record
-from scenarios.controller import Action, ActorView, Decision, RatioController
-from scenarios.mode_policy import ModePolicy
+from scenarios.controller import ActorView, Decision, RatioController
+from scenarios.mode_policy import ModeDecision, ModePolicy
 from scenarios.spec import SLO, RoleLimits
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class ScenarioState:
     slo: SLO
     observed: Figures
     model_error: tuple[float | None, float | None] = (None, None)  # prefill, decode (gateway.control.model_error)
+    mode: Mode = Mode.DISAGGREGATED  # how the pool serves now (mesh.serving_mode)
+    configured_mode: Mode = Mode.DISAGGREGATED  # the scenario file's: auto moves between auto and aggregated
+    switching: bool = False  # the pool's actors are flipping to `mode`
+    both: int = 0  # actors running whole requests
 
 
 class ControlLoop(ControlRound):
@@ -147,6 +153,19 @@ class ControlLoop(ControlRound):
             tracing.end(span, RuntimeError("; ".join(record.failures)) if record.failures else None)
         return record
 
+    async def switch(self, decision: ModeDecision) -> Record:
+        tracer = trace.get_tracer("pdmesh")
+        with tracer.start_as_current_span("controller.mode_switch", end_on_exit=False) as span:
+            span.set_attributes({"pdmesh.scenario": decision.scenario, "pdmesh.reason": decision.reason,
+                                 "pdmesh.current": str(decision.current), "pdmesh.target": str(decision.target),
+                                 "pdmesh.inputs": json.dumps(decision.inputs)})
+            record = await super().switch(decision)
+            for failure in record.failures:
+                log.warning("mode policy: %s", failure)
+            log.info("mode policy: %s: %s", decision.scenario, decision.reason)
+            tracing.end(span, RuntimeError("; ".join(record.failures)) if record.failures else None)
+        return record
+
     async def scale(self, decision: ScaleDecision) -> Record:
         record = await super().scale(decision)
         for failure in record.failures:
@@ -191,15 +210,16 @@ class ControlLoop(ControlRound):
             pin = self.controller.pins.get(name)
             last = next((r.decision.target for r in reversed(self.records) if r.decision.scenario == name), None)
             out.append(ScenarioState(name, self.enabled[name], pin, current, pin or last or current,
-                                     dict(s.spec.limits), s.spec.slo, self.window.last[name], self.model_error(s.spec)))
+                                     dict(s.spec.limits), s.spec.slo, self.window.last[name], self.model_error(s.spec),
+                                     s.pool.mode, s.spec.mode, s.pool.switching, roles.count(Role.BOTH)))
         return out
 
     def decisions(self, scenario: str = "", limit: int = 100) -> list[Record]:
-        """Newest last, the autoscaler's scale steps among them; for a scenario, its own
-        decisions and the lends it received."""
+        """Newest last, the autoscaler's scale steps and the mode switches among them; for a
+        scenario, its own decisions and the lends it received."""
         if scenario:
             self.fleet.get(scenario)
-        records = sorted([*self.records, *self.scale_records], key=lambda r: r.decision.time)
+        records = sorted([*self.records, *self.scale_records, *self.mode_records], key=lambda r: r.decision.time)
         picked = [r for r in records if not scenario or r.decision.scenario == scenario
-                  or any(isinstance(a, Action) and a.to_scenario == scenario for a in r.decision.actions)]
+                  or isinstance(r.decision, Decision) and any(a.to_scenario == scenario for a in r.decision.actions)]
         return picked[-limit:]

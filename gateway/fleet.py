@@ -90,13 +90,15 @@ class Fleet:
                 for name, s in self.scenarios.items()}
 
     def not_ready(self) -> list[str]:
-        """The scenarios that cannot serve at all, and why: each needs a serving prefill and a
-        serving decode actor, or a serving actor that does both."""
+        """The scenarios that cannot serve at all, and why: each needs a serving actor of every
+        role its pool's mode serves with (prefill and decode, or both), or a serving actor that
+        does both; while a pool switches modes, any serving actor runs requests whole
+        (mesh.dispatch), so one is enough."""
         problems = []
         for s in self.scenarios.values():
-            if _serving(s.pool, Role.BOTH):
+            if _serving(s.pool, Role.BOTH) or s.pool.switching and any(_serving(s.pool, r) for r in Role):
                 continue
-            for role in (Role.PREFILL, Role.DECODE):
+            for role in s.pool.mode.roles:
                 if not _serving(s.pool, role):
                     problems.append(f"scenario {s.name!r} has no serving {role.value} actor{_offline(s.pool, role)}")
         return problems

@@ -81,7 +81,8 @@ class Metrics:
                                  "actor was in, the action (flip, lend) and the role it serves afterwards",
                                  ["scenario", "action", "role"], registry=r)
         self.placements = Counter(PREFIX + "placements", "auto mode: requests prefilled on the decode actor "
-                                  "(local) or sent to a prefill actor (remote), by the conditional policy",
+                                  "(local) or sent to a prefill actor (remote), by the conditional policy; "
+                                  "a retried request counts again",
                                   ["scenario", "decision"], registry=r)
         for spec in specs:
             labels = self._labels(spec.name)

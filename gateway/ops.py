@@ -29,7 +29,7 @@ from gateway import local_admin
 from gateway.ops_client import BAD_INPUT, FAILED, AdminClient, OpsError, Target
 from gateway.proto import admin_pb2 as pb
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "both")  # both: aggregated scenarios
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 OUTPUTS = ("table", "wide", "json", "yaml")
 UNLIMITED = 1_000_000  # scenarios.spec.RoleLimits.max's default: no limit
@@ -187,11 +187,20 @@ def _limits(lim: dict) -> str:
     return f"{lim['min']}-{'∞' if lim['max'] >= UNLIMITED else lim['max']}"
 
 
+def _mode(s: dict) -> str:
+    """How the pool serves now; in brackets, the scenario's mode when it is auto (the controller
+    moves it), and whether its actors are still flipping to it."""
+    moved = s["configured_mode"] == "auto" and s["mode"] != "auto"
+    notes = [n for n, shown in (("auto", moved), ("switching", s["switching"])) if shown]
+    return s["mode"] + (f" ({', '.join(notes)})" if notes else "")
+
+
 def _control_rows(scenarios: list[dict], wide: bool = False) -> str:
     rows = []
     for s in scenarios:
         o = s["observed"]
-        row = {"scenario": s["scenario"], "P:D": f"{s['prefill']}:{s['decode']}",
+        row = {"scenario": s["scenario"], "mode": _mode(s),
+               "P:D": f"{s['prefill']}:{s['decode']}" + (f" +{s['both']} both" if s["both"] else ""),
                "target": f"{s['target_prefill']}:{s['target_decode']}",
                "controller": ("pinned" if s["pinned"] else "auto") + ("" if s["enabled"] else ",off"),
                "limits P/D": f"{_limits(s['prefill_limits'])}/{_limits(s['decode_limits'])}",
@@ -246,7 +255,8 @@ def _actor_line(echo, a: dict) -> None:
                                                       "one object a line")
 @ops_command
 def status(session: Session, scenario: str | None, watch_s: float | None) -> None:
-    """Scenarios (P:D, controller, load, SLO attainment) and every actor, pending ones too."""
+    """Scenarios (serving mode, P:D, controller, load, SLO attainment) and every actor, pending
+    ones too."""
     def render(echo, data):
         echo(_control_rows(data["scenarios"], session.wide) + "\n")
         echo(_actor_rows(data["pools"], session.wide))
@@ -318,7 +328,8 @@ def controller(session: Session, state: str, scenario: str | None) -> None:
 @_force
 @ops_command
 def flip(session: Session, actor: str, role: str, drain_timeout_s: float, force: bool) -> None:
-    """Drain ACTOR, switch it to ROLE in place (same weights) and serve again."""
+    """Drain ACTOR, switch it to ROLE in place (same weights) and serve again. ROLE is one its
+    scenario serves with now: prefill or decode, or both while it is aggregated."""
     reply = session.call("FlipActor", pb.FlipActorRequest(actor_id=actor, role=role, drain_timeout_s=drain_timeout_s,
                                                           force=force))
     session.show(_dict(reply), _actor_line)
@@ -348,8 +359,9 @@ def drain(session: Session, actor: str, drain_timeout_s: float, force: bool) -> 
 @_force
 @ops_command
 def add(session: Session, scenario: str, role: str, wait: bool, force: bool) -> None:
-    """Start one more ROLE actor in SCENARIO's pool. Answers once it serves, or at once when it
-    is pending, saying which Ray resources no node has free."""
+    """Start one more ROLE actor in SCENARIO's pool (a role it serves with now, as for flip).
+    Answers once it serves, or at once when it is pending, saying which Ray resources no node
+    has free."""
     with session.client() as c:
         actor = _dict(c.call("AddActor", pb.AddActorRequest(scenario=scenario, role=role, force=force)))
         if wait and actor["waiting_for"]:
@@ -392,7 +404,8 @@ def remove(session: Session, actor: str, drain_timeout_s: float, force: bool) ->
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="the newest this many")
 @ops_command
 def decisions(session: Session, scenario: str, limit: int) -> None:
-    """The ratio controller's decisions, newest last: actions, inputs, prediction and reason."""
+    """The controller's decisions, newest last: ratio moves, scale steps and mode switches, each
+    with its actions, inputs, prediction and reason."""
     reply = session.call("GetDecisions", pb.GetDecisionsRequest(scenario=scenario, limit=limit))
     rows = []
     for d in _dict(reply)["decisions"]:
@@ -402,9 +415,9 @@ def decisions(session: Session, scenario: str, limit: int) -> None:
     def render(echo, data):
         echo("ratio controller decisions, newest last")
         for d in data["decisions"]:
-            echo(f"{datetime.fromtimestamp(d['time_unix']):%H:%M:%S}  {d['scenario']}  "
-                 f"{d['current_prefill']}:{d['current_decode']} -> {d['target_prefill']}:{d['target_decode']}  "
-                 f"{d['reason']}")
+            change = (f"{d['current_mode']} -> {d['target_mode']}" if d["action"] == "switch" else
+                      f"{d['current_prefill']}:{d['current_decode']} -> {d['target_prefill']}:{d['target_decode']}")
+            echo(f"{datetime.fromtimestamp(d['time_unix']):%H:%M:%S}  {d['scenario']}  {change}  {d['reason']}")
             for a in d["actions"]:
                 echo(f"    {a['kind']} {a['actor_id']} -> {a['role']}"
                      + (f" in {a['to_scenario']}" if a["to_scenario"] else ""))

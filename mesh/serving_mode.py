@@ -20,6 +20,8 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
+from mesh.roles import Role
+
 
 class Mode(str, enum.Enum):
     DISAGGREGATED = "disaggregated"
@@ -28,6 +30,12 @@ class Mode(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The roles a pool in this mode serves with: what the dispatcher plans its requests for,
+        and what a switch to it flips the actors to (mesh.pool.Pool.switch_mode)."""
+        return (Role.BOTH,) if self is Mode.AGGREGATED else (Role.PREFILL, Role.DECODE)
 
 
 @dataclass(frozen=True)

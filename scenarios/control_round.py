@@ -53,13 +53,16 @@ class ControlRound:
         observations, now = self.window.close(views), self.clock()
         if self.modes is not None:
             for switch in self.modes.step([o for o in observations if o.scenario not in self.controller.pins], now):
-                self.mode_records.append(await _switched(self.connector, switch))
+                self.mode_records.append(await self.switch(switch))
             observations = [o for o in observations if self.modes.ratio_controlled(o.scenario)]
         records = [await self.apply(decision) for decision in self.controller.step(observations, now)]
         if self.autoscaler is not None:
             for decision in self.autoscaler.step(observations, now):
                 self.scale_records.append(await self.scale(decision))
         return records
+
+    async def switch(self, decision: ModeDecision) -> Record:
+        return await _switched(self.connector, decision)
 
     async def scale(self, decision: ScaleDecision) -> Record:
         return await _applied(self.connector, decision)

@@ -181,7 +181,7 @@ class ObservedLoad(_message.Message):
     def __init__(self, arrival_rps: _Optional[float] = ..., mean_prompt_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., ttft_attainment: _Optional[float] = ..., tpot_attainment: _Optional[float] = ..., requests_ended: _Optional[int] = ..., ttft_target_s: _Optional[float] = ..., tpot_target_s: _Optional[float] = ..., slo_percentile: _Optional[float] = ...) -> None: ...
 
 class ScenarioControl(_message.Message):
-    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode", "pinned", "prefill", "decode", "prefill_limits", "decode_limits", "observed", "prefill_model_error", "decode_model_error")
+    __slots__ = ("scenario", "enabled", "target_prefill", "target_decode", "pinned", "prefill", "decode", "prefill_limits", "decode_limits", "observed", "prefill_model_error", "decode_model_error", "mode", "configured_mode", "switching", "both")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,10 @@ class ScenarioControl(_message.Message):
     OBSERVED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
     DECODE_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURED_MODE_FIELD_NUMBER: _ClassVar[int]
+    SWITCHING_FIELD_NUMBER: _ClassVar[int]
+    BOTH_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     enabled: bool
     target_prefill: int
@@ -206,7 +210,11 @@ class ScenarioControl(_message.Message):
     observed: ObservedLoad
     prefill_model_error: float
     decode_model_error: float
-    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., pinned: _Optional[bool] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., prefill_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., decode_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., observed: _Optional[_Union[ObservedLoad, _Mapping]] = ..., prefill_model_error: _Optional[float] = ..., decode_model_error: _Optional[float] = ...) -> None: ...
+    mode: str
+    configured_mode: str
+    switching: bool
+    both: int
+    def __init__(self, scenario: _Optional[str] = ..., enabled: _Optional[bool] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., pinned: _Optional[bool] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., prefill_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., decode_limits: _Optional[_Union[RoleLimits, _Mapping]] = ..., observed: _Optional[_Union[ObservedLoad, _Mapping]] = ..., prefill_model_error: _Optional[float] = ..., decode_model_error: _Optional[float] = ..., mode: _Optional[str] = ..., configured_mode: _Optional[str] = ..., switching: _Optional[bool] = ..., both: _Optional[int] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
     __slots__ = ("scenarios", "interval_s")
@@ -239,7 +247,7 @@ class DecisionAction(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., actor_id: _Optional[str] = ..., scenario: _Optional[str] = ..., role: _Optional[str] = ..., to_scenario: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("time_unix", "scenario", "action", "reason", "inputs_json", "prediction_json", "current_prefill", "current_decode", "target_prefill", "target_decode", "actions", "failures")
+    __slots__ = ("time_unix", "scenario", "action", "reason", "inputs_json", "prediction_json", "current_prefill", "current_decode", "target_prefill", "target_decode", "actions", "failures", "current_mode", "target_mode")
     TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +260,8 @@ class Decision(_message.Message):
     TARGET_DECODE_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODE_FIELD_NUMBER: _ClassVar[int]
     time_unix: float
     scenario: str
     action: str
@@ -264,7 +274,9 @@ class Decision(_message.Message):
     target_decode: int
     actions: _containers.RepeatedCompositeFieldContainer[DecisionAction]
     failures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, time_unix: _Optional[float] = ..., scenario: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., inputs_json: _Optional[str] = ..., prediction_json: _Optional[str] = ..., current_prefill: _Optional[int] = ..., current_decode: _Optional[int] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[DecisionAction, _Mapping]]] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
+    current_mode: str
+    target_mode: str
+    def __init__(self, time_unix: _Optional[float] = ..., scenario: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., inputs_json: _Optional[str] = ..., prediction_json: _Optional[str] = ..., current_prefill: _Optional[int] = ..., current_decode: _Optional[int] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[DecisionAction, _Mapping]]] = ..., failures: _Optional[_Iterable[str]] = ..., current_mode: _Optional[str] = ..., target_mode: _Optional[str] = ...) -> None: ...
 
 class GetDecisionsResponse(_message.Message):
     __slots__ = ("decisions",)

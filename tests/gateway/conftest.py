@@ -4,10 +4,12 @@ with API keys, a small message limit and spans exported to the session's OTLP re
 (tests/support/ray_fixtures.py); helpers are in tests/gateway/support.py."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.gateway.shared_state import baseline, restore
-from tests.gateway.support import ADMIN_KEY, API_KEY, MAX_MESSAGE_BYTES, serving, tiny_config
+from tests.gateway.support import API_KEY, MAX_MESSAGE_BYTES, cli, serving, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -47,16 +49,4 @@ def restored(gateway):
 def pdmesh(restored, tmp_path):
     """pdmesh(*args, key=ADMIN_KEY, columns=200) -> (exit code, stdout, stderr), run in-process
     on the shared gateway, which is put back as it was after each test; no local credential."""
-    from click.testing import CliRunner
-
-    from gateway.cli import main
-
-    runner = CliRunner()
-
-    def run(*args: str, key: str | None = ADMIN_KEY, columns: int = 200):
-        env = {"PDMESH_ADDRESS": restored.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": str(columns),
-               "PDMESH_HOME": str(tmp_path)}
-        result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
-    return run
+    return functools.partial(cli, restored, tmp_path)

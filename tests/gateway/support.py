@@ -105,11 +105,29 @@ def http(gateway: Running, path: str, body: bytes | None = None, key: str | None
         return e.code, e.read()
 
 
+def cli(running: Running, home, *args: str, key: str | None = ADMIN_KEY, columns: int = 200):
+    """`pdmesh *args` run in-process on `running` with the admin `key` (no local credential:
+    PDMESH_HOME is `home`) -> (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    env = {"PDMESH_ADDRESS": running.grpc_address, "PDMESH_ADMIN_KEY": key, "COLUMNS": str(columns),
+           "PDMESH_HOME": str(home)}
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
 def ok_json(pdmesh, *args: str) -> dict:
     code, out, err = pdmesh(*args, "--output", "json")
     assert code == 0, err
-    # the first object: the in-process Ray driver prints its own lines (the autoscaler's warning
-    # of an infeasible resource request) before or after it, whenever they reach it
+    return first_json(out)
+
+
+def first_json(out: str) -> dict:
+    """The first JSON object of a command's output: the in-process Ray driver prints its own
+    lines (the autoscaler's warning of an infeasible resource request) before or after it,
+    whenever they reach it."""
     start = next((m.start() for m in re.finditer(r"^[{\[]", out, re.M)), None)
     assert start is not None, out
     return json.JSONDecoder().raw_decode(out, start)[0]

@@ -18,8 +18,11 @@ from gateway.observe import LoadWindow
 from mesh.api import ActorReport, ActorState, DrainResult, Role
 from mesh.errors import MeshError
 from mesh.pool import Member
+from mesh.serving_mode import Mode
 from scenarios.autoscale import ScaleSettings
-from scenarios.controller import Settings
+from scenarios.control_round import Record
+from scenarios.controller import Decision, Settings
+from scenarios.mode_policy import ModeDecision
 from scenarios.spec import parse_specs
 from tests.support.clock import FakeClock
 
@@ -30,6 +33,7 @@ SPECS = parse_specs({"scenarios": [
 
 class Pool:
     """Flips at once; an actor in `broken` refuses."""
+    mode, switching = Mode.DISAGGREGATED, False  # as the scenarios' (mesh.pool.Pool)
 
     def __init__(self, scenario: str, p: int, d: int):
         self.scenario = scenario
@@ -138,6 +142,22 @@ def test_off_nothing_moves_but_a_pin_holds_and_auto_hands_back():
     assert loop.enabled == {"chat": True, "code": False} and "chat" not in loop.controller.pins
     loop.set_enabled("", False)
     assert loop.enabled == {"chat": False, "code": False}
+
+
+def test_a_mode_switch_is_in_its_scenarios_decision_log_among_the_others():
+    from gateway.admin import decision_message
+
+    loop, fleet, clock, window, _ = make(enabled=True)
+    prompt_heavy(window, clock)
+    asyncio.run(loop.tick())  # a flip in chat
+    switch = ModeDecision(clock(), "code", Mode.AUTO, Mode.AGGREGATED, 0, {"actors": 4}, "light: auto -> aggregated")
+    loop.mode_records.append(Record(switch, ()))
+    assert [r.decision for r in loop.decisions("code")] == [switch]
+    assert [type(r.decision) for r in loop.decisions("chat")] == [Decision]
+    assert [type(r.decision) for r in loop.decisions()] == [Decision, ModeDecision]  # newest last
+    shown = decision_message(loop.decisions("code")[0])
+    assert (shown.action, shown.current_mode, shown.target_mode, shown.reason) == (
+        "switch", "auto", "aggregated", "light: auto -> aggregated")
 
 
 def test_operator_errors():

@@ -19,9 +19,11 @@ def test_status_tables_and_json(pdmesh):
     code, out, err = pdmesh("status")
     assert code == 0, err
     assert "default" in out and "prefill" in out and "decode" in out and "TTFT MET" in out
+    assert "MODE" in out and "disaggregated" in out
     data = ok_json(pdmesh, "status")
     [scenario] = data["scenarios"]
-    assert (scenario["scenario"], scenario["prefill"], scenario["decode"]) == ("default", 1, 1)
+    assert (scenario["scenario"], scenario["prefill"], scenario["decode"], scenario["both"]) == ("default", 1, 1, 0)
+    assert (scenario["mode"], scenario["configured_mode"], scenario["switching"]) == ("disaggregated",) * 2 + (False,)
     assert scenario["observed"]["ttft_target_s"] == 2.0
     actors = data["pools"][0]["actors"]
     assert sorted(a["role"] for a in actors) == ["decode", "prefill"]
@@ -71,7 +73,7 @@ def _free_port() -> int:
     (("ratio", "set", "default", "3-1"), ADMIN_KEY, 2, "expected PREFILL:DECODE counts, like 3:1"),
     (("add", "nope", "decode"), ADMIN_KEY, 2, "unknown scenario 'nope'"),
     (("flip", "ghost", "decode"), ADMIN_KEY, 2, "no actor 'ghost'"),
-    (("flip", "ghost", "both"), ADMIN_KEY, 2, "'both' is not one of 'prefill', 'decode'"),
+    (("flip", "ghost", "all"), ADMIN_KEY, 2, "'all' is not one of 'prefill', 'decode', 'both'"),
     (("decisions", "--scenario", "nope"), ADMIN_KEY, 2, "unknown scenario 'nope'"),
     (("status",), "wrong-key", 3, "the gateway refused the admin key"),
     (("status",), API_KEY, 3, "the gateway refused the admin key"),
@@ -104,6 +106,19 @@ def test_the_only_decode_actor_stays_unless_forced(pdmesh, command, what):
     assert err == (f"pdmesh: error: cannot {what.format(id=decode['actor_id'])}: scenario 'default' would have 0 serving decode actor(s), below its minimum of 1 "
                    f"(limits.decode.min in its scenario file): start another decode actor first (`pdmesh add default "
                    f"decode`), or lower limits.decode.min; or force it (--force)\n")
+    assert _only(pdmesh, "decode")["state"] == "serving"
+
+
+@pytest.mark.parametrize("command, what", [(("flip", "{id}", "both"), "flip {id} to both"),
+                                           (("add", "default", "both"), "add a both actor to default")])
+def test_both_is_refused_in_a_disaggregated_scenario_even_forced(pdmesh, command, what):
+    decode = _only(pdmesh, "decode")
+    code, out, err = pdmesh(*(arg.format(id=decode["actor_id"]) for arg in command), "--force", "--output", "json")
+    assert code == 1, out
+    assert err == (f"pdmesh: error: cannot {what.format(id=decode['actor_id'])}: scenario 'default' is disaggregated, "
+                   "its actors serving as prefill or decode; use prefill or decode, or set mode: aggregated or auto "
+                   "in its scenario file\n")
+    assert json.loads(out)["error"]["status"] == "FAILED_PRECONDITION"
     assert _only(pdmesh, "decode")["state"] == "serving"
 
 

@@ -18,6 +18,7 @@ from tests.gateway.support import ADMIN_KEY, ok_json
 
 _COUNT = {"type": "integer", "minimum": 0}
 _TEXT = {"type": ["string", "null"], "minLength": 1}  # never "": absent is null
+_MODE = {"enum": ["disaggregated", "aggregated", "auto"]}
 _LIMITS = {"type": "object", "required": ["min", "max"], "properties": {"min": _COUNT, "max": _COUNT}}
 STATUS_SCHEMA = {
     "type": "object", "required": ["scenarios", "pools"],
@@ -25,9 +26,11 @@ STATUS_SCHEMA = {
         "scenarios": {"type": "array", "minItems": 1, "items": {
             "type": "object",
             "required": ["scenario", "enabled", "pinned", "prefill", "decode", "target_prefill", "target_decode",
-                         "prefill_limits", "decode_limits", "observed"],
+                         "prefill_limits", "decode_limits", "observed", "mode", "configured_mode", "switching",
+                         "both"],
             "properties": {
                 "scenario": {"type": "string", "minLength": 1}, "enabled": {"type": "boolean"},
+                "mode": _MODE, "configured_mode": _MODE, "switching": {"type": "boolean"}, "both": _COUNT,
                 "pinned": {"type": "boolean"}, "prefill": _COUNT, "decode": _COUNT, "target_prefill": _COUNT,
                 "target_decode": _COUNT, "prefill_limits": _LIMITS, "decode_limits": _LIMITS,
                 "observed": {"type": "object", "properties": {
@@ -62,8 +65,11 @@ def test_status_fits_80_columns_with_whole_actor_ids(pdmesh):
     words = out.split()
     for actor in _actors(ok_json(pdmesh, "status")):
         assert actor["actor_id"] in words
-    assert "1000000" not in out and "1-∞/1-∞" in out  # the scenario's limits: no maximum
+    assert "disaggregated" in words  # the mode stays; optional columns (the limits first) give way
     assert "…" not in out and "NODE" not in out
+    code, out, err = pdmesh("status", columns=120)
+    assert code == 0, err
+    assert "1000000" not in out and "1-∞/1-∞" in out  # the scenario's limits: no maximum
 
 
 def test_status_wide_shows_node_pid_and_device(pdmesh):

@@ -340,13 +340,16 @@ class RatioController:
     def _lend_some(self, donor: Observation, donor_need: Need, taker_obs: Observation,
                    taker_need: tuple[Need, dict], count: int, now: float) -> Decision | None:
         """Up to `count` actors from donor to taker: each from the donor's role with the most
-        surplus, to the taker's role with the most deficit, as the role rule allows."""
+        surplus over its need's split of what it keeps (a donor short of its need itself, under
+        overload, keeps its ratio rather than giving away its scarcer role), to the taker's role
+        with the most deficit, as the role rule allows."""
         dspec, tspec, taker = self.specs[donor.scenario], self.specs[taker_obs.scenario], taker_obs.scenario
         P, D = MOVABLE
         counts = {r: sum(a.role == r for a in donor.actors) for r in MOVABLE}
         tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in MOVABLE}
         need = taker_need[0]
-        surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
+        keeps = max(len(donor.actors) - count, 0) / max(donor_need.total, 1e-9)
+        surplus = {P: counts[P] - donor_need.prefill * keeps, D: counts[D] - donor_need.decode * keeps}
         deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
         donor_rules, taker_rules = pool_roles(dspec, donor.actors), pool_roles(tspec, taker_obs.actors)
         actions, gave, taken = [], Counter(), set()

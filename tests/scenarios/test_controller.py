@@ -331,3 +331,19 @@ def test_under_overload_the_cheapest_requests_are_served_first_and_headroom_is_s
     roomy = ctrl.allocate(obs, needs, 200)
     assert sum(roomy.values()) == 200
     assert roomy["docs"] / roomy["chat"] == pytest.approx(needs["docs"].total / needs["chat"].total, rel=0.05)
+
+
+def test_an_overloaded_donor_keeps_its_ratio_rather_than_its_scarcer_role():
+    """Under overload a donor short of its own need still lends to a scenario of higher
+    priority; it gives from the role that keeps its split nearest its need's (here prefill),
+    not the role short by fewest actors (its few decode actors, which it then flips back)."""
+    free = {"prefill": {"min": 1, "max": 40}, "decode": {"min": 1, "max": 40}}
+    ctrl, cluster = make(scenario("vip", p=1, d=1, limits=free, priority=1),
+                         scenario("docs", p=16, d=2, limits=free))
+    docs_load = (40.0, 4000, 20)
+    need = ctrl.need(cluster.observe("docs", docs_load))[0]
+    assert need.total > 18 and need.decode > 1.5  # short of its need, with about the decode it has
+    lends = ctrl.step([cluster.observe("vip", (3.0, 200, 800)), cluster.observe("docs", docs_load)], 100.0)
+    cluster.apply(lends)
+    assert lends and lends[0].scenario == "docs" and len(lends[0].actions) >= 2
+    assert cluster.counts("docs")[1] == 2

@@ -265,10 +265,15 @@ class RatioController:
         needs, and the rest spread in proportion to the needs (headroom, as one mixed pool shares
         it). When the needs add up to more than there is, the scenarios are served in order of
         priority, then of actors per request/s (the cheapest first: most requests within their
-        SLOs per actor), each as much as it needs; one with arrivals keeps an actor per role."""
+        SLOs per actor), each as much as it needs; one with arrivals keeps an actor per role, and
+        so does one without while the needs leave room for it (its next request then finds a
+        pool to serve it, not one that waits a control interval for actors)."""
         floor = {n: max(sum(self.specs[n].limits[r].min for r in MOVABLE), 2 if obs[n].arrival_rps > 0 else 0)
                  for n in obs}
         total = sum(needs[n].total for n in obs)
+        empty = [n for n in obs if floor[n] < 2]
+        if total + sum(floor.values()) + sum(2 - floor[n] for n in empty) <= actors:
+            floor.update(dict.fromkeys(empty, 2))
         left = actors - sum(floor.values())
         if total <= left or total <= 0:
             share = {n: floor[n] + max(left, 0) * (needs[n].total / total if total > 0 else 1 / len(obs))
@@ -306,10 +311,14 @@ class RatioController:
         short of its share by more than the dead band (higher priority first) takes what it lacks
         at once from those above theirs (most surplus first), every move passing the role rule.
         A scenario with arrivals but none finished yet lends nothing: its need is not known yet.
+        The dwell time holds no lend while a scenario of the model has arrivals and no actor.
         One decision per donor and taker, with all the actors it moves."""
         s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
-        ready = [name for name in obs if name not in self.pins
-                 and now - self._memory[name].last_change >= s.min_dwell_s]
+        # a scenario with arrivals and no actor has its requests wait on nothing: its model's
+        # scenarios lend to it in this round, whatever their dwell time
+        empty = {self.specs[n].model for n, o in obs.items() if not o.actors and o.arrival_rps > 0}
+        ready = [name for name in obs if name not in self.pins and (
+            self.specs[name].model in empty or now - self._memory[name].last_change >= s.min_dwell_s)]
         room = {}
         for model in {self.specs[n].model for n in ready}:
             group = [n for n in ready if self.specs[n].model == model]

@@ -229,7 +229,10 @@ class RatioController:
         delta = target - p
         # dead band: the ideal split must lie more than one actor (or band x actors) away
         within = abs(want - p) <= 0.5 + max(0.5, s.band * n)
-        if not outside and (delta == 0 or (within and not pin)):
+        # a load that needs less than one actor in all is served by any split, and a sparse
+        # load's ratio swings with every request: no flip for it
+        idle = need.total < 1 and p >= 1 and d >= 1
+        if not outside and (delta == 0 or ((within or idle) and not pin)):
             mem.streak, mem.streak_direction = 0, 0
             return None
         direction = 1 if delta > 0 else -1
@@ -357,7 +360,7 @@ class RatioController:
         counts = {r: sum(a.role == r for a in donor.actors) for r in MOVABLE}
         tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in MOVABLE}
         need = taker_need[0]
-        keeps = max(len(donor.actors) - count, 0) / max(donor_need.total, 1e-9)
+        keeps = min(1.0, max(len(donor.actors) - count, 0) / max(donor_need.total, 1e-9))
         surplus = {P: counts[P] - donor_need.prefill * keeps, D: counts[D] - donor_need.decode * keeps}
         deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
         donor_rules, taker_rules = pool_roles(dspec, donor.actors), pool_roles(tspec, taker_obs.actors)

@@ -363,3 +363,13 @@ def test_a_scenario_with_arrivals_and_no_actor_gets_actors_in_the_same_round():
     assert h[-1]["rare"] == (0, 0) and ctrl.log[-1].time == 10.0  # busy flipped toward decode just now
     h = run(ctrl, cluster, [{"busy": busy, "rare": (0.1, 1500, 150)}], start_interval=2)
     assert ctrl.log[-1].actions[0].kind == "lend" and h[-1]["rare"] >= (1, 1)
+
+
+def test_a_sparse_load_whose_ratio_swings_with_every_request_flips_nothing():
+    """A request or two per interval, prompt-heavy then output-heavy: less than one actor's
+    work in all, which any split serves."""
+    ctrl, cluster = make(scenario(p=5, d=5))
+    loads = [(0.1, 4000, 20) if (i // 4) % 2 else (0.1, 200, 800) for i in range(40)]
+    assert all(ctrl.need(cluster.observe("chat", load))[0].total < 1 for load in set(loads))
+    run(ctrl, cluster, loads)
+    assert not ctrl.log and cluster.counts("chat") == (5, 5)

@@ -229,7 +229,10 @@ class RatioController:
         delta = target - p
         # dead band: the ideal split must lie more than one actor (or band x actors) away
         within = abs(want - p) <= 0.5 + max(0.5, s.band * n)
-        if not outside and (delta == 0 or (within and not pin)):
+        # a load that needs less than one actor in all is served by any split, and a sparse
+        # load's ratio swings with every request: no flip for it
+        idle = need.total < 1 and p >= 1 and d >= 1
+        if not outside and (delta == 0 or ((within or idle) and not pin)):
             mem.streak, mem.streak_direction = 0, 0
             return None
         direction = 1 if delta > 0 else -1
@@ -265,10 +268,15 @@ class RatioController:
         needs, and the rest spread in proportion to the needs (headroom, as one mixed pool shares
         it). When the needs add up to more than there is, the scenarios are served in order of
         priority, then of actors per request/s (the cheapest first: most requests within their
-        SLOs per actor), each as much as it needs; one with arrivals keeps an actor per role."""
+        SLOs per actor), each as much as it needs; one with arrivals keeps an actor per role, and
+        so does one without while the needs leave room for it (its next request then finds a
+        pool to serve it, not one that waits a control interval for actors)."""
         floor = {n: max(sum(self.specs[n].limits[r].min for r in MOVABLE), 2 if obs[n].arrival_rps > 0 else 0)
                  for n in obs}
         total = sum(needs[n].total for n in obs)
+        empty = [n for n in obs if floor[n] < 2]
+        if total + sum(floor.values()) + sum(2 - floor[n] for n in empty) <= actors:
+            floor.update(dict.fromkeys(empty, 2))
         left = actors - sum(floor.values())
         if total <= left or total <= 0:
             share = {n: floor[n] + max(left, 0) * (needs[n].total / total if total > 0 else 1 / len(obs))
@@ -306,10 +314,14 @@ class RatioController:
         short of its share by more than the dead band (higher priority first) takes what it lacks
         at once from those above theirs (most surplus first), every move passing the role rule.
         A scenario with arrivals but none finished yet lends nothing: its need is not known yet.
+        The dwell time holds no lend while a scenario of the model has arrivals and no actor.
         One decision per donor and taker, with all the actors it moves."""
         s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
-        ready = [name for name in obs if name not in self.pins
-                 and now - self._memory[name].last_change >= s.min_dwell_s]
+        # a scenario with arrivals and no actor has its requests wait on nothing: its model's
+        # scenarios lend to it in this round, whatever their dwell time
+        empty = {self.specs[n].model for n, o in obs.items() if not o.actors and o.arrival_rps > 0}
+        ready = [name for name in obs if name not in self.pins and (
+            self.specs[name].model in empty or now - self._memory[name].last_change >= s.min_dwell_s)]
         room = {}
         for model in {self.specs[n].model for n in ready}:
             group = [n for n in ready if self.specs[n].model == model]
@@ -340,13 +352,16 @@ class RatioController:
     def _lend_some(self, donor: Observation, donor_need: Need, taker_obs: Observation,
                    taker_need: tuple[Need, dict], count: int, now: float) -> Decision | None:
         """Up to `count` actors from donor to taker: each from the donor's role with the most
-        surplus, to the taker's role with the most deficit, as the role rule allows."""
+        surplus over its need's split of what it keeps (a donor short of its need itself, under
+        overload, keeps its ratio rather than giving away its scarcer role), to the taker's role
+        with the most deficit, as the role rule allows."""
         dspec, tspec, taker = self.specs[donor.scenario], self.specs[taker_obs.scenario], taker_obs.scenario
         P, D = MOVABLE
         counts = {r: sum(a.role == r for a in donor.actors) for r in MOVABLE}
         tcounts = {r: sum(a.role == r for a in taker_obs.actors) for r in MOVABLE}
         need = taker_need[0]
-        surplus = {P: counts[P] - donor_need.prefill, D: counts[D] - donor_need.decode}
+        keeps = min(1.0, max(len(donor.actors) - count, 0) / max(donor_need.total, 1e-9))
+        surplus = {P: counts[P] - donor_need.prefill * keeps, D: counts[D] - donor_need.decode * keeps}
         deficit = {P: need.prefill - tcounts[P], D: need.decode - tcounts[D]}
         donor_rules, taker_rules = pool_roles(dspec, donor.actors), pool_roles(tspec, taker_obs.actors)
         actions, gave, taken = [], Counter(), set()

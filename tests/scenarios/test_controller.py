@@ -306,14 +306,19 @@ def test_lends_only_to_a_role_on_the_actors_hardware():
 
 def test_the_initial_split_follows_the_first_windows_load():
     """The specs' fleet re-split for the load it meets: a scenario without arrivals (limits
-    min 0) gets no actor, the others share all of them by need, each split by its own need."""
+    min 0) gets one actor per role while the others' needs leave room, none when they do not;
+    the others share the rest by need, each split by its own need."""
     free = {"prefill": {"min": 0}, "decode": {"min": 0}}
     ctrl, cluster = make(scenario("chat", p=5, d=5, limits=free), scenario("docs", p=5, d=5, limits=free),
                          scenario("idle", p=5, d=5, limits=free))
     split = ctrl.initial_split([cluster.observe("chat", OUTPUT_HEAVY), cluster.observe("docs", PROMPT_HEAVY),
                                 cluster.observe("idle", (0.0, 1500, 150))])
-    assert split["idle"] == (0, 0) and sum(map(sum, split.values())) == 30
+    assert split["idle"] == (1, 1) and sum(map(sum, split.values())) == 30
     assert split["chat"][1] > split["chat"][0] and split["docs"][0] > split["docs"][1]
+    busy = (4 * OUTPUT_HEAVY[0], *OUTPUT_HEAVY[1:])  # needs more than the 30 actors
+    split = ctrl.initial_split([cluster.observe("chat", busy), cluster.observe("docs", PROMPT_HEAVY),
+                                cluster.observe("idle", (0.0, 1500, 150))])
+    assert split["idle"] == (0, 0) and sum(map(sum, split.values())) == 30
 
 
 def test_under_overload_the_cheapest_requests_are_served_first_and_headroom_is_shared_otherwise():
@@ -331,3 +336,40 @@ def test_under_overload_the_cheapest_requests_are_served_first_and_headroom_is_s
     roomy = ctrl.allocate(obs, needs, 200)
     assert sum(roomy.values()) == 200
     assert roomy["docs"] / roomy["chat"] == pytest.approx(needs["docs"].total / needs["chat"].total, rel=0.05)
+
+
+def test_an_overloaded_donor_keeps_its_ratio_rather_than_its_scarcer_role():
+    """Under overload a donor short of its own need still lends to a scenario of higher
+    priority; it gives from the role that keeps its split nearest its need's (here prefill),
+    not the role short by fewest actors (its few decode actors, which it then flips back)."""
+    free = {"prefill": {"min": 1, "max": 40}, "decode": {"min": 1, "max": 40}}
+    ctrl, cluster = make(scenario("vip", p=1, d=1, limits=free, priority=1),
+                         scenario("docs", p=16, d=2, limits=free))
+    docs_load = (40.0, 4000, 20)
+    need = ctrl.need(cluster.observe("docs", docs_load))[0]
+    assert need.total > 18 and need.decode > 1.5  # short of its need, with about the decode it has
+    lends = ctrl.step([cluster.observe("vip", (3.0, 200, 800)), cluster.observe("docs", docs_load)], 100.0)
+    cluster.apply(lends)
+    assert lends and lends[0].scenario == "docs" and len(lends[0].actions) >= 2
+    assert cluster.counts("docs")[1] == 2
+
+
+def test_a_scenario_with_arrivals_and_no_actor_gets_actors_in_the_same_round():
+    """Its requests wait on nothing: the donor lends at once, although it moved within its dwell time."""
+    free = {"prefill": {"min": 0, "max": 20}, "decode": {"min": 0, "max": 20}}
+    ctrl, cluster = make(scenario("busy", p=8, d=8, limits=free), scenario("rare", p=0, d=0, limits=free))
+    busy = (2 * OUTPUT_HEAVY[0], *OUTPUT_HEAVY[1:])  # needs all 16 actors, and most as decode
+    h = run(ctrl, cluster, [{"busy": busy, "rare": (0.0, 1500, 150)}] * 2)
+    assert h[-1]["rare"] == (0, 0) and ctrl.log[-1].time == 10.0  # busy flipped toward decode just now
+    h = run(ctrl, cluster, [{"busy": busy, "rare": (0.1, 1500, 150)}], start_interval=2)
+    assert ctrl.log[-1].actions[0].kind == "lend" and h[-1]["rare"] >= (1, 1)
+
+
+def test_a_sparse_load_whose_ratio_swings_with_every_request_flips_nothing():
+    """A request or two per interval, prompt-heavy then output-heavy: less than one actor's
+    work in all, which any split serves."""
+    ctrl, cluster = make(scenario(p=5, d=5))
+    loads = [(0.1, 4000, 20) if (i // 4) % 2 else (0.1, 200, 800) for i in range(40)]
+    assert all(ctrl.need(cluster.observe("chat", load))[0].total < 1 for load in set(loads))
+    run(ctrl, cluster, loads)
+    assert not ctrl.log and cluster.counts("chat") == (5, 5)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh import Mode, resolve_device
@@ -15,7 +14,7 @@ from mesh.api import EngineConfig, engine_config, transport_config
 from scenarios.autoscale import ScaleSettings
 from scenarios.controller import Settings
 from scenarios.perf_model import PerfModel, ProfileError, builtin, load_profile
-from scenarios.spec import SLO, Hardware, ScenarioSpec, SpecError, parse_specs
+from scenarios.spec import SLO, Hardware, ScenarioSpec, SpecError, parse_specs, read_yaml
 
 if TYPE_CHECKING:
     from transport import TransportConfig
@@ -138,14 +137,7 @@ def _problem(err: dict) -> str:
 
 def load(path: str | Path) -> ServeConfig:
     """Reads and validates a YAML config; raises SpecError with what to fix."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SpecError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse(data, str(path))
+    return parse(read_yaml(path), str(path))
 
 
 def default(model: str | Path, device: str = "auto", mode: Mode | str | None = None, **rest) -> ServeConfig:

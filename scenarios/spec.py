@@ -164,16 +164,20 @@ def parse_specs(data: object, source: str = "scenarios") -> list[ScenarioSpec]:
     return specs
 
 
-def load_specs(path: str | Path) -> list[ScenarioSpec]:
+def read_yaml(path: str | Path, what: str = "config file") -> object:
+    """A YAML file's data; SpecError saying what to fix when it cannot be read or parsed."""
     import yaml
 
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise SpecError(f"cannot read scenario file {path}: {e.strerror}") from None
+        raise SpecError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse_specs(data, str(path))
+
+
+def load_specs(path: str | Path) -> list[ScenarioSpec]:
+    return parse_specs(read_yaml(path, "scenario file"), str(path))

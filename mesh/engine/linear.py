@@ -1,11 +1,11 @@
-"""Projections with an optional oneDNN-blocked copy of the weight, for batched steps on CPU.
+"""Projections with an optional oneDNN-blocked copy of the weight, for steps on CPU.
 
 MKL's plain fp32 GEMM re-lays the weight out on every call, which dominates for
-a few rows: on the small model (2 cores, AVX-512), a decode step's products
-took 31.6 ms at batch 16 with plain weights and 25.2 ms with weights blocked
-once for oneDNN; for 1-3 rows (13.4 vs 17.0 ms at batch 1) the plain path is
-faster, so both copies are kept and the row count picks one. Prefill chunks
-(512 and 2048 rows) run faster blocked too, as vLLM's CPU build runs them.
+a few rows: on the small model (2 cores, AVX-512 with bf16 units), a decode step
+took 29-30 ms at batch 1 and 53-58 ms at batch 2 with plain weights, 22 and 25
+ms with weights blocked once for oneDNN (the LM head's 32000 x 768 product ran
+at 6-7 GFLOP/s plain, 13-55 blocked, for 1-3 rows). Prefill chunks (512 and
+2048 rows) run faster blocked too, as vLLM's CPU build runs them.
 """
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows for which the blocked weight wins (measured, plain vs blocked: 3 rows 2.26 vs 2.58 ms, 4 rows
-# 4.36 vs 2.58, 256 rows 32.6 vs 31.8; GFLOP/s of the qkv, gate_up and down products at 512 rows
-# 132/150/170 vs 215/208/130, at 2048 rows 178/161/200 vs 209/185/219; a prefill of 8 x 360 tokens
-# 2.83 vs 2.65 s): batched decode and the CPU's prefill chunks (a step holds 2048 tokens at most there).
-PACKED_MIN_ROWS, PACKED_MAX_ROWS = 4, 2048
+# Rows for which the blocked weight wins (measured, plain vs blocked GFLOP/s of the qkv, gate_up and
+# down products: 1 row 27/26/30 vs 40/59/54, 8 rows 78/66/57 vs 143/176/155, 512 rows 194/164/174 vs
+# 205/201/207, 2048 rows 190/158/196 vs 212/182/216): every step up to the CPU's step budget (2048).
+PACKED_MIN_ROWS, PACKED_MAX_ROWS = 1, 2048
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch
                                 reason="this torch has no oneDNN")
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 37, PACKED_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 2, 37, PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_plain(rows, bias):
     torch.manual_seed(0)

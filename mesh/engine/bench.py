@@ -21,6 +21,7 @@ import click
 import torch
 
 from mesh.engine.cli import build_engine_config, engine_options, tensor_parallel_option
+from mesh.engine.linear import PACKED_MAX_ROWS, PACKED_MIN_ROWS
 from mesh.engine.sampling_params import SamplingParams
 
 progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
@@ -325,7 +326,8 @@ def _print_table(result: dict, rows: list[Row]) -> None:
     console = Console()
     console.print(table)
     console.print("GEMMs alone: the rate if a pdmesh decode step were nothing but its matrix products "
-                  "(MKL; oneDNN with blocked weights for 4-256 rows on CPU): a bound on pdmesh with these kernels.")
+                  f"(oneDNN with blocked weights for {PACKED_MIN_ROWS}-{PACKED_MAX_ROWS} rows on CPU, else MKL or "
+                  "the device's BLAS): a bound on pdmesh with these kernels.")
     console.print(f"decode floor: {result['weight_bytes'] / 1e6:,.0f} MB of weights / "
                   f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
                   f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "

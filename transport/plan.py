@@ -73,6 +73,11 @@ class TransferPlan:
         """Whether each layer moves as one op: gathered on the sender, scattered on the receiver."""
         return self.strategy is Strategy.GATHER
 
+    def whole(self, side: str) -> bool:
+        """Whether a side ("src" or "dst") moves every KV head of its pool: then each op is a byte
+        range of that pool (byte_ranges), else a strided slice of it."""
+        return self.src_heads.whole(self.src_layout) if side == "src" else self.dst_heads.whole(self.dst_layout)
+
     @property
     def runs(self) -> int:
         return len(self.run_starts)

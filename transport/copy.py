@@ -7,6 +7,7 @@ memory are non-blocking: on an accelerator they run on the caller's current stre
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import torch
@@ -105,23 +106,37 @@ def _heads(pool: torch.Tensor, layer: int, kv: int, heads: HeadSlice) -> torch.T
 
 
 class StagingPool:
-    """Buffers reused across transfers: fresh pages are slow to touch, and pinning is slower."""
+    """Buffers reused across transfers: fresh pages are slow to touch (about 0.5 GB/s on the
+    CPU), and pinning is slower. Requests differ in length: a take gets the first nbytes of the
+    smallest free buffer that holds them, and a new buffer is rounded up (by at most an eighth)
+    so that slightly longer requests reuse it too. The max_free largest free buffers stay."""
 
     def __init__(self, allocate: Callable[[int], torch.Tensor] = host_buffer, max_free: int = 64) -> None:
         self._allocate = allocate
-        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []  # smallest first
+        self._lent: dict[int, torch.Tensor] = {}  # by data_ptr: what a taken view is the start of
         self._max_free = max_free
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
-            bufs = self._free.get(nbytes)
-            if bufs:
-                return bufs.pop()
-        return self._allocate(nbytes)
+            fit = next((i for i, buf in enumerate(self._free) if buf.numel() >= nbytes), None)
+            buf = None if fit is None else self._free.pop(fit)
+        if buf is None:
+            buf = self._allocate(_rounded(nbytes))
+        with self._lock:
+            self._lent[buf.data_ptr()] = buf
+        return buf[:nbytes]
 
     def give(self, bufs: list[torch.Tensor]) -> None:
+        """Taken buffers (the views take returned) come back."""
         with self._lock:
-            for buf in bufs:
-                if sum(map(len, self._free.values())) < self._max_free:
-                    self._free.setdefault(buf.numel(), []).append(buf)
+            for view in bufs:
+                bisect.insort(self._free, self._lent.pop(view.data_ptr()), key=torch.Tensor.numel)
+            del self._free[:max(0, len(self._free) - self._max_free)]
+
+
+def _rounded(nbytes: int) -> int:
+    """nbytes rounded up to a multiple of an eighth of its highest power of two."""
+    step = 1 << max(nbytes.bit_length() - 4, 0)
+    return -(-nbytes // step) * step

@@ -7,8 +7,9 @@ byte range per (layer, K/V) and one transport op.
 
 A plan may move a slice of the KV heads (tensor-parallel ranks hold a part of them): heads
 [start, start + count) of each side's pool. A slice that is not every head of its pool is
-strided (a token's heads are contiguous, the next token's are a pool row further), so such a
-plan gathers: one op per layer through staging, scattered on the receiver.
+strided (a token's heads are contiguous, the next token's are a pool row further): the ops stay
+one per run, and that side copies each run's slice between its pool and a buffer the op moves
+(one strided copy; copy.py), while a side that moves every head of its pool moves its own bytes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class TransferPlan:
         """Whether each layer moves as one op: gathered on the sender, scattered on the receiver."""
         return self.strategy is Strategy.GATHER
 
+    def whole(self, side: str) -> bool:
+        """Whether a side ("src" or "dst") moves every KV head of its pool: then each op is a byte
+        range of that pool (byte_ranges), else a strided slice of it."""
+        return self.src_heads.whole(self.src_layout) if side == "src" else self.dst_heads.whole(self.dst_layout)
+
     @property
     def runs(self) -> int:
         return len(self.run_starts)
@@ -94,8 +100,8 @@ class TransferPlan:
         return self.dst_layout.num_layers * self.layer_bytes
 
     def byte_ranges(self, layer: int, side: str) -> list[tuple[int, int]]:
-        """(offset, length) of every op of a layer in the flat byte view of one pool (a plan of
-        whole-pool head slices: others gather)."""
+        """(offset, length) of every op of a layer in the flat byte view of one pool (a side that
+        moves its whole pool: see whole)."""
         layout = self.src_layout if side == "src" else self.dst_layout
         slots = self.src_slots if side == "src" else self.dst_slots
         tb = layout.token_bytes
@@ -151,11 +157,9 @@ def build_plan(
     # A byte copy cannot convert dtypes. Devices do not matter here: where each side's
     # bytes sit when they move (its pool, or host staging) is its path (path.py).
     converts = src_layout.dtype != dst_layout.dtype
-    strided = not (src_heads.whole(src_layout) and dst_heads.whole(dst_layout))
-    if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts or strided):
+    if strategy is Strategy.CONTIGUOUS and (len(starts) > gather_threshold or converts):
         strategy = Strategy.GATHER
-    if strategy is Strategy.BLOCKS and (converts or strided):
-        raise ValueError("the blocks strategy moves whole tokens' raw bytes: layouts must share dtype, "
-                         "and the plan move every KV head of both pools")
+    if strategy is Strategy.BLOCKS and converts:
+        raise ValueError("the blocks strategy moves raw bytes: layouts must share dtype")
     return TransferPlan(strategy, num_tokens, src_layout, dst_layout, src, dst, starts, lengths,
                         src_heads, dst_heads)

@@ -1,8 +1,9 @@
 """One side's layers on their way between its pool and the data plane: the sender's
 LayerSource and the receiver's LayerSink, for either path (path.py) and any strategy.
 
-direct: the data plane moves the pool's own bytes (one op per run), or a gather buffer
-on the pool's device (one op per layer). staged: the same ops, in one host buffer per
+direct: the data plane moves the pool's own bytes (one op per run), or, where the side
+moves a slice of its pool's heads, each run's slice copied into a buffer on the pool's
+device (one op per run), or a gather buffer there (one op per layer). staged: the same ops, in one host buffer per
 layer (pinned for an accelerator), which the copy stream fills on the sender and
 empties on the receiver. Both sides agree on the ops (the plan), never on the path.
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .copy import StagingPool, gather_layer, op_views, scatter_layer, slot_index, split
+from .copy import StagingPool, buffered_ops, gather_layer, op_views, scatter_layer, slot_index
 from .memory import device_buffer, host_buffer
 from .path import Path
 from .plan import TransferPlan
@@ -90,16 +91,9 @@ class _Side:
             buf = self._buffer()
             move = gather_layer if self.side == "src" else scatter_layer
             return [buf], lambda: move(self.plan, self.pool, layer, buf, self._slots())
-        views = op_views(self.plan, self.pool, layer, self.side)
-        if self.path is Path.DIRECT:
-            return views, None
-        wire = split(self._buffer(), [v.numel() for v in views])
-        pairs = list(zip(wire, views)) if self.side == "src" else list(zip(views, wire))
-
-        def copy() -> None:
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-        return wire, copy
+        if self.path is Path.DIRECT and self.plan.whole(self.side):
+            return op_views(self.plan, self.pool, layer, self.side), None
+        return buffered_ops(self.plan, self.pool, layer, self.side, self._buffer())
 
     def drain(self) -> None:
         """Block until no copy of this transfer can still touch a buffer or the pool

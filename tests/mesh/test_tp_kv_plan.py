@@ -40,11 +40,12 @@ def whole_kv(kv_heads: int) -> torch.Tensor:
     return torch.randn(lay.shape, generator=torch.Generator().manual_seed(kv_heads))
 
 
-async def move(kv_heads: int, a: int, b: int, backend: str) -> tuple[list[Part], list[tuple[int, HeadSlice]]]:
+async def move(kv_heads: int, a: int, b: int, backend: str,
+               path: str = "auto") -> tuple[list[Part], list[tuple[int, HeadSlice]]]:
     """Prefill TP=a's ranks (pools cut from one model-wide KV) send a request's KV to decode
-    TP=b's ranks; asserts every receiving rank holds its heads; returns the parts and, per
-    part, the sending rank and the heads it read from its own pool."""
-    config = TransportConfig(backend=backend, secret=SECRET, timeout_s=5.0)
+    TP=b's ranks; asserts every receiving rank holds its heads, byte for byte; returns the parts
+    and, per part, the sending rank and the heads it read from its own pool."""
+    config = TransportConfig(backend=backend, secret=SECRET, timeout_s=5.0, path=path)
     whole = whole_kv(kv_heads)
     src, dst = rank_heads(kv_heads, a), rank_heads(kv_heads, b)
     src_pools = [whole[..., h.start:h.stop, :].contiguous() for h in src]
@@ -67,6 +68,7 @@ async def move(kv_heads: int, a: int, b: int, backend: str) -> tuple[list[Part],
             transfer.all_layers_ready()
             stats = await transfer.finish(5.0)
             assert stats.bytes == 2 * 2 * TOKENS * len(range(*part.heads)) * 8 * 4  # that part's heads only
+            assert (stats.strategy, stats.runs) == ("contiguous", 3)  # one op per run, strided or not
             await receivers[part.rank].wait(lease.lease_id)
         want = read_tokens(whole, layout(kv_heads), src_blocks, TOKENS)
         for h, rx in zip(dst, receivers):
@@ -99,7 +101,7 @@ async def test_every_receiving_rank_gets_its_heads_from_the_ranks_that_hold_them
     for heads, ranks in holders_sent.items():
         holders = [r for r, held in enumerate(src) if heads[0] in held]
         assert ranks == [holders[i % len(holders)] for i in range(len(ranks))]
-    if a == b:  # the same split: one part per rank, each rank to itself, whole pools (no gather)
+    if a == b:  # the same split: one part per rank, each rank to itself, whole pools
         assert [(p.rank, r) for p, (r, _) in zip(cut, sent)] == [(r, r) for r in range(b)]
 
 
@@ -108,14 +110,26 @@ async def test_head_slices_cross_tcp_with_the_receiver_checking_its_lease_heads(
     await move(4, a, b, "tcp")
 
 
-def test_same_split_plans_move_runs_other_splits_gather_their_strided_heads():
+@pytest.mark.parametrize("a,b", [(2, 1), (1, 2), (4, 2)])
+@pytest.mark.parametrize("path", ["direct", "staged"])
+async def test_head_slices_cross_ucx_each_strided_side_copying_its_runs(a, b, path):
+    """direct: the side whose pool holds more heads than the part copies each run's strided slice
+    through a buffer, the other side's pool is on the wire itself; staged: both through buffers."""
+    await move(4, a, b, "ucx", path)
+
+
+def test_head_slices_move_in_runs_like_whole_pools_each_side_knowing_whether_its_pool_is_whole():
     two, four = layout(2), layout(4)
     whole = build_plan(two, [0, 1], two, [2, 3], 8)
     assert (whole.strategy, whole.runs, whole.wire_token_bytes) == (Strategy.CONTIGUOUS, 1, 2 * 8 * 4)
+    assert whole.whole("src") and whole.whole("dst")
     half = build_plan(four, [0, 1], two, [2, 3], 8, src_heads=HeadSlice(2, 2), dst_heads=HeadSlice(0, 2))
-    assert half.strategy is Strategy.GATHER and half.layer_bytes == 2 * 8 * 2 * 8 * 4
-    with pytest.raises(ValueError, match="blocks strategy moves whole tokens"):
-        build_plan(four, [0, 1], two, [2, 3], 8, Strategy.BLOCKS, src_heads=HeadSlice(2, 2))
+    assert (half.strategy, half.runs, half.ops_per_layer) == (Strategy.CONTIGUOUS, 1, 2)
+    assert half.layer_bytes == 2 * 8 * 2 * 8 * 4 and not half.whole("src") and half.whole("dst")
+    blocks = build_plan(four, [0, 1], two, [2, 3], 8, Strategy.BLOCKS, src_heads=HeadSlice(2, 2))
+    assert (blocks.strategy, blocks.runs) == (Strategy.BLOCKS, 2)
+    fragmented = build_plan(four, [0, 1], two, [3, 2], 8, gather_threshold=1, src_heads=HeadSlice(2, 2))
+    assert fragmented.strategy is Strategy.GATHER  # past the threshold, as for whole pools
     with pytest.raises(ValueError, match="source heads 3..4 are not among the 4 KV heads"):
         build_plan(four, [0, 1], two, [2, 3], 8, src_heads=HeadSlice(3, 2))
     with pytest.raises(ValueError, match="differ in layers, kv_heads or head_dim"):

@@ -22,8 +22,8 @@ def test_each_pair_moves_the_same_kv_in_its_parts_against_1_1_in_the_same_run():
     # (parts, ranks sending them): a part per receiving rank and sender's rank boundary
     assert {tp: (r["parts"], r["sending_ranks"]) for tp, r in rows.items()} == \
         {"1:1": (1, 1), "2:1": (2, 2), "1:2": (2, 1), "4:2": (4, 4)}
-    # the same split moves whole pools; head slices are strided in the wider pool
-    assert rows["1:1"]["strategy"] == "contiguous" and rows["2:1"]["strategy"] == "gather"
+    # head slices move in runs as whole pools do (the wider pool's side copies its strided slice)
+    assert {r["strategy"] for r in rows.values()} == {"contiguous"}
     assert rows["1:1"]["over_1_1"] == 1.0 and all(r["mbps"] > 0 and r["runs"] > 0 for r in rows.values())
     table = CliRunner().invoke(command, ["--tp", "1:1", *TINY])
     assert table.exit_code == 0 and "time /" in table.output and "1.00x" in table.output, table.output

@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from ..base import KVSender, LeaseDescriptor, Transfer, TransferError, TransferState, TransferStats
-from ..copy import StagingPool, gather_layer, op_views, scatter_layer, slot_index
+from ..copy import StagingPool, gather_layer, op_slices, scatter_layer, slot_index
 from ..layout import KVLayout
 from ..plan import DEFAULT_GATHER_THRESHOLD, Strategy, TransferPlan
 from ..memory import device_buffer
@@ -70,8 +70,8 @@ class LocalTransfer(Transfer):
             scatter_layer(plan, dst, layer, stage, slot_index(plan.dst_slots, dst.device))
             self._staging.give([stage])
         else:
-            for s, d in zip(op_views(plan, self._pool, layer, "src"),
-                            op_views(plan, dst, layer, "dst")):
+            for s, d in zip(op_slices(plan, self._pool, layer, "src"),
+                            op_slices(plan, dst, layer, "dst")):
                 d.copy_(s)
         self._done.add(layer)
 

@@ -30,8 +30,7 @@ def op_views(plan: TransferPlan, pool: torch.Tensor, layer: int, side: str) -> l
 def op_slices(plan: TransferPlan, pool: torch.Tensor, layer: int, side: str) -> list[torch.Tensor]:
     """One view per op of a layer, [run tokens, heads moved, head_dim] in the pool's dtype: the
     side's heads of each run, strided where they are a slice of the pool's (no copies)."""
-    slots = plan.src_slots if side == "src" else plan.dst_slots
-    heads = plan.src_heads if side == "src" else plan.dst_heads
+    _, slots, heads = plan.side(side)
     runs = list(zip(slots[plan.run_starts].tolist(), plan.run_lengths.tolist()))
     caches = [_heads(pool, layer, kv, heads) for kv in (0, 1)]
     return [cache[start:start + length] for cache in caches for start, length in runs]

@@ -74,10 +74,17 @@ class TransferPlan:
         """Whether each layer moves as one op: gathered on the sender, scattered on the receiver."""
         return self.strategy is Strategy.GATHER
 
+    def side(self, side: str) -> tuple[KVLayout, np.ndarray, HeadSlice]:
+        """A side's ("src" or "dst") pool layout, token slots and KV heads."""
+        if side == "src":
+            return self.src_layout, self.src_slots, self.src_heads
+        return self.dst_layout, self.dst_slots, self.dst_heads
+
     def whole(self, side: str) -> bool:
         """Whether a side ("src" or "dst") moves every KV head of its pool: then each op is a byte
         range of that pool (byte_ranges), else a strided slice of it."""
-        return self.src_heads.whole(self.src_layout) if side == "src" else self.dst_heads.whole(self.dst_layout)
+        layout, _, heads = self.side(side)
+        return heads.whole(layout)
 
     @property
     def runs(self) -> int:
@@ -102,8 +109,7 @@ class TransferPlan:
     def byte_ranges(self, layer: int, side: str) -> list[tuple[int, int]]:
         """(offset, length) of every op of a layer in the flat byte view of one pool (a side that
         moves its whole pool: see whole)."""
-        layout = self.src_layout if side == "src" else self.dst_layout
-        slots = self.src_slots if side == "src" else self.dst_slots
+        layout, slots, _ = self.side(side)
         tb = layout.token_bytes
         ranges = []
         for kv in (0, 1):

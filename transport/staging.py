@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from .copy import StagingPool, buffered_ops, gather_layer, op_views, scatter_layer, slot_index
@@ -80,7 +79,7 @@ class _Side:
     def _slots(self) -> torch.Tensor:
         """The request's slots on this side, on the pool's device (made on the copy stream)."""
         if self._index is None:
-            slots: np.ndarray = self.plan.src_slots if self.side == "src" else self.plan.dst_slots
+            _, slots, _ = self.plan.side(self.side)
             self._index = slot_index(slots, self.pool.device)
         return self._index
 

@@ -1,8 +1,10 @@
 """Attention over the paged KV cache for one step's mixed batch.
 
 A step's tokens are packed: first one token for each decoding sequence, then
-the prompt chunks being prefilled. Decodes share one batched attention call
-over KV gathered into [batch, max_context]; each prefill chunk attends over its
+the prompt chunks being prefilled. On CPU decodes read their KV in place
+through the paged-decode kernel (mesh/engine/paged_decode.py); elsewhere, or
+where it cannot be built, they share one batched attention call over KV
+gathered into [batch, max_context]. Each prefill chunk attends over its
 own context, which is a zero-copy slice of the cache when its blocks are one run.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from mesh.engine.paged_decode import paged_decode
 
 
 @dataclass
@@ -28,6 +32,12 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_slots: torch.Tensor | None = None  # [B * L] context slots per decode (padded), flat
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended
+    # the kernel's inputs instead of decode_slots and decode_mask: block ids per decode
+    # [B, W], its attended positions [lo, hi) and the block size
+    decode_table: torch.Tensor | None = None
+    decode_lo: torch.Tensor | None = None
+    decode_hi: torch.Tensor | None = None
+    block_size: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -51,7 +61,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     v_slots.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and meta.decode_table is not None:
+        out[:nd] = paged_decode(q[:nd].contiguous(), k_slots, v_slots, meta.decode_table, meta.decode_lo,
+                                meta.decode_hi, meta.block_size, scale)
+    elif nd:
         shape = (nd, -1, *k_slots.shape[1:])
         kk = _rows(k_slots, meta.decode_slots).view(shape).transpose(1, 2)  # [B, kv_heads, L, dim]
         vv = _rows(v_slots, meta.decode_slots).view(shape).transpose(1, 2)

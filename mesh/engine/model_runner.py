@@ -24,6 +24,7 @@ from mesh.engine.attention import AttentionMetadata, PrefillChunk, causal_mask
 from mesh.engine.errors import SequenceError
 from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache
+from mesh.engine import paged_decode
 from mesh.engine.model import CausalLM
 from mesh.engine.parallel import TensorParallelError
 from mesh.engine.sampler import sample
@@ -88,6 +89,7 @@ class ModelRunner:
         self.device = kv.pool.device
         self.eos_ids = eos_ids
         self.faults = faults
+        self.decode_kernel = self.device.type == "cpu" and paged_decode.available()
         # On an accelerator a layer's kernels run after the host moved on. A worker rank writes
         # its KV on its own stream before its part of the layer's all-reduce, so once this
         # rank's stream has finished the layer, every rank's KV of it is in place: a layer hook
@@ -160,16 +162,21 @@ class ModelRunner:
             ctx = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=dev)
             width = max(len(s.block_ids) for s in seqs)
             table = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], device=dev)
-            span = torch.arange(int(ctx.max()), device=dev)
-            dslots = table[:, span // bs] * bs + span % bs  # [B, L]
-            mask = span[None, :] < ctx[:, None]
-            if self.window is not None:
-                mask &= span[None, :] >= ctx[:, None] - self.window
-            meta.num_decodes = len(seqs)
-            meta.decode_slots, meta.decode_mask = dslots.view(-1), mask[:, None, None, :]
             pos = ctx - 1
+            meta.num_decodes = len(seqs)
+            if self.decode_kernel:
+                meta.decode_table, meta.decode_hi, meta.block_size = table, ctx, bs
+                meta.decode_lo = (torch.zeros_like(ctx) if self.window is None
+                                  else (ctx - self.window).clamp(min=0))
+            else:
+                span = torch.arange(int(ctx.max()), device=dev)
+                dslots = table[:, span // bs] * bs + span % bs  # [B, L]
+                mask = span[None, :] < ctx[:, None]
+                if self.window is not None:
+                    mask &= span[None, :] >= ctx[:, None] - self.window
+                meta.decode_slots, meta.decode_mask = dslots.view(-1), mask[:, None, None, :]
             pos_parts.append(pos)
-            slot_parts.append(dslots.gather(1, pos[:, None])[:, 0])
+            slot_parts.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
             for i, s in enumerate(seqs):
                 ids.append(s.tokens_between(s.num_computed_tokens, s.num_computed_tokens + 1)[0])
                 if s.num_computed_tokens + 1 == s.num_tokens:

@@ -4,17 +4,24 @@ limits and an optional cluster budget, from its forecast arrivals.
 A policy like the ratio controller (and on the same observations, capacity model and role
 rule): every interval it forecasts each scenario's arrivals one start-up time ahead (Holt's
 linear trend, as Dynamo's SLA planner forecasts load; where the arrivals repeat with a period,
-found by autocorrelation over the history once it repeated, the largest rate one period ago over the horizon
-too: a daily tide or a recurring burst is met before it starts), asks the controller what that
-load needs (`RatioController.need`, with its SLO-attainment boosts), and
+found by autocorrelation over the history once it repeated, instead the largest rate one period
+ago over the horizon, and no less than now: a daily tide or a recurring burst is met before it
+starts, and a burst's steep rise is not extrapolated), asks the controller what that load needs
+(`RatioController.need`, with its SLO-attainment boosts), and
 - adds actors at once when the forecast needs more than it has (an actor takes a start-up
   time to serve, so waiting would miss the SLOs), to the role short the most;
 - removes actors (by drain) only when, over the last `idle_intervals` intervals, even the
   largest need was below what it has minus the band: then every actor beyond that need and
   the band at once. A fleet sized for the peaks of noisy load keeps them, so noise never
   removes what the next interval adds back.
-Scale-outs compete for the budget by priority, then by shortfall. What carries the actions
-out (Ray's autoscaler and pools live, modelled actors in the simulator) is a connector's job.
+- keeps, until a scenario's arrivals show a period, the largest need of its last `reserve`
+  intervals as a reserve of the fleet's: a burst seen once may come again (or another
+  scenario's may come) sooner than a start-up time, and the controller lends the reserve to
+  whichever scenario it comes to. Once the period shows, the forecast covers the pattern.
+Scale-outs compete for the budget by priority, then by shortfall. Its last forecast
+(`expected`) is what the controller plans its lends on, so that actors scaled out ahead of a
+burst are not lent away before it comes. What carries the actions out (Ray's autoscaler and
+pools live, modelled actors in the simulator) is a connector's job.
 """
 from __future__ import annotations
 
@@ -42,6 +49,9 @@ class ScaleSettings:
     min_period: int = 6  # the shortest period looked for, in intervals
     min_overlap: int = 24  # intervals of the history compared with it one period later, at least
     season_fit: float = 0.6  # autocorrelation at the period needed to forecast by it
+    # until the arrivals show a period, no scale-in below the largest need of the last reserve
+    # intervals: a burst seen once may come back before a start-up time could meet it
+    reserve: int = 90
 
 
 @dataclass(frozen=True)
@@ -69,12 +79,15 @@ class _Trend:
     slope: float = 0.0  # per interval
     needs: deque = field(default_factory=deque)  # actors needed, over the last idle_intervals
     rates: list = field(default_factory=list)  # arrivals/s per interval, the last `history`
+    peaks: deque = field(default_factory=deque)  # actors needed, over the last `reserve` intervals
+    period: int | None = None  # intervals, once the arrivals repeat
 
 
 class Autoscaler:
     def __init__(self, controller: RatioController, settings: ScaleSettings = ScaleSettings()):
         self.controller, self.settings = controller, settings
         self._trend: dict[str, _Trend] = {name: _Trend() for name in controller.specs}
+        self.expected: dict[str, float] = {}  # each scenario's last forecast, arrivals/s
 
     def forecast(self, obs: Observation) -> float:
         """Arrivals/s one start-up time ahead; updates the scenario's level, trend and history."""
@@ -89,12 +102,13 @@ class Autoscaler:
         del t.rates[:-s.history]
         ahead = math.ceil(s.start_s / self.controller.settings.interval_s)
         holt = max(0.0, t.level + max(t.slope, 0.0) * ahead)  # a falling trend scales in by idling, not ahead
-        period = self._period(t.rates)
+        period = t.period = self._period(t.rates)
         if period is None:
             return holt
-        # what came one period after the last interval, up to the horizon (and a margin of one interval)
+        # what came one period after the last interval, up to the horizon (and a margin of one interval),
+        # and no less than now: the period foresees the rises that a trend would only extrapolate
         start = len(t.rates) - period
-        return max(holt, max(t.rates[start:start + ahead + 2]))
+        return max(obs.arrival_rps, max(t.rates[start:start + ahead + 2]))
 
     def _period(self, rates: list[float]) -> int | None:
         """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
@@ -117,7 +131,7 @@ class Autoscaler:
         total = sum(len(o.actors) for o in observations)
         plans = []
         for o in observations:
-            rps = self.forecast(o)
+            rps = self.expected[o.scenario] = self.forecast(o)
             need, _ = self.controller.need(replace(o, arrival_rps=rps))
             plans.append((o, rps, need))
         decisions = []
@@ -133,19 +147,37 @@ class Autoscaler:
                     decisions.append(d)
         scaled = {d.scenario for d in decisions}
         for o, rps, need in plans:
+            t = self._trend[o.scenario]
+            for kept, size in ((t.needs, s.idle_intervals), (t.peaks, s.reserve)):
+                kept.append(need.total)
+                while len(kept) > size:
+                    kept.popleft()
+        # the fleet keeps each scenario's floor: the largest recent need, and until its arrivals
+        # show a period its reserve too; a reserve is the fleet's, the controller lends it to
+        # the scenario whose burst comes
+        floor = {o.scenario: self._floor(o) for o, _, _ in plans}
+        spare = total - sum(floor.values())
+        for o, rps, need in sorted(plans, key=lambda p: floor[p[0].scenario] - len(p[0].actors)):
             needs = self._trend[o.scenario].needs
-            needs.append(need.total)
-            while len(needs) > s.idle_intervals:
-                needs.popleft()
             if o.scenario in scaled:
                 needs.clear()
             elif len(needs) == s.idle_intervals and max(needs) < len(o.actors) - 1 - s.band:
-                surplus = math.floor(len(o.actors) - max(needs) - s.band)
+                surplus = min(math.floor(len(o.actors) - max(needs) - s.band), math.floor(spare))
+                if surplus <= 0:
+                    continue
                 needs.clear()
                 d = self._remove(o, need, surplus, rps, now)
                 if d:
+                    spare -= len(d.actions)
                     decisions.append(d)
         return decisions
+
+    def _floor(self, o: Observation) -> float:
+        """What a scenario's share of the fleet may not shrink below: the largest need over the
+        idle intervals, or over the reserve's while its arrivals show no period."""
+        t = self._trend[o.scenario]
+        kept = t.peaks if t.period is None else t.needs
+        return max(kept, default=float(len(o.actors)))
 
     def _add(self, o: Observation, need, n: int, rps: float, now: float) -> ScaleDecision | None:
         spec = self.controller.specs[o.scenario]

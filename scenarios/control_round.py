@@ -55,7 +55,9 @@ class ControlRound:
             for switch in self.modes.step([o for o in observations if o.scenario not in self.controller.pins], now):
                 self.mode_records.append(await self.switch(switch))
             observations = [o for o in observations if self.modes.ratio_controlled(o.scenario)]
-        records = [await self.apply(decision) for decision in self.controller.step(observations, now)]
+        # the controller plans on the autoscaler's last forecast: its scale-outs ahead of a burst stay put
+        expected = self.autoscaler.expected if self.autoscaler is not None else None
+        records = [await self.apply(decision) for decision in self.controller.step(observations, now, expected)]
         if self.autoscaler is not None:
             for decision in self.autoscaler.step(observations, now):
                 self.scale_records.append(await self.scale(decision))

@@ -177,12 +177,18 @@ class RatioController:
                 obs.tpot_attainment is not None and obs.tpot_attainment < goal,
                 obs.kv_short is not None and obs.kv_short > 1 - goal)
 
-    def step(self, observations: list[Observation], now: float) -> list[Decision]:
-        """One control interval: returns the decisions (also appended to the log)."""
+    def step(self, observations: list[Observation], now: float,
+             expected: dict[str, float] | None = None) -> list[Decision]:
+        """One control interval: returns the decisions (also appended to the log). expected: the
+        arrivals/s an autoscaler forecasts per scenario; a scenario's need is planned on the larger
+        of that and its observed rate, so that actors scaled out ahead of a burst are not lent
+        away before it comes."""
         smoothed = {o.scenario: self._smooth(o) for o in observations}
         if self.paused:
             return []
-        needs = {name: self.need(o) for name, o in smoothed.items()}
+        expected = expected or {}
+        needs = {name: self.need(replace(o, arrival_rps=max(o.arrival_rps, expected.get(name, 0.0))))
+                 for name, o in smoothed.items()}
         decisions = self._lend(smoothed, needs, now) if self.settings.lend else []
         moved = {d.scenario for d in decisions} | {a.to_scenario for d in decisions for a in d.actions}
         for name, obs in smoothed.items():

@@ -205,7 +205,7 @@ def test_autoscaling_adds_for_a_load_asks_ray_and_logs_each_scale_step_with_its_
     autoscaler for one bundle per added actor first, and shows in the decision log with its reason;
     once idle, it drains them and the request shrinks back."""
     requests = []
-    loop, fleet, clock, window, _ = make(enabled=True, autoscale=ScaleSettings(start_s=1.0, idle_intervals=2),
+    loop, fleet, clock, window, _ = make(enabled=True, autoscale=ScaleSettings(start_s=1.0, idle_intervals=2, reserve=2),
                                          requests=requests)
     for _ in range(3):
         prompt_heavy(window, clock)

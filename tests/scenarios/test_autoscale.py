@@ -112,3 +112,35 @@ def test_every_scale_decision_says_why():
     scaler, fleet = make()
     d = scaler.step([fleet.observe("chat", 10.0)], 0.0)[0]
     assert d.actions[0].kind == "add" and sum(d.target) > sum(d.current) and "forecast 10.00 req/s" in d.reason
+
+
+def test_a_burst_before_any_period_is_known_is_held_as_a_reserve():
+    """A burst seen once may come back before a start-up time could meet it: until the arrivals
+    show a period the fleet keeps the burst's need for `reserve` intervals, then shrinks."""
+    scaler, fleet = make(settings=ScaleSettings(reserve=40))
+    h = drive(scaler, fleet, [{"chat": 20.0}] * 3 + [{"chat": 0.5}] * 80)
+    peak = need(scaler, 20.0)
+    counts = [x["chat"] for x in h]
+    assert min(counts[2:40]) >= peak - 1e-9
+    assert counts[-1] < peak / 4
+
+
+def test_the_reserve_is_the_fleets_wherever_the_controller_lent_it():
+    """The reserve actors that the controller lent to another scenario are not scaled in there."""
+    scaler, fleet = make(scenario("chat"), scenario("docs"), settings=ScaleSettings(reserve=40))
+    drive(scaler, fleet, [{"chat": 20.0, "docs": 0.5}] * 3 + [{"chat": 0.5, "docs": 0.5}] * 10)
+    held = sum(len(r) for r in fleet.roles.values())
+    fleet.roles["docs"] += fleet.roles["chat"][2:]  # lent: docs holds what chat kept
+    del fleet.roles["chat"][2:]
+    h = drive(scaler, fleet, [{"chat": 0.5, "docs": 0.5}] * 20)
+    assert all(sum(x.values()) == held for x in h)
+
+
+def test_the_controller_keeps_actors_scaled_out_for_a_forecast_burst():
+    """Scaled out ahead of a burst, a scenario's actors exceed what its current load needs; the
+    controller, planning on the autoscaler's forecast, does not lend them away before it comes."""
+    scaler, fleet = make(scenario("chat", p=10, d=10), scenario("docs"))
+    quiet = [fleet.observe("chat", 0.5), fleet.observe("docs", 0.5)]
+    assert any(a.kind == "lend" for d in scaler.controller.step(quiet, 100.0) for a in d.actions)
+    scaler, fleet = make(scenario("chat", p=10, d=10), scenario("docs"))
+    assert not scaler.controller.step(quiet, 100.0, expected={"chat": 20.0})

@@ -10,9 +10,9 @@ does live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping, Protocol, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
 
-from mesh.api import ActorReport
+from mesh.api import ActorReport, OfferReply
 from mesh.errors import MeshError
 
 
@@ -77,3 +77,52 @@ class ForwardOnRejection:
         return MeshError("resource_exhausted", f"every prefill actor rejected the request ({offers} offers); "
                          "retry later or send fewer prompt tokens",
                          retry_after_s=max(retry_after_s or 0.0, self.min_retry_pause_s))
+
+
+@dataclass(frozen=True)
+class Host(Generic[C]):
+    """Another scenario's pool serving the same model: where a refused request may overflow."""
+    scenario: str
+    priority: int  # the scenario's (scenarios.spec.ScenarioSpec.priority)
+    ttft_s: float  # the scenario's TTFT target
+    members: Sequence[C]  # its serving prefill actors
+
+
+@dataclass(frozen=True)
+class CrossScenarioOverflow:
+    """A request its own scenario's prefill actors refused (a whole pass of offers rejected: none
+    meets its TTFT budget now, or its offers ran out) is offered to other scenarios' prefill
+    actors of the same model, the least queued first; its decode stays where its lease is, in
+    its own pool. One big pool absorbs a sub-second burst that two smaller ones each meet
+    alone; this lends a burst the neighbours' room without merging the pools.
+
+    The host's own requests come first: an actor takes a guest only while its queue, the
+    guest included, stays within `host_share` of the host's own TTFT target (its own next
+    request still has the rest for its prompt), only hosts whose priority is not above the
+    request's scenario's are asked, lower priority hosts first, and the host keeps `keep_idle`
+    idle actors to itself. An offer is taken only when the actor predicts the first token
+    within that budget: an idle actor accepts anything (mesh.admission), and a prefill that
+    misses its TTFT anyway would only take the host's time."""
+    max_offers: int = 2  # offers to other scenarios' actors per refused pass
+    host_share: float = 0.5  # of the host's TTFT target, what its queue may hold with a guest in it
+    keep_idle: int = 0  # idle prefill actors each host keeps to itself
+
+    def candidates(self, priority: int, hosts: Sequence[Host[C]],
+                   queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[tuple[Host[C], C]]:
+        """The actors to offer the request to, in order, each with its host. priority: the
+        request's scenario's. queue: as in ForwardOnRejection.prefill_order."""
+        found = []
+        for host in sorted((h for h in hosts if h.priority <= priority), key=lambda h: h.priority):
+            members = sorted(host.members, key=queue)
+            idle = sum(queue(m)[0] == 0 for m in members)
+            found += [(host, m) for m in members[min(idle, self.keep_idle):]]
+        return sorted(found, key=lambda hm: (hm[0].priority, queue(hm[1])))[:self.max_offers]
+
+    def budget_s(self, ttft_budget_s: float | None, host: Host) -> float:
+        """The TTFT budget an offer to the host's actor names: the request's, within the host's share."""
+        share = self.host_share * host.ttft_s
+        return share if ttft_budget_s is None else min(ttft_budget_s, share)
+
+    def takes(self, reply: OfferReply, budget_s: float) -> bool:
+        """Whether the host actor's answer to an offer of `budget_s` places the request there."""
+        return reply.accept and reply.predicted_ttft_s <= budget_s

@@ -43,6 +43,9 @@ class ForwardOnRejection:
     max_forwards: int = 8  # offers per request, all passes together
     min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
     prefix_offers: int = 2  # holders of the prompt's prefix offered before idle-first
+    # an actor that has not answered an offer by then (its process stalled) counts as rejecting it:
+    # an offer is answered at once from the actor's state, so this is far above any answer's time
+    offer_timeout_s: float = 10.0
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,
                       queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[C]:
@@ -69,6 +72,10 @@ class ForwardOnRejection:
     def pause_s(self, retry_after_s: float | None, time_left_s: float) -> float:
         """How long to wait after a pass in which every actor rejected."""
         return max(0.0, min(max(retry_after_s or 0.0, self.min_retry_pause_s), time_left_s))
+
+    def offer_wait_s(self, time_left_s: float) -> float:
+        """How long to wait for an actor's answer to an offer."""
+        return max(0.0, min(self.offer_timeout_s, time_left_s))
 
     def give_up(self, offers: int, retry_after_s: float | None) -> MeshError:
         if not offers:

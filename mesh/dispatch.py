@@ -405,10 +405,14 @@ class Dispatcher:
             return OfferReply(False, f"no answer to the offer within {wait_s:.3f}s", retry_after_s=wait_s)
 
     async def _overflow(self, step: Attempt, lost: set[str], events: list[Event], offers: int) -> Member | None:
-        """This pool refused the request: offers it to the neighbours' prefill actors that can
-        send its KV to the lease reserved here (mesh.routing.CrossScenarioOverflow picks and
-        judges them); the actor that takes it, or None."""
+        """This pool refused the request: while its decode actors have KV to spare (by their last
+        reports), offers it to the neighbours' prefill actors that can send its KV to the lease
+        reserved here (mesh.routing.CrossScenarioOverflow picks and judges them); the actor that
+        takes it, or None."""
         if self.overflow is None:
+            return None
+        decode = [m.info.load for m in self._live(Role.DECODE, lost)]
+        if not self.overflow.due(sum(d.free_blocks for d in decode), sum(d.num_blocks for d in decode)):
             return None
         align, sizes = self._kv_layout(lost)
         hosts = [Host(n.scenario, n.priority, n.ttft_s,

@@ -109,10 +109,21 @@ class CrossScenarioOverflow:
     request's scenario's are asked, lower priority hosts first, and the host keeps `keep_idle`
     idle actors to itself. An offer is taken only when the actor predicts the first token
     within that budget: an idle actor accepts anything (mesh.admission), and a prefill that
-    misses its TTFT anyway would only take the host's time."""
+    misses its TTFT anyway would only take the host's time.
+
+    Only a pool whose decode actors have `decode_headroom` of their KV free overflows: when
+    its decode is what runs short, a refused prefill is the pool's admission control, and a
+    request prefilled elsewhere would only hold KV and slow the decode batch that the pool's
+    next requests need (on the tidal mix, overflow with decode KV full cost 0.7% goodput)."""
     max_offers: int = 2  # offers to other scenarios' actors per refused pass
-    host_share: float = 0.5  # of the host's TTFT target, what its queue may hold with a guest in it
+    host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
     keep_idle: int = 0  # idle prefill actors each host keeps to itself
+    decode_headroom: float = 0.2  # share of the pool's decode KV that must be free
+
+    def due(self, free_kv: int, kv: int) -> bool:
+        """Whether a pool whose decode actors have free_kv of kv KV (blocks or tokens, as last
+        known; kv 0: not known yet) may overflow a request its prefill actors refused."""
+        return not kv or free_kv >= self.decode_headroom * kv
 
     def candidates(self, priority: int, hosts: Sequence[Host[C]],
                    queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[tuple[Host[C], C]]:

@@ -224,6 +224,9 @@ class Simulator:
         pools (`mesh.routing.CrossScenarioOverflow`, as `mesh.dispatch` does); its decode
         reservation stays. Whether one took it."""
         ov, actors, specs, k = self.overflow, self.actors, self.cluster.specs, self.scen[rid]
+        decode = [actors[aid] for aid in self.pools[self.pool_of[k]].decode]
+        if not ov.due(sum(a.free for a in decode), sum(a.capacity for a in decode)):
+            return False
         hosts = [Host(specs[h].name, specs[h].priority, specs[h].slo.ttft_s,
                       self.pools[h].least_queued(actors, ov.max_offers + ov.keep_idle)) for h in self.hosts[k]]
         for host, a in ov.candidates(specs[k].priority, hosts, _queue):

@@ -60,3 +60,12 @@ def test_only_an_answer_predicting_the_first_token_within_the_budget_places_the_
     # an idle actor accepts anything: a first token past the budget would only take the host's time
     assert not policy.takes(OfferReply(True, "idle", predicted_ttft_s=1.5), 1.0)
     assert not policy.takes(OfferReply(False, "predicted TTFT over the budget", predicted_ttft_s=0.5), 1.0)
+
+
+def test_a_pool_whose_decode_kv_runs_short_does_not_overflow():
+    policy = CrossScenarioOverflow(decode_headroom=0.2)
+    assert policy.due(20, 100) and policy.due(50, 100)
+    # its refusals are its admission control: a request prefilled elsewhere would hold KV its
+    # next requests need
+    assert not policy.due(19, 100)
+    assert policy.due(0, 0)  # nothing reported yet: nothing known against it

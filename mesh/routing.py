@@ -1,5 +1,6 @@
 """Placement inside a scenario's pool: which decode actor reserves a request's KV, which
-prefill actors are offered the request and in which order, and when to stop forwarding.
+prefill actors are offered the request and in which order, and when to stop forwarding;
+and past the pool, which other scenarios' prefill actors take a request it refused.
 
 A plain policy: no Ray, no network. It reads the actors' last load reports and the prompt
 tokens each actor likely holds already (mesh.prefix_index) for the order of offers only
@@ -104,10 +105,11 @@ class CrossScenarioOverflow:
     alone; this lends a burst the neighbours' room without merging the pools.
 
     The host's own requests come first: an actor takes a guest only while its queue, the
-    guest included, stays within `host_share` of the host's own TTFT target (its own next
-    request still has the rest for its prompt), only hosts whose priority is not above the
-    request's scenario's are asked, lower priority hosts first, and the host keeps `keep_idle`
-    idle actors to itself. An offer is taken only when the actor predicts the first token
+    guest included, stays within `host_share` of the host's own TTFT target (at 1, a guest
+    delays the host's next request no more than one of its own within its target would; the
+    actor's admission still refuses that request if it would miss), only hosts whose priority
+    is not above the request's scenario's are asked, lower priority hosts first, and the host
+    keeps `keep_idle` idle actors to itself. An offer is taken only when the actor predicts the first token
     within that budget: an idle actor accepts anything (mesh.admission), and a prefill that
     misses its TTFT anyway would only take the host's time.
 

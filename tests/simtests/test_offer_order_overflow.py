@@ -80,17 +80,29 @@ def test_live_dispatch_and_the_simulator_overflow_to_the_same_actors(make_cluste
         rid for rid, actor in placed.items() if actor in host_ids]
 
 
+def _three_at_once(make_cluster, policy, a=None, b=None, capacity=10**9):
+    """Three 4000-token prompts of "a" at once: "a"'s one actor takes the first and refuses the others."""
+    cluster = make_cluster(scenario("a", p=1, d=1, ttft=TTFT_S, **(a or {})),
+                           scenario("b", p=2, d=1, ttft=TTFT_S, **(b or {})),
+                           model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6, capacity=capacity))
+    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=0.1), ADMISSION, overflow=policy)
+    for actor in sim.actors:
+        actor.rate = RATE
+    run = sim.run(Workload(np.zeros(3), np.full(3, 4000), np.full(3, 2), np.zeros(3, dtype=np.int64), "sequence"))
+    return run.stats()[0].rejected, sim.overflowed
+
+
 def test_without_the_policy_a_refused_request_stays_in_its_pool(make_cluster):
-    cluster = make_cluster(scenario("a", p=1, d=1, ttft=TTFT_S), scenario("b", p=2, d=1, ttft=TTFT_S),
-                           model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6))
-    runs = {}
-    for policy in (None, POLICY):
-        sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=0.1), ADMISSION, overflow=policy)
-        for a in sim.actors:
-            a.rate = RATE
-        # three 4000-token prompts at once: "a"'s one actor takes the first and refuses the others
-        runs[policy] = sim.run(Workload(np.zeros(3), np.full(3, 4000), np.full(3, 2), np.zeros(3, dtype=np.int64),
-                                        "sequence")), sim.overflowed
-    (off, off_overflowed), (on, on_overflowed) = runs[None], runs[POLICY]
-    assert off.stats()[0].rejected == 2 and off_overflowed == [-1, -1, -1]
-    assert on.stats()[0].rejected == 0 and on_overflowed == [-1, 1, 1]
+    assert _three_at_once(make_cluster, None) == (2, [-1, -1, -1])
+    assert _three_at_once(make_cluster, POLICY) == (0, [-1, 1, 1])
+
+
+def test_a_scenario_with_overflow_off_neither_sends_nor_hosts(make_cluster):
+    assert _three_at_once(make_cluster, POLICY, a={"overflow": False}) == (2, [-1, -1, -1])
+    assert _three_at_once(make_cluster, POLICY, b={"overflow": False}) == (2, [-1, -1, -1])
+
+
+def test_a_pool_whose_decode_kv_is_nearly_full_refuses_instead_of_overflowing(make_cluster):
+    # 9000 tokens of decode KV: with two requests' leases (4002 each) 11% is free, under the 20% headroom
+    assert _three_at_once(make_cluster, POLICY, capacity=9000) == (2, [-1, -1, -1])
+    assert _three_at_once(make_cluster, POLICY, capacity=20000) == (0, [-1, 1, 1])

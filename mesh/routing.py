@@ -116,7 +116,7 @@ class CrossScenarioOverflow:
     Only a pool whose decode actors have `decode_headroom` of their KV free overflows: when
     its decode is what runs short, a refused prefill is the pool's admission control, and a
     request prefilled elsewhere would only hold KV and slow the decode batch that the pool's
-    next requests need (on the tidal mix, overflow with decode KV full cost 0.7% goodput)."""
+    next requests need (on the tidal mix, overflow with decode KV full cost 0.5 to 0.7% goodput)."""
     max_offers: int = 2  # offers to other scenarios' actors per refused pass
     host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
     keep_idle: int = 0  # idle prefill actors each host keeps to itself

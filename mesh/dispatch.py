@@ -396,8 +396,9 @@ class Dispatcher:
 
     async def _ask(self, member: Member, step: Attempt, budget_s: float | None, time_left: float,
                    cached: int) -> OfferReply:
-        """The actor's answer to an offer; one that does not come in time (a stalled actor) is a rejection."""
-        wait_s = self.router.offer_wait_s(time_left)
+        """The actor's answer to an offer; one that does not come in time (a stalled actor) is a
+        rejection. The wait is in real time: the deadlines are on the dispatcher's clock."""
+        wait_s = self.router.offer_timeout_s
         try:
             return await asyncio.wait_for(
                 member.handle.offer.remote(len(step.request.token_ids), budget_s, time_left, cached), wait_s)

@@ -74,10 +74,6 @@ class ForwardOnRejection:
         """How long to wait after a pass in which every actor rejected."""
         return max(0.0, min(max(retry_after_s or 0.0, self.min_retry_pause_s), time_left_s))
 
-    def offer_wait_s(self, time_left_s: float) -> float:
-        """How long to wait for an actor's answer to an offer."""
-        return max(0.0, min(self.offer_timeout_s, time_left_s))
-
     def give_up(self, offers: int, retry_after_s: float | None) -> MeshError:
         if not offers:
             return MeshError("deadline_exceeded",

@@ -13,8 +13,8 @@ from typing import Callable
 from gateway.chat import ChatTemplate
 from gateway.config import ServeConfig
 from gateway.errors import GatewayError
-from mesh import (ActorReport, ActorState, Dispatcher, EngineConfig, ForwardOnRejection, Member, Pool,
-                  PoolSpec, RestartPolicy, Role, Supervisor, Tokenizer)
+from mesh import (ActorReport, ActorState, CrossScenarioOverflow, Dispatcher, EngineConfig, ForwardOnRejection,
+                  Member, Neighbour, Pool, PoolSpec, RestartPolicy, Role, Supervisor, Tokenizer)
 from scenarios.conditional import conditional_for
 from scenarios.spec import ScenarioSpec
 
@@ -54,9 +54,17 @@ class Fleet:
             pool = Pool(PoolSpec(spec.name, engine, config.transport_with(transport_secret), dict(spec.hardware),
                                  ttft_budget_s=spec.slo.ttft_s, limits=dict(spec.limits), mode=spec.mode))
             tokenizer = Tokenizer(spec.model)
-            dispatcher = Dispatcher(pool, router, conditional=conditional_for(spec, config.controller.perf_model()))
+            dispatcher = Dispatcher(pool, router, conditional=conditional_for(spec, config.controller.perf_model()),
+                                    overflow=CrossScenarioOverflow() if spec.overflow else None,
+                                    priority=spec.priority, neighbours=lambda name=spec.name: self._neighbours(name))
             self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, dispatcher,
                                                  tokenizer, ChatTemplate(tokenizer), _context_length(engine))
+
+    def _neighbours(self, name: str) -> list[Neighbour]:
+        """The scenarios of the same model that take a scenario's refused requests (both allow it)."""
+        spec = self.scenarios[name].spec
+        return [Neighbour(o.name, o.spec.priority, o.spec.slo.ttft_s, o.pool) for o in self.scenarios.values()
+                if o.name != name and o.spec.model == spec.model and o.spec.overflow]
 
     async def start(self, on_change: Callable[[], None] | None = None) -> None:
         """Starts every scenario's actors, all at once, then supervises them; on_change is

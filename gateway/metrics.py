@@ -72,6 +72,8 @@ class Metrics:
         self.rejections = Counter(PREFIX + "prefill_rejections", "prefill offers rejected", ["scenario"], registry=r)
         self.forwards = Counter(PREFIX + "forwards", "requests admitted after one or more rejections, "
                                 "counted per forward", ["scenario"], registry=r)
+        self.overflows = Counter(PREFIX + "overflows", "requests this scenario's prefill actors refused that a "
+                                 "prefill actor of another scenario (host) took", ["scenario", "host"], registry=r)
         # path: direct (device or host memory on the wire as it is) or staged (through host buffers)
         self.kv_bytes = Counter(PREFIX + "kv_transfer_bytes", "KV cache bytes moved prefill -> decode",
                                 ["scenario", "backend", "path"], registry=r)
@@ -124,8 +126,11 @@ class Metrics:
         for e in events:
             if e.name == "prefill_rejected":
                 self.rejections.labels(scenario).inc()
-            elif e.name == "prefill_accepted" and e.attributes.get("forwards"):
-                self.forwards.labels(scenario).inc(e.attributes["forwards"])
+            elif e.name == "prefill_accepted":
+                if e.attributes.get("forwards"):
+                    self.forwards.labels(scenario).inc(e.attributes["forwards"])
+                if "forwarded_to_scenario" in e.attributes:
+                    self.overflows.labels(scenario, e.attributes["forwarded_to_scenario"]).inc()
             elif e.name == "placement":
                 self.placements.labels(scenario, e.attributes["decision"]).inc()
             elif e.name == "kv_transfer":

@@ -41,7 +41,7 @@ from mesh.errors import MeshError, RequestMoved
 from mesh.serving_mode import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
-from mesh.routing import ForwardOnRejection
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,16 @@ class Attempt:
     ttft_budget_s: float | None
 
 
+@dataclass(frozen=True)
+class Neighbour:
+    """Another scenario's pool of the same model, whose prefill actors may take this pool's
+    refused requests (mesh.routing.CrossScenarioOverflow)."""
+    scenario: str
+    priority: int
+    ttft_s: float  # its TTFT target
+    pool: Pool
+
+
 @dataclass
 class Event:
     """Something worth a span event: an offer, a rejection, a retry, a transfer."""
@@ -80,9 +90,14 @@ _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErro
 class Dispatcher:
     def __init__(self, pool: Pool, router: ForwardOnRejection | None = None, max_attempts: int = 4,
                  clock: Callable[[], float] = time.monotonic, margin_s: float = 0.1,
-                 conditional: ConditionalDisaggregation | None = None):
+                 conditional: ConditionalDisaggregation | None = None,
+                 overflow: CrossScenarioOverflow | None = None, priority: int = 0,
+                 neighbours: Callable[[], list[Neighbour]] = list):
+        """overflow, priority, neighbours: a refused request goes on to the neighbours' prefill
+        actors by this policy (None: never), as a request of this pool's scenario's priority."""
         self.pool = pool
         self.router = router or ForwardOnRejection()
+        self.overflow, self.priority, self.neighbours = overflow, priority, neighbours
         self.conditional = conditional or ConditionalDisaggregation()  # local or remote prefill, in auto mode
         self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
         self.max_attempts = max_attempts  # tries of one request, each after a failed one
@@ -133,8 +148,15 @@ class Dispatcher:
     def _lost(self, member: Member, phase: str, error: Exception) -> "_Again":
         """A call failed as if the actor died: the pool's supervisor hears of it."""
         certain = not isinstance(error, ray.exceptions.ActorUnavailableError)
-        self.pool.report_lost(member.actor_id, f"a call during {phase} failed: {type(error).__name__}", certain)
+        self._owner(member).report_lost(member.actor_id, f"a call during {phase} failed: {type(error).__name__}",
+                                        certain)
         return _Again(member.actor_id, phase, "actor_lost", type(error).__name__, lost=True)
+
+    def _owner(self, member: Member) -> Pool:
+        """The pool the actor belongs to: this one, or a neighbour's that prefilled a request."""
+        if member.actor_id in self.pool.members:
+            return self.pool
+        return next((n.pool for n in self.neighbours() if member.actor_id in n.pool.members), self.pool)
 
     def _live(self, role: Role | tuple[Role, ...], lost: set[str]) -> list[Member]:
         roles = role if isinstance(role, tuple) else (role,)
@@ -306,12 +328,7 @@ class Dispatcher:
     async def _reserve(self, step: Attempt, lost: set[str], events: list[Event]) -> tuple[Member, Lease]:
         while True:
             members = await self._members(Role.DECODE, lost, step, events)
-            # Whichever prefill actor takes the request sends whole blocks of its own after the
-            # prefix the decode actor already holds.
-            prefills = self._live(Role.PREFILL, lost)
-            align = math.lcm(*(m.info.block_size or 1 for m in prefills))
-            # ... and from each of its tensor-parallel ranks, the KV heads that rank holds
-            sizes = sorted({m.info.tensor_parallel_size for m in prefills} or {1})
+            align, sizes = self._kv_layout(lost)
             last_error = None
             for member in self.router.decode_order(members):
                 try:
@@ -332,10 +349,20 @@ class Dispatcher:
                                 retry_after_s=last_error.retry_after_s)
             # every one was dead: wait for their replacements, if any come
 
+    def _kv_layout(self, lost: set[str]) -> tuple[int, list[int]]:
+        """What a lease is reserved for: whichever prefill actor takes the request sends whole
+        blocks of its own after the prefix the decode actor already holds (the block sizes'
+        least common multiple), from each of its tensor-parallel ranks the KV heads that rank
+        holds (the sizes)."""
+        prefills = self._live(Role.PREFILL, lost)
+        return (math.lcm(*(m.info.block_size or 1 for m in prefills)),
+                sorted({m.info.tensor_parallel_size for m in prefills} or {1}))
+
     async def _offer(self, step: Attempt, lost: set[str], events: list[Event]) -> Member:
         """Offers to prefill actors idle-first, forwarding on each rejection; when every actor
-        rejected, waits for the shortest retry hint and offers again, until one accepts, the
-        forward cap is reached or the deadline passes."""
+        rejected, offers the request to other scenarios' actors (`_overflow`), then waits for the
+        shortest retry hint and offers again, until one accepts, the forward cap is reached or
+        the deadline passes."""
         retry_after = None
         offers = 0
         cached = self._cached_tokens(Role.PREFILL, step)
@@ -344,10 +371,9 @@ class Dispatcher:
             for member in candidates:
                 time_left = step.deadline - self.clock()
                 if not self.router.may_offer(offers, time_left):
-                    raise self.router.give_up(offers, retry_after)
+                    break
                 try:
-                    d: OfferReply = await member.handle.offer.remote(len(step.request.token_ids), step.ttft_budget_s,
-                                                                     time_left, cached.get(member.actor_id, 0))
+                    d = await self._ask(member, step, step.ttft_budget_s, time_left, cached.get(member.actor_id, 0))
                 except _ACTOR_LOST as e:
                     lost.add(member.actor_id)
                     self._lost(member, "offer", e)
@@ -361,7 +387,59 @@ class Dispatcher:
                 events.append(Event("prefill_rejected", {"actor": member.actor_id, "reason": d.reason,
                                                          "retry_after_s": d.retry_after_s}))
                 retry_after = d.retry_after_s if retry_after is None else min(retry_after, d.retry_after_s)
+            guest = await self._overflow(step, lost, events, offers)
+            if guest is not None:
+                return guest
+            if not self.router.may_offer(offers, step.deadline - self.clock()):
+                raise self.router.give_up(offers, retry_after)
             await asyncio.sleep(self.router.pause_s(retry_after, step.deadline - self.clock()))
+
+    async def _ask(self, member: Member, step: Attempt, budget_s: float | None, time_left: float,
+                   cached: int) -> OfferReply:
+        """The actor's answer to an offer; one that does not come in time (a stalled actor) is a
+        rejection. The wait is in real time: the deadlines are on the dispatcher's clock."""
+        wait_s = self.router.offer_timeout_s
+        try:
+            return await asyncio.wait_for(
+                member.handle.offer.remote(len(step.request.token_ids), budget_s, time_left, cached), wait_s)
+        except asyncio.TimeoutError:
+            return OfferReply(False, f"no answer to the offer within {wait_s:.3f}s", retry_after_s=wait_s)
+
+    async def _overflow(self, step: Attempt, lost: set[str], events: list[Event], offers: int) -> Member | None:
+        """This pool refused the request: while its decode actors have KV to spare (by their last
+        reports), offers it to the neighbours' prefill actors that can send its KV to the lease
+        reserved here (mesh.routing.CrossScenarioOverflow picks and judges them); the actor that
+        takes it, or None."""
+        if self.overflow is None:
+            return None
+        decode = [m.info.load for m in self._live(Role.DECODE, lost)]
+        if not self.overflow.due(sum(d.free_blocks for d in decode), sum(d.num_blocks for d in decode)):
+            return None
+        align, sizes = self._kv_layout(lost)
+        hosts = [Host(n.scenario, n.priority, n.ttft_s,
+                      [m for m in n.pool.by_role(Role.PREFILL) if m.actor_id not in lost
+                       and m.info.state is ActorState.SERVING and align % (m.info.block_size or 1) == 0
+                       and m.info.tensor_parallel_size in sizes]) for n in self.neighbours()]
+        for host, member in self.overflow.candidates(self.priority, hosts):
+            time_left = step.deadline - self.clock()
+            if time_left <= 0:
+                return None
+            budget = self.overflow.budget_s(step.ttft_budget_s, host)
+            try:
+                d = await self._ask(member, step, budget, time_left, 0)
+            except _ACTOR_LOST as e:
+                lost.add(member.actor_id)
+                self._lost(member, "offer", e)
+                continue
+            facts = {"actor": member.actor_id, "forwarded_to_scenario": host.scenario}
+            if self.overflow.takes(d, budget):
+                events.append(Event("prefill_accepted", {**facts, "forwards": offers,
+                                                         "predicted_ttft_s": d.predicted_ttft_s, "order": "overflow"}))
+                return member
+            events.append(Event("prefill_rejected", {**facts, "reason": d.reason if not d.accept else
+                                                     f"predicted TTFT {d.predicted_ttft_s:.3f}s over the host's "
+                                                     f"budget {budget:.3f}s", "retry_after_s": d.retry_after_s}))
+        return None
 
     def _cached_tokens(self, role: Role | tuple[Role, ...], step: Attempt) -> dict[str, int]:
         """Per actor of the role (or roles), the prompt tokens it likely holds, from its last

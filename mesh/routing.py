@@ -1,5 +1,6 @@
 """Placement inside a scenario's pool: which decode actor reserves a request's KV, which
-prefill actors are offered the request and in which order, and when to stop forwarding.
+prefill actors are offered the request and in which order, and when to stop forwarding;
+and past the pool, which other scenarios' prefill actors take a request it refused.
 
 A plain policy: no Ray, no network. It reads the actors' last load reports and the prompt
 tokens each actor likely holds already (mesh.prefix_index) for the order of offers only
@@ -10,9 +11,9 @@ does live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping, Protocol, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
 
-from mesh.api import ActorReport
+from mesh.api import ActorReport, OfferReply
 from mesh.errors import MeshError
 
 
@@ -43,6 +44,9 @@ class ForwardOnRejection:
     max_forwards: int = 8  # offers per request, all passes together
     min_retry_pause_s: float = 0.02  # between passes, so that a busy pool is not spun on
     prefix_offers: int = 2  # holders of the prompt's prefix offered before idle-first
+    # an actor that has not answered an offer by then (its process stalled) counts as rejecting it:
+    # an offer is answered at once from the actor's state, so this is far above any answer's time
+    offer_timeout_s: float = 10.0
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,
                       queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[C]:
@@ -77,3 +81,64 @@ class ForwardOnRejection:
         return MeshError("resource_exhausted", f"every prefill actor rejected the request ({offers} offers); "
                          "retry later or send fewer prompt tokens",
                          retry_after_s=max(retry_after_s or 0.0, self.min_retry_pause_s))
+
+
+@dataclass(frozen=True)
+class Host(Generic[C]):
+    """Another scenario's pool serving the same model: where a refused request may overflow."""
+    scenario: str
+    priority: int  # the scenario's (scenarios.spec.ScenarioSpec.priority)
+    ttft_s: float  # the scenario's TTFT target
+    members: Sequence[C]  # its serving prefill actors
+
+
+@dataclass(frozen=True)
+class CrossScenarioOverflow:
+    """A request its own scenario's prefill actors refused (a whole pass of offers rejected: none
+    meets its TTFT budget now, or its offers ran out) is offered to other scenarios' prefill
+    actors of the same model, the least queued first; its decode stays where its lease is, in
+    its own pool. One big pool absorbs a sub-second burst that two smaller ones each meet
+    alone; this lends a burst the neighbours' room without merging the pools.
+
+    The host's own requests come first: an actor takes a guest only while its queue, the
+    guest included, stays within `host_share` of the host's own TTFT target (at 1, a guest
+    delays the host's next request no more than one of its own within its target would; the
+    actor's admission still refuses that request if it would miss), only hosts whose priority
+    is not above the request's scenario's are asked, lower priority hosts first, and the host
+    keeps `keep_idle` idle actors to itself. An offer is taken only when the actor predicts the first token
+    within that budget: an idle actor accepts anything (mesh.admission), and a prefill that
+    misses its TTFT anyway would only take the host's time.
+
+    Only a pool whose decode actors have `decode_headroom` of their KV free overflows: when
+    its decode is what runs short, a refused prefill is the pool's admission control, and a
+    request prefilled elsewhere would only hold KV and slow the decode batch that the pool's
+    next requests need (on the tidal mix, overflow with decode KV full cost 0.5 to 0.7% goodput)."""
+    max_offers: int = 2  # offers to other scenarios' actors per refused pass
+    host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
+    keep_idle: int = 0  # idle prefill actors each host keeps to itself
+    decode_headroom: float = 0.2  # share of the pool's decode KV that must be free
+
+    def due(self, free_kv: int, kv: int) -> bool:
+        """Whether a pool whose decode actors have free_kv of kv KV (blocks or tokens, as last
+        known; kv 0: not known yet) may overflow a request its prefill actors refused."""
+        return not kv or free_kv >= self.decode_headroom * kv
+
+    def candidates(self, priority: int, hosts: Sequence[Host[C]],
+                   queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[tuple[Host[C], C]]:
+        """The actors to offer the request to, in order, each with its host. priority: the
+        request's scenario's. queue: as in ForwardOnRejection.prefill_order."""
+        found = []
+        for host in sorted((h for h in hosts if h.priority <= priority), key=lambda h: h.priority):
+            members = sorted(host.members, key=queue)
+            idle = sum(queue(m)[0] == 0 for m in members)
+            found += [(host, m) for m in members[min(idle, self.keep_idle):]]
+        return sorted(found, key=lambda hm: (hm[0].priority, queue(hm[1])))[:self.max_offers]
+
+    def budget_s(self, ttft_budget_s: float | None, host: Host) -> float:
+        """The TTFT budget an offer to the host's actor names: the request's, within the host's share."""
+        share = self.host_share * host.ttft_s
+        return share if ttft_budget_s is None else min(ttft_budget_s, share)
+
+    def takes(self, reply: OfferReply, budget_s: float) -> bool:
+        """Whether the host actor's answer to an offer of `budget_s` places the request there."""
+        return reply.accept and reply.predicted_ttft_s <= budget_s

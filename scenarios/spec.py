@@ -82,6 +82,9 @@ class ScenarioSpec(_Strict):
     limits: dict[Role, RoleLimits] = Field(default_factory=lambda: {Role.PREFILL: RoleLimits(),
                                                                      Role.DECODE: RoleLimits()})
     priority: int = Field(0, description="higher wins when scenarios compete for lent actors")
+    overflow: bool = Field(True, description="a request its own prefill actors refuse may be prefilled by an idle "
+                           "prefill actor of another scenario of the same model (and this scenario's idle ones "
+                           "take theirs); its decode stays here (mesh.routing.CrossScenarioOverflow)")
     mode: Mode = Field(Mode.DISAGGREGATED, description="disaggregated, aggregated or auto (mesh.serving_mode)")
     both: int = Field(0, ge=0, description="initial aggregated actors (mode: aggregated; default 1 there)")
     local_prefill_tokens: int | None = Field(None, ge=0, description="mode auto: prompts of at most this many "

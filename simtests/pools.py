@@ -53,6 +53,39 @@ class SimPool:
                 return i + 1, sorted(held)
         return 0, []
 
+    # -- prefix caches -------------------------------------------------------------------
+    def cache(self, a: Actor, ids: list[int], block_tokens: int) -> int:
+        """How many leading blocks of `ids` a's prefix cache holds; then it holds them all as
+        its most recent, the least recent evicted past the cache's room (its KV pool, in blocks)."""
+        cache, holders = a.cache, self.holders
+        hits = 0
+        for h in ids:
+            if h not in cache:
+                break
+            hits += 1
+        for h in ids:
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+                holders.setdefault(h, set()).add(a.id)
+        room = a.capacity // block_tokens
+        while len(cache) > room:
+            self._forget(a, cache.popitem(last=False)[0])
+        return hits
+
+    def forget(self, a: Actor) -> None:
+        """a leaves the pool or its role: its cache is emptied and no longer indexed here."""
+        for h in a.cache:
+            self._forget(a, h)
+        a.cache.clear()
+
+    def _forget(self, a: Actor, h: int) -> None:
+        held = self.holders[h]
+        held.discard(a.id)
+        if not held:
+            del self.holders[h]
+
     # -- prefill by queue -----------------------------------------------------------------
     def note_queue(self, a: Actor, actors: list[Actor]) -> None:
         """After a's prefill queue changed (or it joined the pool): index it again."""

@@ -19,7 +19,7 @@ from operator import attrgetter
 
 from gateway.observe import LoadWindow
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.routing import ForwardOnRejection
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
 from mesh.roles import Role
 from simtests.actors import Actor
 from simtests.cluster import Cluster, Variant
@@ -39,11 +39,13 @@ class Simulator:
     def __init__(self, cluster: Cluster, variant: Variant = Variant(),
                  admission: PrefillAdmission = PrefillAdmission(),
                  forwarding: ForwardOnRejection = ForwardOnRejection(),
-                 offer_log: list[tuple[int, int, bool]] | None = None):
+                 offer_log: list[tuple[int, int, bool]] | None = None,
+                 overflow: CrossScenarioOverflow | None = CrossScenarioOverflow()):
         """offer_log: where to note every offer answered, as (request, actor, accepted): what
-        live dispatch reports as prefill_rejected / prefill_accepted events."""
+        live dispatch reports as prefill_rejected / prefill_accepted events. overflow: offers of
+        refused requests to other scenarios' pools (None: none), for the scenarios whose spec allows it."""
         self.cluster, self.variant = cluster, variant
-        self.admission, self.forwarding = admission, forwarding
+        self.admission, self.forwarding, self.overflow = admission, forwarding, overflow
         self.offer_log = offer_log
         specs = cluster.specs
         self.names = [s.name for s in specs]
@@ -60,6 +62,10 @@ class Simulator:
         else:
             self.pools = [SimPool(i, s.name) for i, s in enumerate(specs)]
             self.pool_of = list(range(len(specs)))
+        # per scenario, the other scenarios' pools its refused requests may overflow to
+        self.hosts = [[k for k, o in enumerate(specs) if k != i and o.model == s.model and o.overflow]
+                      if s.overflow and overflow and variant.pools == "scenario" and not self.aggregated else []
+                      for i, s in enumerate(specs)]
         self.ttft_target = [s.slo.ttft_s for s in specs]
         self.tpot_target = [s.slo.tpot_s for s in specs]
         self.now = 0.0
@@ -103,6 +109,7 @@ class Simulator:
         self.offers = [0] * n
         self.hit = [0] * n  # prompt tokens found in the prefill actor's prefix cache
         self.kv_short = [False] * n  # found no decode KV free on arrival
+        self.overflowed = [-1] * n  # the pool of another scenario whose prefill actor took it
         self.prefix_of = w.prefix_ids if self.variant.prefix != "off" else None
         self.block_tokens = w.block_tokens
         self.state = [ACTIVE] * n
@@ -205,10 +212,35 @@ class Simulator:
                 return
             retry = min(retry, d.retry_after_s)
         self.offers[rid] = offers
+        if self.hosts[self.scen[rid]] and self._overflow(rid, budget, time_left):
+            return
         if fw.may_offer(offers, time_left):
             self._push(now + fw.pause_s(None if retry == math.inf else retry, time_left), RETRY, rid, 0)
         else:
             self._reject(rid)
+
+    def _overflow(self, rid: int, budget: float, time_left: float) -> bool:
+        """rid's own pool refused it (a whole pass): offer it to prefill actors of the other scenarios'
+        pools (`mesh.routing.CrossScenarioOverflow`, as `mesh.dispatch` does); its decode
+        reservation stays. Whether one took it."""
+        ov, actors, specs, k = self.overflow, self.actors, self.cluster.specs, self.scen[rid]
+        decode = [actors[aid] for aid in self.pools[self.pool_of[k]].decode]
+        if not ov.due(sum(a.free for a in decode), sum(a.capacity for a in decode)):
+            return False
+        hosts = [Host(specs[h].name, specs[h].priority, specs[h].slo.ttft_s,
+                      self.pools[h].least_queued(actors, ov.max_offers + ov.keep_idle)) for h in self.hosts[k]]
+        for host, a in ov.candidates(specs[k].priority, hosts, _queue):
+            budget_s = ov.budget_s(budget, host)
+            d = self.admission.decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
+                                      Offer(self.prompt[rid], budget_s, time_left))
+            taken = ov.takes(d, budget_s)
+            if self.offer_log is not None:
+                self.offer_log.append((rid, a.id, taken))
+            if taken:
+                self.overflowed[rid] = a.pool
+                self._accept(self.pools[a.pool], a, rid)
+                return True
+        return False
 
     def _cached_tokens(self, pool: SimPool, rid: int) -> dict[int, int]:
         """The prompt tokens each actor holding the longest prefix of rid's prompt would skip (the
@@ -274,34 +306,11 @@ class Simulator:
             self._maybe_drained(a)
 
     def _cached(self, a: Actor, rid: int) -> int:
-        """The prompt tokens a's prefix cache holds for rid; then its blocks are a's most
-        recent, the least recent evicted past the cache's room (its KV pool, in blocks)."""
-        ids, cache, block = self.prefix_of(rid), a.cache, self.block_tokens
-        hits = 0
-        for h in ids:
-            if h not in cache:
-                break
-            hits += 1
-        holders = self.pools[a.pool].holders
-        for h in ids:
-            if h in cache:
-                cache.move_to_end(h)
-            else:
-                cache[h] = None
-                holders.setdefault(h, set()).add(a.id)
-        room = a.capacity // block
-        while len(cache) > room:
-            self._forget(holders, a, cache.popitem(last=False)[0])
-        hit = min(hits * block, self.prompt[rid] - 1)  # the last token is always computed
+        """The prompt tokens a's prefix cache holds for rid (then it holds all of rid's prompt)."""
+        blocks = self.pools[a.pool].cache(a, self.prefix_of(rid), self.block_tokens)
+        hit = min(blocks * self.block_tokens, self.prompt[rid] - 1)  # the last token is always computed
         self.hit[rid] = hit
         return hit
-
-    @staticmethod
-    def _forget(holders: dict[int, set[int]], a: Actor, h: int) -> None:
-        held = holders[h]
-        held.discard(a.id)
-        if not held:
-            del holders[h]
 
     def _send(self, a: Actor, batch: list[int]) -> None:
         """KV to each request's decode actor, one after another on this actor's link."""
@@ -451,10 +460,7 @@ class Simulator:
 
     def _maybe_drained(self, a: Actor) -> None:
         if a.draining and a.empty:
-            holders = self.pools[a.pool].holders
-            for h in a.cache:  # its KV pool serves another role or scenario from now
-                self._forget(holders, a, h)
-            a.cache.clear()
+            self.pools[a.pool].forget(a)  # its KV pool serves another role or scenario from now
             a.switch(self.now)
             if a.pool is not None:
                 self._enter(a)

@@ -103,3 +103,18 @@ def test_actor_figures_are_read_from_the_load_report_as_vllm_counts_them():
     assert samples["pdmesh:prefix_cache_queries_total", "p0"] == 112
     assert ("pdmesh:num_requests_running", "d0") not in samples  # starting: no load yet, counted by state
     assert samples["pdmesh:actors", "starting"] == 1
+
+
+def test_a_request_another_scenario_prefilled_counts_as_an_overflow_by_scenario_and_host():
+    from gateway.metrics import Metrics
+    from mesh.dispatch import Event
+
+    metrics = Metrics(dict)
+    metrics.record_events("chat", [Event("prefill_rejected", {"actor": "p0", "reason": "busy"}),
+                                   Event("prefill_accepted", {"actor": "q0", "forwards": 1,
+                                                              "forwarded_to_scenario": "docs"})])
+    metrics.record_events("chat", [Event("prefill_accepted", {"actor": "p0", "forwards": 0})])
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.expose().decode()) for s in family.samples}
+    assert samples["pdmesh:overflows_total", (("host", "docs"), ("scenario", "chat"))] == 1
+    assert sum(v for (name, _), v in samples.items() if name == "pdmesh:overflows_total") == 1

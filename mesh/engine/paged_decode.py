@@ -5,8 +5,8 @@ engine gathers every decode's context into one tensor per layer and runs SDPA
 on the copy (three passes over the KV instead of one). The kernel is compiled
 on first use with the host's compiler and instruction set; torch keeps the
 build in its extensions folder (TORCH_EXTENSIONS_DIR) under a name that holds a
-hash of the CPU's flags, so a build copied to another CPU is not loaded there,
-and rebuilds it when the source changes. Where it cannot be built (no compiler, no
+hash of the CPU's flags and of the source, so a build copied to another CPU is
+not loaded there, and a changed source is built anew. Where it cannot be built (no compiler, no
 ninja), the engine says why once and keeps the gather path;
 PDMESH_DECODE_KERNEL=0 keeps it too (to compare the two).
 """
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -49,16 +50,41 @@ def _load() -> bool:
         log.info("decode attention kernel off (PDMESH_DECODE_KERNEL=0): decoding through gathered KV")
         return False
     try:
-        from torch.utils.cpp_extension import load
-        cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:12]
-        load(name=f"pdmesh_paged_decode_{cpu}", sources=[str(_SOURCE)],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        from torch.utils import cpp_extension
+        built = library_path()
+        if built.exists():
+            # Loaded directly: torch's build path takes a lock file in the build folder even
+            # when there is nothing to build, and a process killed holding it would leave
+            # every later start waiting on it.
+            torch.ops.load_library(str(built))
+            return True
+        _clear_stale_lock(built.parent)
+        cpp_extension.load(name=built.stem, sources=[str(_SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler or ninja: the gather path still serves
         log.warning("decode attention kernel not built (%s); decoding through gathered KV, "
                     "slower: install g++ and ninja to build it", str(e).splitlines()[0] if str(e) else e)
         return False
+
+
+def library_path() -> Path:
+    """Where the kernel for this CPU and this source is built (torch's extensions folder)."""
+    from torch.utils import cpp_extension
+    key = hashlib.sha256(_cpu_flags().encode() + _SOURCE.read_bytes()).hexdigest()[:16]
+    name = f"pdmesh_paged_decode_{key}"
+    return Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+
+
+def _clear_stale_lock(folder: Path, older_than_s: float = 600.0) -> None:
+    """A build takes under a minute: a lock file older than that was left by a killed build."""
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _cpu_flags() -> str:

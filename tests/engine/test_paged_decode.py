@@ -1,5 +1,8 @@
 """The CPU paged-decode kernel against the gather-and-SDPA path it replaces."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +78,16 @@ def test_kernel_refuses_mismatched_inputs():
     with pytest.raises(RuntimeError, match="outside the cache"):
         paged_decode.paged_decode(q, torch.randn(32, 2, 64), torch.randn(32, 2, 64), table + 2, bounds - 1,
                                   bounds, 16, 0.125)
+
+
+def test_a_built_kernel_loads_past_a_lock_file_left_in_its_folder():
+    """A process killed while torch's build step held its lock file leaves the file behind;
+    a built kernel loads without that step, so later engines still start."""
+    lock = paged_decode.library_path().parent / "lock"
+    lock.touch()
+    try:
+        code = "from mesh.engine import paged_decode; assert paged_decode.available()"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    finally:
+        lock.unlink()

@@ -17,77 +17,16 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.bench import InstantCall, instant_commit, instant_lease, ready
-from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams, StreamChunk
+from mesh.api import SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
-from mesh.serving_mode import Mode
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
+from tests.simtests.stand_ins import ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn, StandInPool
 from tests.simtests.support import profile, scenario
 from tests.support.clock import FakeClock
-
-RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
-TTFT_S = 0.6  # the scenario's TTFT budget: 6000 tokens of queue and prompt
-DEADLINE_S = 10.0
-ADMISSION = PrefillAdmission()
-
-
-async def _stream(*items):
-    for item in items:
-        yield ready(item)
-
-
-class PrefillStandIn:
-    """A prefill actor's calls, answered at once; an accepted prefill stays queued (none ends)."""
-
-    def __init__(self, actor_id: str):
-        self.actor_id, self.role = actor_id, Role.PREFILL
-        self.queued_requests = self.queued_tokens = 0
-        self.handle = self
-        self.offer = InstantCall(self._offer)
-        self.prefill = InstantCall(self._prefill)
-
-    @property
-    def info(self) -> ActorReport:  # the report live dispatch orders by, always up to date here
-        return ActorReport(self.actor_id, "s", self.role, ActorState.SERVING, block_size=16,
-                           load=LoadReport(self.queued_tokens, self.queued_requests))
-
-    def _offer(self, prompt_tokens, ttft_budget_s, time_left_s, cached_tokens):
-        return ready(ADMISSION.decide(PrefillLoad(self.queued_tokens, self.queued_requests, RATE),
-                                      Offer(prompt_tokens, ttft_budget_s, time_left_s, cached_tokens)))
-
-    def _prefill(self, request, lease):
-        self.queued_requests += 1
-        self.queued_tokens += len(request.prompt_token_ids)
-        return _stream(FirstToken([7], "a", None, None), instant_commit())
-
-
-class DecodeStandIn:
-    def __init__(self, actor_id: str):
-        self.actor_id, self.role = actor_id, Role.DECODE
-        self.info = ActorReport(actor_id, "s", self.role, ActorState.SERVING, block_size=16,
-                                load=LoadReport(free_blocks=10**6))
-        self.handle = self
-        self.reserve = InstantCall(lambda ids, align, sender_sizes=(1,): ready(instant_lease("l")))
-        self.decode = InstantCall(lambda lease_id, request: _stream(
-            StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), 2)))
-        self.release_lease = InstantCall(lambda lease_id: ready(True))
-
-
-class StandInPool:
-    mode = Mode.DISAGGREGATED  # the split path, as the simulator runs
-    switching = False
-
-    def __init__(self, members):
-        self.members = members
-
-    def by_role(self, role: Role) -> list:
-        return [m for m in self.members if m.role is role]
-
 
 def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
     prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]

@@ -17,8 +17,8 @@ from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
 from tests.simtests.support import profile, scenario
-from tests.simtests.test_offer_order import (ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn,
-                                             StandInPool)
+from tests.simtests.stand_ins import (ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn,
+                                      StandInPool)
 from tests.support.clock import FakeClock
 
 HOME, HOST = 2, 3  # prefill actors of "a" and of "b"

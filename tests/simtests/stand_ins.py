@@ -3,9 +3,15 @@ offer, reserve, prefill and decode at once, each offer from `mesh.admission` on 
 queue, and an accepted prefill stays queued (none ends)."""
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
+
 from gateway.bench import InstantCall, instant_commit, instant_lease, ready
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, StreamChunk
+from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams, StreamChunk
+from mesh.dispatch import Dispatcher, Request
+from mesh.errors import MeshError
 from mesh.serving_mode import Mode
 
 RATE = 10_000.0  # prefill tokens/s of every actor, live and modelled
@@ -65,3 +71,27 @@ class StandInPool:
 
     def by_role(self, role: Role) -> list:
         return [m for m in self.members if m.role is role]
+
+
+def dispatched_offers(dispatcher: Dispatcher, prompts: list[int], index: dict[str, int]) -> list[tuple[int, int, bool]]:
+    """(request, actor index, accepted) of every offer live dispatch makes for the prompts, in
+    order; a request out of offers is refused, as the simulator refuses it."""
+    rng = np.random.default_rng(0)
+    offers = []
+
+    async def run():
+        for rid, n in enumerate(prompts):
+            events = []
+            # random tokens: no prompt shares a prefix with another, as the simulator's have none
+            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), SamplingParams(max_tokens=2),
+                          deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
+            try:
+                async for _ in dispatcher.generate(req, events):
+                    pass
+            except MeshError as e:
+                assert e.code == "resource_exhausted", e
+            offers.extend((rid, index[e.attributes["actor"]], e.name == "prefill_accepted") for e in events
+                          if e.name in ("prefill_accepted", "prefill_rejected"))
+
+    asyncio.run(run())
+    return offers

@@ -12,45 +12,25 @@ queued actors of its pool (`simtests.pools.SimPool.least_queued`).
 """
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
-from mesh.api import SamplingParams
-from mesh.dispatch import Dispatcher, Request
-from mesh.errors import MeshError
+from mesh.dispatch import Dispatcher
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
-from tests.simtests.stand_ins import ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn, StandInPool
+from tests.simtests.stand_ins import (ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn, StandInPool,
+                                      dispatched_offers)
 from tests.simtests.support import profile, scenario
 from tests.support.clock import FakeClock
+
 
 def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
     prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]
     dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=FakeClock())
     index = {a.actor_id: k for k, a in enumerate(prefill)}  # the simulator numbers prefill actors first
-    rng = np.random.default_rng(0)
-    offers = []
-
-    async def run():
-        for rid, n in enumerate(prompts):
-            events = []
-            # random tokens: no prompt shares a prefix with another, as the simulator's have none
-            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), SamplingParams(max_tokens=2),
-                          deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
-            try:
-                async for _ in dispatcher.generate(req, events):
-                    pass
-            except MeshError as e:  # out of offers: the simulator rejects it too
-                assert e.code == "resource_exhausted", e
-            offers.extend((rid, index[e.attributes["actor"]], e.name == "prefill_accepted") for e in events
-                          if e.name in ("prefill_accepted", "prefill_rejected"))
-
-    asyncio.run(run())
-    return offers
+    return dispatched_offers(dispatcher, prompts, index)
 
 
 def simulated_offers(make_cluster, prompts: list[int], actors: int,

@@ -6,19 +6,16 @@ actors included, must be the same. As in test_offer_order, the sequence arrives 
 and every request is placed on its first pass, in "a" or in "b", so no side pauses."""
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
-from mesh.dispatch import Dispatcher, Neighbour, Request
-from mesh.api import SamplingParams
+from mesh.dispatch import Dispatcher, Neighbour
 from mesh.routing import CrossScenarioOverflow, ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload
 from tests.simtests.support import profile, scenario
 from tests.simtests.stand_ins import (ADMISSION, DEADLINE_S, RATE, TTFT_S, DecodeStandIn, PrefillStandIn,
-                                      StandInPool)
+                                      StandInPool, dispatched_offers)
 from tests.support.clock import FakeClock
 
 HOME, HOST = 2, 3  # prefill actors of "a" and of "b"
@@ -33,21 +30,7 @@ def live_offers(prompts: list[int]) -> list[tuple[int, int, bool]]:
                             overflow=POLICY, neighbours=lambda: neighbours)
     # the simulator numbers each scenario's prefill actors, then its decode actor
     index = {a.actor_id: k for k, a in enumerate(home)} | {a.actor_id: HOME + 1 + k for k, a in enumerate(host)}
-    rng = np.random.default_rng(0)
-    offers = []
-
-    async def run():
-        for rid, n in enumerate(prompts):
-            events = []
-            req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), SamplingParams(max_tokens=2),
-                          deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
-            async for _ in dispatcher.generate(req, events):
-                pass
-            offers.extend((rid, index[e.attributes["actor"]], e.name == "prefill_accepted") for e in events
-                          if e.name in ("prefill_accepted", "prefill_rejected"))
-
-    asyncio.run(run())
-    return offers
+    return dispatched_offers(dispatcher, prompts, index)
 
 
 def simulated_offers(make_cluster, prompts: list[int]) -> tuple[list[tuple[int, int, bool]], list[int]]:

@@ -25,7 +25,7 @@ inline void row_offsets(const int64_t* blocks, int64_t first, int64_t n, int64_t
   }
 }
 
-// Softmax of each query head's scores in place; returns nothing, scales by 1/sum into inv.
+// Softmax of each query head's scores in place, left unnormalised: inv gets 1 / each head's sum.
 inline void softmax(float* scores, int64_t group, int64_t n, float* inv) {
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * n;
@@ -199,14 +199,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   if (auto f32 = q.scalar_type() == at::kFloat ? f32_kernel(dim, group) : nullptr) {
     f32(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
         t.data_ptr<int64_t>(), l.data_ptr<int64_t>(), u.data_ptr<int64_t>(), out.data_ptr<float>(),
-        batch, kv_heads, t.size(1), block_size, sc);
+        batch, kv_heads, width, block_size, sc);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     decode_any<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                          v_cache.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), l.data_ptr<int64_t>(),
                          u.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, kv_heads, group, dim,
-                         t.size(1), block_size, sc);
+                         width, block_size, sc);
   });
   return out;
 }

@@ -4,7 +4,8 @@ prefill: answers offers at once (admission), prefills with other requests in one
          batch, streams the first token back, writes the KV into the decode
          actor's lease and commits.
 decode:  reserves KV blocks for a request (a lease), waits for the commit, joins
-         the request to its decode batch and streams tokens, one message per step.
+         the request to its decode batch and streams tokens on its caller's token feed
+         (mesh/token_feed.py), one message per step for all the requests it feeds.
 both:    serves whole requests alone (aggregated mode; one-actor pools).
 A flip drains the current role's work, then switches; weights stay loaded.
 
@@ -26,8 +27,8 @@ from typing import AsyncIterator
 
 from mesh import tracing
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.api import (ActorReport, ActorRequest, ActorSpec, ActorState, Committed, DrainResult, FirstToken, Lease,
-                      LoadReport, OfferReply, PrefixCacheStats, Role, StreamChunk)
+from mesh.api import (ActorReport, ActorRequest, ActorSpec, ActorState, Committed, DrainResult, FeedItem, FirstToken,
+                      Lease, LoadReport, OfferReply, PrefixCacheStats, Role, StreamChunk)
 from mesh.async_engine import AsyncEngine
 from mesh.engine.errors import EngineError, RequestError
 from mesh.engine.parallel import TensorParallelError
@@ -38,6 +39,7 @@ from mesh.errors import MeshError, RequestMoved
 from mesh.faults import FaultPoints
 from mesh.kv import KVConnector, RankPool
 from mesh.prefix_index import PrefixRecord, chunk_tokens_for
+from mesh.token_feed import Outbox
 from transport import TransferError
 from transport.address import for_node
 from transport.memory import pool_zeros
@@ -77,6 +79,7 @@ class MeshActor:
         self._rank_watch: asyncio.Task | None = None
         self._going_down = False
         self.faults = FaultPoints(self.spec.faults, self.spec.actor_id, self.spec.fault_log)
+        self.outbox = Outbox()  # the token feeds callers opened
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> ActorReport:
@@ -298,10 +301,9 @@ class MeshActor:
     async def release_lease(self, lease_id: str) -> bool:
         return self.kv.release_lease(lease_id) if self.kv else False
 
-    @_movable
-    async def decode(self, lease_id: str, request: ActorRequest) -> AsyncIterator[StreamChunk]:
-        """Waits for the lease's commit, then streams the request's tokens (first excluded)."""
-        self._require(Role.DECODE, Role.BOTH)
+    async def decode(self, lease_id: str, request: ActorRequest, feed_id: str) -> None:
+        """Waits for the lease's commit, then streams the request's tokens (first excluded) on
+        the feed `feed_id`."""
         rid = request.request_id
         params = request.params
         eng = self.engine.engine
@@ -310,13 +312,11 @@ class MeshActor:
             return await self.kv.take(lease_id, lambda blocks: eng.add_prefilled(
                 request.prompt_token_ids, request.output_token_ids, params, blocks, rid))
 
-        async for chunk in self._traced("decode", request, wait_and_add):
-            yield chunk
+        await self._fed(feed_id, rid, self._traced("decode", request, wait_and_add, (Role.DECODE, Role.BOTH)))
 
     # -- both phases on one actor ------------------------------------------------------------
-    @_movable
-    async def generate(self, request: ActorRequest) -> AsyncIterator[StreamChunk]:
-        self._require(Role.BOTH, Role.PREFILL, Role.DECODE)
+    async def generate(self, request: ActorRequest, feed_id: str) -> None:
+        """Serves the whole request, streaming its tokens on the feed `feed_id`."""
         rid, ids = request.request_id, list(request.prompt_token_ids)
         params = request.params
         eng = self.engine.engine
@@ -325,12 +325,30 @@ class MeshActor:
             self.prefixes.touch(ids)  # at once: its prefix is cached here as it computes
             return lambda: eng.add_request(ids, params, rid, output_ids=request.output_token_ids)
 
-        async for chunk in self._traced("generate", request, add):
-            yield chunk
+        await self._fed(feed_id, rid, self._traced("generate", request, add, (Role.BOTH, Role.PREFILL, Role.DECODE)))
 
-    async def _traced(self, name: str, request: ActorRequest, prepare) -> AsyncIterator[StreamChunk]:
+    async def feed(self, feed_id: str) -> AsyncIterator[list[FeedItem]]:
+        """The token feed of one caller: every message of the requests it sent with this
+        feed_id, one list per step (mesh/token_feed.py). Open until the caller stops reading."""
+        async for items in self.outbox.serve(feed_id):
+            yield items
+
+    async def _fed(self, feed_id: str, rid: str, work: AsyncIterator[StreamChunk]) -> None:
+        """Puts one request's messages on its caller's feed, and last the MeshError that ended
+        it, if one did (RequestMoved when a drain gave it back)."""
+        await self.outbox.opened(feed_id)
+        try:
+            async for chunk in self._stream_movably(work):
+                self.outbox.put(feed_id, FeedItem(rid, chunk))
+        except MeshError as e:
+            self.outbox.put(feed_id, FeedItem(rid, error=e))
+
+    async def _traced(self, name: str, request: ActorRequest, prepare, roles: tuple[Role, ...]
+                      ) -> AsyncIterator[StreamChunk]:
         """Streams one request's engine outputs, one message per burst of steps, in a span.
-        `prepare` is awaited for the engine call that adds the request."""
+        `prepare` is awaited for the engine call that adds the request; the actor must serve
+        one of `roles`."""
+        self._require(*roles)
         rid = request.request_id
         span = tracing.start_span(name, request.trace_context, {
             "pdmesh.actor": self.spec.actor_id, "pdmesh.request_id": rid})

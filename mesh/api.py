@@ -222,6 +222,15 @@ class StreamChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedItem:
+    """One request's message on its actor's token feed (mesh/token_feed.py): a chunk of its
+    output, or the error that ended it (a MeshError, RequestMoved included)."""
+    request_id: str
+    chunk: StreamChunk | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DrainResult:
     """What a drain, flip or lend did: the requests the actor gave back (each moves to another
     actor), its report afterwards, and the pool's warning when a forced change broke the role

@@ -13,6 +13,8 @@ Which actors to try, in which order, and when to give up is the router's choice
 That is the split path. The pool's mode (mesh.serving_mode) picks it or the whole path (one
 actor runs the request: a both actor in aggregated mode, a decode actor when the auto mode's
 conditional policy keeps a short prompt local), per attempt, from the actors serving now.
+Tokens from a decode or whole-path actor come on its token feed (mesh.token_feed: one Ray
+stream per actor for all the requests sent to it from here).
 
 Not every failed attempt is a death: a failed KV transfer, or an actor giving the request
 back (RequestMoved, a drain that ran out of time), is retried without counting the actor as
@@ -42,6 +44,7 @@ from mesh.serving_mode import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
 from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
+from mesh.token_feed import Feeds
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class Dispatcher:
         self.overflow, self.priority, self.neighbours = overflow, priority, neighbours
         self.conditional = conditional or ConditionalDisaggregation()  # local or remote prefill, in auto mode
         self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
+        self.feeds = Feeds()  # the token feeds of the actors this dispatcher sent requests to
         self.max_attempts = max_attempts  # tries of one request, each after a failed one
         self.clock = clock
         # A wait for a replacement ends this long before the request's end, so that the
@@ -236,26 +240,27 @@ class Dispatcher:
         member = self.router.prefill_order(live, cached)[0]
         events.append(Event("placed", {"actor": member.actor_id, **_prefix_choice(cached, member)}))
         self.prefixes.placed(member.actor_id, step.request.token_ids)
-        gen = member.handle.generate.options(num_returns="streaming").remote(step.request)
+        feed = self.feeds.of(member.actor_id, member.handle)
+        call = member.handle.generate.remote(step.request, feed.feed_id)
         try:
-            async for ref in gen:
-                chunk: StreamChunk = await ref
-                if chunk.finished:
-                    gen = None
-                yield chunk
+            async with contextlib.aclosing(feed.follow(step.request.request_id, call)) as chunks:
+                async for chunk in chunks:
+                    if chunk.finished:
+                        call = None
+                    yield chunk
         except _ACTOR_LOST as e:
             raise self._lost(member, "generate", e) from None
         except RequestMoved as e:
             raise _moved(member, "generate", e) from None
         finally:
-            _cancel(gen)
+            _cancel(call)
 
     async def _disaggregated(self, step: Attempt, lost: set[str],
                              events: list[Event]) -> AsyncIterator[StreamChunk]:
         request = step.request
         decode, lease = await self._reserve(step, lost, events)
         committed = False
-        pstream = dstream = None  # Ray calls still running: cancelled if the request ends early
+        pstream = dstream = dchunks = None  # Ray calls still running: cancelled if the request ends early
         keeper = asyncio.create_task(self._keep_lease(decode, lease))
         try:
             prefill = await self._offer(step, lost, events)
@@ -279,7 +284,9 @@ class Dispatcher:
             # the decode span hangs under the transfer span the prefill actor opened
             dreq = dataclasses.replace(request, output_token_ids=request.output_token_ids + first.token_ids,
                                        trace_context=first.trace_context or request.trace_context)
-            dstream = decode.handle.decode.options(num_returns="streaming").remote(lease.lease_id, dreq)
+            feed = self.feeds.of(decode.actor_id, decode.handle)
+            dstream = decode.handle.decode.remote(lease.lease_id, dreq, feed.feed_id)
+            dchunks = feed.follow(dreq.request_id, dstream)  # from now: its first chunk may come before the commit
             try:
                 commit: Committed = await (await pstream.__anext__())
             except _ACTOR_LOST as e:
@@ -296,8 +303,7 @@ class Dispatcher:
                                                 "exposed_s": commit.seconds, "prefill": prefill.actor_id,
                                                 "decode": decode.actor_id}))
             try:
-                async for ref in dstream:
-                    chunk: StreamChunk = await ref
+                async for chunk in dchunks:
                     if chunk.finished:
                         dstream = None
                     yield chunk
@@ -309,6 +315,8 @@ class Dispatcher:
             keeper.cancel()
             _cancel(pstream)
             _cancel(dstream)
+            if dchunks is not None:
+                await dchunks.aclose()
             if not committed or dstream is not None:
                 # Not committed, or the decode call may never have run to take the KV: a
                 # release frees whatever no decode call took (a no-op once one has).
@@ -473,7 +481,7 @@ def _moved(member: Member, phase: str, error: RequestMoved) -> _Again:
 
 
 def _cancel(stream) -> None:
-    """Stops a Ray streaming call the request no longer reads: the actor aborts its work."""
+    """Stops a Ray call whose request nobody reads any more: the actor aborts its work."""
     if stream is not None:
         try:
             ray.cancel(stream)

@@ -13,6 +13,7 @@ from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams
 from mesh.errors import RequestMoved
+from mesh.token_feed import Feeds
 from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -35,19 +36,21 @@ def expected(checkpoint):
 
 async def test_a_drain_that_times_out_ends_the_stream_with_request_moved_and_frees_its_kv(pool):
     actor = pool.by_role(Role.DECODE)[0]
-    stream = actor.handle.generate.options(num_returns="streaming").remote(
-        ActorRequest("given-back", PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, **GREEDY)))
-    first = await (await stream.__anext__())
+    feeds = Feeds()
+    feed = feeds.of(actor.actor_id, actor.handle)
+    request = ActorRequest("given-back", PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, **GREEDY))
+    stream = feed.follow(request.request_id, actor.handle.generate.remote(request, feed.feed_id))
+    first = await stream.__anext__()
     assert not first.finished
     assert (await actor.handle.drain.remote(DRAIN_S)).moved == ("given-back",)
     with pytest.raises(RequestMoved, match="gave the request back: its drain timed out"):
-        async for ref in stream:
-            await ref
+        async for _ in stream:
+            pass
     # a new request reaching the drained actor moves on at once, too
-    late = actor.handle.generate.options(num_returns="streaming").remote(
-        ActorRequest("late", PROMPTS[1], SamplingParams(max_tokens=4, **GREEDY)))
+    late = ActorRequest("late", PROMPTS[1], SamplingParams(max_tokens=4, **GREEDY))
     with pytest.raises(RequestMoved, match="is draining as decode"):
-        await (await late.__anext__())
+        await feed.follow(late.request_id, actor.handle.generate.remote(late, feed.feed_id)).__anext__()
+    feeds.close()
     await assert_no_blocks_held(pool)
     result = await pool.flip(actor.actor_id, Role.DECODE)  # serves again
     assert result.report.state is ActorState.SERVING and result.moved == ()

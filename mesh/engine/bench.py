@@ -328,10 +328,12 @@ def _print_table(result: dict, rows: list[Row]) -> None:
     console.print("GEMMs alone: the rate if a pdmesh decode step were nothing but its matrix products "
                   f"(oneDNN with blocked weights for {PACKED_MIN_ROWS}-{PACKED_MAX_ROWS} rows on CPU, else MKL or "
                   "the device's BLAS): a bound on pdmesh with these kernels.")
-    console.print(f"decode floor: {result['weight_bytes'] / 1e6:,.0f} MB of weights / "
-                  f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step; "
-                  f"pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "
+    floor = (f"decode floor: {result['weight_bytes'] / 1e6:,.0f} MB of weights / "
+             f"{result['memory_read_gb_per_s']:.1f} GB/s read = {result['decode_floor_ms']:.2f} ms per step")
+    if result["batch1_step_ms"] is not None:  # only when --batches has 1
+        floor += (f"; pdmesh batch 1: {result['batch1_step_ms']:.2f} ms "
                   f"({result['batch1_step_over_floor']:.2f}x the floor)")
+    console.print(floor)
     v = result["vllm"]
     if v:
         cmp = Table(title=f"against vLLM {v['vllm_version']} ({v['dtype']}), same checkpoint and machine")

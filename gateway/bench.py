@@ -21,8 +21,8 @@ from typing import Iterator
 
 import click
 
-from mesh import (ActorReport, ActorState, Committed, FirstToken, Lease, LoadReport, OfferReply, Role,
-                  SamplingParams, StreamChunk, percentile)
+from mesh import (ActorReport, ActorState, Committed, FeedItem, FirstToken, Lease, LoadReport, OfferReply, Outbox,
+                  Role, SamplingParams, StreamChunk, percentile)
 
 OUTPUT_TOKENS = 2  # the first token from prefill, one more from decode: every phase is crossed
 progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
@@ -51,6 +51,12 @@ async def _refs(items):
         yield ready(item)
 
 
+async def _each_ready(messages):
+    """An async generator's messages as a streaming Ray call gives them."""
+    async for message in messages:
+        yield ready(message)
+
+
 def instant_lease(lease_id: str = "lease") -> Lease:
     """A lease as a decode actor grants it, for stand-ins whose prefill writes no KV."""
     from transport import KVLayout, LeaseDescriptor
@@ -63,6 +69,22 @@ def instant_commit() -> Committed:
     from transport import TransferStats
 
     return Committed(TransferStats("none", "none", 0, 0, 0, 0, 0.0), 0, 0.0)
+
+
+class InstantFeed:
+    """An actor's token feed and decode call as stand-ins: each decode call ends its request at
+    once with one more token, its `output_tokens`-th."""
+
+    def __init__(self, output_tokens: int):
+        self.output_tokens = output_tokens
+        self.outbox = Outbox()
+        self.feed = InstantCall(lambda feed_id: _each_ready(self.outbox.serve(feed_id)))
+        self.decode = InstantCall(self._decode)
+
+    async def _decode(self, lease_id: str, request, feed_id: str) -> None:
+        await self.outbox.opened(feed_id)
+        self.outbox.put(feed_id, FeedItem(request.request_id, StreamChunk(
+            [8], "b", None, True, "length", len(request.prompt_token_ids), self.output_tokens)))
 
 
 class InstantActor:
@@ -81,8 +103,8 @@ class InstantActor:
         self.until_stopped = InstantCall(lambda: asyncio.get_running_loop().create_future())  # the supervisor's watch
         self.shutdown = InstantCall(lambda: ready(None))
         self.prefill = InstantCall(lambda request, lease: _refs([FirstToken([7], "a", None, None), instant_commit()]))
-        self.decode = InstantCall(lambda lease_id, request: _refs([
-            StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), OUTPUT_TOKENS)]))
+        fed = InstantFeed(OUTPUT_TOKENS)
+        self.feed, self.decode = fed.feed, fed.decode
 
 
 def _instant_gateway(model: Path):

@@ -113,6 +113,8 @@ class Fleet:
 
     async def close(self) -> None:
         await asyncio.gather(*(supervisor.close() for supervisor in self.supervisors))
+        for s in self.scenarios.values():
+            await s.dispatcher.close()
         await asyncio.gather(*(s.pool.close() for s in self.scenarios.values()), return_exceptions=True)
 
 

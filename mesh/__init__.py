@@ -14,7 +14,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 _PUBLIC = {
     "mesh.api": ("ActorReport", "ActorRequest", "ActorSpec", "ActorState", "Committed", "DrainResult",
-                 "EngineConfig", "FirstToken", "Lease", "Life", "LoadReport", "OfferReply", "PrefixCacheStats",
+                 "EngineConfig", "FeedItem", "FirstToken", "Lease", "Life", "LoadReport", "OfferReply", "PrefixCacheStats",
                  "PrefixReport", "SamplingParams", "StreamChunk", "engine_config", "transport_config"),
     "mesh.roles": ("MOVABLE", "Role"),
     "mesh.errors": ("MeshError", "RequestMoved"),
@@ -23,6 +23,7 @@ _PUBLIC = {
     "mesh.engine.sampling_params": ("MAX_TOP_LOGPROBS",),
     "mesh.dispatch": ("Dispatcher", "Event", "Neighbour", "Request"),
     "mesh.serving_mode": ("Mode",),
+    "mesh.token_feed": ("Outbox",),
     "mesh.hardware": ("Hardware",),
     "mesh.pool": ("Member", "Pool", "PoolSpec"),
     "mesh.supervisor": ("RestartPolicy", "Supervisor"),

@@ -72,7 +72,10 @@ async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurr
                     exposed_s.append(e.attributes["exposed_s"])
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await dispatcher.close()
     wall = time.perf_counter() - start
     return {
         "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,

@@ -110,6 +110,10 @@ class Dispatcher:
         # caller hears UNAVAILABLE rather than its deadline passing.
         self.margin_s = margin_s
 
+    async def close(self) -> None:
+        """Stops reading the actors' token feeds (before the actors stop)."""
+        await self.feeds.close()
+
     async def generate(self, req: Request, events: list[Event] | None = None) -> AsyncIterator[StreamChunk]:
         """Yields the request's output, chunk by chunk, until one is `finished`."""
         events = events if events is not None else []

@@ -17,7 +17,6 @@ fails ends every request reading it: none waits for messages that cannot come.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import uuid
 from typing import Any, AsyncIterator
 
@@ -107,12 +106,12 @@ class FeedReader:
             raise MeshError("invalid_argument", f"request id {request_id} is in flight already: "
                                                 "give each request its own id")
         queue = self._queues[request_id] = asyncio.Queue()  # at most one message per step of it
-        loop = asyncio.get_running_loop()
-        call.future().add_done_callback(lambda done: _put_threadsafe(loop, queue, done))
+        asyncio.ensure_future(call).add_done_callback(lambda ended: _call_ended(queue, ended))
         return RequestStream(self._queues, request_id, queue)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 class RequestStream:
@@ -135,7 +134,7 @@ class RequestStream:
                     raise item.error
                 self._done = item.chunk.finished
                 return item.chunk
-            if isinstance(item, concurrent.futures.Future):
+            if isinstance(item, asyncio.Future):
                 if item.cancelled() or item.exception() is None:
                     continue  # it ended well: its last messages are on the feed, behind those so far
                 item = item.exception()
@@ -164,15 +163,12 @@ class Feeds:
             reader = self._readers[actor_id] = FeedReader(handle)
         return reader
 
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
+    async def close(self) -> None:
+        await asyncio.gather(*(reader.close() for reader in self._readers.values()))
         self._readers.clear()
 
 
-def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: Any) -> None:
-    """From Ray's thread, where the call's result lands."""
-    try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # the loop closed: nobody waits any more
-        pass
+def _call_ended(queue: asyncio.Queue, ended: asyncio.Future) -> None:
+    if not ended.cancelled():
+        ended.exception()  # seen here: a call that failed after its reader stopped is no news
+    queue.put_nowait(ended)

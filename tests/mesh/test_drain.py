@@ -50,7 +50,7 @@ async def test_a_drain_that_times_out_ends_the_stream_with_request_moved_and_fre
     late = ActorRequest("late", PROMPTS[1], SamplingParams(max_tokens=4, **GREEDY))
     with pytest.raises(RequestMoved, match="is draining as decode"):
         await feed.follow(late.request_id, actor.handle.generate.remote(late, feed.feed_id)).__anext__()
-    feeds.close()
+    await feeds.close()
     await assert_no_blocks_held(pool)
     result = await pool.flip(actor.actor_id, Role.DECODE)  # serves again
     assert result.report.state is ActorState.SERVING and result.moved == ()

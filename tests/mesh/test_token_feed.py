@@ -110,7 +110,7 @@ async def test_a_request_refused_by_its_actor_ends_its_stream_with_that_error(po
     with pytest.raises(MeshError, match="request id twice is in flight already: give each request its own id"):
         feed.follow(twice.request_id, actor.handle.ping.remote())
     assert sum([len(c.token_ids) async for c in first]) == 2  # the first one is served as ever
-    feeds.close()
+    await feeds.close()
 
 
 def ray_cancel(ref) -> None:

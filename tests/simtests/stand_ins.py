@@ -7,9 +7,9 @@ import asyncio
 
 import numpy as np
 
-from gateway.bench import InstantCall, instant_commit, instant_lease, ready
+from gateway.bench import InstantCall, InstantFeed, instant_commit, instant_lease, ready
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams, StreamChunk
+from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams
 from mesh.dispatch import Dispatcher, Request
 from mesh.errors import MeshError
 from mesh.serving_mode import Mode
@@ -57,8 +57,8 @@ class DecodeStandIn:
                                 load=LoadReport(free_blocks=10**6))
         self.handle = self
         self.reserve = InstantCall(lambda ids, align, sender_sizes=(1,): ready(instant_lease("l")))
-        self.decode = InstantCall(lambda lease_id, request: _stream(
-            StreamChunk([8], "b", None, True, "length", len(request.prompt_token_ids), 2)))
+        fed = InstantFeed(2)
+        self.feed, self.decode = fed.feed, fed.decode
         self.release_lease = InstantCall(lambda lease_id: ready(True))
 
 

@@ -336,7 +336,7 @@ class Dispatcher:
             members = await self._members(Role.DECODE, lost, step, events)
             align, sizes = self._kv_layout(lost)
             last_error = None
-            for member in self.router.decode_order(members, meets=self._tpot_fit(step)):
+            for member in self.router.decode_order(members, meets=self._tpot_fit(step, members)):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
                     lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align, sizes)
@@ -355,11 +355,14 @@ class Dispatcher:
                                 retry_after_s=last_error.retry_after_s)
             # every one was dead: wait for their replacements, if any come
 
-    def _tpot_fit(self, step: Attempt) -> Callable[[Member], bool] | None:
+    def _tpot_fit(self, step: Attempt, decode: list[Member]) -> Callable[[Member], bool] | None:
         """Whether the attempt would meet its TPOT target on a decode actor (mesh.routing.meets_tpot):
         its KV transfer as predicted, then the tokens it has left, each at the actor's last measured
-        step time. None when there is nothing to predict it by (no target or no transfer model)."""
-        if step.tpot_s is None or self.transfer_s is None:
+        step time. None when there is nothing to predict it by (no target or no transfer model), or
+        when the decode actors' KV is short by their last reports (`places_by_tpot`)."""
+        loads = [m.info.load for m in decode]
+        if step.tpot_s is None or self.transfer_s is None or not self.router.places_by_tpot(
+                sum(d.free_blocks for d in loads), sum(d.num_blocks for d in loads)):
             return None
         request = step.request
         transfer = self.transfer_s(len(request.token_ids))

@@ -60,6 +60,10 @@ class ForwardOnRejection:
     # an actor that has not answered an offer by then (its process stalled) counts as rejecting it:
     # an offer is answered at once from the actor's state, so this is far above any answer's time
     offer_timeout_s: float = 10.0
+    # share of the pool's decode KV that must be free for a request to go where its TPOT is met rather
+    # than where most KV is free: below it, room decides (on the tidal mix, TPOT placement with
+    # decode KV over 60% full cost 0.5% goodput: the next requests wait for the room it took)
+    tpot_headroom: float = 0.4
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,
                       queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[C]:
@@ -83,12 +87,17 @@ class ForwardOnRejection:
         actors where it would come first, the most free of them, so that a request whose KV
         transfer takes most of its TPOT (a long prompt, a few output tokens) decodes where its few
         steps are fast enough. When it would meet it nowhere, or everywhere, the order is by room
-        alone. free: as `queue` in prefill_order."""
+        alone. free: as `queue` in prefill_order. Only while `places_by_tpot`."""
         by_room = sorted(members, key=lambda m: -free(m))
         if meets is None:
             return by_room
         fits = [meets(m) for m in by_room]
         return [m for m, ok in zip(by_room, fits) if ok] + [m for m, ok in zip(by_room, fits) if not ok]
+
+    def places_by_tpot(self, free_kv: int, kv: int) -> bool:
+        """Whether a pool whose decode actors have free_kv of kv KV (blocks or tokens; kv 0: not known
+        yet) places decode KV by the request's predicted TPOT (`decode_order` with `meets`)."""
+        return not kv or free_kv >= self.tpot_headroom * kv
 
     def may_offer(self, offers: int, time_left_s: float) -> bool:
         return offers < self.max_forwards and time_left_s > 0
@@ -142,7 +151,9 @@ class CrossScenarioOverflow:
     max_offers: int = 2  # offers to other scenarios' actors per refused pass
     host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
     keep_idle: int = 0  # idle prefill actors each host keeps to itself
-    spare_idle: int = 2  # other idle actors a host keeps while an idle one takes a guest past host_share
+    # other idle actors a host keeps while an idle one takes a guest past host_share (on the tidal mix,
+    # 2 cost 0.9% goodput: chat's tide needs more idle actors than that at once)
+    spare_idle: int = 4
     decode_headroom: float = 0.2  # share of the pool's decode KV that must be free
 
     def due(self, free_kv: int, kv: int) -> bool:

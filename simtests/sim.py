@@ -182,7 +182,7 @@ class Simulator:
         a = pool.most_free(self.actors)
         if a is None or a.free < need:
             return False
-        meets = self._tpot_fit(rid)
+        meets = self._tpot_fit(pool, rid)
         if meets is not None and not meets(a):
             roomy = [self.actors[d] for d in pool.decode if self.actors[d].free >= need]
             a = self.forwarding.decode_order(roomy, attrgetter("free"), meets)[0]
@@ -191,15 +191,19 @@ class Simulator:
         self.decode_of[rid] = a.id
         return True
 
-    def _tpot_fit(self, rid: int) -> Callable[[Actor], bool] | None:
+    def _tpot_fit(self, pool: SimPool, rid: int) -> Callable[[Actor], bool] | None:
         """Whether rid would meet its TPOT target on a decode actor (mesh.routing.meets_tpot): its KV
         transfer, then its steps there as the actor predicts them for when its KV arrives (its prompt
-        prefilled alone, then sent). None when it would miss it even on an empty actor: then room
-        alone orders them (or when it has no TPOT: one output token)."""
+        prefilled alone, then sent). None when it would miss it even on an empty actor, or when the
+        pool's decode KV is short (`ForwardOnRejection.places_by_tpot`): then room alone orders them
+        (or when it has no TPOT: one output token)."""
         model, p, out, target = self.cluster.models[self.names[self.scen[rid]]], self.prompt[rid], \
             self.output[rid], self.tpot_target[self.scen[rid]]
         transfer = model.prompt_transfer_s(p, self.contiguous)
         if out <= 1 or not meets_tpot(transfer, model.decode_step_s(1, p), out, target):
+            return None
+        decode = [self.actors[d] for d in pool.decode]
+        if not self.forwarding.places_by_tpot(sum(a.free for a in decode), sum(a.capacity for a in decode)):
             return None
         arrives_s = model.prefill_s(p, p * p) + transfer
         prompt, output, now = self.prompt, self.output, self.now

@@ -44,6 +44,12 @@ def test_where_the_request_meets_its_tpot_comes_first_the_most_free_of_those():
     assert ids(policy.decode_order(members, meets=lambda m: True)) == ["roomy", "mid", "fast"]
 
 
+def test_only_while_the_pools_decode_kv_has_headroom():
+    policy = ForwardOnRejection(tpot_headroom=0.4)
+    assert policy.places_by_tpot(40, 100) and policy.places_by_tpot(0, 0)  # nothing known yet: nothing against
+    assert not policy.places_by_tpot(39, 100)  # room decides: the next requests need it
+
+
 def reserved_on(tpot_s: float | None, max_tokens: int) -> str:
     """The decode actor live dispatch reserves a 1000-token prompt's KV on, its transfer 80 ms."""
     prefill = PrefillStandIn("p")

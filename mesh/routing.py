@@ -151,9 +151,10 @@ class CrossScenarioOverflow:
     max_offers: int = 2  # offers to other scenarios' actors per refused pass
     host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
     keep_idle: int = 0  # idle prefill actors each host keeps to itself
-    # other idle actors a host keeps while an idle one takes a guest past host_share (on the tidal mix,
-    # 2 cost 0.9% goodput: chat's tide needs more idle actors than that at once)
-    spare_idle: int = 4
+    # other idle actors a host keeps while an idle one takes a guest past host_share: only a host that
+    # is mostly idle lends for long (on the tidal mix 2 cost 0.9% goodput, chat's tide needing more idle
+    # actors at once; on the bursty mix 4 and 6 cost 4%, 8 none)
+    spare_idle: int = 8
     decode_headroom: float = 0.2  # share of the pool's decode KV that must be free
 
     def due(self, free_kv: int, kv: int) -> bool:

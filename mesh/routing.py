@@ -62,7 +62,7 @@ class ForwardOnRejection:
     offer_timeout_s: float = 10.0
     # share of the pool's decode KV that must be free for a request to go where its TPOT is met rather
     # than where most KV is free: below it, room decides (on the tidal mix, TPOT placement with
-    # decode KV over 60% full cost 0.5% goodput: the next requests wait for the room it took)
+    # decode KV over 60% full cost 1.0% goodput: the next requests wait for the room it took)
     tpot_headroom: float = 0.4
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,

@@ -54,9 +54,11 @@ class Fleet:
             pool = Pool(PoolSpec(spec.name, engine, config.transport_with(transport_secret), dict(spec.hardware),
                                  ttft_budget_s=spec.slo.ttft_s, limits=dict(spec.limits), mode=spec.mode))
             tokenizer = Tokenizer(spec.model)
-            dispatcher = Dispatcher(pool, router, conditional=conditional_for(spec, config.controller.perf_model()),
+            model = config.controller.perf_model()
+            dispatcher = Dispatcher(pool, router, conditional=conditional_for(spec, model),
                                     overflow=CrossScenarioOverflow() if spec.overflow else None,
-                                    priority=spec.priority, neighbours=lambda name=spec.name: self._neighbours(name))
+                                    priority=spec.priority, neighbours=lambda name=spec.name: self._neighbours(name),
+                                    transfer_s=model.prompt_transfer_s)
             self.scenarios[spec.name] = Scenario(spec, config.served_name(spec), pool, dispatcher,
                                                  tokenizer, ChatTemplate(tokenizer), _context_length(engine))
 

@@ -140,7 +140,8 @@ class InferenceService:
             end = self.deadlines.end(start, call.time_left_s)
             request = Request(prep.request_id, prep.prompt_token_ids, prep.params, deadline=end,
                               admission_deadline=self.deadlines.admission(start, call.time_left_s),
-                              ttft_budget_s=prep.scenario.spec.slo.ttft_s, trace_context=tracing.carrier_of(span))
+                              ttft_budget_s=prep.scenario.spec.slo.ttft_s, tpot_s=prep.scenario.spec.slo.tpot_s,
+                              trace_context=tracing.carrier_of(span))
             try:
                 async for chunk in _until(prep.scenario.dispatcher.generate(request, events), end, self.clock,
                                           self._streaming):

@@ -43,7 +43,7 @@ from mesh.errors import MeshError, RequestMoved
 from mesh.serving_mode import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host, meets_tpot
 from mesh.token_feed import Feeds
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Request:
     ttft_budget_s: float | None = None
     trace_context: dict | None = None  # W3C headers of the caller's span: the actors' spans hang under it
     admission_deadline: float = float("inf")  # the first attempt's offers stop here (or at `deadline`)
+    tpot_s: float | None = None  # the scenario's TPOT target: decode actors where it would be met go first
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Attempt:
     deadline: float  # offers stop here: the admission deadline on a first attempt
     end: float  # the request's end
     ttft_budget_s: float | None
+    tpot_s: float | None = None  # the request's TPOT target (None: decode actors by room alone)
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,16 @@ class Dispatcher:
                  clock: Callable[[], float] = time.monotonic, margin_s: float = 0.1,
                  conditional: ConditionalDisaggregation | None = None,
                  overflow: CrossScenarioOverflow | None = None, priority: int = 0,
-                 neighbours: Callable[[], list[Neighbour]] = list):
+                 neighbours: Callable[[], list[Neighbour]] = list,
+                 transfer_s: Callable[[int], float] | None = None):
         """overflow, priority, neighbours: a refused request goes on to the neighbours' prefill
-        actors by this policy (None: never), as a request of this pool's scenario's priority."""
+        actors by this policy (None: never), as a request of this pool's scenario's priority.
+        transfer_s: the predicted KV transfer time of n prompt tokens (the performance model); with
+        a request's tpot_s, the decode actors where it would meet its TPOT are tried first."""
         self.pool = pool
         self.router = router or ForwardOnRejection()
         self.overflow, self.priority, self.neighbours = overflow, priority, neighbours
+        self.transfer_s = transfer_s
         self.conditional = conditional or ConditionalDisaggregation()  # local or remote prefill, in auto mode
         self.prefixes = PrefixIndex()  # which prefill actors likely hold which prompt prefixes
         self.feeds = Feeds()  # the token feeds of the actors this dispatcher sent requests to
@@ -151,7 +157,7 @@ class Dispatcher:
         request = ActorRequest(req.request_id if not attempt else f"{req.request_id}.{attempt}",
                                req.prompt_token_ids, req.params, list(sent), req.trace_context)
         return Attempt(request, min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
-                        req.deadline, req.ttft_budget_s)
+                       req.deadline, req.ttft_budget_s, req.tpot_s)
 
     def _lost(self, member: Member, phase: str, error: Exception) -> "_Again":
         """A call failed as if the actor died: the pool's supervisor hears of it."""
@@ -342,7 +348,7 @@ class Dispatcher:
             members = await self._members(Role.DECODE, lost, step, events)
             align, sizes = self._kv_layout(lost)
             last_error = None
-            for member in self.router.decode_order(members):
+            for member in self.router.decode_order(members, meets=self._tpot_fit(step, members)):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
                     lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align, sizes)
@@ -360,6 +366,20 @@ class Dispatcher:
                 raise MeshError("resource_exhausted", "no decode actor has room for the request's KV",
                                 retry_after_s=last_error.retry_after_s)
             # every one was dead: wait for their replacements, if any come
+
+    def _tpot_fit(self, step: Attempt, decode: list[Member]) -> Callable[[Member], bool] | None:
+        """Whether the attempt would meet its TPOT target on a decode actor (mesh.routing.meets_tpot):
+        its KV transfer as predicted, then the tokens it has left, each at the actor's last measured
+        step time. None when there is nothing to predict it by (no target or no transfer model), or
+        when the decode actors' KV is short by their last reports (`places_by_tpot`)."""
+        loads = [m.info.load for m in decode]
+        if step.tpot_s is None or self.transfer_s is None or not self.router.places_by_tpot(
+                sum(d.free_blocks for d in loads), sum(d.num_blocks for d in loads)):
+            return None
+        request = step.request
+        transfer = self.transfer_s(len(request.token_ids))
+        left = request.params.max_tokens - len(request.output_token_ids)
+        return lambda m: meets_tpot(transfer, m.info.load.decode_step_s, left, step.tpot_s)
 
     def _kv_layout(self, lost: set[str]) -> tuple[int, list[int]]:
         """What a lease is reserved for: whichever prefill actor takes the request sends whole
@@ -436,7 +456,7 @@ class Dispatcher:
             time_left = step.deadline - self.clock()
             if time_left <= 0:
                 return None
-            budget = self.overflow.budget_s(step.ttft_budget_s, host)
+            budget = self.overflow.budget_s(step.ttft_budget_s, host, member)
             try:
                 d = await self._ask(member, step, budget, time_left, 0)
             except _ACTOR_LOST as e:

@@ -30,6 +30,19 @@ def reported_queue(c: Candidate) -> tuple[int, int]:
     return c.info.load.queued_requests, c.info.load.queued_prompt_tokens
 
 
+def reported_free(c: Candidate) -> int:
+    """An actor's free KV by its last report (blocks); what live dispatch orders decode actors by."""
+    return c.info.load.free_blocks
+
+
+def meets_tpot(transfer_s: float, step_s: float, output_tokens: int, tpot_s: float) -> bool:
+    """Whether a request meets its TPOT target when its KV transfer takes transfer_s after the first
+    token and each of its other output_tokens - 1 tokens takes one decode step of step_s: the
+    transfer is spread over those tokens, so with a few of them it may take most of the target."""
+    steps = output_tokens - 1
+    return steps <= 0 or transfer_s + steps * step_s <= steps * tpot_s
+
+
 @dataclass(frozen=True)
 class ForwardOnRejection:
     """Offers go first to the actors likely to hold the longest prefix of the prompt, then
@@ -47,6 +60,10 @@ class ForwardOnRejection:
     # an actor that has not answered an offer by then (its process stalled) counts as rejecting it:
     # an offer is answered at once from the actor's state, so this is far above any answer's time
     offer_timeout_s: float = 10.0
+    # share of the pool's decode KV that must be free for a request to go where its TPOT is met rather
+    # than where most KV is free: below it, room decides (on the tidal mix, TPOT placement with
+    # decode KV over 60% full cost 1.0% goodput: the next requests wait for the room it took)
+    tpot_headroom: float = 0.4
 
     def prefill_order(self, members: Sequence[C], cached_tokens: Mapping[Hashable, int] | None = None,
                       queue: Callable[[C], tuple[int, int]] = reported_queue) -> list[C]:
@@ -63,9 +80,24 @@ class ForwardOnRejection:
         first = {m.actor_id for m in holders}
         return holders + [m for m in idle_first if m.actor_id not in first]
 
-    def decode_order(self, members: Sequence[C]) -> list[C]:
-        """The most free KV blocks first: reservation is by blocks, and room spreads the load."""
-        return sorted(members, key=lambda m: -m.info.load.free_blocks)
+    def decode_order(self, members: Sequence[C], free: Callable[[C], int] = reported_free,
+                     meets: Callable[[C], bool] | None = None) -> list[C]:
+        """The most free KV first: reservation is by blocks, and room spreads the load. meets: whether
+        the request would meet its TPOT target on an actor, as predicted (None: not predicted); the
+        actors where it would come first, the most free of them, so that a request whose KV
+        transfer takes most of its TPOT (a long prompt, a few output tokens) decodes where its few
+        steps are fast enough. When it would meet it nowhere, or everywhere, the order is by room
+        alone. free: as `queue` in prefill_order. Only while `places_by_tpot`."""
+        by_room = sorted(members, key=lambda m: -free(m))
+        if meets is None:
+            return by_room
+        fits = [meets(m) for m in by_room]
+        return [m for m, ok in zip(by_room, fits) if ok] + [m for m, ok in zip(by_room, fits) if not ok]
+
+    def places_by_tpot(self, free_kv: int, kv: int) -> bool:
+        """Whether a pool whose decode actors have free_kv of kv KV (blocks or tokens; kv 0: not known
+        yet) places decode KV by the request's predicted TPOT (`decode_order` with `meets`)."""
+        return not kv or free_kv >= self.tpot_headroom * kv
 
     def may_offer(self, offers: int, time_left_s: float) -> bool:
         return offers < self.max_forwards and time_left_s > 0
@@ -103,7 +135,10 @@ class CrossScenarioOverflow:
     The host's own requests come first: an actor takes a guest only while its queue, the
     guest included, stays within `host_share` of the host's own TTFT target (at 1, a guest
     delays the host's next request no more than one of its own within its target would; the
-    actor's admission still refuses that request if it would miss), only hosts whose priority
+    actor's admission still refuses that request if it would miss), or, when the actor is idle
+    and the host has `spare_idle` other idle actors, within the request's own budget (a prompt
+    longer than the host's target allows, an xlong one on a long scenario's actor: the host's
+    next request finds one of the idle actors it keeps), only hosts whose priority
     is not above the request's scenario's are asked, lower priority hosts first, and the host
     keeps `keep_idle` idle actors to itself. An offer is taken only when the actor predicts the first token
     within that budget: an idle actor accepts anything (mesh.admission), and a prefill that
@@ -116,6 +151,10 @@ class CrossScenarioOverflow:
     max_offers: int = 2  # offers to other scenarios' actors per refused pass
     host_share: float = 1.0  # of the host's TTFT target, what its queue may hold with a guest in it
     keep_idle: int = 0  # idle prefill actors each host keeps to itself
+    # other idle actors a host keeps while an idle one takes a guest past host_share: only a host that
+    # is mostly idle lends for long (on the tidal mix 2 cost 0.9% goodput, chat's tide needing more idle
+    # actors at once; on the bursty mix 4 and 6 cost 4%, 8 none)
+    spare_idle: int = 8
     decode_headroom: float = 0.2  # share of the pool's decode KV that must be free
 
     def due(self, free_kv: int, kv: int) -> bool:
@@ -134,9 +173,15 @@ class CrossScenarioOverflow:
             found += [(host, m) for m in members[min(idle, self.keep_idle):]]
         return sorted(found, key=lambda hm: (hm[0].priority, queue(hm[1])))[:self.max_offers]
 
-    def budget_s(self, ttft_budget_s: float | None, host: Host) -> float:
-        """The TTFT budget an offer to the host's actor names: the request's, within the host's share."""
+    def budget_s(self, ttft_budget_s: float | None, host: Host[C], member: C,
+                 queue: Callable[[C], tuple[int, int]] = reported_queue) -> float:
+        """The TTFT budget an offer to the host's actor `member` names: the request's, within the
+        host's share unless the actor is idle and the host keeps `spare_idle` others idle (host.members
+        must hold at least its spare_idle + 1 least queued actors for them to be counted)."""
         share = self.host_share * host.ttft_s
+        idle = sum(queue(m)[0] == 0 for m in host.members)
+        if ttft_budget_s is not None and queue(member)[0] == 0 and idle > self.spare_idle:
+            return ttft_budget_s
         return share if ttft_budget_s is None else min(ttft_budget_s, share)
 
     def takes(self, reply: OfferReply, budget_s: float) -> bool:

@@ -156,8 +156,7 @@ class RatioController:
         # a request's decode KV is leased before its prefill: held through the prefill and
         # the transfer (queueing before prefill shows up as attainment, and is boosted for)
         prompt, pm = obs.mean_prompt, models.prefill
-        hold = pm.prefill_s(prompt, prompt * prompt) + pm.transfer_s(
-            pm.transfer_ops(int(prompt), True), prompt * pm.kv_bytes_per_token)
+        hold = pm.prefill_s(prompt, prompt * prompt) + pm.prompt_transfer_s(prompt)
         cap = models.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
         p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
         d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)

@@ -85,6 +85,10 @@ class PerfModel:
         per_layer = 1 if contiguous else math.ceil(prompt_tokens / self.block_tokens)
         return 2 * self.layers * per_layer
 
+    def prompt_transfer_s(self, prompt_tokens: int, contiguous: bool = True) -> float:
+        """The time to send a prompt's KV from a prefill actor to a decode actor."""
+        return self.transfer_s(self.transfer_ops(prompt_tokens, contiguous), prompt_tokens * self.kv_bytes_per_token)
+
     def capacity(self, mean_prompt: float, mean_output: float, tpot_s: float,
                  prompt_sq_mean: float | None = None, hold_s: float = 0.0) -> Capacity:
         """Per-actor rates for a workload: prefill batches fill the token budget; decode

@@ -152,6 +152,21 @@ class Actor:
         alpha = self.da + self.db * self.size + self.dc * self.ctx
         return self.t0 + k * (alpha + 0.5 * self.dc * self.size * k)
 
+    def step_s_at(self, now: float, dt: float, tokens: int, prompt: list[int], output: list[int]) -> float:
+        """The step time predicted `dt` after `now` once a sequence of `tokens` context has joined:
+        the members done by then (at the current step time) have left, the others have grown, and the
+        KV reserved for requests still in prefill has joined."""
+        self.advance(now)
+        k = dt / (self.da + self.db * self.size + self.dc * self.ctx) if self.size else 0.0
+        held = stay = 0
+        ctx = float(tokens)
+        for end, rid in self.members:
+            held += prompt[rid] + output[rid]
+            if end > self.steps + k:
+                stay += 1
+                ctx += prompt[rid] + output[rid] - (end - self.steps) + k
+        return self.da + self.db * (stay + 1) + self.dc * (ctx + self.reserved - held)
+
     def join(self, rid: int, prompt: int, output: int) -> None:
         """A sequence enters the batch after its first token (sampled by prefill): output-1 steps."""
         heapq.heappush(self.members, (self.steps + output - 1, rid))

@@ -16,10 +16,11 @@ import heapq
 import math
 import time
 from operator import attrgetter
+from typing import Callable
 
 from gateway.observe import LoadWindow
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host, meets_tpot
 from mesh.roles import Role
 from simtests.actors import Actor
 from simtests.cluster import Cluster, Variant
@@ -174,14 +175,44 @@ class Simulator:
             self._offer(pool, rid)
 
     def _reserve(self, pool: SimPool, rid: int) -> bool:
+        """On the decode actor first in the router's order (`decode_order`, as live dispatch calls it)
+        that has room: the most free, unless the request would miss its TPOT target there and meet
+        it on another (`_tpot_fit`). The full order is only built in that case."""
         need = self.prompt[rid] + self.output[rid]
         a = pool.most_free(self.actors)
         if a is None or a.free < need:
             return False
+        meets = self._tpot_fit(pool, rid)
+        if meets is not None and not meets(a):
+            roomy = [self.actors[d] for d in pool.decode if self.actors[d].free >= need]
+            a = self.forwarding.decode_order(roomy, attrgetter("free"), meets)[0]
         a.reserved += need
         pool.note_kv(a, self.actors)
         self.decode_of[rid] = a.id
         return True
+
+    def _tpot_fit(self, pool: SimPool, rid: int) -> Callable[[Actor], bool] | None:
+        """Whether rid would meet its TPOT target on a decode actor (mesh.routing.meets_tpot): its KV
+        transfer, then its steps there as the actor predicts them for when its KV arrives (its prompt
+        prefilled alone, then sent). None when it would miss it even on an empty actor, or when the
+        pool's decode KV is short (`ForwardOnRejection.places_by_tpot`): then room alone orders them
+        (or when it has no TPOT: one output token)."""
+        model, p, out, target = self.cluster.models[self.names[self.scen[rid]]], self.prompt[rid], \
+            self.output[rid], self.tpot_target[self.scen[rid]]
+        transfer = model.prompt_transfer_s(p, self.contiguous)
+        if out <= 1 or not meets_tpot(transfer, model.decode_step_s(1, p), out, target):
+            return None
+        decode = [self.actors[d] for d in pool.decode]
+        if not self.forwarding.places_by_tpot(sum(a.free for a in decode), sum(a.capacity for a in decode)):
+            return None
+        arrives_s = model.prefill_s(p, p * p) + transfer
+        prompt, output, now = self.prompt, self.output, self.now
+
+        def meets(a: Actor) -> bool:
+            # at most the step with all of a's reserved KV in the batch: when that meets it, no need to predict
+            return (meets_tpot(transfer, model.decode_step_s(a.size + 1, a.reserved + p), out, target)
+                    or meets_tpot(transfer, a.step_s_at(now, arrives_s, p, prompt, output), out, target))
+        return meets
 
     def _offer(self, pool: SimPool, rid: int) -> None:
         """Forward on rejection as live dispatch does it (`mesh.dispatch`): one pass over the pool in
@@ -228,9 +259,10 @@ class Simulator:
         if not ov.due(sum(a.free for a in decode), sum(a.capacity for a in decode)):
             return False
         hosts = [Host(specs[h].name, specs[h].priority, specs[h].slo.ttft_s,
-                      self.pools[h].least_queued(actors, ov.max_offers + ov.keep_idle)) for h in self.hosts[k]]
+                      self.pools[h].least_queued(actors, ov.max_offers + ov.keep_idle + ov.spare_idle))
+                 for h in self.hosts[k]]
         for host, a in ov.candidates(specs[k].priority, hosts, _queue):
-            budget_s = ov.budget_s(budget, host)
+            budget_s = ov.budget_s(budget, host, a, _queue)
             d = self.admission.decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
                                       Offer(self.prompt[rid], budget_s, time_left))
             taken = ov.takes(d, budget_s)
@@ -314,10 +346,9 @@ class Simulator:
 
     def _send(self, a: Actor, batch: list[int]) -> None:
         """KV to each request's decode actor, one after another on this actor's link."""
-        model, now, kvb = a.model, self.now, a.model.kv_bytes_per_token
+        model, now = a.model, self.now
         for rid in batch:
-            p = self.prompt[rid]
-            seconds = model.transfer_s(model.transfer_ops(p, self.contiguous), p * kvb)
+            seconds = model.prompt_transfer_s(self.prompt[rid], self.contiguous)
             a.link_free = max(now, a.link_free) + seconds
             self.xfer[rid] = seconds
             self._push(a.link_free, TRANSFER_DONE, rid, 0)

@@ -48,10 +48,23 @@ def test_a_host_keeps_its_idle_actors_to_itself():
 
 def test_the_offer_names_the_hosts_share_of_its_own_ttft_when_that_is_less():
     policy = CrossScenarioOverflow(host_share=0.5)
-    host = Host("a", 0, 2.0, [])
-    assert policy.budget_s(3.0, host) == 1.0  # the host's share
-    assert policy.budget_s(0.4, host) == 0.4  # the request's own budget
-    assert policy.budget_s(None, host) == 1.0
+    busy = Actor("a1", 1)
+    host = Host("a", 0, 2.0, [busy])
+    assert policy.budget_s(3.0, host, busy) == 1.0  # the host's share
+    assert policy.budget_s(0.4, host, busy) == 0.4  # the request's own budget
+    assert policy.budget_s(None, host, busy) == 1.0
+
+
+def test_an_idle_actor_takes_a_guest_past_the_hosts_share_while_the_host_keeps_others_idle():
+    policy = CrossScenarioOverflow(host_share=1.0, spare_idle=2)
+    idle = [Actor(f"a{k}") for k in range(3)]
+    # two other idle actors stay for the host's next requests: the request's own budget
+    assert policy.budget_s(12.0, Host("a", 0, 4.0, idle), idle[0]) == 12.0
+    # one other idle actor is not enough, and a queued actor keeps to the host's share however many idle
+    assert policy.budget_s(12.0, Host("a", 0, 4.0, idle[:2]), idle[0]) == 4.0
+    busy = Actor("b", 1)
+    assert policy.budget_s(12.0, Host("a", 0, 4.0, [*idle, busy]), busy) == 4.0
+    assert policy.budget_s(None, Host("a", 0, 4.0, idle), idle[0]) == 4.0  # no budget of its own: the share
 
 
 def test_only_an_answer_predicting_the_first_token_within_the_budget_places_the_request():

@@ -12,6 +12,7 @@ in `pdmesh status`; flips to a role outside the pool's mode now are refused."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -61,6 +62,10 @@ def switching(checkpoint, ray_cluster, fault_log):
         env.setenv("PDMESH_FAULT_LOG", fault_log)
         gateway = serving(config)
         running = gateway.__enter__()  # the pools read the faults when made
+    # A held actor is stopped until the switch drains it, however long a loaded host takes to
+    # get there: it must not be called dead for the load reports it misses meanwhile.
+    for supervisor in running.gateway.fleet.supervisors:
+        supervisor.policy = dataclasses.replace(supervisor.policy, max_missed_reports=10**6)
     try:
         yield running
     finally:

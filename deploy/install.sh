@@ -85,6 +85,6 @@ if [[ ",${1:-}," == *,test,* || ",${1:-}," == *,dev,* ]] && ! command -v prometh
 fi
 # pyenv's shims only see a new console script after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
-# The CPU decode-attention kernel is compiled on first use; build it now, so that no
+# The CPU kernels (decode attention, few-row products) are compiled on first use; build it now, so that no
 # actor's first start waits for the compiler (it says why if it cannot be built).
-"$python" -c "from mesh.engine import paged_decode; paged_decode.available()" || true
+"$python" -c "from mesh.engine import cpu_kernels; cpu_kernels.available()" || true

@@ -1,24 +1,38 @@
-"""Projections with an optional oneDNN-blocked copy of the weight, for steps on CPU.
+"""Projections with optional copies of the weight laid out for steps on CPU.
 
 MKL's plain fp32 GEMM re-lays the weight out on every call, which dominates for
 a few rows: on the small model (2 cores, AVX-512 with bf16 units), a decode step
 took 29-30 ms at batch 1 and 53-58 ms at batch 2 with plain weights, 22 and 25
 ms with weights blocked once for oneDNN (the LM head's 32000 x 768 product ran
 at 6-7 GFLOP/s plain, 13-55 blocked, for 1-3 rows). Prefill chunks (512 and
-2048 rows) run faster blocked too, as vLLM's CPU build runs them.
+2048 rows) run faster blocked too, as vLLM's CPU build runs them. A decode
+step's few rows are bound by reading the weights, which oneDNN's blocked product
+did at 21-24 GB/s of the host's 30: up to FEW_ROWS_MAX rows go through the
+few-row kernel (csrc/few_row_linear.cpp) and its own copy of the weight instead
+(the small model's 12 layers at 8 rows: 8.6 against 12.8 ms).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesh.engine import cpu_kernels
+
+log = logging.getLogger(__name__)
+
 # Rows for which the blocked weight wins (measured, plain vs blocked GFLOP/s of the qkv, gate_up and
 # down products: 1 row 27/26/30 vs 40/59/54, 8 rows 78/66/57 vs 143/176/155, 512 rows 194/164/174 vs
 # 205/201/207, 2048 rows 190/158/196 vs 212/182/216): every step up to the CPU's step budget (2048).
 PACKED_MIN_ROWS, PACKED_MAX_ROWS = 1, 2048
+# Rows up to which the few-row kernel beats oneDNN's blocked product (12 layers of the small
+# model, cold weights: 1 row 9.6 vs 12.2 ms, 4 rows 7.5 vs 9.8, 8 rows 8.6 vs 12.8, 16 rows even).
+FEW_ROWS_MAX = 8
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -27,35 +41,57 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def should_pack(requested: bool | None, device: torch.device, dtype: torch.dtype, weight_bytes: int) -> bool:
-    """Whether to keep blocked copies: as asked, or by default when they cannot crowd the host's
-    memory (the copies double the weights' footprint)."""
+    """Whether to keep the CPU copies: as asked, or by default when they cannot crowd the host's
+    memory (with the two copies the weights take three times their size)."""
     if not packing_supported(device, dtype):
         return False
     if requested is not None:
         return requested
     host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return weight_bytes * 4 <= host_bytes
+    return weight_bytes * 6 <= host_bytes
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A oneDNN-blocked copy of a [out, in] weight (same values, another memory layout)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
+@dataclass(frozen=True)
+class PackedWeight:
+    """A [out, in] weight's copies for CPU products: oneDNN-blocked, and for the few-row kernel
+    (None where the kernel is not built or is switched off)."""
+    blocked: torch.Tensor
+    few_rows: torch.Tensor | None
+    out_features: int
 
 
-def uses_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
-    """Whether x has a row count for which the blocked copy wins (and there is one)."""
+@functools.cache
+def few_row_kernel() -> bool:
+    """Whether the few-row kernel runs here (PDMESH_FEW_ROW_KERNEL=0 keeps oneDNN, to compare)."""
+    if os.environ.get("PDMESH_FEW_ROW_KERNEL", "1") == "0":
+        log.info("few-row linear kernel off (PDMESH_FEW_ROW_KERNEL=0): oneDNN runs every product")
+        return False
+    return cpu_kernels.available()
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
+    """The weight's CPU copies (same values, other memory layouts)."""
+    w = weight.detach().contiguous()
+    few = torch.ops.pdmesh.few_row_pack(w) if few_row_kernel() else None
+    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, 16), few, w.shape[0])
+
+
+def uses_packed(x: torch.Tensor, packed: PackedWeight | None) -> bool:
+    """Whether x has a row count for which a packed copy wins (and there is one)."""
     return packed is not None and PACKED_MIN_ROWS <= x.numel() // x.shape[-1] <= PACKED_MAX_ROWS
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias through the weight's blocked copy."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through the copy that suits x's row count."""
+    if packed.few_rows is not None and x.numel() // x.shape[-1] <= FEW_ROWS_MAX:
+        return torch.ops.pdmesh.few_row_linear(x, packed.few_rows, bias, packed.out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.blocked, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
-    """nn.Linear that `pack()` gives a blocked copy of its weight for many-row products."""
+    """nn.Linear that `pack()` gives CPU copies of its weight (PackedWeight)."""
 
-    packed: torch.Tensor | None = None
+    packed: PackedWeight | None = None
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight)

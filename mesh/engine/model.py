@@ -19,7 +19,7 @@ from torch import nn
 
 from mesh.engine.attention import AttentionMetadata, paged_attention
 from mesh.engine.kv_cache import KVCache
-from mesh.engine.linear import Linear, RowParallelLinear, pack_weight, packed_linear, uses_packed
+from mesh.engine.linear import Linear, PackedWeight, RowParallelLinear, pack_weight, packed_linear, uses_packed
 from mesh.engine.model_config import ModelConfig
 from mesh.engine.parallel import Collectives
 from mesh.engine.rope import RotaryEmbedding, apply_rotary
@@ -108,11 +108,11 @@ class CausalLM(nn.Module):
         # few-row product with it streams the weights at memory speed on CPU, where a linear over
         # [vocab, hidden] runs at about half that.
         self.lm_head_t = nn.Parameter(torch.empty(cfg.hidden_size, vocab_rows))
-        self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_packed: PackedWeight | None = None
         self.rope = rope
 
     def pack(self) -> None:
-        """Also keep oneDNN-blocked copies of every projection's weight (see linear.py)."""
+        """Also keep CPU copies of every projection's weight (see linear.py)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()

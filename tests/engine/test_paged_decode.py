@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mesh.engine import paged_decode
+from mesh.engine import cpu_kernels, paged_decode
 from mesh.engine.attention import AttentionMetadata, paged_attention
 
 
@@ -83,7 +83,7 @@ def test_kernel_refuses_mismatched_inputs():
 def test_a_built_kernel_loads_past_a_lock_file_left_in_its_folder():
     """A process killed while torch's build step held its lock file leaves the file behind;
     a built kernel loads without that step, so later engines still start."""
-    lock = paged_decode.library_path().parent / "lock"
+    lock = cpu_kernels.library_path().parent / "lock"
     lock.touch()
     try:
         code = "from mesh.engine import paged_decode; assert paged_decode.available()"

@@ -211,7 +211,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
-TORCH_LIBRARY(pdmesh, m) {
+TORCH_LIBRARY_FRAGMENT(pdmesh, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, Tensor lo, Tensor hi, "
         "int block_size, float scale) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);

@@ -5,7 +5,9 @@ the prompt chunks being prefilled. On CPU decodes read their KV in place
 through the paged-decode kernel (mesh/engine/paged_decode.py); elsewhere, or
 where it cannot be built, they share one batched attention call over KV
 gathered into [batch, max_context]. Each prefill chunk attends over its
-own context, which is a zero-copy slice of the cache when its blocks are one run.
+own context, which is a zero-copy slice of the cache when its blocks are one run:
+on CPU through the prompt-attention kernel (mesh/engine/prefill_attention.py) where
+it runs the model, elsewhere through SDPA with the chunk's mask.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh.engine.paged_decode import paged_decode
+from mesh.engine.prefill_attention import prefill_attention
 
 
 @dataclass
@@ -23,7 +26,7 @@ class PrefillChunk:
     q_len: int
     ctx_len: int  # tokens before and in this chunk
     ctx_slots: torch.Tensor | slice  # cache slots of the context, in token order
-    mask: torch.Tensor | None  # from causal_mask; None for plain causal
+    mask: torch.Tensor | None  # from causal_mask; None for plain causal (and for the kernel)
 
 
 @dataclass
@@ -39,6 +42,9 @@ class AttentionMetadata:
     decode_hi: torch.Tensor | None = None
     block_size: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # prefill chunks through the prompt-attention kernel, with the model's sliding window
+    prefill_kernel: bool = False
+    window: int | None = None
 
 
 def causal_mask(q_len: int, ctx_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -76,6 +82,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = o.reshape(nd, -1, dim)  # CUDA's SDPA may return it non-contiguous
     for c in meta.prefills:
+        if meta.prefill_kernel:
+            out[c.q_start:c.q_start + c.q_len] = prefill_attention(
+                q[c.q_start:c.q_start + c.q_len], _rows(k_slots, c.ctx_slots), _rows(v_slots, c.ctx_slots),
+                meta.window, scale)
+            continue
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
         kk = _rows(k_slots, c.ctx_slots).transpose(0, 1).unsqueeze(0)
         vv = _rows(v_slots, c.ctx_slots).transpose(0, 1).unsqueeze(0)

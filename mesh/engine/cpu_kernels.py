@@ -20,7 +20,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_FOLDER = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_FOLDER.glob("*.cpp"))
 
 
 @functools.cache
@@ -51,7 +52,7 @@ def library_path() -> Path:
     """Where the kernels for this CPU and these sources are built (torch's extensions folder)."""
     from torch.utils import cpp_extension
     digest = hashlib.sha256(_cpu_flags().encode())
-    for source in _SOURCES:
+    for source in sorted(_FOLDER.glob("*.[ch]*")):  # the headers too
         digest.update(source.read_bytes())
     name = f"pdmesh_cpu_kernels_{digest.hexdigest()[:16]}"
     return Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"

@@ -24,7 +24,7 @@ from mesh.engine.attention import AttentionMetadata, PrefillChunk, causal_mask
 from mesh.engine.errors import SequenceError
 from mesh.engine.faults import StepFaults
 from mesh.engine.kv_cache import KVCache
-from mesh.engine import paged_decode
+from mesh.engine import paged_decode, prefill_attention
 from mesh.engine.model import CausalLM
 from mesh.engine.parallel import TensorParallelError
 from mesh.engine.sampler import sample
@@ -90,6 +90,9 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.faults = faults
         self.decode_kernel = self.device.type == "cpu" and paged_decode.available()
+        layer = model.layers[0]
+        self.prefill_kernel = prefill_attention.usable(self.device, kv.pool.dtype, layer.head_dim, layer.num_heads,
+                                                       layer.num_kv_heads)
         # On an accelerator a layer's kernels run after the host moved on. A worker rank writes
         # its KV on its own stream before its part of the layer's all-reduce, so once this
         # rank's stream has finished the layer, every rank's KV of it is in place: a layer hook
@@ -155,7 +158,7 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         sample_at: list[int] = []
         sample_seqs: list[Sequence] = []
-        meta = AttentionMetadata(slot_mapping=torch.empty(0))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), prefill_kernel=self.prefill_kernel, window=self.window)
 
         if batch.decodes:
             seqs = batch.decodes
@@ -197,8 +200,8 @@ class ModelRunner:
                 ctx_slots = torch.tensor(blocks, device=dev)[span // bs] * bs + span % bs
                 slot_parts.append(ctx_slots[start:])
             pos_parts.append(torch.arange(start, end, device=dev))
-            meta.prefills.append(PrefillChunk(q_start, n, end, ctx_slots,
-                                              causal_mask(n, end, self.window, dev)))
+            mask = None if self.prefill_kernel else causal_mask(n, end, self.window, dev)
+            meta.prefills.append(PrefillChunk(q_start, n, end, ctx_slots, mask))
             if end == seq.num_tokens:
                 sample_at.append(len(ids) - 1)
                 sample_seqs.append(seq)

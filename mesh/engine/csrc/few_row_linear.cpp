@@ -15,18 +15,18 @@
 #include <array>
 #include <utility>
 
+#include "vec.h"
+
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-constexpr int LANES = 16;
+using namespace pdmesh_vec;
+
 #ifdef __AVX512F__
 constexpr int NV = 2, MB = 8;  // 16 accumulators and 2 weight vectors of the 32 zmm registers
 #else
 constexpr int NV = 1, MB = 6;  // a vf is two ymm halves: 12 + 2 of the 16 registers
 #endif
 constexpr int NB = NV * LANES;
-
-inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
 
 // rows input rows of x (ldx apart) times one weight block; y gets the block's n_valid outputs.
 template <int R>

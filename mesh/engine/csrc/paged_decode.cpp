@@ -13,7 +13,11 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using namespace pdmesh_vec;
 
 // Positions of a sequence's attended tokens as element offsets of their rows for KV head h.
 inline void row_offsets(const int64_t* blocks, int64_t first, int64_t n, int64_t block_size,
@@ -25,59 +29,9 @@ inline void row_offsets(const int64_t* blocks, int64_t first, int64_t n, int64_t
   }
 }
 
-// float32 vectors of 16 lanes (AVX-512, or two AVX2 halves).
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
-constexpr int LANES = 16;
-
-inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < LANES; ++i) s += v[i];
-  return s;
-}
-inline vf splat(float x) { return vf{} + x; }
-
-// e^x for x <= 0, 16 at a time (Cephes' expf: x = n ln2 + r, e^r by a degree-6 polynomial,
-// 2^n through the exponent bits; relative error ~1e-7). The scalar std::exp of every score
-// took most of a decode's attention time.
-inline vf exp_nonpositive(vf x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;  // e^-87 ~ 1.6e-38: the smallest normal's order
-  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln2), x <= 0
-  const vf nf = __builtin_convertvector(n, vf);
-  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf e = p * r * r + r + 1.0f;
-  const vi bits = (n + 127) << 23;
-  vf two_n;
-  __builtin_memcpy(&two_n, &bits, sizeof two_n);
-  return e * two_n;
-}
-
 // Softmax of each query head's scores in place, left unnormalised: inv gets 1 / each head's sum.
 inline void softmax(float* scores, int64_t group, int64_t n, float* inv) {
-  const int64_t whole = n - n % LANES;
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-    vf total = vf{};
-    for (int64_t t = 0; t < whole; t += LANES) {
-      const vf e = exp_nonpositive(load(s + t) - m);
-      store(s + t, e);
-      total += e;
-    }
-    float rest = 0.f;
-    for (int64_t t = whole; t < n; ++t) rest += (s[t] = std::exp(s[t] - m));
-    const float sum = hsum(total) + rest;
-    inv[g] = sum > 0.f ? 1.f / sum : 0.f;
-  }
+  for (int64_t g = 0; g < group; ++g) inv[g] = softmax_unnormalised(scores + g * n, n);
 }
 
 // The float32 kernel below holds the head size and group at compile time: each K and V row

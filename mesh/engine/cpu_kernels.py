@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -46,6 +47,16 @@ def available() -> bool:
         log.warning("CPU kernels not built (%s); running torch's ops instead, slower: install g++ and "
                     "ninja to build them", str(e).splitlines()[0] if str(e) else e)
         return False
+
+
+@functools.cache
+def enabled(switch: str) -> bool:
+    """Whether the kernel that the environment variable `switch` governs runs here: built, and
+    not switched off (switch=0 runs torch's ops instead, to compare the two)."""
+    if os.environ.get(switch, "1") == "0":
+        log.info("%s=0: a CPU kernel is switched off, torch's ops run instead", switch)
+        return False
+    return available()
 
 
 def library_path() -> Path:

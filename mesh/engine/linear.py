@@ -13,8 +13,6 @@ few-row kernel (csrc/few_row_linear.cpp) and its own copy of the weight instead
 """
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from dataclasses import dataclass
 
@@ -23,8 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesh.engine import cpu_kernels
-
-log = logging.getLogger(__name__)
 
 # Rows for which the blocked weight wins (measured, plain vs blocked GFLOP/s of the qkv, gate_up and
 # down products: 1 row 27/26/30 vs 40/59/54, 8 rows 78/66/57 vs 143/176/155, 512 rows 194/164/174 vs
@@ -60,13 +56,9 @@ class PackedWeight:
     out_features: int
 
 
-@functools.cache
 def few_row_kernel() -> bool:
     """Whether the few-row kernel runs here (PDMESH_FEW_ROW_KERNEL=0 keeps oneDNN, to compare)."""
-    if os.environ.get("PDMESH_FEW_ROW_KERNEL", "1") == "0":
-        log.info("few-row linear kernel off (PDMESH_FEW_ROW_KERNEL=0): oneDNN runs every product")
-        return False
-    return cpu_kernels.available()
+    return cpu_kernels.enabled("PDMESH_FEW_ROW_KERNEL")
 
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight:

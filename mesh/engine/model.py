@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesh.engine import cpu_kernels
 from mesh.engine.attention import AttentionMetadata, paged_attention
 from mesh.engine.kv_cache import KVCache
 from mesh.engine.linear import Linear, PackedWeight, RowParallelLinear, pack_weight, packed_linear, uses_packed
@@ -29,9 +30,12 @@ from mesh.engine.shard import Shard
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's RMSNorm over the last dim: normalise in fp32, cast back, then scale.
 
-    weight may have more dims than the last (one row per head), and broadcasts.
+    weight may have more dims than the last (one row per head), and broadcasts. fp32 rows on
+    CPU go through the norm kernel (csrc/rms_norm.cpp; PDMESH_NORM_KERNEL=0 runs torch's).
     """
     if x.dtype == torch.float32 and weight.dim() == 1:
+        if x.device.type == "cpu" and cpu_kernels.enabled("PDMESH_NORM_KERNEL"):
+            return torch.ops.pdmesh.rms_norm(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 

@@ -8,24 +8,14 @@ the gather path.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
-
 import torch
 
 from mesh.engine import cpu_kernels
 
-log = logging.getLogger(__name__)
 
-
-@functools.cache
 def available() -> bool:
     """Whether torch.ops.pdmesh.paged_decode can run here and is not switched off."""
-    if os.environ.get("PDMESH_DECODE_KERNEL", "1") == "0":
-        log.info("decode attention kernel off (PDMESH_DECODE_KERNEL=0): decoding through gathered KV")
-        return False
-    return cpu_kernels.available()
+    return cpu_kernels.enabled("PDMESH_DECODE_KERNEL")
 
 
 def paged_decode(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, table: torch.Tensor,

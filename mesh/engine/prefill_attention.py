@@ -8,14 +8,9 @@ SDPA with a mask.
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
 from mesh.engine import cpu_kernels
-
-log = logging.getLogger(__name__)
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_GROUP = 8
@@ -27,10 +22,7 @@ def usable(device: torch.device, dtype: torch.dtype, head_dim: int, heads: int, 
         return False
     if heads % kv_heads or heads // kv_heads > MAX_GROUP:
         return False
-    if os.environ.get("PDMESH_PREFILL_KERNEL", "1") == "0":
-        log.info("prompt attention kernel off (PDMESH_PREFILL_KERNEL=0): prompts run torch's SDPA")
-        return False
-    return cpu_kernels.available()
+    return cpu_kernels.enabled("PDMESH_PREFILL_KERNEL")
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,

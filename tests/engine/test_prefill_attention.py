@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from mesh.engine import prefill_attention
+from mesh.engine import cpu_kernels, prefill_attention
 from mesh.engine.attention import AttentionMetadata, PrefillChunk, causal_mask, paged_attention
 
 
@@ -73,4 +73,8 @@ def test_other_models_and_devices_keep_sdpa(dtype, dim, heads, kv_heads, device)
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("PDMESH_PREFILL_KERNEL", "0")
-    assert not prefill_attention.usable(torch.device("cpu"), torch.float32, 64, 12, 4)
+    cpu_kernels.enabled.cache_clear()
+    try:
+        assert not prefill_attention.usable(torch.device("cpu"), torch.float32, 64, 12, 4)
+    finally:
+        cpu_kernels.enabled.cache_clear()

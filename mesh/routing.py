@@ -30,6 +30,11 @@ def reported_queue(c: Candidate) -> tuple[int, int]:
     return c.info.load.queued_requests, c.info.load.queued_prompt_tokens
 
 
+def count_idle(members: Sequence[C], queue: Callable[[C], tuple[int, int]] = reported_queue) -> int:
+    """How many of the actors are idle: no request queued for prefill (`queue`'s first figure 0)."""
+    return sum(queue(m)[0] == 0 for m in members)
+
+
 def reported_free(c: Candidate) -> int:
     """An actor's free KV by its last report (blocks); what live dispatch orders decode actors by."""
     return c.info.load.free_blocks
@@ -169,8 +174,7 @@ class CrossScenarioOverflow:
         found = []
         for host in sorted((h for h in hosts if h.priority <= priority), key=lambda h: h.priority):
             members = sorted(host.members, key=queue)
-            idle = sum(queue(m)[0] == 0 for m in members)
-            found += [(host, m) for m in members[min(idle, self.keep_idle):]]
+            found += [(host, m) for m in members[min(count_idle(members, queue), self.keep_idle):]]
         return sorted(found, key=lambda hm: (hm[0].priority, queue(hm[1])))[:self.max_offers]
 
     def budget_s(self, ttft_budget_s: float | None, host: Host[C], member: C,
@@ -179,8 +183,8 @@ class CrossScenarioOverflow:
         host's share unless the actor is idle and the host keeps `spare_idle` others idle (host.members
         must hold at least its spare_idle + 1 least queued actors for them to be counted)."""
         share = self.host_share * host.ttft_s
-        idle = sum(queue(m)[0] == 0 for m in host.members)
-        if ttft_budget_s is not None and queue(member)[0] == 0 and idle > self.spare_idle:
+        spare = count_idle(host.members, queue) > self.spare_idle
+        if ttft_budget_s is not None and queue(member)[0] == 0 and spare:
             return ttft_budget_s
         return share if ttft_budget_s is None else min(ttft_budget_s, share)
 

@@ -11,10 +11,13 @@ does live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
 
 from mesh.api import ActorReport, OfferReply
 from mesh.errors import MeshError
+
+if TYPE_CHECKING:
+    from mesh.pool import Pool
 
 
 class Candidate(Protocol):
@@ -127,6 +130,17 @@ class Host(Generic[C]):
     priority: int  # the scenario's (scenarios.spec.ScenarioSpec.priority)
     ttft_s: float  # the scenario's TTFT target
     members: Sequence[C]  # its serving prefill actors
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Another scenario's pool of the same model, whose prefill actors may take this pool's refused
+    requests: the live pool (mesh.pool) that mesh.dispatch offers them to, the policy seeing its
+    serving prefill actors as a Host."""
+    scenario: str
+    priority: int
+    ttft_s: float  # its TTFT target
+    pool: Pool
 
 
 @dataclass(frozen=True)

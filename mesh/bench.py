@@ -36,7 +36,8 @@ def percentile(values: list[float], q: float) -> float:
 async def serve_set(pool, requests: list[list[int]], output_tokens: int, concurrency: int,
                     phase: str = "requests") -> dict:
     from mesh.api import SamplingParams
-    from mesh.dispatch import Dispatcher, Request
+    from mesh.attempt import Request
+    from mesh.dispatch import Dispatcher
 
     dispatcher = Dispatcher(pool)
     ttft, second, gap, tpot, transfer_s, transfer_gbps, exposed_s = [], [], [], [], [], [], []

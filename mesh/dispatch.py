@@ -20,9 +20,8 @@ Not every failed attempt is a death: a failed KV transfer, or an actor giving th
 back (RequestMoved, a drain that ran out of time), is retried without counting the actor as
 lost. A death is reported to the pool (its supervisor replaces the actor), and while a role
 has no live actor but a replacement is on its way, the request waits for it until its own
-deadline. Each retry runs under its own id (`<id>.<attempt>`): nothing an actor still holds
-for an earlier attempt can clash with it. The first attempt's offers stop at the admission
-deadline; retries and waits only at the request's end.
+deadline. Each retry is an attempt of its own (mesh.attempt: its own id, the tokens already
+sent in its prompt); only the first attempt's offers stop at the admission deadline.
 """
 from __future__ import annotations
 
@@ -32,62 +31,21 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import ray
 
-from mesh.api import (ActorRequest, ActorState, Committed, FirstToken, Lease, OfferReply, Role, SamplingParams,
-                      StreamChunk)
+from mesh.api import ActorState, Committed, FirstToken, Lease, OfferReply, Role, StreamChunk
+from mesh.attempt import Attempt, Event, Request
 from mesh.errors import MeshError, RequestMoved
 from mesh.serving_mode import ConditionalDisaggregation, Mode, PlacementState
 from mesh.pool import Member, Pool
 from mesh.prefix_index import PrefixIndex
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host, meets_tpot
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host, Neighbour
 from mesh.token_feed import Feeds
+from mesh.tpot_fit import tpot_fit
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    deadline: float = float("inf")  # the request's end, on the dispatcher's clock
-    ttft_budget_s: float | None = None
-    trace_context: dict | None = None  # W3C headers of the caller's span: the actors' spans hang under it
-    admission_deadline: float = float("inf")  # the first attempt's offers stop here (or at `deadline`)
-    tpot_s: float | None = None  # the scenario's TPOT target: decode actors where it would be met go first
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One attempt of a request: what the actors are handed, and its bounds on the
-    dispatcher's clock."""
-    request: ActorRequest
-    deadline: float  # offers stop here: the admission deadline on a first attempt
-    end: float  # the request's end
-    ttft_budget_s: float | None
-    tpot_s: float | None = None  # the request's TPOT target (None: decode actors by room alone)
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """Another scenario's pool of the same model, whose prefill actors may take this pool's
-    refused requests (mesh.routing.CrossScenarioOverflow)."""
-    scenario: str
-    priority: int
-    ttft_s: float  # its TTFT target
-    pool: Pool
-
-
-@dataclass
-class Event:
-    """Something worth a span event: an offer, a rejection, a retry, a transfer."""
-    name: str
-    attributes: dict = field(default_factory=dict)
-
 
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -128,7 +86,7 @@ class Dispatcher:
         for attempt in range(self.max_attempts):
             if attempt:
                 events.append(Event("retry", {"attempt": attempt, "tokens_sent": len(sent)}))
-            step = self._continuation(req, sent, attempt)
+            step = Attempt.of(req, sent, attempt)
             try:
                 whole = self._whole(step, lost, events)
                 if whole:
@@ -148,16 +106,6 @@ class Dispatcher:
                 continue
         raise MeshError("unavailable", f"request {req.request_id} failed on {self.max_attempts} attempts; "
                         f"lost actors: {sorted(lost)}")
-
-    def _continuation(self, req: Request, sent: list[int], attempt: int) -> Attempt:
-        """The request as it stands: its prompt and the tokens already sent, which the next
-        actor computes with the prompt and goes on from exactly as if the request never moved
-        (max/min_tokens count them, text held back for stop strings is not lost, seeded draws
-        go on); `ActorRequest.token_ids` is what its KV covers."""
-        request = ActorRequest(req.request_id if not attempt else f"{req.request_id}.{attempt}",
-                               req.prompt_token_ids, req.params, list(sent), req.trace_context)
-        return Attempt(request, min(req.admission_deadline, req.deadline) if not attempt else req.deadline,
-                       req.deadline, req.ttft_budget_s, req.tpot_s)
 
     def _lost(self, member: Member, phase: str, error: Exception) -> "_Again":
         """A call failed as if the actor died: the pool's supervisor hears of it."""
@@ -348,7 +296,8 @@ class Dispatcher:
             members = await self._members(Role.DECODE, lost, step, events)
             align, sizes = self._kv_layout(lost)
             last_error = None
-            for member in self.router.decode_order(members, meets=self._tpot_fit(step, members)):
+            meets = tpot_fit(self.router, step, members, self.transfer_s)
+            for member in self.router.decode_order(members, meets=meets):
                 try:
                     # The lease holds the prompt's KV; the decode actor grows it from there.
                     lease: Lease = await member.handle.reserve.remote(step.request.token_ids, align, sizes)
@@ -366,20 +315,6 @@ class Dispatcher:
                 raise MeshError("resource_exhausted", "no decode actor has room for the request's KV",
                                 retry_after_s=last_error.retry_after_s)
             # every one was dead: wait for their replacements, if any come
-
-    def _tpot_fit(self, step: Attempt, decode: list[Member]) -> Callable[[Member], bool] | None:
-        """Whether the attempt would meet its TPOT target on a decode actor (mesh.routing.meets_tpot):
-        its KV transfer as predicted, then the tokens it has left, each at the actor's last measured
-        step time. None when there is nothing to predict it by (no target or no transfer model), or
-        when the decode actors' KV is short by their last reports (`places_by_tpot`)."""
-        loads = [m.info.load for m in decode]
-        if step.tpot_s is None or self.transfer_s is None or not self.router.places_by_tpot(
-                sum(d.free_blocks for d in loads), sum(d.num_blocks for d in loads)):
-            return None
-        request = step.request
-        transfer = self.transfer_s(len(request.token_ids))
-        left = request.params.max_tokens - len(request.output_token_ids)
-        return lambda m: meets_tpot(transfer, m.info.load.decode_step_s, left, step.tpot_s)
 
     def _kv_layout(self, lost: set[str]) -> tuple[int, list[int]]:
         """What a lease is reserved for: whichever prefill actor takes the request sends whole

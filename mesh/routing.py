@@ -11,10 +11,13 @@ does live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
 
 from mesh.api import ActorReport, OfferReply
 from mesh.errors import MeshError
+
+if TYPE_CHECKING:
+    from mesh.pool import Pool
 
 
 class Candidate(Protocol):
@@ -28,6 +31,11 @@ C = TypeVar("C")
 def reported_queue(c: Candidate) -> tuple[int, int]:
     """An actor's queue by its last report: (requests, prompt tokens); what live dispatch orders by."""
     return c.info.load.queued_requests, c.info.load.queued_prompt_tokens
+
+
+def count_idle(members: Sequence[C], queue: Callable[[C], tuple[int, int]] = reported_queue) -> int:
+    """How many of the actors are idle: no request queued for prefill (`queue`'s first figure 0)."""
+    return sum(queue(m)[0] == 0 for m in members)
 
 
 def reported_free(c: Candidate) -> int:
@@ -125,6 +133,17 @@ class Host(Generic[C]):
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """Another scenario's pool of the same model, whose prefill actors may take this pool's refused
+    requests: the live pool (mesh.pool) that mesh.dispatch offers them to, the policy seeing its
+    serving prefill actors as a Host."""
+    scenario: str
+    priority: int
+    ttft_s: float  # its TTFT target
+    pool: Pool
+
+
+@dataclass(frozen=True)
 class CrossScenarioOverflow:
     """A request its own scenario's prefill actors refused (a whole pass of offers rejected: none
     meets its TTFT budget now, or its offers ran out) is offered to other scenarios' prefill
@@ -169,8 +188,7 @@ class CrossScenarioOverflow:
         found = []
         for host in sorted((h for h in hosts if h.priority <= priority), key=lambda h: h.priority):
             members = sorted(host.members, key=queue)
-            idle = sum(queue(m)[0] == 0 for m in members)
-            found += [(host, m) for m in members[min(idle, self.keep_idle):]]
+            found += [(host, m) for m in members[min(count_idle(members, queue), self.keep_idle):]]
         return sorted(found, key=lambda hm: (hm[0].priority, queue(hm[1])))[:self.max_offers]
 
     def budget_s(self, ttft_budget_s: float | None, host: Host[C], member: C,
@@ -179,8 +197,8 @@ class CrossScenarioOverflow:
         host's share unless the actor is idle and the host keeps `spare_idle` others idle (host.members
         must hold at least its spare_idle + 1 least queued actors for them to be counted)."""
         share = self.host_share * host.ttft_s
-        idle = sum(queue(m)[0] == 0 for m in host.members)
-        if ttft_budget_s is not None and queue(member)[0] == 0 and idle > self.spare_idle:
+        spare = count_idle(host.members, queue) > self.spare_idle
+        if ttft_budget_s is not None and queue(member)[0] == 0 and spare:
             return ttft_budget_s
         return share if ttft_budget_s is None else min(ttft_budget_s, share)
 

@@ -3,7 +3,9 @@
 The policies are the live ones: prefill admission is `mesh.admission.PrefillAdmission`,
 the order of offers and the forwarding limits (offers per request, pause between passes)
 are `mesh.routing.ForwardOnRejection`, called as `mesh.dispatch` calls them, the ratio
-controller runs in the live control round (`scenarios.control_round`, see `simtests.control`). Actors are modelled (`simtests.actors`), their times from
+controller runs in the live control round (`scenarios.control_round`, see `simtests.control`), the
+decode actor that reserves a request's KV is the router's too (`decode_order`, see
+`simtests.decode_placement`). Actors are modelled (`simtests.actors`), their times from
 the performance model.
 
 Speed: arrivals are read in order from the workload rather than pushed on the heap;
@@ -16,15 +18,15 @@ import heapq
 import math
 import time
 from operator import attrgetter
-from typing import Callable
 
 from gateway.observe import LoadWindow
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host, meets_tpot
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Host
 from mesh.roles import Role
 from simtests.actors import Actor
 from simtests.cluster import Cluster, Variant
 from simtests.control import SimControl
+from simtests.decode_placement import DecodePlacement
 from simtests.pools import SimPool
 from simtests.results import ACTIVE, DONE, REJECTED, Run
 from simtests.workload import Workload
@@ -72,6 +74,7 @@ class Simulator:
         self.now = 0.0
         self.joins = 0  # actors that joined a pool's serving ones so far
         self.actors: list[Actor] = []
+        self.decode_placement = DecodePlacement(self)  # which decode actor reserves a request's KV
         prefill_left = variant.mixed_prefill if variant.pools == "mixed" else None
         for k, s in enumerate(specs):
             pool = self.pools[self.pool_of[k]]
@@ -164,55 +167,20 @@ class Simulator:
 
     def _place(self, pool: SimPool, rid: int) -> None:
         """Reserve decode KV (step 2 of the design), then find a prefill actor (step 3)."""
-        if not self.aggregated and self.decode_of[rid] < 0 and not self._reserve(pool, rid):
+        if not self.aggregated and self.decode_of[rid] < 0 and not self.decode_placement.reserve(pool, rid):
             self.kv_short[rid] = True
             pool.waiting.append(rid)
             self._push(self.deadline[rid], EXPIRE, rid, 0)
             return
+        self.find_prefill(pool, rid)
+
+    def find_prefill(self, pool: SimPool, rid: int) -> None:
+        """A prefill actor for rid, its decode KV reserved: the central scheduler's choice, or
+        forward on rejection."""
         if self.central:
             self._central(pool, rid)
         else:
             self._offer(pool, rid)
-
-    def _reserve(self, pool: SimPool, rid: int) -> bool:
-        """On the decode actor first in the router's order (`decode_order`, as live dispatch calls it)
-        that has room: the most free, unless the request would miss its TPOT target there and meet
-        it on another (`_tpot_fit`). The full order is only built in that case."""
-        need = self.prompt[rid] + self.output[rid]
-        a = pool.most_free(self.actors)
-        if a is None or a.free < need:
-            return False
-        meets = self._tpot_fit(pool, rid)
-        if meets is not None and not meets(a):
-            roomy = [self.actors[d] for d in pool.decode if self.actors[d].free >= need]
-            a = self.forwarding.decode_order(roomy, attrgetter("free"), meets)[0]
-        a.reserved += need
-        pool.note_kv(a, self.actors)
-        self.decode_of[rid] = a.id
-        return True
-
-    def _tpot_fit(self, pool: SimPool, rid: int) -> Callable[[Actor], bool] | None:
-        """Whether rid would meet its TPOT target on a decode actor (mesh.routing.meets_tpot): its KV
-        transfer, then its steps there as the actor predicts them for when its KV arrives (its prompt
-        prefilled alone, then sent). None when it would miss it even on an empty actor, or when the
-        pool's decode KV is short (`ForwardOnRejection.places_by_tpot`): then room alone orders them
-        (or when it has no TPOT: one output token)."""
-        model, p, out, target = self.cluster.models[self.names[self.scen[rid]]], self.prompt[rid], \
-            self.output[rid], self.tpot_target[self.scen[rid]]
-        transfer = model.prompt_transfer_s(p, self.contiguous)
-        if out <= 1 or not meets_tpot(transfer, model.decode_step_s(1, p), out, target):
-            return None
-        decode = [self.actors[d] for d in pool.decode]
-        if not self.forwarding.places_by_tpot(sum(a.free for a in decode), sum(a.capacity for a in decode)):
-            return None
-        arrives_s = model.prefill_s(p, p * p) + transfer
-        prompt, output, now = self.prompt, self.output, self.now
-
-        def meets(a: Actor) -> bool:
-            # at most the step with all of a's reserved KV in the batch: when that meets it, no need to predict
-            return (meets_tpot(transfer, model.decode_step_s(a.size + 1, a.reserved + p), out, target)
-                    or meets_tpot(transfer, a.step_s_at(now, arrives_s, p, prompt, output), out, target))
-        return meets
 
     def _offer(self, pool: SimPool, rid: int) -> None:
         """Forward on rejection as live dispatch does it (`mesh.dispatch`): one pass over the pool in
@@ -400,27 +368,7 @@ class Simulator:
             pool = self.pools[a.pool]
             pool.note_kv(a, self.actors)
             if pool.waiting:
-                self._admit_waiting(pool)
-
-    def _admit_waiting(self, pool: SimPool) -> None:
-        """In order, while decode KV lasts. A request rejected here frees its reservation, which
-        calls this again: that call returns and this loop goes on (no recursion per request)."""
-        if pool.admitting:
-            return
-        pool.admitting = True
-        waiting = pool.waiting
-        try:
-            while waiting:
-                rid = waiting[0]
-                if self.state[rid] != ACTIVE:  # expired while waiting
-                    waiting.popleft()
-                elif self._reserve(pool, rid):
-                    waiting.popleft()
-                    self._central(pool, rid) if self.central else self._offer(pool, rid)
-                else:
-                    return
-        finally:
-            pool.admitting = False
+                self.decode_placement.admit_waiting(pool)
 
     def _expire(self, rid: int, _: int) -> None:
         """The admission window closed on a request still waiting for decode KV."""
@@ -504,7 +452,7 @@ class Simulator:
             pool.decode.append(a.id)
             pool.note_kv(a, self.actors)
             if pool.waiting:
-                self._admit_waiting(pool)
+                self.decode_placement.admit_waiting(pool)
         else:
             pool.prefill.append(a.id)
             pool.note_queue(a, self.actors)

@@ -38,7 +38,7 @@ def test_every_import_contract_is_kept():
     ("transport/plan.py", "import mesh.routing", "gateway -> scenarios -> mesh -> transport"),
     ("scenarios/whatif.py", "import gateway.observe", "gateway -> scenarios -> mesh -> transport"),
     ("simtests/pools.py", "import mesh.pool", "the simulator runs the live policies without Ray or a network"),
-    ("gateway/metrics.py", "from mesh.dispatch import Event", "the gateway imports mesh only through mesh and mesh.api"),
+    ("gateway/metrics.py", "from mesh.attempt import Event", "the gateway imports mesh only through mesh and mesh.api"),
     ("gateway/chat.py", "import mesh.engine.tokenizer", "the gateway imports mesh only through mesh and mesh.api"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):

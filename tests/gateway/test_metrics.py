@@ -107,7 +107,7 @@ def test_actor_figures_are_read_from_the_load_report_as_vllm_counts_them():
 
 def test_a_request_another_scenario_prefilled_counts_as_an_overflow_by_scenario_and_host():
     from gateway.metrics import Metrics
-    from mesh.dispatch import Event
+    from mesh.attempt import Event
 
     metrics = Metrics(dict)
     metrics.record_events("chat", [Event("prefill_rejected", {"actor": "p0", "reason": "busy"}),

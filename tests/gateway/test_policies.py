@@ -101,7 +101,8 @@ ACCEPT = OfferReply(True, "idle", 0.0, 0.1)
 
 
 async def test_dispatcher_forwards_each_rejection_then_gives_up_with_a_retry_hint():
-    from mesh.dispatch import Attempt, Dispatcher
+    from mesh.attempt import Attempt
+    from mesh.dispatch import Dispatcher
 
     a, b = Actor("a", replies=[reject(0.01), ACCEPT]), Actor("b", queued=1, replies=[reject(0.02)])
     dispatcher = Dispatcher(_Pool([a, b]), ForwardOnRejection(max_forwards=4, min_retry_pause_s=0.0),

@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from mesh.api import Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.faults import read_log
 from mesh.hardware import Hardware
 from tests.mesh.support import assert_no_blocks_held, replaced, supervised

@@ -8,7 +8,8 @@ import asyncio
 import dataclasses
 
 from mesh.api import LoadReport, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.routing import ForwardOnRejection, meets_tpot
 from tests.simtests.stand_ins import DecodeStandIn, PrefillStandIn, StandInPool
 from tests.support.clock import FakeClock

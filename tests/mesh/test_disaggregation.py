@@ -7,7 +7,8 @@ import time
 import pytest
 
 from mesh.api import ActorRequest, Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}

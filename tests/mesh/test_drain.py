@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from mesh.api import ActorRequest, ActorState, Role
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams

@@ -12,7 +12,8 @@ import asyncio
 import pytest
 
 from mesh.api import Role
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.engine.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.engine.sampling_params import SamplingParams

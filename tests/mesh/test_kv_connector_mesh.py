@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from mesh.api import SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}

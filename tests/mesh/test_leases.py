@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from mesh.api import SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from tests.mesh.support import assert_no_blocks_held
 
 GREEDY = {"temperature": 0, "ignore_eos": True}

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from mesh.api import ActorState, Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.serving_mode import ConditionalDisaggregation, Mode
 from tests.mesh.support import assert_no_blocks_held
 

@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from mesh.api import ActorState, Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.errors import MeshError
 from mesh.role_limits import Bounds, RoleLimitError
 from tests.mesh.support import assert_no_blocks_held

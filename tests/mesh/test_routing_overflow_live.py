@@ -12,9 +12,10 @@ import time
 import pytest
 
 from mesh.api import Role, SamplingParams
-from mesh.dispatch import Dispatcher, Neighbour, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.faults import read_log
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Neighbour
 from tests.mesh.support import assert_no_blocks_held
 
 PROMPT = [3 + i % 40 for i in range(24)]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from mesh.api import Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.hardware import Hardware
 from scenarios.calibration import Calibration, DecodeSample, PrefillSample, TransferSample
 from scenarios.perf_model import builtin

@@ -10,7 +10,8 @@ import numpy as np
 from gateway.bench import InstantCall, InstantFeed, instant_commit, instant_lease, ready
 from mesh.admission import Offer, PrefillAdmission, PrefillLoad
 from mesh.api import ActorReport, ActorState, FirstToken, LoadReport, Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.errors import MeshError
 from mesh.serving_mode import Mode
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from mesh.api import Role, SamplingParams
-from mesh.dispatch import Dispatcher, Request
+from mesh.attempt import Request
+from mesh.dispatch import Dispatcher
 from mesh.routing import ForwardOnRejection
 from simtests.cluster import Variant
 from simtests.sim import Simulator

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mesh.dispatch import Dispatcher, Neighbour
-from mesh.routing import CrossScenarioOverflow, ForwardOnRejection
+from mesh.dispatch import Dispatcher
+from mesh.routing import CrossScenarioOverflow, ForwardOnRejection, Neighbour
 from simtests.cluster import Variant
 from simtests.sim import Simulator
 from simtests.workload import Workload

@@ -44,7 +44,8 @@ def within_slo(run: Run) -> float:
 
 def ideal_fleet(cluster: Cluster, w: Workload, window_s: float) -> tuple[float, list[float]]:
     """A fleet that held exactly each window's need (by the controller's model, no start-up):
-    its actor-hours as a share of the peak need's (the mean need over the peak), and the needs."""
+    its actor-hours as a share of the peak need's (the mean need over the peak; 1 when nothing is
+    needed), and the needs."""
     needs = [need for _, need in window_needs(cluster, w, window_s)]
     return (float(np.mean(needs)) / max(needs) if max(needs) > 0 else 1.0), needs
 
@@ -57,7 +58,7 @@ def _slo_bound(o: "Outcome", cluster: Cluster, w: Workload) -> str:
 
 def _fleet_bound(o: "Outcome", cluster: Cluster, w: Workload) -> str:
     shares = []
-    for window_s in (cluster.settings.interval_s, 60.0):
+    for window_s in (cluster.settings.interval_s, 60.0):  # what the controller observes; an actor's start-up
         share, needs = ideal_fleet(cluster, w, window_s)
         shares.append(f"{share:.0%} with {window_s:g} s windows (need {min(needs):.1f} to {max(needs):.1f} "
                       f"actors, median {float(np.median(needs)):.1f})")

@@ -123,7 +123,8 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
     if output == "json":
         click.echo(json.dumps({"title": title, "runs": {k: r.to_dict() for k, r in runs.items()},
                                "comparisons": [dict(zip(report.COMPARISON_HEAD, row))
-                                               for row in report.comparison_rows(outcomes)]}, indent=2))
+                                               for row in report.comparison_rows(outcomes)],
+                               "bounds": report.bounds(outcomes)}, indent=2))
     elif output == "markdown":
         click.echo(report.comparison_markdown(outcomes) if outcomes else report.run_line(runs["pdmesh"]))
     else:
@@ -132,6 +133,8 @@ def command(trace_path, time_scale, repeat, limit, mixes, shape, duration, perio
             console.print(report.run_line(run))
         if outcomes:
             console.print(report.comparison_table(outcomes, title))
+            for line in report.bounds(outcomes):
+                console.print(line)
     if plot_dir:
         try:
             caption = f"{title}; profile {model.source}"

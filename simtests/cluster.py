@@ -101,17 +101,22 @@ def peak_sized(cluster: Cluster, w: Workload, window_s: float | None = None) -> 
     (default: one control interval, what the controller and the autoscaler observe) needs by
     the controller's model, all scenarios together, split for that window; the autoscaler's
     budget is that fleet."""
-    controller = RatioController(cluster.specs, cluster.models, cluster.settings)
-    window_s = window_s or cluster.settings.interval_s
-    start = w.arrival_s[0] if len(w) else 0.0
-    windows = [_window(cluster, w, start + k * window_s, window_s)
-               for k in range(max(1, math.ceil(w.duration_s / window_s)))]
-    need = lambda obs: sum(controller.need(o)[0].total for o in obs)  # noqa: E731
-    peak = max(windows, key=need)
-    total = max(math.ceil(need(peak)), 2 * len(cluster.specs))
+    peak, need = max(window_needs(cluster, w, window_s or cluster.settings.interval_s), key=lambda x: x[1])
+    total = max(math.ceil(need), 2 * len(cluster.specs))
     specs = [s.model_copy(update={"prefill": 1, "decode": 1}) for s in cluster.specs]
     specs[0] = specs[0].model_copy(update={"prefill": total - 2 * len(specs) + 1})  # only the total counts here
     return replace(_split_for(replace(cluster, specs=specs), peak), scale=replace(cluster.scale, budget=total))
+
+
+def window_needs(cluster: Cluster, w: Workload, window_s: float) -> list[tuple[list[Observation], float]]:
+    """Each `window_s` of the workload from its first arrival: the scenarios' load in it, as the
+    controller observes it, and the actors that load needs by the controller's model, all
+    scenarios together."""
+    controller = RatioController(cluster.specs, cluster.models, cluster.settings)
+    start = w.arrival_s[0] if len(w) else 0.0
+    windows = [_window(cluster, w, start + k * window_s, window_s)
+               for k in range(max(1, math.ceil(w.duration_s / window_s)))]
+    return [(obs, sum(controller.need(o)[0].total for o in obs)) for obs in windows]
 
 
 def _window(cluster: Cluster, w: Workload, start: float, window_s: float) -> list[Observation]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from simtests.cluster import Cluster, Variant, peak_sized, provisioned
+import numpy as np
+
+from simtests.cluster import Cluster, Variant, peak_sized, provisioned, window_needs
 from simtests.results import Run, Stats
 from simtests.sim import Simulator
 from simtests.workload import Workload
@@ -26,17 +28,50 @@ class Comparison:
     ours: dict = field(default_factory=dict)  # pdmesh's Variant fields, where the default run is not it
     search: str | None = None  # a Variant field the baseline is tuned over (its best value is compared)
     peak: bool = False  # both sides on a fleet sized for the workload's peak (`cluster.peak_sized`)
+    # what no policy does better than on this load, in words: the figure a miss is measured against
+    bound: Callable[["Outcome", Cluster, Workload], str] | None = None
 
 
 def _all(run: Run) -> Stats:
     return run.stats()[-1]
 
 
+def within_slo(run: Run) -> float:
+    """Goodput (req/s per actor) were every request within both targets: what no split or
+    policy exceeds with this load on this fleet."""
+    return len(run.state) / run.span_s / run.actors
+
+
+def ideal_fleet(cluster: Cluster, w: Workload, window_s: float) -> tuple[float, list[float]]:
+    """A fleet that held exactly each window's need (by the controller's model, no start-up):
+    its actor-hours as a share of the peak need's (the mean need over the peak; 1 when nothing is
+    needed), and the needs."""
+    needs = [need for _, need in window_needs(cluster, w, window_s)]
+    return (float(np.mean(needs)) / max(needs) if max(needs) > 0 else 1.0), needs
+
+
+def _slo_bound(o: "Outcome", cluster: Cluster, w: Workload) -> str:
+    ceiling, theirs = within_slo(o.pdmesh), o.values[1]
+    over = f", {ceiling / theirs - 1:+.1%} over the baseline" if theirs else ""
+    return f"every request within SLO is {ceiling:.4g} req/s per actor{over}"
+
+
+def _fleet_bound(o: "Outcome", cluster: Cluster, w: Workload) -> str:
+    shares = []
+    for window_s in (cluster.settings.interval_s, 60.0):  # what the controller observes; an actor's start-up
+        share, needs = ideal_fleet(cluster, w, window_s)
+        shares.append(f"{share:.0%} with {window_s:g} s windows (need {min(needs):.1f} to {max(needs):.1f} "
+                      f"actors, median {float(np.median(needs)):.1f})")
+    return ("a fleet that held each window's need (controller's model, no start-up) would hold, of the peak "
+            "need's actor-hours, " + "; ".join(shares))
+
+
 COMPARISONS = {
     # the baseline is the mixed pool at its best static split for this load (`best_static`)
     "pools": Comparison("per-scenario pools + ratio controller", "one mixed pool, best static ratio",
                         {"pools": "mixed", "controller": False}, "goodput (req/s per actor)",
-                        lambda r: _all(r).goodput, True, "+60% end-to-end throughput", search="mixed_prefill"),
+                        lambda r: _all(r).goodput, True, "+60% end-to-end throughput", search="mixed_prefill",
+                        bound=_slo_bound),
     "placement": Comparison("forward on rejection", "central scheduler, queue reports 1 interval stale",
                             {"placement": "central"}, "TTFT attainment",
                             lambda r: _all(r).ttft_attainment, True, "+42% TTFT SLO attainment", "{:.1%}"),
@@ -55,7 +90,7 @@ COMPARISONS = {
                             "(target: at or above the static fleet)", "{:.1%}", {"autoscale": True}, peak=True),
     "actor-hours": Comparison("autoscaling", "static fleet sized for the peak", {"autoscale": False},
                               "actor-hours", lambda r: r.actor_hours, False, "(target: at most 70%)", "{:.1f}",
-                              {"autoscale": True}, peak=True),
+                              {"autoscale": True}, peak=True, bound=_fleet_bound),
 }
 
 
@@ -65,6 +100,7 @@ class Outcome:
     pdmesh: Run
     baseline: Run
     note: str = ""  # how the baseline was chosen, where it was searched
+    bound: str = ""  # the comparison's bound on this load (`Comparison.bound`), where it has one
 
     @property
     def values(self) -> tuple[float, float]:
@@ -102,10 +138,11 @@ def compare(names: list[str], cluster: Cluster, w: Workload, variant: Variant = 
             best = best_static(lambda p: c.value(run(replace(base, **{c.search: p}), f"{c.baseline}: {p}P")),
                                cluster.actors, c.higher_is_better)
             split = f"{best}P:{cluster.actors - best}D"
-            outcomes.append(Outcome(c, mine, run(replace(base, **{c.search: best}), ""),
-                                    f" ({split}, best of {sum(getattr(v, c.search) is not None for _, v in runs)})"))
+            outcome = Outcome(c, mine, run(replace(base, **{c.search: best}), ""),
+                              f" ({split}, best of {sum(getattr(v, c.search) is not None for _, v in runs)})")
         else:
-            outcomes.append(Outcome(c, mine, run(base, c.baseline)))
+            outcome = Outcome(c, mine, run(base, c.baseline))
+        outcomes.append(replace(outcome, bound=c.bound(outcome, cluster, w)) if c.bound else outcome)
     return outcomes
 
 

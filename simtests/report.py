@@ -67,6 +67,11 @@ def comparison_rows(outcomes: list[Outcome]) -> list[list[str]]:
 COMPARISON_HEAD = ["comparison", "metric", "pdmesh", "baseline", "change", "P/D-Serve reports"]
 
 
+def bounds(outcomes: list[Outcome]) -> list[str]:
+    """The comparisons' bounds on this load (`Comparison.bound`), one line each."""
+    return [f"bound of {o.comparison.name} vs {o.comparison.baseline}: {o.bound}" for o in outcomes if o.bound]
+
+
 def comparison_table(outcomes: list[Outcome], title: str) -> Table:
     table = Table(title=title)
     for i, head in enumerate(COMPARISON_HEAD):
@@ -79,7 +84,8 @@ def comparison_table(outcomes: list[Outcome], title: str) -> Table:
 def comparison_markdown(outcomes: list[Outcome]) -> str:
     lines = ["| " + " | ".join(COMPARISON_HEAD) + " |", "|" + "---|" * len(COMPARISON_HEAD)]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(outcomes)]
-    return "\n".join(lines)
+    below = bounds(outcomes)
+    return "\n".join(lines + ([""] + below if below else []))
 
 
 @dataclass(frozen=True)

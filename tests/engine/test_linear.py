@@ -30,17 +30,22 @@ def test_packed_linear_equals_plain(rows, bias):
 
 def test_engine_greedy_tokens_are_the_same_with_and_without_blocked_weights(checkpoint, make_engine):
     folder = checkpoint("qwen2")
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outputs = []
     for packed in (True, False):
         engine = make_engine(folder, block_size=4, num_blocks=128, packed_weights=packed)
         assert (engine.model.lm_head_packed is not None) == packed
-        ids = [engine.add_request(p, params) for p in PROMPTS]
-        tokens = {i: [] for i in ids}
-        for out in drain(engine):
-            tokens[out.request_id].extend(out.token_ids)
-        outputs.append([tokens[i] for i in ids])
+        outputs.append(greedy_tokens(engine))
     assert outputs[0] == outputs[1]
+
+
+def greedy_tokens(engine) -> list[list[int]]:
+    """Each of PROMPTS' 12 greedy tokens, run together."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    tokens = {i: [] for i in ids}
+    for out in drain(engine):
+        tokens[out.request_id].extend(out.token_ids)
+    return [tokens[i] for i in ids]
 
 
 def test_blocked_copies_by_default_only_where_they_cannot_crowd_the_host():
@@ -91,15 +96,10 @@ def test_the_few_row_kernel_refuses_inputs_that_do_not_fit_its_weight(few_row_ke
 def test_greedy_tokens_are_the_same_with_and_without_the_few_row_kernel(checkpoint, make_engine, few_row_kernel,
                                                                         monkeypatch):
     folder = checkpoint("qwen2")
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outputs = []
     for on in (True, False):
         monkeypatch.setattr(linear, "few_row_kernel", lambda on=on: on)
         engine = make_engine(folder, block_size=4, num_blocks=128, packed_weights=True)
         assert (engine.model.lm_head_packed.few_rows is not None) == on
-        ids = [engine.add_request(p, params) for p in PROMPTS]
-        tokens = {i: [] for i in ids}
-        for out in drain(engine):
-            tokens[out.request_id].extend(out.token_ids)
-        outputs.append([tokens[i] for i in ids])
+        outputs.append(greedy_tokens(engine))
     assert outputs[0] == outputs[1]

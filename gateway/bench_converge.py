@@ -27,6 +27,7 @@ import logging
 import math
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,6 +157,17 @@ def best_split(config: ServeConfig, load: Load) -> tuple[int, int]:
     return controller.initial_split([expected])[spec.name]
 
 
+def starts(model: str, load: Load, options: Options) -> tuple[ServeConfig, ServeConfig]:
+    """The reference (the best split) and the bad start (it swapped); ValueError when the
+    best split is even, which swapped is no worse."""
+    half = options.actors // 2  # any split of the actors: the model re-splits them
+    split = best_split(serve_config(model, (half, options.actors - half), load, options), load)
+    if split[0] == split[1]:
+        raise ValueError(f"the model gives this load an even split ({_split(split)}), which swapped is no worse: "
+                         "make one role busier (longer prompts, or longer outputs)")
+    return serve_config(model, split, load, options), serve_config(model, split[::-1], load, options)
+
+
 # -- one run -----------------------------------------------------------------------------------
 def _moves(gw, since: float) -> tuple[Move, ...]:
     from scenarios.controller import Decision
@@ -180,13 +192,10 @@ def _phase(name: str, gw, loop, planned, load: Load, options: Options) -> Phase:
     slo = Slo(options.ttft_s, options.tpot_s)
     good = [o for o in result.outcomes if slo.met(o)]
     series = per_window(np.array([o.sent_s + o.e2e_s for o in good]), options.window_s, load.seconds)
-    failed: dict[str, int] = {}
-    for o in result.outcomes:
-        if not o.completed:
-            failed[o.status] = failed.get(o.status, 0) + 1
+    failed = Counter(o.status for o in result.outcomes if not o.completed)
     end = asyncio.run_coroutine_threadsafe(_ended(gw), loop).result(30)
     return Phase(name, (spec.prefill, spec.decode), end, tuple(map(float, series)), len(result.outcomes),
-                 sum(o.completed for o in result.outcomes), len(good), failed, _moves(gw, since))
+                 sum(o.completed for o in result.outcomes), len(good), dict(failed), _moves(gw, since))
 
 
 def run_phase(name: str, config: ServeConfig, planned, load: Load, options: Options) -> Phase:
@@ -207,12 +216,7 @@ def run(model: str, load: Load, options: Options, address: str | None = None) ->
     from gateway.bench_serve_workload import Shape, build
     from mesh import Tokenizer, connect, disconnect
 
-    half = options.actors // 2  # any split of the actors: the model re-splits them
-    split = best_split(serve_config(model, (half, options.actors - half), load, options), load)
-    if split[0] == split[1]:
-        raise click.ClickException(f"the model gives this load an even split ({split[0]}P:{split[1]}D), which "
-                                   "swapped is no worse: make one role busier (longer prompts or outputs)")
-    reference, bad = serve_config(model, split, load, options), serve_config(model, split[::-1], load, options)
+    reference, bad = starts(model, load, options)
     shape = Shape(num_prompts=load.requests, random_input_len=load.prompt_tokens,
                   random_output_len=load.output_tokens, request_rate=load.rate, seed=load.seed)
     planned = build(shape, Tokenizer(model))
@@ -283,7 +287,7 @@ def command(model, actors, prompt_tokens, output_tokens, rate, seconds, window, 
     try:
         with _model(model) as folder:
             report = run(folder, load, options, address)
-    except SpecError as e:
+    except (SpecError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if output == "json":
         click.echo(json.dumps(report.to_dict()))

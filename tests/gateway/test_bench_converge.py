@@ -24,6 +24,20 @@ def test_convergence_is_the_first_window_from_which_every_later_one_is_within_th
     assert converged_window(reference, np.array([4.0, 4.0, 4.0, 4.0, 3.0]), 0.1) is None
 
 
+def test_the_bad_start_is_the_best_split_swapped_with_the_controller_on_and_short_intervals(checkpoint):
+    from gateway.bench_converge import Load, Options, starts
+
+    options = Options(actors=4, interval_s=0.5, dwell_s=1.0, confirm=3)
+    reference, bad = starts(str(checkpoint("llama", "float32")), Load(prompt_tokens=1500, output_tokens=8), options)
+    (ref,), (worse,) = reference.scenarios, bad.scenarios
+    assert (ref.prefill, ref.decode) == (3, 1) and (worse.prefill, worse.decode) == (1, 3)
+    for config in (reference, bad):
+        control = config.controller
+        assert control.enabled and (control.settings.interval_s, control.settings.min_dwell_s,
+                                    control.settings.confirm) == (0.5, 1.0, 3)
+        assert config.scenarios[0].mode.value == "disaggregated"
+
+
 def test_the_controller_flips_a_swapped_split_back_and_no_request_is_lost(ray_cluster, checkpoint):
     result = CliRunner().invoke(main, [
         "bench", "converge", "--model", str(checkpoint("llama", "float32")), "--actors", str(ACTORS),

@@ -42,8 +42,10 @@ from gateway.config import ServeConfig
 from simtests.converge import converged_window, per_window
 
 SCENARIO = "converge"
-IN_FLIGHT = 64  # requests each actor has KV blocks for: a decode lease is taken before prefill, so that
-BLOCK_TOKENS = 16  # with few blocks a queue for prefill is refused for want of decode KV, not served late
+# requests each actor has KV blocks for (the run's, up to this): a decode lease is taken before
+# prefill, so that with few blocks a queue for prefill is refused for want of decode KV, not served late
+IN_FLIGHT = 128
+BLOCK_TOKENS = 16
 progress = logging.getLogger("pdmesh.bench")  # phases, shown by `pdmesh bench` (gateway.progress)
 
 
@@ -136,7 +138,8 @@ def serve_config(model: str, split: tuple[int, int], load: Load, options: Option
                        "limits": {"prefill": role_limits, "decode": role_limits},
                        "hardware": {"prefill": cpu, "decode": cpu}}],
         "engine": {"dtype": "float32", "block_size": BLOCK_TOKENS, "threads": 1,
-                   "num_blocks": IN_FLIGHT * math.ceil((load.prompt_tokens + load.output_tokens) / BLOCK_TOKENS),
+                   "num_blocks": min(load.requests, IN_FLIGHT) * math.ceil(
+                       (load.prompt_tokens + load.output_tokens) / BLOCK_TOKENS),
                    "max_model_len": load.prompt_tokens + load.output_tokens + 16},
         "transport": {"lease_ttl_s": 10.0, "timeout_s": 20.0},
         # a request waits for a prefill actor as long as it may run: a bad split queues, it does not refuse

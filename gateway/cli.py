@@ -55,6 +55,7 @@ def model() -> None:
     cls=LazyGroup,
     lazy={
         "chaos": "gateway.chaos:command",
+        "converge": "gateway.bench_converge:command",
         "engine": "mesh.engine.bench:command",
         "gateway": "gateway.bench:command",
         "mesh": "mesh.bench:command",

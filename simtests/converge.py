@@ -42,11 +42,24 @@ def swapped(cluster: Cluster) -> Cluster:
     return replace(cluster, specs=specs)
 
 
+def per_window(times: np.ndarray, window_s: float, until_s: float) -> np.ndarray:
+    """Events per second in each whole window of `window_s` within [0, until_s)."""
+    edges = np.arange(int(until_s // window_s) + 1) * window_s
+    counts, _ = np.histogram(times, bins=edges)
+    return counts / window_s
+
+
 def goodput_series(run: Run, window_s: float, until_s: float) -> np.ndarray:
     good = run.ttft_ok & run.tpot_ok
-    edges = np.arange(int(until_s // window_s) + 1) * window_s  # whole windows within the load
-    counts, _ = np.histogram(run.done_at[good], bins=edges)
-    return counts / window_s / run.actors
+    return per_window(run.done_at[good], window_s, until_s) / run.actors
+
+
+def converged_window(reference: np.ndarray, series: np.ndarray, tolerance: float) -> int | None:
+    """The first window from which `series` stays within `tolerance` below `reference` in
+    every later window; None: not by the last one. Windows are paired by index."""
+    ok = np.asarray(series) >= (1 - tolerance) * np.asarray(reference)
+    tail_ok = np.logical_and.accumulate(ok[::-1])[::-1]
+    return int(np.argmax(tail_ok)) if tail_ok.any() else None
 
 
 def converge(cluster: Cluster, w: Workload, window_s: float = 60.0, tolerance: float = 0.1) -> Convergence:
@@ -55,10 +68,7 @@ def converge(cluster: Cluster, w: Workload, window_s: float = 60.0, tolerance: f
     bad = swapped(cluster)
     bad_run = Simulator(bad).run(w)
     ref, series = goodput_series(ref_run, window_s, until), goodput_series(bad_run, window_s, until)
-    ok = series >= (1 - tolerance) * ref
-    # the first window from which every later one is within the tolerance
-    tail_ok = np.logical_and.accumulate(ok[::-1])[::-1]
-    first = int(np.argmax(tail_ok)) if tail_ok.any() else None
+    first = converged_window(ref, series, tolerance)
     return Convergence(window_s, tolerance, float(ref.mean()), tuple(map(float, ref)), tuple(map(float, series)),
                        {s.name: (s.prefill, s.decode) for s in bad.specs},
                        None if first is None else first * window_s, dict(bad_run.actions))

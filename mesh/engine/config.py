@@ -21,10 +21,11 @@ class EngineConfig(BaseModel):
                                              "decodes too. Default: 512 on CPU, 2048 on a GPU or NPU")
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of full blocks of earlier prompts")
-    packed_weights: bool | None = Field(None, description="on CPU in fp32, also keep oneDNN-blocked copies of "
-                                        "the weights for steps of 4-256 tokens (batched decode about 1.2x faster, "
-                                        "twice the weight memory); default: when the weights take at most "
-                                        "a quarter of the host's memory")
+    packed_weights: bool | None = Field(None, description="on CPU in fp32, also keep two copies of the "
+                                        "weights laid out for the host: oneDNN-blocked for steps of 9-2048 "
+                                        "tokens, and the few-row kernel's for steps of up to 8 (three times "
+                                        "the weight memory); default: when the weights take at most a sixth "
+                                        "of the host's memory")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (per rank); default: torch's, "
                                 "or with several ranks on a CPU its cores split between them")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="ranks the model is split across (tensor "

@@ -113,7 +113,10 @@ class Autoscaler:
     def _period(self, rates: list[float]) -> int | None:
         """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
         the highest autocorrelation, over a history that covers the period and `min_overlap`
-        intervals more (a burst seen twice is enough to expect the third)."""
+        intervals more (a burst seen twice is enough to expect the third), among the lags past
+        its first fall to zero: a load that changes slowly resembles itself a few intervals
+        later without repeating (a tide's rise matched itself at 6 intervals, and forecasting by
+        that "period" met the rise late)."""
         s, n = self.settings, len(rates)
         if n < s.min_period + s.min_overlap:
             return None
@@ -121,10 +124,13 @@ class Autoscaler:
         var = float(x @ x)
         if var <= 0:
             return None
-        fit = {lag: float(x[lag:] @ x[:-lag]) / var * n / (n - lag)
-               for lag in range(s.min_period, n - s.min_overlap + 1)}
-        lag = max(fit, key=fit.get)
-        return lag if fit[lag] >= s.season_fit else None
+        fit = [float(x[lag:] @ x[:-lag]) / var * n / (n - lag) for lag in range(1, n - s.min_overlap + 1)]
+        first = next((lag for lag, f in enumerate(fit, 1) if f <= 0), None)
+        if first is None:
+            return None
+        lags = range(max(first, s.min_period), len(fit) + 1)
+        lag = max(lags, key=lambda lag: fit[lag - 1], default=None)
+        return lag if lag is not None and fit[lag - 1] >= s.season_fit else None
 
     def step(self, observations: list[Observation], now: float) -> list[ScaleDecision]:
         s = self.settings

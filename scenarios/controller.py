@@ -84,7 +84,10 @@ class Settings:
     confirm: int = 2  # consecutive intervals that must ask for the same direction
     band: float = 0.05  # dead band: ignore ideal splits within this share of the actors (at least one)
     max_step: float = 0.25  # move at most this share of the actors per decision...
-    far: float = 0.2  # ...unless the ideal split is farther than this share away: then all the way at once
+    # ...unless the ideal split is farther than this share away: then all the way at once. A scenario
+    # short of its share of its model's actors by more than this share of its own takes them from
+    # the others whatever their dwell time (a burst does not wait for a donor's last flip to settle)
+    far: float = 0.2
     utilisation: float = 0.85  # plan each role to this utilisation: headroom for queueing
     smoothing: float = 0.5  # weight of the newest observation in the moving averages
     attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
@@ -319,17 +322,20 @@ class RatioController:
         short of its share by more than the dead band (higher priority first) takes what it lacks
         at once from those above theirs (most surplus first), every move passing the role rule.
         A scenario with arrivals but none finished yet lends nothing: its need is not known yet.
-        The dwell time holds no lend while a scenario of the model has arrivals and no actor.
-        One decision per donor and taker, with all the actors it moves."""
+        The dwell time holds no lend while a scenario of the model has arrivals and no actor, nor
+        a donor's when its taker is short by more than `far` of its actors. The shares are of
+        every unpinned scenario of the model, within its dwell time or not. One decision per donor
+        and taker, with all the actors it moves."""
         s, obs = self.settings, dict(obs)  # each lend is seen by the next: in both pools' actors
         # a scenario with arrivals and no actor has its requests wait on nothing: its model's
         # scenarios lend to it in this round, whatever their dwell time
         empty = {self.specs[n].model for n, o in obs.items() if not o.actors and o.arrival_rps > 0}
-        ready = [name for name in obs if name not in self.pins and (
-            self.specs[name].model in empty or now - self._memory[name].last_change >= s.min_dwell_s)]
+        free = [name for name in obs if name not in self.pins]
+        ready = [name for name in free
+                 if self.specs[name].model in empty or now - self._memory[name].last_change >= s.min_dwell_s]
         room = {}
-        for model in {self.specs[n].model for n in ready}:
-            group = [n for n in ready if self.specs[n].model == model]
+        for model in {self.specs[n].model for n in free}:
+            group = [n for n in free if self.specs[n].model == model]
             share = self.allocate({n: obs[n] for n in group}, {n: needs[n][0] for n in group},
                                   sum(len(obs[n].actors) for n in group))
             room.update({n: len(obs[n].actors) - share[n] for n in group})  # beyond its share
@@ -339,7 +345,9 @@ class RatioController:
                        key=lambda n: (-self.specs[n].priority, room[n]))
         for taker in short:
             model = self.specs[taker].model
-            donors = sorted((n for n in ready if n != taker and room[n] >= 1 and self.specs[n].model == model
+            far = -room[taker] > s.far * max(len(obs[taker].actors), 1)
+            donors = sorted((n for n in (free if far else ready) if n != taker and room[n] >= 1
+                             and self.specs[n].model == model
                              and not (obs[n].arrival_rps > 0 and obs[n].ttft_attainment is None)),
                             key=room.get, reverse=True)
             for donor in donors:

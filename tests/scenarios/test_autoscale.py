@@ -1,4 +1,5 @@
 """The autoscaler on scripted loads, against a cluster that adds and removes actors at once."""
+import math
 import random
 
 import pytest
@@ -144,3 +145,17 @@ def test_the_controller_keeps_actors_scaled_out_for_a_forecast_burst():
     assert any(a.kind == "lend" for d in scaler.controller.step(quiet, 100.0) for a in d.actions)
     scaler, fleet = make(scenario("chat", p=10, d=10), scenario("docs"))
     assert not scaler.controller.step(quiet, 100.0, expected={"chat": 20.0})
+
+
+def test_a_slow_tide_is_not_taken_for_a_period_until_it_repeats():
+    """A tide of 180 intervals: a slowly changing load resembles itself a few intervals later
+    (autocorrelation 0.99 at 6 intervals) without repeating; no period until the tide comes
+    round again, then the tide's own (a period of 6 intervals had been found at once)."""
+    scaler, fleet = make(settings=ScaleSettings(history=1440))
+    rates = [{"chat": 10.0 + 8.0 * math.sin(2 * math.pi * i / 180)} for i in range(420)]
+    periods = []
+    for i, rate in enumerate(rates):
+        fleet.apply(scaler.step([fleet.observe("chat", rate["chat"])], i * INTERVAL))
+        periods.append(scaler._trend["chat"].period)
+    assert set(periods[:180]) == {None}
+    assert all(p is not None and abs(p - 180) <= 9 for p in periods[-60:])  # the peak is broad: within 5%

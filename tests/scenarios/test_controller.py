@@ -373,3 +373,25 @@ def test_a_sparse_load_whose_ratio_swings_with_every_request_flips_nothing():
     assert all(ctrl.need(cluster.observe("chat", load))[0].total < 1 for load in set(loads))
     run(ctrl, cluster, loads)
     assert not ctrl.log and cluster.counts("chat") == (5, 5)
+
+
+def test_a_scenario_far_short_of_its_share_takes_actors_from_a_donor_within_its_dwell_time():
+    """A burst does not wait for the donor's last move to settle: the donor flipped just now,
+    and the taker, short of its share by more than `far` of its actors, is lent to in the next
+    round; one short by less waits out the donor's dwell time."""
+    def start(busy_load, far):
+        settings = Settings(interval_s=10, min_dwell_s=30, confirm=2, far=far)
+        ctrl, cluster = make(scenario("docs", p=8, d=8), scenario("chat", p=2, d=2), settings=settings)
+        h = run(ctrl, cluster, [{"docs": PROMPT_HEAVY, "chat": (0.5, 1500, 150)}] * 3)
+        flip = ctrl.log[-1]
+        assert flip.scenario == "docs" and flip.actions[0].kind == "flip" and h[-1]["chat"] == (2, 2)
+        run(ctrl, cluster, [{"docs": PROMPT_HEAVY, "chat": busy_load}], start_interval=3)
+        return ctrl, cluster, flip.time
+
+    busy = (8.0, 1500, 150)  # chat's share: 12 of the 20 actors (smoothed, 8 of them at least)
+    ctrl, cluster, flipped = start(busy, far=0.2)
+    lend = ctrl.log[-1]
+    assert lend.actions[0].kind == "lend" and lend.time - flipped < SETTINGS.min_dwell_s
+    assert sum(cluster.counts("chat")) > 4
+    ctrl, cluster, flipped = start(busy, far=3.0)  # the same shortfall, not far by this setting
+    assert ctrl.log[-1].time == flipped and sum(cluster.counts("chat")) == 4

@@ -31,9 +31,11 @@ async def generate(pool, rid: str, prompt: list[int], max_tokens: int) -> tuple[
 
 @pytest.fixture(scope="module", params=[(2, 1), (1, 2)], ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2"])
 def tp_pool(request, make_pool):
-    """A 1P:1D pool, each role at its tensor-parallel size, with the sizes."""
+    """A 1P:1D pool, each role at its tensor-parallel size, with the sizes. Its leases outlast a
+    prefill slowed by a loaded host: one that expired was retried, and the transfer checked
+    below was then another attempt's."""
     prefill_tp, decode_tp = request.param
-    return make_pool(prefill=1, decode=1, hardware={"prefill": Hardware(tensor_parallel_size=prefill_tp),
+    return make_pool(prefill=1, decode=1, lease_ttl_s=20.0, hardware={"prefill": Hardware(tensor_parallel_size=prefill_tp),
                                                     "decode": Hardware(tensor_parallel_size=decode_tp)}), request.param
 
 

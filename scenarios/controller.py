@@ -238,8 +238,10 @@ class RatioController:
         # dead band: the ideal split must lie more than one actor (or band x actors) away
         within = abs(want - p) <= 0.5 + max(0.5, s.band * n)
         # a load that needs less than one actor in all is served by any split, and a sparse
-        # load's ratio swings with every request: no flip for it
-        idle = need.total < 1 and p >= 1 and d >= 1
+        # load's ratio swings with every request: no flip for it, while it meets its SLOs (a
+        # model that overrates an actor, as one sharing its cores, can give a load that
+        # swamps one prefill actor less than one actor in all)
+        idle = need.total < 1 and p >= 1 and d >= 1 and not any(self._misses(obs)[:2])
         if not outside and (delta == 0 or ((within or idle) and not pin)):
             mem.streak, mem.streak_direction = 0, 0
             return None

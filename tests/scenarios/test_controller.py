@@ -375,6 +375,19 @@ def test_a_sparse_load_whose_ratio_swings_with_every_request_flips_nothing():
     assert not ctrl.log and cluster.counts("chat") == (5, 5)
 
 
+def test_a_light_load_that_misses_its_ttft_target_is_not_taken_for_a_sparse_one():
+    """The model gives a prompt-heavy load less than one actor in all, but the one prefill actor
+    misses the TTFT target (as when actors share cores and the model overrates each): the
+    controller flips toward prefill; the same load within its targets flips nothing."""
+    light = (0.2, 4000, 20)
+    for attainment, flips in (((1.0, 1.0), False), ((0.4, 1.0), True)):
+        ctrl, cluster = make(scenario(p=1, d=3))
+        assert ctrl.need(cluster.observe("chat", light))[0].total < 1
+        for i in range(6):
+            cluster.apply(ctrl.step([cluster.observe("chat", light, attainment)], i * 10.0))
+        assert (cluster.counts("chat")[0] > 1) is flips, attainment
+
+
 def test_a_scenario_far_short_of_its_share_takes_actors_from_a_donor_within_its_dwell_time():
     """A burst does not wait for the donor's last move to settle: the donor flipped just now,
     and the taker, short of its share by more than `far` of its actors, is lent to in the next

@@ -12,8 +12,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
-#include <utility>
 
 #include "vec.h"
 
@@ -53,11 +51,10 @@ void block(const float* x, int64_t ldx, const float* w, const float* bias, float
 
 using BlockFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
 
-template <int... R>
-constexpr std::array<BlockFn, sizeof...(R)> blocks_for(std::integer_sequence<int, R...>) {
-  return {block<R + 1>...};
-}
-constexpr auto BLOCKS = blocks_for(std::make_integer_sequence<int, MB>{});  // BLOCKS[r - 1]: r rows
+struct Rows {
+  template <int R>
+  static constexpr BlockFn of = block<R>;
+};
 
 }  // namespace
 
@@ -98,7 +95,7 @@ torch::Tensor few_row_linear(torch::Tensor x, torch::Tensor packed, c10::optiona
       const int64_t n0 = nb * NB, n_valid = std::min<int64_t>(NB, N - n0);
       for (int64_t m = 0; m < M; m += MB) {
         const int64_t rows = std::min<int64_t>(MB, M - m);
-        BLOCKS[rows - 1](xp + m * K, K, wp + nb * K * NB, bp ? bp + n0 : nullptr, yp + m * N + n0, N, K, n_valid);
+        pdmesh_vec::variant<BlockFn, Rows, MB>(rows)(xp + m * K, K, wp + nb * K * NB, bp ? bp + n0 : nullptr, yp + m * N + n0, N, K, n_valid);
       }
     }
   });

@@ -125,23 +125,14 @@ void decode_any(const T* q, const T* kc, const T* vc, const int64_t* table, cons
 using F32Kernel = void (*)(const float*, const float*, const float*, const int64_t*, const int64_t*,
                            const int64_t*, float*, int64_t, int64_t, int64_t, int64_t, float);
 template <int DIM>
-F32Kernel f32_for_group(int64_t group) {
-  switch (group) {
-    case 1: return decode_f32<DIM, 1>;
-    case 2: return decode_f32<DIM, 2>;
-    case 3: return decode_f32<DIM, 3>;
-    case 4: return decode_f32<DIM, 4>;
-    case 5: return decode_f32<DIM, 5>;
-    case 6: return decode_f32<DIM, 6>;
-    case 7: return decode_f32<DIM, 7>;
-    case 8: return decode_f32<DIM, 8>;
-    default: return nullptr;
-  }
-}
+struct Groups {
+  template <int G>
+  static constexpr F32Kernel of = decode_f32<DIM, G>;
+};
 
 F32Kernel f32_kernel(int64_t dim, int64_t group) {
-  if (dim == 64) return f32_for_group<64>(group);
-  if (dim == 128) return f32_for_group<128>(group);
+  if (dim == 64) return pdmesh_vec::variant<F32Kernel, Groups<64>, 8>(group);
+  if (dim == 128) return pdmesh_vec::variant<F32Kernel, Groups<128>, 8>(group);
   return nullptr;
 }
 

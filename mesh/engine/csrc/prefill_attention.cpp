@@ -155,26 +155,17 @@ using Kernel = void (*)(const float*, int64_t, const float*, const float*, float
                         int64_t, float);
 
 template <int DIM>
-Kernel for_group(int64_t group) {
-  switch (group) {
-    case 1: return prefill_f32<DIM, 1>;
-    case 2: return prefill_f32<DIM, 2>;
-    case 3: return prefill_f32<DIM, 3>;
-    case 4: return prefill_f32<DIM, 4>;
-    case 5: return prefill_f32<DIM, 5>;
-    case 6: return prefill_f32<DIM, 6>;
-    case 7: return prefill_f32<DIM, 7>;
-    case 8: return prefill_f32<DIM, 8>;
-    default: return nullptr;
-  }
-}
+struct Groups {
+  template <int G>
+  static constexpr Kernel of = prefill_f32<DIM, G>;
+};
 
 Kernel kernel_for(int64_t dim, int64_t group) {
   switch (dim) {
-    case 16: return for_group<16>(group);
-    case 32: return for_group<32>(group);
-    case 64: return for_group<64>(group);
-    case 128: return for_group<128>(group);
+    case 16: return pdmesh_vec::variant<Kernel, Groups<16>, 8>(group);
+    case 32: return pdmesh_vec::variant<Kernel, Groups<32>, 8>(group);
+    case 64: return pdmesh_vec::variant<Kernel, Groups<64>, 8>(group);
+    case 128: return pdmesh_vec::variant<Kernel, Groups<128>, 8>(group);
     default: return nullptr;
   }
 }

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace pdmesh_vec {
 
@@ -58,6 +60,20 @@ inline float softmax_unnormalised(float* s, int64_t n) {
   for (int64_t t = whole; t < n; ++t) rest += (s[t] = std::exp(s[t] - m));
   const float sum = hsum(total) + rest;
   return sum > 0.f ? 1.f / sum : 0.f;
+}
+
+// A kernel compiled for each value of a count known only at run time (rows of a block, query
+// heads per KV head): Variants::of<n> for n in 1..N as a table built at compile time.
+template <typename Fn, typename Variants, int... I>
+constexpr std::array<Fn, sizeof...(I)> variants(std::integer_sequence<int, I...>) {
+  return {Variants::template of<I + 1>...};
+}
+
+// The variant for n, or nullptr outside 1..N.
+template <typename Fn, typename Variants, int N>
+Fn variant(int64_t n) {
+  static constexpr auto table = variants<Fn, Variants>(std::make_integer_sequence<int, N>{});
+  return n >= 1 && n <= N ? table[n - 1] : nullptr;
 }
 
 }  // namespace pdmesh_vec

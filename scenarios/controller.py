@@ -106,7 +106,6 @@ class _Memory:
     streak: int = 0
     last_direction: int = 0  # of the last move
     damping: int = 0  # moves are divided by 2**damping: quick reversals in a row
-    missing: bool = False  # the last interval that ended requests missed the TTFT or TPOT goal
 
 
 @dataclass(frozen=True)
@@ -241,11 +240,12 @@ class RatioController:
         # a load that needs less than one actor in all is served by any split, and a sparse
         # load's ratio swings with every request: no flip for it, while it meets its SLOs (a
         # model that overrates an actor, as one sharing its cores, can give a load that
-        # swamps one prefill actor less than one actor in all); an interval that ended no
-        # request keeps the last one's verdict
-        if obs.ttft_attainment is not None or obs.tpot_attainment is not None:
-            mem.missing = any(self._misses(obs)[:2])
-        idle = need.total < 1 and p >= 1 and d >= 1 and not mem.missing
+        # swamps one prefill actor less than one actor in all). An interval that ended none
+        # of its requests says nothing of that: it neither confirms a move nor breaks a streak
+        sparse = need.total < 1 and p >= 1 and d >= 1
+        if sparse and obs.ttft_attainment is None and obs.tpot_attainment is None and not (outside or pin):
+            return None
+        idle = sparse and not any(self._misses(obs)[:2])
         if not outside and (delta == 0 or ((within or idle) and not pin)):
             mem.streak, mem.streak_direction = 0, 0
             return None

@@ -384,10 +384,14 @@ def test_a_light_load_that_misses_its_ttft_target_is_not_taken_for_a_sparse_one(
         ctrl, cluster = make(scenario(p=1, d=3))
         assert ctrl.need(cluster.observe("chat", light))[0].total < 1
         for i in range(6):
-            # every other interval ends no request: it has no attainment, and keeps the last verdict
+            # every other interval ends no request: no attainment, which neither confirms nor breaks
             seen = attainment if i % 2 == 0 else (None, None)
             cluster.apply(ctrl.step([cluster.observe("chat", light, seen)], i * 10.0))
         assert (cluster.counts("chat")[0] > 1) is flips, attainment
+    ctrl, cluster = make(scenario(p=1, d=3))  # one slow request (a cold start), then none ended: no move
+    for i in range(6):
+        cluster.apply(ctrl.step([cluster.observe("chat", light, (0.0, 1.0) if i == 0 else (None, None))], i * 10.0))
+    assert cluster.counts("chat") == (1, 3)
 
 
 def test_a_scenario_far_short_of_its_share_takes_actors_from_a_donor_within_its_dwell_time():

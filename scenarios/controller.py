@@ -88,12 +88,19 @@ class Settings:
     # short of its share of its model's actors by more than this share of its own takes them from
     # the others whatever their dwell time (a burst does not wait for a donor's last flip to settle)
     far: float = 0.2
-    utilisation: float = 0.85  # plan each role to this utilisation: headroom for queueing
+    utilisation: float = 0.85  # plan each role to this utilisation: headroom for queueing...
+    # ...and the dead bands are shares of the actors, up to this many actors; beyond it both grow as
+    # the square root of the size instead (square-root staffing): the noise of a scenario's load,
+    # counted in actors, grows so, and a large pool needs less headroom for queueing, in proportion
+    # to its load, than a small one (for 300 actors' worth of load 31 actors, not 53). Shares alone
+    # held a scenario of 500 actors 25 actors from its ideal split
+    sqrt_from: float = 100.0
     smoothing: float = 0.5  # weight of the newest observation in the moving averages
     attainment_boost: float = 1.25  # need of the role whose SLO is being missed, times this
     lend: bool = True
     # a scenario takes actors from others when short of its share (`allocate`) by more than this
-    # share of its actors (at least one): headroom moved back and forth on noise costs drains
+    # share of its actors (at least one; beyond `sqrt_from` as the dead band): headroom moved back and
+    # forth on noise costs drains
     lend_band: float = 0.15
     reversal_window_s: float = 120.0  # a move against the last one within this is damped
 
@@ -161,8 +168,8 @@ class RatioController:
         prompt, pm = obs.mean_prompt, models.prefill
         hold = pm.prefill_s(prompt, prompt * prompt) + pm.prompt_transfer_s(prompt)
         cap = models.capacity(prompt, obs.mean_output, spec.slo.tpot_s, hold_s=hold)
-        p = obs.arrival_rps / max(cap.prefill_rps * s.utilisation, 1e-9)
-        d = obs.arrival_rps / max(cap.decode_rps * s.utilisation, 1e-9)
+        p = self._staffed(obs.arrival_rps / max(cap.prefill_rps, 1e-9))
+        d = self._staffed(obs.arrival_rps / max(cap.decode_rps, 1e-9))
         ttft_short, tpot_short, kv_short = self._misses(obs)
         if kv_short or (tpot_short and not ttft_short):
             d *= s.attainment_boost
@@ -171,6 +178,14 @@ class RatioController:
         prediction = {"prefill_rps_per_actor": cap.prefill_rps, "decode_rps_per_actor": cap.decode_rps,
                       "decode_batch": cap.decode_batch, "prefill_needed": p, "decode_needed": d}
         return Need(p, d), prediction
+
+    def _staffed(self, load: float) -> float:
+        """Actors to plan for `load` actors' worth of work at full utilisation."""
+        return load + (1 / self.settings.utilisation - 1) * self._sized(load)
+
+    def _sized(self, actors: float) -> float:
+        """What a band or headroom is a share of: the actors, or beyond `sqrt_from` a square root."""
+        return min(actors, math.sqrt(actors * self.settings.sqrt_from))
 
     def _misses(self, obs: Observation) -> tuple[bool, bool, bool]:
         """Whether the scenario misses its TTFT goal, its TPOT goal, and finds decode KV short."""
@@ -235,8 +250,8 @@ class RatioController:
         target = min(max(round(want), lo), hi)
         outside = not lo <= p <= hi  # limits changed under us: fix at once, no hysteresis
         delta = target - p
-        # dead band: the ideal split must lie more than one actor (or band x actors) away
-        within = abs(want - p) <= 0.5 + max(0.5, s.band * n)
+        # dead band: the ideal split must lie more than one actor (or the band) away
+        within = abs(want - p) <= 0.5 + max(0.5, s.band * self._sized(n))
         # a load that needs less than one actor in all is served by any split, and a sparse
         # load's ratio swings with every request: no flip for it, while it meets its SLOs (a
         # model that overrates an actor, as one sharing its cores, can give a load that
@@ -346,7 +361,7 @@ class RatioController:
                                   sum(len(obs[n].actors) for n in group))
             room.update({n: len(obs[n].actors) - share[n] for n in group})  # beyond its share
         decisions = []
-        band = lambda n: max(1.0, s.lend_band * len(obs[n].actors))  # noqa: E731
+        band = lambda n: max(1.0, s.lend_band * self._sized(len(obs[n].actors)))  # noqa: E731
         short = sorted((n for n in ready if -room[n] >= band(n) or (room[n] < 0 and not obs[n].actors)),
                        key=lambda n: (-self.specs[n].priority, room[n]))
         for taker in short:

@@ -414,3 +414,28 @@ def test_a_scenario_far_short_of_its_share_takes_actors_from_a_donor_within_its_
     assert sum(cluster.counts("chat")) > 4
     ctrl, cluster, flipped = start(busy, far=3.0)  # the same shortfall, not far by this setting
     assert ctrl.log[-1].time == flipped and sum(cluster.counts("chat")) == 4
+
+
+def test_a_large_scenarios_headroom_and_dead_band_grow_as_the_square_root_of_its_size():
+    """Up to `sqrt_from` (100) actors a role is planned at 0.85 utilisation and the dead band is 5%
+    of the actors; beyond, both grow as the square root: a scenario of 500 actors 18 actors from its
+    ideal split (3.6%) moves there, where a band of 5% (25 actors) would have held it."""
+    shares = Settings(interval_s=10, min_dwell_s=30, confirm=2, sqrt_from=float("inf"))  # the rule for any size
+    big = {"prefill": {"min": 1, "max": 1000}, "decode": {"min": 1, "max": 1000}}
+    for rate, large in ((5.0, False), (400.0, True)):
+        load = Observation("chat", rate, 4000, 200, 1.0, 1.0, ())
+        (ctrl, _), (flat, _) = make(scenario()), make(scenario(), settings=shares)
+        need, by_share = ctrl.need(load)[0], flat.need(load)[0]
+        for role in ("prefill", "decode"):
+            bare = getattr(by_share, role) * 0.85  # actors' worth of load at full utilisation
+            assert (bare > 100) == large
+            expected = bare + 0.15 / 0.85 * (100 * bare) ** 0.5 if large else bare / 0.85
+            assert getattr(need, role) == pytest.approx(expected)
+    load = (400.0, 4000, 200)
+    ctrl, _ = make(scenario(limits=big))
+    need = ctrl.need(Observation("chat", *load, 1.0, 1.0, ()))[0]
+    p = round(500 * need.prefill / need.total) - 18
+    for settings, moves in ((SETTINGS, True), (shares, False)):
+        ctrl, cluster = make(scenario(p=p, d=500 - p, limits=big), settings=settings)
+        h = run(ctrl, cluster, [load] * 6)
+        assert (h[-1]["chat"][0] > p) == moves

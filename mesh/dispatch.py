@@ -340,7 +340,7 @@ class Dispatcher:
                 if not self.router.may_offer(offers, time_left):
                     break
                 try:
-                    d = await self._ask(member, step, step.ttft_budget_s, time_left, cached.get(member.actor_id, 0))
+                    d = await self._ask(member, step, step.ttft_budget_s, cached.get(member.actor_id, 0))
                 except _ACTOR_LOST as e:
                     lost.add(member.actor_id)
                     self._lost(member, "offer", e)
@@ -361,14 +361,17 @@ class Dispatcher:
                 raise self.router.give_up(offers, retry_after)
             await asyncio.sleep(self.router.pause_s(retry_after, step.deadline - self.clock()))
 
-    async def _ask(self, member: Member, step: Attempt, budget_s: float | None, time_left: float,
-                   cached: int) -> OfferReply:
+    async def _ask(self, member: Member, step: Attempt, budget_s: float | None, cached: int) -> OfferReply:
         """The actor's answer to an offer; one that does not come in time (a stalled actor) is a
-        rejection. The wait is in real time: the deadlines are on the dispatcher's clock."""
+        rejection. The wait is in real time: the deadlines are on the dispatcher's clock. The actor
+        judges its first token against the TTFT budget and the request's end, not the admission
+        deadline: that bounds how long offers go on, and a prompt whose TTFT target is longer than
+        it (xlong's 12 s against 5 s) would otherwise find only idle actors."""
         wait_s = self.router.offer_timeout_s
         try:
             return await asyncio.wait_for(
-                member.handle.offer.remote(len(step.request.token_ids), budget_s, time_left, cached), wait_s)
+                member.handle.offer.remote(len(step.request.token_ids), budget_s, step.end - self.clock(), cached),
+                wait_s)
         except asyncio.TimeoutError:
             return OfferReply(False, f"no answer to the offer within {wait_s:.3f}s", retry_after_s=wait_s)
 
@@ -388,12 +391,11 @@ class Dispatcher:
                        and m.info.state is ActorState.SERVING and align % (m.info.block_size or 1) == 0
                        and m.info.tensor_parallel_size in sizes]) for n in self.neighbours()]
         for host, member in self.overflow.candidates(self.priority, hosts):
-            time_left = step.deadline - self.clock()
-            if time_left <= 0:
+            if step.deadline <= self.clock():
                 return None
             budget = self.overflow.budget_s(step.ttft_budget_s, host, member)
             try:
-                d = await self._ask(member, step, budget, time_left, 0)
+                d = await self._ask(member, step, budget, 0)
             except _ACTOR_LOST as e:
                 lost.add(member.actor_id)
                 self._lost(member, "offer", e)

@@ -203,7 +203,7 @@ class Simulator:
             if a.free < need:
                 continue
             d = decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
-                       Offer(p, budget, time_left, cached.get(a.id, 0)))
+                       Offer(p, budget, cached_tokens=cached.get(a.id, 0)))  # no request end here
             if self.offer_log is not None:
                 self.offer_log.append((rid, a.id, d.accept))
             if d.accept:
@@ -211,14 +211,14 @@ class Simulator:
                 return
             retry = min(retry, d.retry_after_s)
         self.offers[rid] = offers
-        if self.hosts[self.scen[rid]] and self._overflow(rid, budget, time_left):
+        if self.hosts[self.scen[rid]] and self._overflow(rid, budget):
             return
         if fw.may_offer(offers, time_left):
             self._push(now + fw.pause_s(None if retry == math.inf else retry, time_left), RETRY, rid, 0)
         else:
             self._reject(rid)
 
-    def _overflow(self, rid: int, budget: float, time_left: float) -> bool:
+    def _overflow(self, rid: int, budget: float) -> bool:
         """rid's own pool refused it (a whole pass): offer it to prefill actors of the other scenarios'
         pools (`mesh.routing.CrossScenarioOverflow`, as `mesh.dispatch` does); its decode
         reservation stays. Whether one took it."""
@@ -232,7 +232,7 @@ class Simulator:
         for host, a in ov.candidates(specs[k].priority, hosts, _queue):
             budget_s = ov.budget_s(budget, host, a, _queue)
             d = self.admission.decide(PrefillLoad(a.queued_tokens, a.queued_requests, a.rate),
-                                      Offer(self.prompt[rid], budget_s, time_left))
+                                      Offer(self.prompt[rid], budget_s))
             taken = ov.takes(d, budget_s)
             if self.offer_log is not None:
                 self.offer_log.append((rid, a.id, taken))

@@ -74,9 +74,11 @@ class StandInPool:
         return [m for m in self.members if m.role is role]
 
 
-def dispatched_offers(dispatcher: Dispatcher, prompts: list[int], index: dict[str, int]) -> list[tuple[int, int, bool]]:
+def dispatched_offers(dispatcher: Dispatcher, prompts: list[int], index: dict[str, int], ttft_s: float = TTFT_S,
+                      admission_s: float = DEADLINE_S) -> list[tuple[int, int, bool]]:
     """(request, actor index, accepted) of every offer live dispatch makes for the prompts, in
-    order; a request out of offers is refused, as the simulator refuses it."""
+    order; a request out of offers is refused, as the simulator refuses it. Offers stop at
+    admission_s (on the fake clock, from 0); the requests end at DEADLINE_S."""
     rng = np.random.default_rng(0)
     offers = []
 
@@ -85,7 +87,7 @@ def dispatched_offers(dispatcher: Dispatcher, prompts: list[int], index: dict[st
             events = []
             # random tokens: no prompt shares a prefix with another, as the simulator's have none
             req = Request(f"r{rid}", rng.integers(1, 30000, n).tolist(), SamplingParams(max_tokens=2),
-                          deadline=DEADLINE_S, ttft_budget_s=TTFT_S)
+                          deadline=DEADLINE_S, admission_deadline=admission_s, ttft_budget_s=ttft_s)
             try:
                 async for _ in dispatcher.generate(req, events):
                     pass

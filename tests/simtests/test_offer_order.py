@@ -26,19 +26,20 @@ from tests.simtests.support import profile, scenario
 from tests.support.clock import FakeClock
 
 
-def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
+def live_offers(prompts: list[int], actors: int, forwarding: ForwardOnRejection, ttft_s: float = TTFT_S,
+                admission_s: float = DEADLINE_S) -> list[tuple[int, int, bool]]:
     prefill = [PrefillStandIn(f"p{k}") for k in range(actors)]
     dispatcher = Dispatcher(StandInPool([*prefill, DecodeStandIn("d0")]), forwarding, clock=FakeClock())
     index = {a.actor_id: k for k, a in enumerate(prefill)}  # the simulator numbers prefill actors first
-    return dispatched_offers(dispatcher, prompts, index)
+    return dispatched_offers(dispatcher, prompts, index, ttft_s, admission_s)
 
 
-def simulated_offers(make_cluster, prompts: list[int], actors: int,
-                     forwarding: ForwardOnRejection) -> list[tuple[int, int, bool]]:
-    cluster = make_cluster(scenario(p=actors, d=1, ttft=TTFT_S),
+def simulated_offers(make_cluster, prompts: list[int], actors: int, forwarding: ForwardOnRejection,
+                     ttft_s: float = TTFT_S, admission_s: float = DEADLINE_S) -> list[tuple[int, int, bool]]:
+    cluster = make_cluster(scenario(p=actors, d=1, ttft=ttft_s),
                            model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6))
     offers = []
-    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=DEADLINE_S), ADMISSION, forwarding,
+    sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=admission_s), ADMISSION, forwarding,
                     offer_log=offers)
     for a in sim.actors:  # measured already, as the stand-ins' is
         a.rate = RATE
@@ -67,3 +68,15 @@ def test_live_dispatch_and_the_simulator_offer_in_the_same_order(make_cluster, a
         assert placed == set(range(n))
     else:
         assert len(placed) < n
+
+
+def test_an_actor_judges_an_offer_by_the_ttft_budget_not_by_how_long_offers_may_go_on(make_cluster):
+    """A TTFT target of 3 s and 1 s of offers: a busy actor whose first token for the request
+    would come at 2 s takes it, live and in the simulator. (Judged by the time left to offer, a
+    scenario whose TTFT target is longer than the admission window, xlong's 12 s against 5 s,
+    found only idle actors.)"""
+    forwarding = ForwardOnRejection()
+    prompts = [15_000, 5_000]  # 1.5 s of prefill queued on the one actor, then 0.5 s more
+    live = live_offers(prompts, 1, forwarding, ttft_s=3.0, admission_s=1.0)
+    assert live == [(0, 0, True), (1, 0, True)]
+    assert simulated_offers(make_cluster, prompts, 1, forwarding, ttft_s=3.0, admission_s=1.0) == live

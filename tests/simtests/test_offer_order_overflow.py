@@ -92,15 +92,16 @@ def test_a_pool_whose_decode_kv_is_nearly_full_refuses_instead_of_overflowing(ma
 
 
 def _long_guest(make_cluster, host_actors: int):
-    """Two prompts of "a" (TTFT 12 s) at once, its one actor busy with the first for 10 s: the
-    second's 2 s prefill is past host "b"'s 1 s TTFT target; where "b" prefilled it (-1: nowhere)."""
+    """Two prompts of "a" (TTFT 12 s) at once, its one actor busy with the first for 11 s (the
+    second would come at 13 s there): the second's 2 s prefill is past host "b"'s 1 s TTFT
+    target; where "b" prefilled it (-1: nowhere)."""
     cluster = make_cluster(scenario("a", p=1, d=1, ttft=12.0), scenario("b", p=host_actors, d=1, ttft=1.0),
                            model=profile(prefill=(0.0, 1 / RATE, 0.0), max_batch_tokens=10**6))
     sim = Simulator(cluster, Variant(controller=False, admission_timeout_s=5.0), ADMISSION,
                     overflow=CrossScenarioOverflow(spare_idle=2))
     for actor in sim.actors:
         actor.rate = RATE
-    sim.run(Workload(np.zeros(2), np.array([100_000, 20_000]), np.full(2, 2), np.zeros(2, dtype=np.int64),
+    sim.run(Workload(np.zeros(2), np.array([110_000, 20_000]), np.full(2, 2), np.zeros(2, dtype=np.int64),
                      "sequence"))
     return sim.overflowed[1]
 

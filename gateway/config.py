@@ -69,6 +69,8 @@ class Control(BaseModel):
     def _positive(cls, v: Settings) -> Settings:
         if v.interval_s <= 0 or v.min_dwell_s < 0 or v.confirm < 1:
             raise ValueError("interval_s must be > 0, min_dwell_s >= 0 and confirm >= 1")
+        if not 0 < v.utilisation <= 1 or v.sqrt_from <= 0 or v.band < 0 or v.lend_band < 0:
+            raise ValueError("utilisation must be in (0, 1], sqrt_from > 0, band and lend_band >= 0")
         return v
 
     def perf_model(self) -> PerfModel:

@@ -72,6 +72,14 @@ def test_what_only_the_whole_file_shows(tmp_path, text, message):
     assert code == 2 and message in err.splitlines()[0], err
 
 
+def test_controller_settings_that_would_break_its_plans_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"scenarios": [{"name": "a", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 1}}],
+                                    "controller": {"settings": {"utilisation": 0, "sqrt_from": -1}}}))
+    code, _, err = _run("validate", str(path))
+    assert code == 2 and "utilisation must be in (0, 1], sqrt_from > 0" in err, err
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_the_example_configs_pass_and_match_the_schema(path):
     code, out, err = _run("validate", str(path))

@@ -66,7 +66,7 @@ class Control(BaseModel):
 
     @field_validator("settings")
     @classmethod
-    def _positive(cls, v: Settings) -> Settings:
+    def _plannable(cls, v: Settings) -> Settings:
         if v.interval_s <= 0 or v.min_dwell_s < 0 or v.confirm < 1:
             raise ValueError("interval_s must be > 0, min_dwell_s >= 0 and confirm >= 1")
         if not 0 < v.utilisation <= 1 or v.sqrt_from <= 0 or v.band < 0 or v.lend_band < 0:

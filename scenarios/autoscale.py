@@ -4,7 +4,7 @@ limits and an optional cluster budget, from its forecast arrivals.
 A policy like the ratio controller (and on the same observations, capacity model and role
 rule): every interval it forecasts each scenario's arrivals one start-up time ahead (Holt's
 linear trend, as Dynamo's SLA planner forecasts load; where the arrivals repeat with a period,
-found by autocorrelation over the history once it repeated, instead the largest rate one period
+found by autocorrelation over the history once it repeated, beyond what noise gives, instead the largest rate one period
 ago over the horizon, and no less than now: a daily tide or a recurring burst is met before it
 starts, and a burst's steep rise is not extrapolated), asks the controller what that load needs
 (`RatioController.need`, with its SLO-attainment boosts), and
@@ -18,9 +18,9 @@ starts, and a burst's steep rise is not extrapolated), asks the controller what 
   intervals as a reserve of the fleet's: a burst seen once may come again (or another
   scenario's may come) sooner than a start-up time, and the controller lends the reserve to
   whichever scenario it comes to. Once the period shows, the forecast covers the pattern.
-Scale-outs compete for the budget by priority, then by shortfall. Its last forecast
-(`expected`) is what the controller plans its lends on, so that actors scaled out ahead of a
-burst are not lent away before it comes. What carries the actions out (Ray's autoscaler and
+Scale-outs compete for the budget by priority, then by shortfall. Its last forecast, where it
+comes from a period (`expected`), is what the controller plans its lends on, so that actors
+scaled out ahead of a burst are not lent away before it comes. What carries the actions out (Ray's autoscaler and
 pools live, modelled actors in the simulator) is a connector's job.
 """
 from __future__ import annotations
@@ -48,7 +48,11 @@ class ScaleSettings:
     history: int = 1440  # intervals of arrivals kept to find a period (4 h at 10 s)
     min_period: int = 6  # the shortest period looked for, in intervals
     min_overlap: int = 24  # intervals of the history compared with it one period later, at least
-    season_fit: float = 0.6  # autocorrelation at the period needed to forecast by it
+    season_fit: float = 0.6  # autocorrelation at the period needed to forecast by it...
+    # ...and at least season_z / sqrt(intervals compared): over m intervals of aperiodic noise an
+    # autocorrelation is about 1/sqrt(m), and the largest of a hundred lags' a few times that (the
+    # Mooncake trace showed "periods" of 48 to 311 intervals, each for a few intervals)
+    season_z: float = 5.0
     # until the arrivals show a period, no scale-in below the largest need of the last reserve
     # intervals: a burst seen once may come back before a start-up time could meet it
     reserve: int = 90
@@ -87,7 +91,7 @@ class Autoscaler:
     def __init__(self, controller: RatioController, settings: ScaleSettings = ScaleSettings()):
         self.controller, self.settings = controller, settings
         self._trend: dict[str, _Trend] = {name: _Trend() for name in controller.specs}
-        self.expected: dict[str, float] = {}  # each scenario's last forecast, arrivals/s
+        self.expected: dict[str, float] = {}  # each periodic scenario's last forecast, arrivals/s
 
     def forecast(self, obs: Observation) -> float:
         """Arrivals/s one start-up time ahead; updates the scenario's level, trend and history."""
@@ -114,9 +118,10 @@ class Autoscaler:
         """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
         the highest autocorrelation, over a history that covers the period and `min_overlap`
         intervals more (a burst seen twice is enough to expect the third), among the lags past
-        its first fall to zero: a load that changes slowly resembles itself a few intervals
-        later without repeating (a tide's rise matched itself at 6 intervals, and forecasting by
-        that "period" met the rise late)."""
+        its first fall to zero, and well above what noise reaches over the intervals compared:
+        a load that changes slowly resembles itself a few intervals later without repeating (a
+        tide's rise matched itself at 6 intervals, and forecasting by that "period" met the rise
+        late)."""
         s, n = self.settings, len(rates)
         if n < s.min_period + s.min_overlap:
             return None
@@ -130,14 +135,21 @@ class Autoscaler:
             return None
         lags = range(max(first, s.min_period), len(fit) + 1)
         lag = max(lags, key=lambda lag: fit[lag - 1], default=None)
-        return lag if lag is not None and fit[lag - 1] >= s.season_fit else None
+        return lag if lag is not None and fit[lag - 1] >= max(s.season_fit, s.season_z / math.sqrt(n - lag)) else None
 
     def step(self, observations: list[Observation], now: float) -> list[ScaleDecision]:
         s = self.settings
         total = sum(len(o.actors) for o in observations)
         plans = []
         for o in observations:
-            rps = self.expected[o.scenario] = self.forecast(o)
+            rps = self.forecast(o)
+            # the controller plans its lends on a forecast only where it comes from a period: a
+            # trend extrapolated a start-up ahead is for starting actors, while a lend serves
+            # within a drain, and on noisy load the trend would lend actors to every spike
+            if self._trend[o.scenario].period is not None:
+                self.expected[o.scenario] = rps
+            else:
+                self.expected.pop(o.scenario, None)
             need, _ = self.controller.need(replace(o, arrival_rps=rps))
             plans.append((o, rps, need))
         decisions = []

@@ -147,6 +147,36 @@ def test_the_controller_keeps_actors_scaled_out_for_a_forecast_burst():
     assert not scaler.controller.step(quiet, 100.0, expected={"chat": 20.0})
 
 
+def test_the_controller_plans_on_a_forecast_only_where_it_comes_from_a_period():
+    """A trend extrapolated a start-up ahead is for starting actors: on a rising load with no
+    period the controller is given no forecast (it would lend actors to every spike); once
+    recurring bursts show their period, it plans on the forecast."""
+    scaler, fleet = make()
+    drive(scaler, fleet, [{"chat": 1.0 + 0.5 * i} for i in range(20)])
+    assert scaler._trend["chat"].slope > 0 and scaler.expected == {}
+    scaler, fleet = make(settings=ScaleSettings(start_s=20.0))
+    drive(scaler, fleet, [{"chat": 20.0 if i % 30 < 3 else 0.5} for i in range(150)])
+    assert scaler._trend["chat"].period % 30 == 0 and scaler.expected["chat"] > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_spiky_load_without_a_period_shows_none(seed):
+    """Aperiodic spikes (as the Mooncake trace's long prompts arrive): over few intervals the
+    autocorrelation at some lag reaches season_fit by chance; a period must also beat what
+    noise reaches over the intervals compared (without that bound these loads showed several)."""
+    def periods(settings):
+        rng = random.Random(seed)
+        scaler, fleet = make(settings=settings)
+        found = set()
+        for i in range(360):
+            fleet.apply(scaler.step([fleet.observe("chat", 4.0 * rng.expovariate(1.0))], i * INTERVAL))
+            found.add(scaler._trend["chat"].period)
+        return found - {None}
+
+    assert periods(ScaleSettings(season_z=0.0))  # the chance "periods" are there to be found
+    assert not periods(ScaleSettings())
+
+
 def test_a_slow_tide_is_not_taken_for_a_period_until_it_repeats():
     """A tide of 180 intervals: a slowly changing load resembles itself a few intervals later
     (autocorrelation 0.99 at 6 intervals) without repeating; no period until the tide comes

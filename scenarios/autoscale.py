@@ -4,10 +4,11 @@ limits and an optional cluster budget, from its forecast arrivals.
 A policy like the ratio controller (and on the same observations, capacity model and role
 rule): every interval it forecasts each scenario's arrivals one start-up time ahead (Holt's
 linear trend, as Dynamo's SLA planner forecasts load; where the arrivals repeat with a period,
-found by autocorrelation over the history once it repeated, beyond what noise gives, instead the largest rate one period
-ago over the horizon, and no less than now: a daily tide or a recurring burst is met before it
-starts, and a burst's steep rise is not extrapolated), asks the controller what that load needs
-(`RatioController.need`, with its SLO-attainment boosts), and
+found by autocorrelation over the history once it repeated, beyond what noise gives, instead
+the largest rate one period ago over the horizon, and no less than now: a daily tide or a
+recurring burst is met before it starts, and a burst's steep rise is not extrapolated), asks
+the controller what that load needs (`RatioController.need`, with its SLO-attainment boosts),
+and
 - adds actors at once when the forecast needs more than it has (an actor takes a start-up
   time to serve, so waiting would miss the SLOs), to the role short the most;
 - removes actors (by drain) only when, over the last `idle_intervals` intervals, even the
@@ -20,8 +21,8 @@ starts, and a burst's steep rise is not extrapolated), asks the controller what 
   whichever scenario it comes to. Once the period shows, the forecast covers the pattern.
 Scale-outs compete for the budget by priority, then by shortfall. Its last forecast, where it
 comes from a period (`expected`), is what the controller plans its lends on, so that actors
-scaled out ahead of a burst are not lent away before it comes. What carries the actions out (Ray's autoscaler and
-pools live, modelled actors in the simulator) is a connector's job.
+scaled out ahead of a burst are not lent away before it comes. What carries the actions out
+(Ray's autoscaler and pools live, modelled actors in the simulator) is a connector's job.
 """
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ class Autoscaler:
             return None
         lags = range(max(first, s.min_period), len(fit) + 1)
         lag = max(lags, key=lambda lag: fit[lag - 1], default=None)
-        return lag if lag is not None and fit[lag - 1] >= max(s.season_fit, s.season_z / math.sqrt(n - lag)) else None
+        if lag is None or fit[lag - 1] < max(s.season_fit, s.season_z / math.sqrt(n - lag)):
+            return None
+        return lag
 
     def step(self, observations: list[Observation], now: float) -> list[ScaleDecision]:
         s = self.settings

@@ -86,13 +86,20 @@ class _Trend:
     rates: list = field(default_factory=list)  # arrivals/s per interval, the last `history`
     peaks: deque = field(default_factory=deque)  # actors needed, over the last `reserve` intervals
     period: int | None = None  # intervals, once the arrivals repeat
+    forecast: float = 0.0  # the last forecast, arrivals/s one start-up ahead
 
 
 class Autoscaler:
     def __init__(self, controller: RatioController, settings: ScaleSettings = ScaleSettings()):
         self.controller, self.settings = controller, settings
         self._trend: dict[str, _Trend] = {name: _Trend() for name in controller.specs}
-        self.expected: dict[str, float] = {}  # each periodic scenario's last forecast, arrivals/s
+
+    @property
+    def expected(self) -> dict[str, float]:
+        """Each scenario's last forecast where it comes from a period: what the controller plans
+        its lends on. A trend extrapolated a start-up ahead is for starting actors, while a lend
+        serves within a drain, and on noisy load the trend would lend actors to every spike."""
+        return {name: t.forecast for name, t in self._trend.items() if t.period is not None}
 
     def forecast(self, obs: Observation) -> float:
         """Arrivals/s one start-up time ahead; updates the scenario's level, trend and history."""
@@ -109,11 +116,13 @@ class Autoscaler:
         holt = max(0.0, t.level + max(t.slope, 0.0) * ahead)  # a falling trend scales in by idling, not ahead
         period = t.period = self._period(t.rates)
         if period is None:
-            return holt
-        # what came one period after the last interval, up to the horizon (and a margin of one interval),
-        # and no less than now: the period foresees the rises that a trend would only extrapolate
-        start = len(t.rates) - period
-        return max(obs.arrival_rps, max(t.rates[start:start + ahead + 2]))
+            t.forecast = holt
+        else:
+            # what came one period after the last interval, up to the horizon (and a margin of one
+            # interval), and no less than now: the period foresees the rises a trend only extrapolates
+            start = len(t.rates) - period
+            t.forecast = max(obs.arrival_rps, max(t.rates[start:start + ahead + 2]))
+        return t.forecast
 
     def _period(self, rates: list[float]) -> int | None:
         """The lag (intervals) at which the arrivals best repeat, if they repeat well enough:
@@ -146,13 +155,6 @@ class Autoscaler:
         plans = []
         for o in observations:
             rps = self.forecast(o)
-            # the controller plans its lends on a forecast only where it comes from a period: a
-            # trend extrapolated a start-up ahead is for starting actors, while a lend serves
-            # within a drain, and on noisy load the trend would lend actors to every spike
-            if self._trend[o.scenario].period is not None:
-                self.expected[o.scenario] = rps
-            else:
-                self.expected.pop(o.scenario, None)
             need, _ = self.controller.need(replace(o, arrival_rps=rps))
             plans.append((o, rps, need))
         decisions = []

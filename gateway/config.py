@@ -73,6 +73,15 @@ class Control(BaseModel):
             raise ValueError("utilisation must be in (0, 1], sqrt_from > 0, band and lend_band >= 0")
         return v
 
+    @field_validator("autoscale")
+    @classmethod
+    def _scalable(cls, v: ScaleSettings | None) -> ScaleSettings | None:
+        if v is not None and not (v.correct_up >= 1 and 0 < v.correct_down <= 1 and v.correct_max >= 1
+                                  and v.correct_z >= 0):
+            raise ValueError("correct_up and correct_max must be >= 1, correct_down in (0, 1] and correct_z >= 0: "
+                             "the correction rises on SLO misses and falls back to 1")
+        return v
+
     def perf_model(self) -> PerfModel:
         """A fresh model: each scenario's is refined from its own pool's measurements."""
         return load_model(self.profile)

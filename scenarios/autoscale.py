@@ -15,6 +15,12 @@ and
   largest need was below what it has minus the band: then every actor beyond that need and
   the band at once. A fleet sized for the peaks of noisy load keeps them, so noise never
   removes what the next interval adds back.
+- plans on the model's need times a scenario's correction: an interval whose SLO misses are
+  more than chance gives at the goal over its requests raises it, every other interval with
+  answers lowers it back toward 1. The model plans a window's prompts at their mean, and
+  long-tailed prompts take more prefill and hold decode KV longer than that; the controller's
+  boost for misses lasts one interval, less than a start-up, and this outlasts it, so that the
+  actors are there when the misses would come back.
 - keeps, until a scenario's arrivals show a period, the largest need of its last `reserve`
   intervals as a reserve of the fleet's: a burst seen once may come again (or another
   scenario's may come) sooner than a start-up time, and the controller lends the reserve to
@@ -35,7 +41,7 @@ import numpy as np
 
 from mesh.role_limits import Change
 from mesh.roles import MOVABLE, Role
-from scenarios.controller import Observation, RatioController, pick_surplus, pool_roles
+from scenarios.controller import Need, Observation, RatioController, pick_surplus, pool_roles
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,13 @@ class ScaleSettings:
     # until the arrivals show a period, no scale-in below the largest need of the last reserve
     # intervals: a burst seen once may come back before a start-up time could meet it
     reserve: int = 90
+    # a scenario's correction: times correct_up (up to correct_max) after an interval whose misses
+    # (TTFT, TPOT or decode KV short, the worst share) exceed the goal's share by correct_z standard
+    # errors over the interval's requests (one miss of eight says little), else times correct_down
+    correct_up: float = 1.1
+    correct_down: float = 0.98
+    correct_max: float = 2.0
+    correct_z: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class _Trend:
     peaks: deque = field(default_factory=deque)  # actors needed, over the last `reserve` intervals
     period: int | None = None  # intervals, once the arrivals repeat
     forecast: float = 0.0  # the last forecast, arrivals/s one start-up ahead
+    correction: float = 1.0  # the model's need times this: what SLO misses showed it lacks
 
 
 class Autoscaler:
@@ -156,7 +170,8 @@ class Autoscaler:
         for o in observations:
             rps = self.forecast(o)
             need, _ = self.controller.need(replace(o, arrival_rps=rps))
-            plans.append((o, rps, need))
+            c = self._trend[o.scenario].correction
+            plans.append((o, rps, Need(need.prefill * c, need.decode * c)))
         decisions = []
         # scale out: priority first, then the largest shortfall
         for o, rps, need in sorted(plans, key=lambda p: (-self.controller.specs[p[0].scenario].priority,
@@ -193,7 +208,26 @@ class Autoscaler:
                 if d:
                     spare -= len(d.actions)
                     decisions.append(d)
+        for o in observations:
+            self._correct(o)
         return decisions
+
+    def _correct(self, o: Observation) -> None:
+        """Raises the scenario's correction after an interval whose misses exceed its goal's share
+        by more than chance over the interval's requests; lowers it after one with answers that
+        does not."""
+        s, t = self.settings, self._trend[o.scenario]
+        shares = [1 - a for a in (o.ttft_attainment, o.tpot_attainment) if a is not None]
+        if o.kv_short is not None:
+            shares.append(o.kv_short)
+        if not shares:
+            return  # nothing ended: no evidence either way
+        goal = self.controller.specs[o.scenario].slo.percentile / 100
+        requests = max(o.arrival_rps * self.controller.settings.interval_s, 1.0)
+        if max(shares) > 1 - goal + s.correct_z * math.sqrt(goal * (1 - goal) / requests):
+            t.correction = min(s.correct_max, t.correction * s.correct_up)
+        else:
+            t.correction = max(1.0, t.correction * s.correct_down)
 
     def _floor(self, o: Observation) -> float:
         """What a scenario's share of the fleet may not shrink below: the largest need over the
@@ -218,9 +252,12 @@ class Autoscaler:
         if not actions:
             return None
         roles = Counter(a.role for a in actions)
+        c = self._trend[o.scenario].correction
+        corrected = f" (the model's x{c:.2f} for SLO misses)" if c > 1 else ""
         return ScaleDecision(now, o.scenario, tuple(actions), *_counts(o, actions), rps,
                              f"forecast {rps:.2f} req/s in {self.settings.start_s:.0f} s needs {need.total:.1f} "
-                             f"actors, has {len(o.actors)}: add " + ", ".join(f"{n} {r}" for r, n in roles.items()))
+                             f"actors{corrected}, has {len(o.actors)}: add "
+                             + ", ".join(f"{n} {r}" for r, n in roles.items()))
 
     def _remove(self, o: Observation, need, n: int, rps: float, now: float) -> ScaleDecision | None:
         """Up to n actors, each from the role with the most surplus over the need, least loaded

@@ -80,6 +80,14 @@ def test_controller_settings_that_would_break_its_plans_are_refused(tmp_path):
     assert code == 2 and "utilisation must be in (0, 1], sqrt_from > 0" in err, err
 
 
+def test_an_autoscaler_correction_that_would_not_fall_back_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"scenarios": [{"name": "a", "model": "m", "slo": {"ttft_s": 1, "tpot_s": 1}}],
+                                    "controller": {"autoscale": {"correct_down": 1.5}}}))
+    code, _, err = _run("validate", str(path))
+    assert code == 2 and "correct_down in (0, 1]" in err, err
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_the_example_configs_pass_and_match_the_schema(path):
     code, out, err = _run("validate", str(path))

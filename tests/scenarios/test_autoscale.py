@@ -1,6 +1,7 @@
 """The autoscaler on scripted loads, against a cluster that adds and removes actors at once."""
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -189,3 +190,36 @@ def test_a_slow_tide_is_not_taken_for_a_period_until_it_repeats():
         periods.append(scaler._trend["chat"].period)
     assert set(periods[:180]) == {None}
     assert all(p is not None and abs(p - 180) <= 9 for p in periods[-60:])  # the peak is broad: within 5%
+
+
+def test_misses_at_the_models_size_raise_the_fleet_until_the_slos_are_met_then_it_falls_back():
+    """A scenario that misses its TTFT goal at the size the model gives it (as long-tailed prompts
+    do): its correction grows the fleet past the controller's boost for one interval's misses,
+    the decision says why, and once the SLOs are met the correction falls back and the fleet
+    shrinks to the model's need again."""
+    scaler, fleet = make(settings=ScaleSettings(reserve=6))
+    rate, base = 10.0, need(scaler, 10.0)
+    missed = scaler.controller.need(Observation("chat", rate, 1500, 150, 0.5, 1.0, ()))[0].total  # the boost
+    decisions, counts = [], []
+    for i in range(200):
+        attained = 0.5 if i < 20 else 1.0
+        views = tuple(ActorView(f"chat-{k}", r) for k, r in enumerate(fleet.roles["chat"]))
+        step = scaler.step([Observation("chat", rate, 1500, 150, attained, 1.0, views)], i * INTERVAL)
+        fleet.apply(step)
+        decisions += step
+        counts.append(len(fleet.roles["chat"]))
+    assert max(counts[:21]) >= 1.5 * missed
+    assert any("for SLO misses" in d.reason for d in decisions)
+    assert scaler._trend["chat"].correction == 1.0 and counts[-1] <= math.ceil(base) + 2
+
+
+def test_a_few_misses_among_few_requests_are_not_taken_for_a_shortfall():
+    """At one request per second an interval holds ten: two misses in it are within chance of a
+    90% goal and leave the correction alone; the same share of a busy interval's 200 is not."""
+    scaler, fleet = make()
+    few = Observation("chat", 1.0, 1500, 150, 0.8, 1.0, fleet.observe("chat", 1.0).actors)
+    for i in range(10):
+        scaler.step([few], i * INTERVAL)
+    assert scaler._trend["chat"].correction == 1.0
+    scaler.step([replace(few, arrival_rps=20.0)], 100.0)
+    assert scaler._trend["chat"].correction > 1.0

@@ -89,9 +89,9 @@ async def test_switching_modes_under_load_loses_no_request(split, reference):
         with the engine's tokens."""
         started = [asyncio.Event() for _ in prompts]
 
-        async def one(i):
+        async def one(i, name=""):
             tokens = []
-            request = Request(f"sw{id(switch)}-{i}", prompts[i], SamplingParams(max_tokens=40, **GREEDY))
+            request = Request(f"sw{id(switch)}-{name or i}", prompts[i], SamplingParams(max_tokens=40, **GREEDY))
             async for chunk in dispatcher.generate(request):
                 tokens += chunk.token_ids
                 started[i].set()
@@ -101,7 +101,8 @@ async def test_switching_modes_under_load_loses_no_request(split, reference):
         await asyncio.gather(*(e.wait() for e in started))
         assert not any(t.done() for t in tasks)
         await switch()
-        later = asyncio.create_task(one(0))  # and one that arrives after it
+        # and one that arrives after it, with an id of its own (request 0 may still be in flight)
+        later = asyncio.create_task(one(0, "later"))
         assert await asyncio.gather(*tasks, later) == [reference(p, 40) for p in prompts] + [reference(prompts[0], 40)]
 
     await under_load(lambda: split.switch_mode(Mode.AGGREGATED))

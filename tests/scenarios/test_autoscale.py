@@ -203,8 +203,7 @@ def test_misses_at_the_models_size_raise_the_fleet_until_the_slos_are_met_then_i
     decisions, counts = [], []
     for i in range(200):
         attained = 0.5 if i < 20 else 1.0
-        views = tuple(ActorView(f"chat-{k}", r) for k, r in enumerate(fleet.roles["chat"]))
-        step = scaler.step([Observation("chat", rate, 1500, 150, attained, 1.0, views)], i * INTERVAL)
+        step = scaler.step([replace(fleet.observe("chat", rate), ttft_attainment=attained)], i * INTERVAL)
         fleet.apply(step)
         decisions += step
         counts.append(len(fleet.roles["chat"]))
